@@ -1,0 +1,231 @@
+"""The `alignclip` command line: every stage of the pipeline, one code path for shells, DVC and KFP."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from alignclip import __version__
+from alignclip.log import get_logger, setup_logging
+
+app = typer.Typer(
+    help="AlignCLIP: fine-tune CLIP's image encoder with attention alignment, semantic label smoothing and BMA.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="Build the embedded datasets.", no_args_is_help=True)
+pipeline_app = typer.Typer(help="Compile, submit or run the Kubeflow pipelines.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(pipeline_app, name="pipeline")
+log = get_logger("alignclip")
+
+
+@app.callback()
+def _main(
+    log_level: str = typer.Option("INFO", "--log-level", envvar="ALIGNCLIP_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR"),
+):
+    setup_logging(log_level)
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    """``key=value`` pairs; values are parsed as JSON when they can be (numbers, true/false, null)."""
+    overrides = {}
+    for item in items or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"{item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+@app.command()
+def version():
+    """Print the package version."""
+    typer.echo(__version__)
+
+
+@data_app.command("digits")
+def data_digits(
+    out_dir: Path = typer.Argument(..., help="folder to write <domain>/<class>/<file>.png into"),
+    size: int = typer.Option(32, help="side of the upsampled images in pixels"),
+    force: bool = typer.Option(False, help="replace the contents of a non-empty folder that is not a RotatedDigits build"),
+):
+    """Write RotatedDigits (scikit-learn's digits, six rotated domains) in DomainBed's folder layout."""
+    from alignclip.data.digits import build_rotated_digits
+
+    summary = build_rotated_digits(out_dir, size=size, force=force)
+    typer.echo(f"RotatedDigits: {summary['total']} images in {len(summary['domains'])} domains -> {out_dir}")
+
+
+@app.command()
+def prepare(
+    dataset: str = typer.Argument(..., help="dataset name, e.g. rotated_digits, pacs, office_home, oxford_pets, imagenet"),
+    root: str = typer.Argument(..., help="dataset folder or s3:// prefix"),
+    out_dir: Path = typer.Argument(..., help="where to write manifest.parquet and meta.json"),
+    protocol: str = typer.Option("", help="domainbed | wild | base2new | imagenet (default: the dataset's own)"),
+    holdout_fraction: float = typer.Option(0.2, help="DomainBed held-out fraction per domain"),
+    trial_seed: int = typer.Option(0, help="DomainBed trial seed of the in/out splits"),
+    shots: int = typer.Option(16, help="few-shot images per class (base2new, imagenet)"),
+    seeds: List[int] = typer.Option([1, 2, 3], "--seed", help="few-shot sampling seeds (repeatable)"),
+    template: Optional[str] = typer.Option(None, help="prompt template with {} for the class name"),
+    split_file: Optional[str] = typer.Option(None, help="CoOp split JSON (default: the dataset's split_zhou_*.json)"),
+    validate: bool = typer.Option(False, help="also decode every image (parallel) and list unreadable ones"),
+):
+    """List and split a dataset by its protocol; write a manifest (parquet) and its metadata (JSON)."""
+    from alignclip.data.prepare import PrepareSettings, prepare as run_prepare, validate_images, write_prepared
+
+    settings = PrepareSettings(
+        dataset, root, protocol, holdout_fraction, trial_seed, shots, list(seeds), template, split_file
+    )
+    manifest, meta = run_prepare(settings)
+    if validate:
+        bad = validate_images(manifest, meta)
+        meta["unreadable_images"] = [{"path": p, "error": e} for p, e in bad]
+        if bad:
+            log.warning("%d unreadable image(s), listed in meta.json; training and evaluation will skip them", len(bad))
+    write_prepared(manifest, meta, out_dir)
+    typer.echo(f"{meta['dataset']} ({meta['protocol']}): {len(manifest)} images, {len(meta['classes'])} classes -> {out_dir}")
+
+
+@app.command()
+def similarity(
+    prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
+    out_dir: Path = typer.Argument(..., help="where to write similarity.pt, similarity.csv and similarity.png"),
+    model: str = typer.Option("tiny", help="model preset or open_clip architecture"),
+    pretrained: str = typer.Option("default", help="weights: tag, file, s3:// URI, none, or the preset's default"),
+    scale: float = typer.Option(1.0, help="softmax scale of the heatmap (paper 1, released code 35)"),
+):
+    """Class similarity matrix of the class prompts (appendix B.5), with its heatmap (fig. 6)."""
+    import pandas as pd
+
+    from alignclip.data.prepare import load_prepared
+    from alignclip.presets import load_clip
+    from alignclip.report import plot_similarity
+    from alignclip.similarity import cosine_matrix, save_similarity
+    from alignclip.train import encode_classes
+
+    _, meta = load_prepared(prepared_dir)
+    bundle = load_clip(model, pretrained)
+    text = encode_classes(bundle.model, bundle.tokenizer, meta["classes"], meta["template"], "cpu")
+    cosine = cosine_matrix(text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_similarity(out_dir / "similarity.pt", cosine, meta["classes"], bundle.architecture, bundle.pretrained)
+    soft = (scale * cosine).softmax(dim=-1)
+    pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / "similarity.csv")
+    plot_similarity(soft.numpy(), meta["classes"], out_dir / "similarity.png")
+    typer.echo(f"similarity of {len(meta['classes'])} classes -> {out_dir}")
+
+
+@app.command()
+def train(
+    prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
+    out_dir: Path = typer.Argument(..., help="where to write model.pt, train_log.csv, train.json"),
+    method: str = typer.Option("alignclip", help="zeroshot | erm | clipood | alignclip"),
+    formulation: str = typer.Option("paper", help="paper (default) | release (the authors' released code)"),
+    set_: List[str] = typer.Option([], "--set", help="method switch override key=value (repeatable), e.g. aal=false"),
+    recipe: Optional[str] = typer.Option(None, help="named hyper-parameter recipe (see `alignclip recipes`)"),
+    model: str = typer.Option("tiny", help="model preset or open_clip architecture"),
+    pretrained: str = typer.Option("default", help="weights: tag, file, s3:// URI, none, or the preset's default"),
+    test_domain: Optional[str] = typer.Option(None, help="held-out domain (domainbed, wild)"),
+    seed: int = typer.Option(0),
+    steps: Optional[int] = typer.Option(None, help="iterations (default: recipe or 5000)"),
+    batch_size: Optional[int] = typer.Option(None, help="batch per training domain (default: recipe or 36)"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default: recipe or 5e-6)"),
+    weight_decay: float = typer.Option(0.1),
+    hflip: bool = typer.Option(True, help="random horizontal flip"),
+    similarity_path: Optional[Path] = typer.Option(None, "--similarity", help="similarity.pt from `alignclip similarity`"),
+    num_workers: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+    experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
+):
+    """Fine-tune the image encoder with one method; the BMA model is the result."""
+    from alignclip import tracking
+    from alignclip.recipes import apply_recipe
+    from alignclip.train import TrainSettings, train as run_train
+
+    settings = TrainSettings(
+        method=method, formulation=formulation, overrides=_parse_overrides(set_), model=model, pretrained=pretrained,
+        test_domain=test_domain, seed=seed, weight_decay=weight_decay, hflip=hflip, num_workers=num_workers,
+        device=device, progress=progress,
+    )
+    settings = apply_recipe(settings, recipe, steps=steps, batch_size=batch_size, lr=lr)
+    run_name = f"train-{method}-{test_domain or 'all'}-s{seed}"
+    with tracking.start_run(experiment, run_name, tags={"stage": "train", "method": method}) as tracker:
+        summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path)
+        tracker.log_artifact(out_dir / "train_log.csv")
+        tracker.log_artifact(out_dir / "train.json")
+    typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / 'model.pt'}")
+
+
+@app.command()
+def evaluate(
+    prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
+    checkpoint: Path = typer.Argument(..., help="model.pt from `alignclip train`"),
+    out_dir: Path = typer.Argument(..., help="where to write metrics.json and predictions.parquet"),
+    test_domain: Optional[str] = typer.Option(None, help="held-out domain (domainbed, wild)"),
+    test_split: str = typer.Option("holdout", help="held-out domain's 20% split (holdout, CLIPood) or all of it (full)"),
+    batch_size: int = typer.Option(128),
+    num_workers: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
+):
+    """Top-1 accuracy on every view of the protocol (held-out domain, base/new classes, ImageNet variants)."""
+    from alignclip import tracking
+    from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
+
+    run_name = f"evaluate-{checkpoint.parent.name}"
+    with tracking.start_run(experiment, run_name, tags={"stage": "evaluate"}) as tracker:
+        summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain, test_split, batch_size, num_workers, device)
+        tracker.log_metrics(flat_metrics(summary))
+        tracker.log_artifact(out_dir / "metrics.json")
+    typer.echo(json.dumps(flat_metrics(summary)))
+
+
+@app.command()
+def report(
+    results_dir: Path = typer.Argument(..., help="folder holding evaluation outputs (metrics.json files, any depth)"),
+    out_dir: Path = typer.Argument(..., help="where to write tables, figures and the results page"),
+    prepared_dir: Optional[Path] = typer.Option(None, help="prepared dataset, for attention-map figures"),
+    similarity_dir: Optional[Path] = typer.Option(None, help="`alignclip similarity` output to include"),
+    experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
+):
+    """Results tables beside the paper's numbers (CSV, Markdown), figures (PNG) and a results page."""
+    from alignclip import tracking
+    from alignclip.report import build_report
+
+    with tracking.start_run(experiment, "report", tags={"stage": "report"}) as tracker:
+        page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
+        tracker.log_artifact(out_dir, "report")
+    typer.echo(f"results page: {page}")
+
+
+@app.command()
+def recipes():
+    """List the named hyper-parameter recipes and their sources."""
+    from alignclip.recipes import RECIPES
+
+    for name, recipe in RECIPES.items():
+        typer.echo(f"{name:32s} {recipe.describe()}")
+
+
+def main() -> None:
+    try:
+        app()
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        # Bad input: one readable line naming what is wrong, no traceback (use --log-level DEBUG for one).
+        get_logger("alignclip").debug("error", exc_info=True)
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Datasets: the embedded RotatedDigits builder, dataset protocols and manifests, image loading."""

@@ -1,0 +1,436 @@
+"""`alignclip prepare`: list a dataset folder, split it by its protocol, write a manifest and its metadata.
+
+Output (``OUT_DIR``):
+* ``manifest.parquet``: one row per image: ``path`` (relative to the dataset root), ``label`` (index into the
+  class list of the metadata), ``class_name``, ``domain``, ``split`` (train / val / test), ``subset`` (base /
+  new), and for few-shot protocols one boolean column ``shots_seed<k>`` per sampling seed.
+* ``meta.json``: dataset, protocol, root, prompt template, class names, base and new classes, domains, the
+  protocol settings, and the counts.
+
+Nothing is decoded here (``validate_images`` is a separate, parallel, optional pass), so a DomainNet-sized tree
+prepares in seconds. Images stay where they are: the manifest points into the user's folder or S3 prefix.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+
+from alignclip.data import splits, storage
+from alignclip.data.registry import DEFAULT_TEMPLATE, clean_class_name, get_dataset
+from alignclip.log import get_logger
+
+log = get_logger(__name__)
+
+PROTOCOLS = ("domainbed", "wild", "base2new", "imagenet")
+COLUMNS = ["path", "label", "class_name", "domain", "split", "subset"]
+
+
+@dataclass
+class PrepareSettings:
+    dataset: str
+    root: str
+    protocol: str = ""  # default: the dataset's own (domainbed / base2new / imagenet)
+    holdout_fraction: float = 0.2
+    trial_seed: int = 0
+    shots: int = 16
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    template: str | None = None
+    split_file: str | None = None
+    variants: dict[str, str] = field(default_factory=dict)  # imagenet: variant name -> folder
+
+
+class DatasetError(ValueError):
+    """Bad input in a dataset folder; the message names the folder or file and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------- DomainBed
+
+
+def _domainbed_listing(root: str) -> tuple[list[str], list[str], dict[str, list[tuple[str, str]]]]:
+    """Environments, classes and per-environment (path, class) lists in torchvision ImageFolder order."""
+    files = storage.list_files(root)
+    by_env: dict[str, dict[str, list[tuple[str, str, str]]]] = {}
+    for rel in files:
+        parts = PurePosixPath(rel).parts
+        if len(parts) < 3:
+            continue  # files at the top or directly in an environment folder are not images of a class
+        env, cls = parts[0], parts[1]
+        by_env.setdefault(env, {}).setdefault(cls, []).append(("/".join(parts[2:-1]), parts[-1], rel))
+    envs = storage.list_dirs(root)
+    if not envs:
+        raise DatasetError(f"{root}: no domain folders; expected DomainBed's layout <root>/<domain>/<class>/<image>")
+    class_sets = {}
+    for env in envs:
+        class_dirs = storage.list_dirs(storage.join(root, env))
+        empty = [c for c in class_dirs if c not in by_env.get(env, {})]
+        if empty:
+            raise DatasetError(
+                f"{storage.join(root, env)}: class folder(s) {empty} hold no image files "
+                f"(expected {', '.join(storage.IMG_EXTENSIONS)})"
+            )
+        class_sets[env] = class_dirs
+    reference_env = envs[0]
+    for env in envs[1:]:
+        if class_sets[env] != class_sets[reference_env]:
+            missing = sorted(set(class_sets[reference_env]) - set(class_sets[env]))
+            extra = sorted(set(class_sets[env]) - set(class_sets[reference_env]))
+            raise DatasetError(
+                f"{root}: domains {reference_env!r} and {env!r} have different classes "
+                f"(missing in {env!r}: {missing}; only in {env!r}: {extra}); every domain must hold the same class folders"
+            )
+    classes = class_sets[reference_env]
+    ordered: dict[str, list[tuple[str, str]]] = {}
+    for env in envs:
+        rows = []
+        for cls in classes:  # ImageFolder: sorted classes, then sorted(os.walk) dirs, then sorted file names
+            for _, _, rel in sorted(by_env[env][cls]):
+                rows.append((rel, cls))
+        ordered[env] = rows
+    return envs, classes, ordered
+
+
+def prepare_domainbed(settings: PrepareSettings, wild: bool) -> tuple[pd.DataFrame, dict]:
+    envs, classes, ordered = _domainbed_listing(settings.root)
+    spec = get_dataset(settings.dataset)
+    if spec.domains and sorted(spec.domains) != envs:
+        log.warning("%s: domains %s differ from the usual %s", settings.root, envs, sorted(spec.domains))
+    class_index = {c: i for i, c in enumerate(classes)}
+    n_base = int(0.5 * len(classes)) if wild else len(classes)
+    frames = []
+    for env_index, env in enumerate(envs):
+        rows = ordered[env]
+        paths = np.array([r[0] for r in rows], dtype=object)
+        labels = np.array([class_index[r[1]] for r in rows], dtype=np.int64)
+        split = np.empty(len(rows), dtype=object)
+        if wild:
+            # CLIPood: split the base-class and the open-class subsets of each environment separately.
+            for name, mask in (("base", labels < n_base), ("open", labels >= n_base)):
+                positions = np.flatnonzero(mask)
+                out, inn = splits.domainbed_holdout(
+                    len(positions), settings.holdout_fraction, splits.seed_hash(0, env_index, name)
+                )
+                split[positions[out]] = "val"
+                split[positions[inn]] = "train"
+        else:
+            out, inn = splits.domainbed_holdout(
+                len(rows), settings.holdout_fraction, splits.seed_hash(settings.trial_seed, env_index)
+            )
+            split[out] = "val"
+            split[inn] = "train"
+        frames.append(
+            pd.DataFrame(
+                {
+                    "path": paths,
+                    "label": labels,
+                    "class_name": [clean_class_name(classes[y]) for y in labels],
+                    "domain": env,
+                    "split": split,
+                    "subset": np.where(labels < n_base, "base", "new"),
+                    "env_index": np.arange(len(rows), dtype=np.int64),  # position in DomainBed's ImageFolder
+                }
+            )
+        )
+    manifest = pd.concat(frames, ignore_index=True)
+    meta = {
+        "classes": [clean_class_name(c) for c in classes],
+        "class_folders": classes,
+        "base_classes": list(range(n_base)),
+        "new_classes": list(range(n_base, len(classes))),
+        "domains": envs,
+    }
+    return manifest, meta
+
+
+# ---------------------------------------------------------------------------------------------- CoOp
+
+
+def _read_coop_split(settings: PrepareSettings, spec) -> dict[str, list]:
+    if settings.dataset == "fgvc_aircraft" and not settings.split_file:
+        return _read_fgvc(settings.root)
+    split_name = settings.split_file or spec.split_file
+    split_path = split_name if ("/" in split_name) else storage.join(settings.root, split_name)
+    if not storage.exists(split_path):
+        raise DatasetError(f"split file not found: {split_path} (CoOp's split_zhou_*.json for {settings.dataset})")
+    try:
+        split = json.loads(storage.read_text(split_path))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{split_path}: not valid JSON ({err})") from err
+    for key in ("train", "val", "test"):
+        if key not in split or not isinstance(split[key], list):
+            raise DatasetError(f"{split_path}: missing list {key!r}; expected keys train/val/test of [path, label, classname]")
+    for key in ("train", "val", "test"):
+        for entry in split[key][:1]:
+            if not (isinstance(entry, list) and len(entry) == 3):
+                raise DatasetError(f"{split_path}: {key} entries must be [image_path, label, classname], got {entry!r}")
+    return split
+
+
+def _read_fgvc(root: str) -> dict[str, list]:
+    """FGVCAircraft as CoOp reads it: variants.txt (class order) and images_variant_<split>.txt."""
+    variants_path = storage.join(root, "variants.txt")
+    if not storage.exists(variants_path):
+        raise DatasetError(f"{variants_path} not found (FGVCAircraft layout: variants.txt, images_variant_*.txt, images/)")
+    classnames = [line.strip() for line in storage.read_text(variants_path).splitlines() if line.strip()]
+    cname2lab = {c: i for i, c in enumerate(classnames)}
+    out = {}
+    for key in ("train", "val", "test"):
+        entries = []
+        for line in storage.read_text(storage.join(root, f"images_variant_{key}.txt")).splitlines():
+            if not line.strip():
+                continue
+            imname, _, classname = line.strip().partition(" ")
+            entries.append([imname + ".jpg", cname2lab[classname], classname])
+        out[key] = entries
+    return out
+
+
+def prepare_coop(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
+    spec = get_dataset(settings.dataset)
+    split = _read_coop_split(settings, spec)
+    image_root = storage.join(settings.root, spec.image_dir) if spec.image_dir else settings.root
+    return _coop_manifest(settings, split, image_root, spec.image_dir)
+
+
+def _coop_manifest(settings: PrepareSettings, split: dict, image_root: str, image_dir: str):
+    names: dict[int, str] = {}
+    for key in ("train", "val", "test"):
+        for _, label, classname in split[key]:
+            names.setdefault(int(label), classname)
+    labels_all = sorted(names)
+    if labels_all != list(range(len(labels_all))):
+        raise DatasetError(f"{settings.dataset}: split labels must be 0..C-1, got {labels_all[:5]}...")
+    listed = set(storage.list_files(image_root))
+    missing = [p for key in ("train", "val", "test") for p, _, _ in split[key] if p not in listed]
+    if missing:
+        raise DatasetError(
+            f"{settings.dataset}: the split file names {len(missing)} image(s) missing under {image_root}, "
+            f"e.g. {missing[:5]}"
+        )
+    base, new = splits.coop_base_new([e[1] for e in split["train"]])
+    base_set = set(base)
+    frames = []
+    for key in ("train", "val", "test"):
+        entries = split[key]
+        frame = pd.DataFrame(
+            {
+                "path": [f"{image_dir}/{p}" if image_dir else p for p, _, _ in entries],
+                "label": np.array([int(e[1]) for e in entries], dtype=np.int64),
+                "domain": settings.dataset,
+                "split": key,
+            }
+        )
+        frames.append(frame)
+    train_labels = frames[0]["label"].tolist()
+    val_labels = frames[1]["label"].tolist()
+    for seed in settings.seeds:
+        train_idx, val_idx = splits.coop_fewshot(train_labels, val_labels, settings.shots, seed)
+        column = f"shots_seed{seed}"
+        for frame, chosen in ((frames[0], train_idx), (frames[1], val_idx), (frames[2], [])):
+            mark = np.zeros(len(frame), dtype=bool)
+            mark[chosen] = True
+            frame[column] = mark if frame is not frames[2] else True
+    manifest = pd.concat(frames, ignore_index=True)
+    classes = [clean_class_name(names[i]) for i in labels_all]
+    manifest["class_name"] = [classes[y] for y in manifest["label"]]
+    manifest["subset"] = np.where(manifest["label"].isin(base_set), "base", "new")
+    meta = {"classes": classes, "base_classes": base, "new_classes": new, "domains": [settings.dataset]}
+    return manifest, meta
+
+
+# ---------------------------------------------------------------------------------------------- ImageNet
+
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+VARIANT_FOLDERS = {  # CoOp's folder names below the data root's parent; override with settings.variants
+    "imagenet_v2": "imagenetv2/imagenetv2-matched-frequency-format-val",
+    "imagenet_sketch": "imagenet-sketch/images",
+    "imagenet_a": "imagenet-adversarial/imagenet-a",
+    "imagenet_r": "imagenet-rendition/imagenet-r",
+}
+
+
+def imagenet_classes() -> tuple[list[str], list[str]]:
+    """(wnids, names) of the 1,000 ImageNet classes in label order (CoOp's classnames.txt)."""
+    wnids, names = [], []
+    for line in (RESOURCES / "imagenet_classnames.txt").read_text().splitlines():
+        wnid, _, name = line.partition(" ")
+        wnids.append(wnid)
+        names.append(name.strip())
+    return wnids, names
+
+
+def imagenet_subset(variant: str) -> list[str]:
+    """WordNet ids of the 200 classes of ImageNet-A or ImageNet-R."""
+    return (RESOURCES / f"{variant}_wnids.txt").read_text().split()
+
+
+def prepare_imagenet(settings: PrepareSettings, base2new: bool) -> tuple[pd.DataFrame, dict]:
+    wnids, names = imagenet_classes()
+    index = {w: i for i, w in enumerate(wnids)}
+    image_dir = get_dataset("imagenet").image_dir
+    frames = []
+    for split_name, folder in (("train", "train"), ("test", "val")):
+        rel_root = f"{image_dir}/{folder}"
+        files = storage.list_files(storage.join(settings.root, rel_root))
+        rows = [(f"{rel_root}/{f}", f.split("/", 1)[0]) for f in files if "/" in f]
+        unknown = sorted({w for _, w in rows if w not in index})
+        if unknown:
+            raise DatasetError(f"{storage.join(settings.root, rel_root)}: folders {unknown[:5]} are not ImageNet WordNet ids")
+        frames.append(
+            pd.DataFrame(
+                {
+                    "path": [p for p, _ in rows],
+                    "label": np.array([index[w] for _, w in rows], dtype=np.int64),
+                    "domain": "imagenet",
+                    "split": split_name,
+                }
+            )
+        )
+    train = frames[0]
+    for seed in settings.seeds:
+        chosen, _ = splits.coop_fewshot(train["label"].tolist(), [], settings.shots, seed)
+        mark = np.zeros(len(train), dtype=bool)
+        mark[chosen] = True
+        train[f"shots_seed{seed}"] = mark
+        frames[1][f"shots_seed{seed}"] = True
+    if not base2new:
+        parent = str(PurePosixPath(settings.root).parent) if storage.is_s3(settings.root) else str(Path(settings.root).parent)
+        folders = {**VARIANT_FOLDERS, **settings.variants}
+        for variant, folder in folders.items():
+            vroot = folder if (folder.startswith("/") or storage.is_s3(folder)) else storage.join(parent, folder)
+            try:
+                files = storage.list_files(vroot)
+            except FileNotFoundError:
+                log.warning("ImageNet variant %s not found at %s: skipped (its results will be missing)", variant, vroot)
+                continue
+            rows = []
+            for f in files:
+                if "/" not in f:
+                    continue
+                key = f.split("/", 1)[0]
+                label = int(key) if variant == "imagenet_v2" else index.get(key)
+                if label is None or not 0 <= label < len(wnids):
+                    raise DatasetError(f"{vroot}: folder {key!r} is not an ImageNet class ({variant})")
+                rows.append((f, label))
+            frame = pd.DataFrame(
+                {
+                    "path": [storage.join(vroot, f) for f, _ in rows],  # outside root: stored absolute
+                    "label": np.array([y for _, y in rows], dtype=np.int64),
+                    "domain": variant,
+                    "split": "test",
+                }
+            )
+            for seed in settings.seeds:
+                frame[f"shots_seed{seed}"] = True
+            frames.append(frame)
+    manifest = pd.concat(frames, ignore_index=True)
+    classes = [clean_class_name(n) for n in names]
+    manifest["class_name"] = [classes[y] for y in manifest["label"]]
+    if base2new:
+        base, new = splits.coop_base_new(range(len(classes)))
+    else:
+        base, new = list(range(len(classes))), []
+    manifest["subset"] = np.where(manifest["label"].isin(set(base)), "base", "new")
+    meta = {
+        "classes": classes,
+        "wnids": wnids,
+        "base_classes": base,
+        "new_classes": new,
+        "domains": sorted(manifest["domain"].unique().tolist()),
+        "label_subsets": {v: [index[w] for w in imagenet_subset(v)] for v in ("imagenet_a", "imagenet_r")},
+    }
+    return manifest, meta
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def default_protocol(dataset: str) -> str:
+    spec = get_dataset(dataset)
+    return {"domainbed": "domainbed", "coop": "base2new", "imagenet": "imagenet"}[spec.protocol]
+
+
+def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
+    spec = get_dataset(settings.dataset)
+    protocol = settings.protocol or default_protocol(settings.dataset)
+    if protocol not in PROTOCOLS:
+        raise DatasetError(f"unknown protocol {protocol!r}: expected one of {PROTOCOLS}")
+    allowed = {
+        "domainbed": ("domainbed", "wild"),
+        "coop": ("base2new",),
+        "imagenet": ("imagenet", "base2new"),
+    }[spec.protocol]
+    if protocol not in allowed:
+        raise DatasetError(f"dataset {settings.dataset!r} supports protocol(s) {allowed}, not {protocol!r}")
+    if not 0.0 < settings.holdout_fraction < 1.0:
+        raise DatasetError(f"holdout_fraction={settings.holdout_fraction}: expected a fraction in (0, 1)")
+    if spec.protocol == "domainbed":
+        manifest, meta = prepare_domainbed(settings, wild=protocol == "wild")
+    elif spec.protocol == "coop":
+        manifest, meta = prepare_coop(settings)
+    else:
+        manifest, meta = prepare_imagenet(settings, base2new=protocol == "base2new")
+    if manifest.empty:
+        raise DatasetError(f"{settings.root}: no images found")
+    meta.update(
+        {
+            "dataset": settings.dataset,
+            "protocol": protocol,
+            "root": settings.root,
+            "template": settings.template or spec.template or DEFAULT_TEMPLATE,
+            "settings": {
+                "holdout_fraction": settings.holdout_fraction,
+                "trial_seed": settings.trial_seed,
+                "shots": settings.shots,
+                "seeds": list(settings.seeds),
+            },
+            "counts": {
+                "images": int(len(manifest)),
+                "by_split": {k: int(v) for k, v in manifest["split"].value_counts().sort_index().items()},
+                "by_domain": {k: int(v) for k, v in manifest["domain"].value_counts().sort_index().items()},
+            },
+        }
+    )
+    return manifest, meta
+
+
+def write_prepared(manifest: pd.DataFrame, meta: dict, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.to_parquet(out / "manifest.parquet", index=False)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_prepared(prepared_dir: str | Path) -> tuple[pd.DataFrame, dict]:
+    prepared = Path(prepared_dir)
+    for name in ("manifest.parquet", "meta.json"):
+        if not (prepared / name).is_file():
+            raise FileNotFoundError(f"{prepared / name} not found: run `alignclip prepare` first")
+    return pd.read_parquet(prepared / "manifest.parquet"), json.loads((prepared / "meta.json").read_text())
+
+
+def image_path(meta: dict, relative: str) -> str:
+    if relative.startswith("/") or storage.is_s3(relative):
+        return relative
+    return storage.join(meta["root"], relative)
+
+
+def validate_images(manifest: pd.DataFrame, meta: dict, workers: int = 8) -> list[tuple[str, str]]:
+    """Decode every image in parallel; return (path, error) for each one that cannot be read."""
+
+    def check(relative: str):
+        path = image_path(meta, relative)
+        try:
+            storage.open_image(path)
+            return None
+        except Exception as err:  # noqa: BLE001 - any decoder error makes the file unusable
+            return path, f"{type(err).__name__}: {err}"
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [r for r in pool.map(check, manifest["path"].tolist()) if r is not None]

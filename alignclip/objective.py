@@ -1,0 +1,85 @@
+"""The training objective of every method, assembled from the loss functions and a MethodConfig."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from alignclip import losses
+from alignclip.methods import MethodConfig
+from alignclip.model import AlignCLIPVisual
+
+
+def classification_logits(method: MethodConfig, image: torch.Tensor, text: torch.Tensor, targets: torch.Tensor):
+    if method.classifier == "margin":
+        return losses.margin_logits(image, text, targets, method.margin_alpha, method.tau)
+    return losses.cosine_logits(image, text, method.tau)
+
+
+def classification_loss(method: MethodConfig, logits, targets, class_sim) -> torch.Tensor:
+    if method.smoothing == "sls":
+        return losses.semantic_label_smoothing_loss(logits, targets, class_sim, method.eps)
+    if method.smoothing == "sls_release":
+        return losses.release_sls_loss(logits, targets, class_sim, on=1.0 - method.eps)
+    if method.smoothing == "ls":
+        return losses.label_smoothing_loss(logits, targets, method.eps)
+    return F.cross_entropy(logits.float(), targets)
+
+
+def alignment_terms(method: MethodConfig, out, text: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """AL (class-token attention vs G_DV) and AS (G vs G_DV) of the attention alignment loss."""
+    if out.dv_tokens is None:
+        raise ValueError("the attention alignment loss needs the D-V branch: dv_layers must be > 0")
+    terms: dict[str, torch.Tensor] = {}
+    target_text = text[targets]  # [B, D]
+    g_dv_y = losses.token_text_similarity(out.dv_tokens, target_text, method.aal_tau)  # [B, M], no grad
+    if method.attn_term:
+        if method.kl_direction == "forward":  # eq. 6: sum A log(A / G_DV)
+            terms["aal_attn"] = losses.kl_divergence(out.cls_attn, g_dv_y).mean()
+        else:  # released: KL(G_DV || A), batch mean
+            terms["aal_attn"] = losses.kl_batchmean(g_dv_y, out.cls_attn)
+    if method.sim_term:
+        if method.sim_classes == "all":
+            classes = text[None].expand(out.tokens.shape[0], -1, -1)  # [B, C, D]
+            g = losses.token_text_similarity(out.tokens, classes, method.aal_tau)
+            with torch.no_grad():
+                g_dv = losses.token_text_similarity(out.dv_tokens, classes, method.aal_tau)
+        else:
+            g = losses.token_text_similarity(out.tokens, target_text, method.aal_tau)
+            g_dv = g_dv_y
+        if method.kl_direction == "forward":
+            kl = losses.kl_divergence(g, g_dv)  # [B], or [B, C] with every class
+            terms["aal_sim"] = (kl.sum(dim=-1) if kl.dim() == 2 else kl).mean()
+        else:
+            terms["aal_sim"] = losses.kl_batchmean(g_dv, g)
+    return terms
+
+
+def compute_loss(
+    method: MethodConfig,
+    visual: AlignCLIPVisual,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    text: torch.Tensor,
+    class_sim: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One step's loss and its logged parts. ``text`` holds the frozen class text features [C, D]."""
+    if method.aal:
+        out = visual(images, align=True)
+        image = out.embedding
+    else:
+        out, image = None, visual(images)
+    logits = classification_logits(method, image, text, targets)
+    cls_loss = classification_loss(method, logits, targets, class_sim)
+    total = method.sls_weight * cls_loss if method.smoothing in ("sls", "sls_release") else cls_loss
+    parts = {"cls_loss": cls_loss.detach()}
+    if method.aal:
+        terms = alignment_terms(method, out, text, targets)
+        aal = sum(terms.values()) if terms else torch.zeros((), device=images.device)
+        total = total + method.aal_weight * aal
+        parts.update({k: v.detach() for k, v in terms.items()})
+        parts["aal"] = aal.detach() if torch.is_tensor(aal) else torch.tensor(aal)
+    parts["loss"] = total.detach()
+    with torch.no_grad():
+        parts["train_acc"] = (logits.argmax(dim=-1) == targets).float().mean()
+    return total, {k: float(v) for k, v in parts.items()}

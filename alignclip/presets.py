@@ -1,0 +1,153 @@
+"""Model presets: which open_clip architecture and weights a run uses, and how those weights are found.
+
+A preset is data, as in open_clip: an architecture name plus a default ``pretrained`` source. The source can be
+- an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``...), downloaded by open_clip on first use;
+- a local checkpoint file (``/models/ViT-B-16.pt``), the usual way on an offline cluster;
+- an ``s3://bucket/key`` URI, fetched once with boto3 into a local cache (``ALIGNCLIP_CACHE``);
+- ``none`` for random weights (the ``tiny`` preset: a small ViT CLIP for CPU tests and the demo).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from alignclip.log import get_logger
+
+log = get_logger(__name__)
+
+RESOURCES = Path(__file__).parent / "resources"
+_TINY_REGISTERED = False
+
+
+@dataclass(frozen=True)
+class Preset:
+    architecture: str  # an open_clip model config name
+    pretrained: str | None  # default weights source (tag, path, s3:// URI) or None for random weights
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("alignclip-tiny", None, "6-block ViT (width 64, 4 heads, 32px, patch 8), random weights; CPU tests/demo"),
+    "vit-b-16": Preset("ViT-B-16", "openai", "the paper's backbone: OpenAI CLIP ViT-B/16"),
+    "vit-b-32": Preset("ViT-B-32", "openai", "OpenAI CLIP ViT-B/32 (appendix B.3 backbones)"),
+    "vit-l-14": Preset("ViT-L-14", "openai", "OpenAI CLIP ViT-L/14"),
+}
+
+
+@dataclass
+class CLIPBundle:
+    """A loaded CLIP model with what the pipeline needs around it."""
+
+    model: torch.nn.Module  # open_clip CLIP: .visual, .encode_text, .encode_image
+    tokenizer: Callable
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    architecture: str
+    pretrained: str | None
+
+
+def _register_tiny() -> None:
+    global _TINY_REGISTERED
+    if not _TINY_REGISTERED:
+        import open_clip
+
+        open_clip.add_model_config(RESOURCES / "model_configs")
+        _TINY_REGISTERED = True
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key/with/slashes`` -> (bucket, key); anything else is a ValueError naming the URI."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    rest = uri[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket or not key or key.endswith("/"):
+        raise ValueError(f"bad S3 URI {uri!r}: expected s3://<bucket>/<key> naming one object")
+    return bucket, key
+
+
+def s3_client():
+    """A boto3 S3 client; honours ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for S3-compatible stores."""
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint) if endpoint else boto3.client("s3")
+
+
+def fetch_s3_object(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """Download one S3 object to the local cache (once) and return its path."""
+    bucket, key = parse_s3_uri(uri)
+    cache = Path(cache_dir or os.environ.get("ALIGNCLIP_CACHE", Path.home() / ".cache" / "alignclip"))
+    target = cache / "s3" / bucket / key
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    partial = target.with_suffix(target.suffix + ".partial")
+    try:
+        s3_client().download_file(bucket, key, str(partial))
+    except (ClientError, BotoCoreError) as err:
+        partial.unlink(missing_ok=True)
+        raise FileNotFoundError(f"cannot fetch {uri}: {err}") from err
+    partial.rename(target)
+    return target
+
+
+def resolve_weights(pretrained: str | None) -> str | None:
+    """Turn a weights source into what open_clip accepts: a tag, a local file path, or None."""
+    if pretrained is None or str(pretrained).lower() in ("", "none", "random"):
+        return None
+    source = str(pretrained)
+    if source.startswith("s3://"):
+        return str(fetch_s3_object(source))
+    looks_like_path = os.sep in source or source.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if looks_like_path and not Path(source).is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {source} (model.pretrained)")
+    return source
+
+
+def load_clip(name: str = "tiny", pretrained: str | None = "default", device: str | torch.device = "cpu") -> CLIPBundle:
+    """Build a CLIP model from a preset name (``tiny``, ``vit-b-16``...) or any open_clip architecture name.
+
+    ``pretrained="default"`` takes the preset's own source; pass a tag, a file path, an ``s3://`` URI or ``none``
+    to override it.
+    """
+    import open_clip
+
+    _register_tiny()
+    preset = PRESETS.get(name.lower())
+    architecture = preset.architecture if preset else name
+    if architecture not in open_clip.list_models():
+        raise ValueError(
+            f"unknown model {name!r}: expected a preset ({', '.join(PRESETS)}) or an open_clip architecture name"
+        )
+    if pretrained == "default":
+        pretrained = preset.pretrained if preset else None
+    weights = resolve_weights(pretrained)
+    try:
+        model = open_clip.create_model(architecture, pretrained=weights, device=device)
+    except RuntimeError as err:
+        if weights is not None and not Path(weights).is_file():
+            raise RuntimeError(
+                f"could not load pretrained weights {weights!r} for {architecture}: {err}\n"
+                "This machine may be offline. Provide the weights without the hub: download the checkpoint "
+                "elsewhere and pass its file path (model.pretrained: /path/to/checkpoint.pt), upload it and pass "
+                "s3://bucket/key, or pre-fill the Hugging Face cache (HF_HOME) and set HF_HUB_OFFLINE=1."
+            ) from err
+        raise
+    model.eval()
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    size = cfg.get("size", model.visual.image_size)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    tokenizer = open_clip.get_tokenizer(architecture)
+    log.info("loaded %s (weights: %s)", architecture, pretrained or "random")
+    return CLIPBundle(model, tokenizer, int(size), mean, std, architecture, pretrained)

@@ -1,0 +1,237 @@
+"""`alignclip train`: fine-tune the image encoder of a CLIP model with one method of the registry.
+
+The loop in ``train`` is the whole algorithm (Algorithm 1): text features are computed once with the frozen
+text encoder; each step samples a batch (``batch_size`` images per training domain for multi-domain data, as
+CLIPood), computes the method's loss, takes an AdamW step on a cosine schedule and folds the new weights into
+the Beta Moving Average. The averaged model is the result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+
+from alignclip import protocols
+from alignclip.bma import BetaMovingAverage
+from alignclip.data.images import ManifestImages, train_transform
+from alignclip.data.prepare import load_prepared
+from alignclip.data.registry import prompt
+from alignclip.log import get_logger
+from alignclip.methods import MethodConfig, get_method
+from alignclip.model import AlignCLIPVisual
+from alignclip.objective import compute_loss
+from alignclip.presets import load_clip
+from alignclip.similarity import class_similarity_matrix, load_similarity
+
+log = get_logger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    method: str = "alignclip"
+    formulation: str = "paper"
+    overrides: dict = field(default_factory=dict)  # individual method switches (ablations)
+    model: str = "tiny"
+    pretrained: str | None = "default"
+    test_domain: str | None = None
+    seed: int = 0
+    recipe: str | None = None
+    steps: int | None = 5000  # None: epochs x iters_per_epoch
+    epochs: int | None = None
+    iters_per_epoch: int | None = None  # None: one pass over the training set
+    batch_size: int = 36  # per training domain for multi-domain protocols
+    lr: float = 5e-6
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    hflip: bool = True
+    crop_scale: tuple[float, float] = (0.7, 1.0)
+    num_workers: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    progress: bool = True
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def encode_classes(model, tokenizer, class_names: list[str], template: str, device) -> torch.Tensor:
+    """Frozen, L2-normalised text features of the class prompts [C, D]."""
+    tokens = tokenizer([prompt(template, name) for name in class_names]).to(device)
+    features = []
+    for chunk in tokens.split(256):
+        features.append(model.encode_text(chunk).float())
+    return torch.nn.functional.normalize(torch.cat(features), dim=-1)
+
+
+def total_steps(settings: TrainSettings, train_images: int, domains: int) -> int:
+    if settings.steps:
+        return int(settings.steps)
+    if not settings.epochs:
+        raise ValueError("set train steps, or epochs (with iters_per_epoch) through a recipe")
+    per_epoch = settings.iters_per_epoch or max(1, math.ceil(train_images / (settings.batch_size * domains)))
+    return int(settings.epochs * per_epoch)
+
+
+def cosine_lr(step: int, total: int, base_lr: float, warmup: int = 0) -> float:
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
+
+
+def infinite_batches(dataset, batch_size: int, generator: torch.Generator, num_workers: int):
+    """Endless shuffled batches of one dataset (reshuffled each pass, seeded)."""
+    loader = DataLoader(
+        dataset,
+        batch_size=min(batch_size, len(dataset)),
+        sampler=RandomSampler(dataset, generator=generator),
+        drop_last=True,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+    while True:
+        yield from loader
+
+
+def make_visual(bundle, method: MethodConfig) -> AlignCLIPVisual:
+    return AlignCLIPVisual(
+        bundle.model.visual,
+        aligned_layers=method.aligned_layers if method.aal else 0,
+        dv_layers=method.dv_layers if method.aal else 0,
+        branch=method.branch,
+        pooling=method.pooling,
+        cls_attn_norm=method.cls_attn_norm,
+    )
+
+
+def train(
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    settings: TrainSettings,
+    tracker=None,
+    similarity_path: str | Path | None = None,
+) -> dict:
+    """Train one (method, held-out domain, seed) and write ``model.pt``, ``train_log.csv`` and ``train.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    method = get_method(settings.method, settings.formulation, **settings.overrides)
+    manifest, meta = load_prepared(prepared_dir)
+    rows, label_space = protocols.training_set(manifest, meta, settings.test_domain, settings.seed)
+    if rows.empty:
+        raise ValueError(f"no training images for test domain {settings.test_domain!r} / seed {settings.seed}")
+    device = resolve_device(settings.device)
+    torch.manual_seed(settings.seed)
+    bundle = load_clip(settings.model, settings.pretrained, device=device)
+    class_names = [meta["classes"][g] for g in label_space]
+    text = encode_classes(bundle.model, bundle.tokenizer, class_names, meta["template"], device)
+    if similarity_path:
+        class_sim = load_similarity(similarity_path, bundle.architecture, label_space, method.sls_scale).to(device)
+    else:
+        class_sim = class_similarity_matrix(text, scale=method.sls_scale)
+    visual = make_visual(bundle, method).to(device)
+    summary = {
+        "settings": asdict(settings),
+        "method": method.to_dict(),
+        "architecture": bundle.architecture,
+        "pretrained": bundle.pretrained,
+        "dataset": meta["dataset"],
+        "protocol": meta["protocol"],
+        "train_images": int(len(rows)),
+        "label_space": label_space,
+    }
+    if tracker is not None:
+        tracker.log_params({"method": method.to_dict(), "train": asdict(settings), "dataset": meta["dataset"]})
+    if not method.trains:
+        torch.save({"visual": None, **_checkpoint_info(bundle, method, settings, label_space)}, out / "model.pt")
+        (out / "train.json").write_text(json.dumps({**summary, "steps": 0}, indent=2) + "\n")
+        (out / "train_log.csv").write_text("step,loss\n")
+        log.info("zero-shot: nothing to train")
+        return summary
+
+    # Data: one stream per training domain for multi-domain protocols (CLIPood), else one stream.
+    transform = train_transform(bundle.image_size, bundle.mean, bundle.std, settings.hflip, settings.crop_scale)
+    group_key = "domain" if meta["protocol"] in ("domainbed", "wild") else None
+    groups = [g for _, g in rows.groupby(group_key, sort=True)] if group_key else [rows]
+    generator = torch.Generator().manual_seed(settings.seed)
+    steps = total_steps(settings, len(rows), len(groups))
+    streams = []
+    for group in groups:
+        dataset = ManifestImages(meta, group["path"].tolist(), group["label"].tolist(), label_space, transform)
+        streams.append((dataset, infinite_batches(dataset, settings.batch_size, generator, settings.num_workers)))
+
+    # Only the image encoder trains; the text encoder is frozen (text features are precomputed above).
+    for p in bundle.model.parameters():
+        p.requires_grad_(False)
+    for p in visual.parameters():
+        p.requires_grad_(True)
+    decay = [p for n, p in visual.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in visual.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+    )
+    bma = BetaMovingAverage(visual, steps, method.bma_beta) if method.bma else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    log_path = out / "train_log.csv"
+    columns = None
+    visual.train()
+    started = time.perf_counter()
+    bar = tqdm(range(steps), desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
+    with log_path.open("w") as log_file:
+        for step in bar:
+            lr = cosine_lr(step, steps, settings.lr, settings.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = [next(stream) for _, stream in streams]
+            images = torch.cat([b[0] for b in batches]).to(device, non_blocking=True)
+            targets = torch.cat([b[1] for b in batches]).to(device, non_blocking=True)
+            tic = time.perf_counter()
+            with autocast:
+                loss, parts = compute_loss(method, visual, images, targets, text, class_sim)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bma_weight = bma.update(visual) if bma is not None else 0.0
+            parts.update(lr=lr, bma_weight=bma_weight, images_per_s=len(images) / (time.perf_counter() - tic))
+            if columns is None:
+                columns = ["step", *parts]
+                log_file.write(",".join(columns) + "\n")
+            log_file.write(",".join([str(step + 1), *(f"{parts[c]:.6g}" for c in columns[1:])]) + "\n")
+            bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}")
+            if tracker is not None:
+                tracker.log_metrics(parts, step=step + 1)
+            if (step + 1) % settings.log_every == 0 or step + 1 == steps:
+                log.info("step %d/%d %s", step + 1, steps, " ".join(f"{k}={v:.4g}" for k, v in parts.items()))
+    elapsed = time.perf_counter() - started
+    final = bma.module if bma is not None else visual
+    skipped = sorted({p for dataset, _ in streams for p in dataset.skipped})
+    torch.save(
+        {"visual": final.visual.state_dict(), **_checkpoint_info(bundle, method, settings, label_space)}, out / "model.pt"
+    )
+    summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma)
+    (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("trained %s for %d steps in %.1fs -> %s", method.name, steps, elapsed, out / "model.pt")
+    return summary
+
+
+def _checkpoint_info(bundle, method: MethodConfig, settings: TrainSettings, label_space) -> dict:
+    return {
+        "architecture": bundle.architecture,
+        "pretrained": bundle.pretrained,
+        "model": settings.model,
+        "formulation": settings.formulation,
+        "method": method.to_dict(),
+        "label_space": label_space,
+    }
