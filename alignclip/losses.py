@@ -47,7 +47,8 @@ def label_smoothing_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float
 def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """sum_i p_i log(p_i / q_i) over the last dim; 0 log 0 = 0 and q is floored, so zeros are safe."""
     p = p.float()
-    return (torch.xlogy(p, p) - p * torch.log(q.float().clamp_min(_TINY))).sum(dim=-1)
+    # p * log(max(p, tiny)) is 0 at p = 0 with a finite gradient (xlogy(p, p) has a NaN one there).
+    return (p * (torch.log(p.clamp_min(_TINY)) - torch.log(q.float().clamp_min(_TINY)))).sum(dim=-1)
 
 
 def token_text_similarity(tokens: torch.Tensor, text: torch.Tensor, tau: float | None = 0.01) -> torch.Tensor:

@@ -121,8 +121,12 @@ def train(
     settings: TrainSettings,
     tracker=None,
     similarity_path: str | Path | None = None,
+    callbacks: list | None = None,
 ) -> dict:
-    """Train one (method, held-out domain, seed) and write ``model.pt``, ``train_log.csv`` and ``train.json``."""
+    """Train one (method, held-out domain, seed) and write ``model.pt``, ``train_log.csv`` and ``train.json``.
+
+    ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)``.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     method = get_method(settings.method, settings.formulation, **settings.overrides)
@@ -132,6 +136,8 @@ def train(
         raise ValueError(f"no training images for test domain {settings.test_domain!r} / seed {settings.seed}")
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
     bundle = load_clip(settings.model, settings.pretrained, device=device)
     class_names = [meta["classes"][g] for g in label_space]
     text = encode_classes(bundle.model, bundle.tokenizer, class_names, meta["template"], device)
@@ -204,6 +210,8 @@ def train(
             loss.backward()
             optimizer.step()
             bma_weight = bma.update(visual) if bma is not None else 0.0
+            for callback in callbacks or []:
+                callback(step + 1, visual, parts)
             parts.update(lr=lr, bma_weight=bma_weight, images_per_s=len(images) / (time.perf_counter() - tic))
             if columns is None:
                 columns = ["step", *parts]

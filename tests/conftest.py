@@ -1,0 +1,37 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory):
+    from alignclip.data.digits import build_rotated_digits
+
+    root = tmp_path_factory.mktemp("digits") / "raw"
+    build_rotated_digits(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_prepared(digits_root, tmp_path_factory):
+    from alignclip.data.prepare import PrepareSettings, prepare, write_prepared
+
+    out = tmp_path_factory.mktemp("prepared")
+    manifest, meta = prepare(PrepareSettings("rotated_digits", str(digits_root)))
+    write_prepared(manifest, meta, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from alignclip.presets import load_clip
+
+    torch.manual_seed(0)
+    return load_clip("tiny")

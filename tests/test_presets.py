@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from alignclip.presets import PRESETS, load_clip, parse_s3_uri
+
+
+def test_tiny_builds_and_encodes(tiny):
+    tokens = tiny.tokenizer(["a photo of the digit zero.", "a photo of the digit one."])
+    text = tiny.model.encode_text(tokens)
+    image = tiny.model.encode_image(torch.randn(3, 3, tiny.image_size, tiny.image_size))
+    assert text.shape == (2, 64) and image.shape == (3, 64)
+    assert torch.isfinite(text).all() and torch.isfinite(image).all()
+    assert len(tiny.model.visual.transformer.resblocks) == 6
+
+
+def test_local_checkpoint_round_trip(tiny, tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny.model.state_dict(), path)
+    loaded = load_clip("tiny", pretrained=str(path))
+    for (name, a), (_, b) in zip(tiny.model.state_dict().items(), loaded.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nope" / "ViT-B-16.pt"
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found: .*nope/ViT-B-16.pt"):
+        load_clip("tiny", pretrained=str(missing))
+
+
+@pytest.mark.parametrize("uri", ["s3://", "s3://bucket", "s3://bucket/", "s3://bucket/dir/"])
+def test_bad_s3_uri_is_a_clear_error(uri):
+    with pytest.raises(ValueError, match="bad S3 URI"):
+        load_clip("tiny", pretrained=uri)
+
+
+def test_parse_s3_uri():
+    assert parse_s3_uri("s3://models/clip/ViT-B-16.pt") == ("models", "clip/ViT-B-16.pt")
+
+
+def test_unknown_model_lists_presets():
+    with pytest.raises(ValueError, match="tiny"):
+        load_clip("no-such-model")
+
+
+def test_offline_pretrained_tag_says_how_to_provide_weights(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="(?s)offline.*file path.*s3://"):
+        load_clip("vit-b-32")
+    assert PRESETS["vit-b-16"].pretrained == "openai"

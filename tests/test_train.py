@@ -1,0 +1,92 @@
+import json
+
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from alignclip.methods import get_method
+from alignclip.train import TrainSettings, train
+
+STEPS = 24
+
+
+def settings(method, **kw):
+    base = dict(method=method, test_domain="rotated_0", seed=0, steps=STEPS, batch_size=8, lr=1e-3, hflip=False, progress=False)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+@pytest.mark.parametrize("method", ["erm", "clipood", "alignclip"])
+def test_every_method_trains_and_its_loss_goes_down(digits_prepared, tmp_path, method):
+    summary = train(digits_prepared, tmp_path, settings(method))
+    log = pd.read_csv(tmp_path / "train_log.csv")
+    assert len(log) == STEPS and summary["steps"] == STEPS
+    first, last = log["loss"].iloc[:6].mean(), log["loss"].iloc[-6:].mean()
+    assert last < first, (method, first, last)
+    assert log["cls_loss"].iloc[-6:].mean() < log["cls_loss"].iloc[:6].mean()
+    if method == "alignclip":
+        assert {"aal_attn", "aal_sim", "aal"} <= set(log.columns)
+        assert (log["aal"] > 0).all()
+    state = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert state["visual"] is not None and state["method"]["name"] == method
+
+
+def test_zeroshot_writes_a_pretrained_marker(digits_prepared, tmp_path):
+    train(digits_prepared, tmp_path, settings("zeroshot"))
+    state = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert state["visual"] is None
+    assert json.loads((tmp_path / "train.json").read_text())["steps"] == 0
+
+
+def test_release_formulation_trains(digits_prepared, tmp_path):
+    train(digits_prepared, tmp_path, settings("alignclip", formulation="release", steps=6))
+    log = pd.read_csv(tmp_path / "train_log.csv")
+    assert len(log) == 6 and log["loss"].notna().all()
+    state = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert state["method"]["kl_direction"] == "reverse" and state["method"]["aligned_layers"] == 5
+
+
+def test_bma_result_is_the_beta_weighted_average_of_the_iterates(digits_prepared, tmp_path):
+    from alignclip.presets import load_clip
+
+    steps, beta = 8, 0.5
+    torch.manual_seed(0)
+    snapshots = [{k: v.clone() for k, v in load_clip("tiny").model.visual.state_dict().items()}]
+    last = {}
+
+    def keep(step, visual, parts):
+        snapshots.append({k: v.detach().clone() for k, v in visual.visual.state_dict().items()})
+        last.update(snapshots[-1])
+
+    train(digits_prepared, tmp_path, settings("clipood", steps=steps), callbacks=[keep])
+    saved = torch.load(tmp_path / "model.pt", weights_only=False)["visual"]
+    weights = [stats.beta(beta, beta).pdf((k + 0.5) / (steps + 1)) for k in range(steps + 1)]
+    name = "transformer.resblocks.0.attn.in_proj_weight"
+    expected = sum(w * s[name] for w, s in zip(weights, snapshots)) / sum(weights)
+    assert torch.allclose(saved[name], expected, atol=1e-6)
+    assert not torch.allclose(saved[name], last[name])  # the result is the average, not the last weights
+
+
+def test_bit_for_bit_reproducible_on_cpu(digits_prepared, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        train(digits_prepared, tmp_path / name, settings("alignclip", steps=8))
+        runs.append(torch.load(tmp_path / name / "model.pt", weights_only=False)["visual"])
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+    logs = [pd.read_csv(tmp_path / n / "train_log.csv").drop(columns="images_per_s") for n in ("a", "b")]
+    pd.testing.assert_frame_equal(logs[0], logs[1])
+
+
+def test_method_registry_rejects_unknown_switches():
+    with pytest.raises(ValueError, match="unknown method switch"):
+        get_method("alignclip", nonsense=1)
+    with pytest.raises(ValueError, match="smoothing="):
+        get_method("alignclip", smoothing="fancy")
+    assert get_method("alignclip", aal=False).aal is False
+
+
+def test_unknown_test_domain_is_named(digits_prepared, tmp_path):
+    with pytest.raises(ValueError, match="rotated_99"):
+        train(digits_prepared, tmp_path, settings("erm", test_domain="rotated_99"))
