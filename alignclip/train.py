@@ -240,6 +240,9 @@ def _checkpoint_info(bundle, method: MethodConfig, settings: TrainSettings, labe
         "pretrained": bundle.pretrained,
         "model": settings.model,
         "formulation": settings.formulation,
+        "seed": settings.seed,
+        "recipe": settings.recipe,
+        "test_domain": settings.test_domain,
         "method": method.to_dict(),
         "label_space": label_space,
     }
