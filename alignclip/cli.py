@@ -208,6 +208,65 @@ def report(
     typer.echo(f"results page: {page}")
 
 
+def _arguments(items: list[str], params_file: Path | None) -> dict:
+    from alignclip.config import pipeline_defaults
+
+    arguments = pipeline_defaults(params_file) if params_file else {}
+    arguments.update(_parse_overrides(items))
+    return arguments
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    family: str = typer.Argument("demo", help="demo | domain_shift | imagenet | base2new | wild | all"),
+    output: Path = typer.Option(Path("alignclip-pipeline.yaml"), "--output", "-o", help="YAML package to write"),
+    gpu_type: str = typer.Option("nvidia.com/gpu", help="accelerator resource of train/evaluate tasks"),
+    gpus: int = typer.Option(1, help="accelerators per train/evaluate task"),
+    node_selector: List[str] = typer.Option([], help="label=value for GPU tasks (repeatable)"),
+    toleration: List[str] = typer.Option([], help="key[=value]:Effect for GPU tasks (repeatable)"),
+    retries: int = typer.Option(2, help="retries of the training task"),
+):
+    """Compile a pipeline to a KFP YAML package (parameter defaults from params.yaml)."""
+    from alignclip.pipeline_cli import cluster_settings, compile_pipeline
+
+    cluster = cluster_settings(gpu_type, gpus, node_selector or None, toleration or None, retries)
+    path = compile_pipeline(family, output, cluster)
+    typer.echo(f"compiled {family} -> {path}")
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    family: str = typer.Argument("demo", help="demo | domain_shift | imagenet | base2new | wild | all"),
+    host: str = typer.Option(..., envvar="KFP_HOST", help="KFP API endpoint, e.g. http://localhost:8080"),
+    experiment: Optional[str] = typer.Option(None, help="KFP experiment (default: the family's)"),
+    run_name: Optional[str] = typer.Option(None, help="run name"),
+    param: List[str] = typer.Option([], "--param", help="pipeline parameter override name=value (repeatable)"),
+    params_file: Optional[Path] = typer.Option(Path("params.yaml"), help="parameters file (params.yaml)"),
+):
+    """Submit a run to a Kubeflow Pipelines cluster and print its URL."""
+    from alignclip.pipeline_cli import submit
+
+    url = submit(family, host, experiment, run_name, _arguments(param, params_file if family != "all" else None))
+    typer.echo(url)
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    family: str = typer.Argument("demo"),
+    local: bool = typer.Option(True, "--local/--no-local", help="run with kfp's local SubprocessRunner (no cluster)"),
+    pipeline_root: Path = typer.Option(Path("outputs/kfp"), help="where the local runner keeps artifacts"),
+    param: List[str] = typer.Option([], "--param", help="pipeline parameter override name=value (repeatable)"),
+    params_file: Optional[Path] = typer.Option(Path("params.yaml"), help="parameters file (params.yaml)"),
+):
+    """Run the real DAG locally: every component as a subprocess of this machine."""
+    from alignclip.pipeline_cli import run_local
+
+    if not local:
+        raise typer.BadParameter("use `alignclip pipeline submit` for a cluster")
+    run_local(family, pipeline_root.resolve(), _arguments(param, params_file))
+    typer.echo(f"pipeline {family} finished; artifacts under {pipeline_root}")
+
+
 @app.command()
 def recipes():
     """List the named hyper-parameter recipes and their sources."""

@@ -57,9 +57,11 @@ def provenance_tags() -> dict[str, str]:
 class Tracker:
     """A thin run handle: no-op when disabled, MLflow when enabled."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, flush_every: int = 200):
         self.enabled = enabled
         self.run_id: str | None = None
+        self.flush_every = flush_every
+        self._pending: list = []
 
     def log_params(self, params: dict) -> None:
         if self.enabled:
@@ -69,10 +71,24 @@ class Tracker:
             mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        """Buffered: per-step metrics go to the store in batches (one request per ``flush_every`` values)."""
         if self.enabled:
-            import mlflow
+            import time
 
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self._pending.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items())
+            if len(self._pending) >= self.flush_every:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.enabled and self._pending:
+            from mlflow.tracking import MlflowClient
+
+            for start in range(0, len(self._pending), 1000):  # the store's batch limit
+                MlflowClient().log_batch(self.run_id, metrics=self._pending[start : start + 1000])
+            self._pending = []
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled and Path(path).exists():
@@ -131,4 +147,7 @@ def start_run(
     with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, tags=all_tags) as run:
         tracker = Tracker(True)
         tracker.run_id = run.info.run_id
-        yield tracker
+        try:
+            yield tracker
+        finally:
+            tracker.flush()

@@ -1,0 +1,3 @@
+from alignclip.cli import main
+
+main()

@@ -1,0 +1,213 @@
+"""KFP v2 components, one per pipeline stage. Each is a thin shell around the `alignclip` CLI.
+
+They are lightweight components on the project's image with ``install_kfp_package=False``: the same definition
+runs in kfp's local SubprocessRunner (tests, `alignclip pipeline run --local`) and on a cluster, where the image
+(built from the Dockerfile) already holds alignclip and kfp. Artifacts are typed (Dataset, Model, Metrics,
+HTML, Markdown); nothing passes paths in strings. (No `from __future__ import annotations`: kfp reads the
+annotations as types.)
+"""
+
+
+
+import os
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+IMAGE = os.environ.get("ALIGNCLIP_IMAGE", "ghcr.io/alignclip/alignclip:0.1.0")
+
+
+def component(func):
+    return dsl.component(base_image=IMAGE, install_kfp_package=False)(func)
+
+
+@component
+def start_run(experiment: str, tracking_uri: str, run_name: str, params_json: str, run: Output[Artifact]):
+    """Open the pipeline's parent MLflow run; tasks log nested runs under it.
+
+    The run id travels as a small artifact (a text file): kfp 2.17's local runner resolves *parameter*
+    outputs of upstream tasks inside a ParallelFor to the loop item, while artifacts resolve correctly.
+    """
+    import json
+
+    run_id = ""
+    if tracking_uri:
+        import mlflow
+
+        from alignclip.tracking import provenance_tags
+
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=run_name, tags={**provenance_tags(), "stage": "pipeline"}) as active:
+            mlflow.log_params({k: str(v) for k, v in json.loads(params_json).items()})
+            run_id = active.info.run_id
+    with open(run.path, "w") as handle:
+        handle.write(run_id)
+    run.metadata["run_id"] = run_id
+
+
+@component
+def prepare(
+    dataset: str,
+    root: str,
+    protocol: str,
+    holdout_fraction: float,
+    trial_seed: int,
+    shots: int,
+    seeds: List[int],
+    prepared: Output[Dataset],
+):
+    """List and split the dataset; `root: embedded` builds RotatedDigits into the artifact itself."""
+    import sys
+
+    ALIGNCLIP = [sys.executable, "-m", "alignclip"]  # the same CLI as the image's entrypoint
+    import subprocess
+
+    if root == "embedded":
+        root = prepared.path + "/images"
+        subprocess.run(ALIGNCLIP + ["data", "digits", root], check=True)
+    cmd = ALIGNCLIP + ["prepare", dataset, root, prepared.path, "--protocol", protocol,
+           "--holdout-fraction", str(holdout_fraction), "--trial-seed", str(trial_seed), "--shots", str(shots)]
+    for seed in seeds:
+        cmd += ["--seed", str(int(seed))]
+    subprocess.run(cmd, check=True)
+    prepared.metadata["dataset"] = dataset
+
+
+@component
+def similarity(prepared: Input[Dataset], model_name: str, pretrained: str, matrix: Output[Artifact], heatmap: Output[Markdown]):
+    """Class similarity matrix of the class prompts and its heatmap."""
+    import sys
+
+    ALIGNCLIP = [sys.executable, "-m", "alignclip"]  # the same CLI as the image's entrypoint
+    import base64
+    import subprocess
+
+    subprocess.run(ALIGNCLIP + ["similarity", prepared.path, matrix.path, "--model", model_name, "--pretrained", pretrained], check=True)
+    image = base64.b64encode(open(matrix.path + "/similarity.png", "rb").read()).decode()
+    with open(heatmap.path, "w") as handle:
+        handle.write(f"# Class similarity\n\n![similarity](data:image/png;base64,{image})\n")
+
+
+@component
+def train(
+    prepared: Input[Dataset],
+    matrix: Input[Artifact],
+    cell: dict,
+    formulation: str,
+    recipe: str,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    hflip: bool,
+    model_name: str,
+    pretrained: str,
+    experiment: str,
+    tracking_uri: str,
+    parent_run: Input[Artifact],
+    model: Output[Model],
+):
+    """Fine-tune one (method, held-out domain, seed); a nested MLflow run under the pipeline's run."""
+    import sys
+
+    ALIGNCLIP = [sys.executable, "-m", "alignclip"]  # the same CLI as the image's entrypoint
+    import os
+    import subprocess
+
+    env = dict(os.environ, ALIGNCLIP_PARENT_RUN_ID=open(parent_run.path).read().strip(), ALIGNCLIP_EXPERIMENT=str(experiment))
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    cmd = ALIGNCLIP + ["train", prepared.path, model.path, "--method", cell["method"], "--seed", str(int(cell["seed"])),
+           "--formulation", formulation, "--model", model_name, "--pretrained", pretrained, "--no-progress",
+           "--similarity", matrix.path + "/similarity.pt", "--hflip" if hflip else "--no-hflip"]
+    if cell["test_domain"]:
+        cmd += ["--test-domain", cell["test_domain"]]
+    if recipe:
+        cmd += ["--recipe", recipe]
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--lr", lr)):
+        if value:
+            cmd += [flag, str(value)]
+    subprocess.run(cmd, check=True, env=env)
+    model.metadata.update({k: str(v) for k, v in cell.items()})
+
+
+@component
+def evaluate(
+    prepared: Input[Dataset],
+    model: Input[Model],
+    cell: dict,
+    test_split: str,
+    experiment: str,
+    tracking_uri: str,
+    parent_run: Input[Artifact],
+    metrics: Output[Metrics],
+    results: Output[Artifact],
+) -> float:
+    """Top-1 accuracy on each view; returns the headline accuracy (held-out domain, or H, or ImageNet)."""
+    import sys
+
+    ALIGNCLIP = [sys.executable, "-m", "alignclip"]  # the same CLI as the image's entrypoint
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    env = dict(os.environ, ALIGNCLIP_PARENT_RUN_ID=open(parent_run.path).read().strip(), ALIGNCLIP_EXPERIMENT=str(experiment))
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    cmd = ALIGNCLIP + ["evaluate", prepared.path, model.path + "/model.pt", results.path, "--test-split", test_split]
+    if cell["test_domain"]:
+        cmd += ["--test-domain", cell["test_domain"]]
+    subprocess.run(cmd, check=True, env=env)
+    for name in ("train.json", "train_log.csv", "model.pt"):  # the report's figures read these beside metrics.json
+        shutil.copy(os.path.join(model.path, name), os.path.join(results.path, name))
+    summary = json.load(open(os.path.join(results.path, "metrics.json")))
+    for view, value in summary["views"].items():
+        metrics.log_metric(f"{view}_acc", value["accuracy"])
+    if "H" in summary:
+        metrics.log_metric("H", summary["H"])
+        return float(summary["H"])
+    first = "test" if "test" in summary["views"] else ("all" if "all" in summary["views"] else next(iter(summary["views"])))
+    return float(summary["views"][first]["accuracy"])
+
+
+@component
+def report(
+    results: Input[List[Artifact]],
+    accuracies: List[float],
+    prepared: Input[Dataset],
+    matrix: Input[Artifact],
+    experiment: str,
+    tracking_uri: str,
+    parent_run: Input[Artifact],
+    page: Output[HTML],
+    tables: Output[Markdown],
+    bundle: Output[Artifact],
+):
+    """Fan-in: tables, figures and the results page over every evaluation."""
+    import sys
+
+    ALIGNCLIP = [sys.executable, "-m", "alignclip"]  # the same CLI as the image's entrypoint
+    import base64
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    collected = bundle.path + "/runs"
+    for index, item in enumerate(results):
+        shutil.copytree(item.path, f"{collected}/{index:03d}")
+    env = dict(os.environ, ALIGNCLIP_PARENT_RUN_ID=open(parent_run.path).read().strip(), ALIGNCLIP_EXPERIMENT=str(experiment))
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    out = bundle.path + "/report"
+    subprocess.run(ALIGNCLIP + ["report", collected, out, "--prepared-dir", prepared.path, "--similarity-dir", matrix.path], check=True, env=env)
+    text = open(out + "/index.html").read()
+    # inline the figures so the KFP UI shows the page on its own
+    for name in re.findall(r"src='([^']+\.png)'", text):
+        data = base64.b64encode(open(os.path.join(out, name), "rb").read()).decode()
+        text = text.replace(f"src='{name}'", f"src='data:image/png;base64,{data}'")
+    open(page.path, "w").write(text)
+    shutil.copy(out + "/index.md", tables.path)
+    bundle.metadata["mean_accuracy"] = sum(float(a) for a in accuracies) / max(len(accuracies), 1)
