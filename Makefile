@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# extra package indexes of this workplace (local wheel mirrors); empty elsewhere
+UV_INDEXES ?= $(foreach i,$(wildcard /opt/pypi-more/simple /opt/pypi/simple),--extra-index-url file://$(i))
 export HF_HUB_OFFLINE ?= 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -34,5 +36,5 @@ bench: $(STAMP)
 	$(BIN)/python bench/listing.py
 
 lock:
-	uv pip compile requirements.in -o requirements.lock --python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match
-	uv pip compile requirements-dev.in -o requirements-dev.lock --python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match
+	uv pip compile requirements.in -o requirements.lock --python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(UV_INDEXES)
+	uv pip compile requirements-dev.in -o requirements-dev.lock --python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(UV_INDEXES)

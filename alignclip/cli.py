@@ -163,7 +163,21 @@ def train(
         summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path)
         tracker.log_artifact(out_dir / "train_log.csv")
         tracker.log_artifact(out_dir / "train.json")
+        if tracker.enabled:
+            _log_image_encoder(tracker, out_dir / "model.pt", f"alignclip-{summary['dataset']}-{method}")
     typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / 'model.pt'}")
+
+
+def _log_image_encoder(tracker, checkpoint: Path, registered_name: str) -> None:
+    """Log the trained image encoder as an MLflow model and register it (input: a batch of images)."""
+    import numpy as np
+
+    from alignclip.evaluate import load_trained
+
+    bundle, visual, _ = load_trained(checkpoint, "cpu")
+    # batch of 2: torch.export specialises a size-1 dimension, which would pin the model to batch 1
+    example = np.zeros((2, 3, bundle.image_size, bundle.image_size), dtype=np.float32)
+    tracker.log_model(visual, "image_encoder", registered_name, example)
 
 
 @app.command()

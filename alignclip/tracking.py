@@ -110,13 +110,13 @@ class Tracker:
         if self.enabled:
             import mlflow.pytorch
 
-            # pickle format: pt2 export needs traceable code paths; the example still records the signature.
+            # pt2 (torch.export) is the safe format; it needs the input example, which also records the signature.
             mlflow.pytorch.log_model(
                 module,
                 name=name,
                 registered_model_name=registered_name,
                 input_example=example,
-                serialization_format="pickle",
+                serialization_format="pt2",
             )
 
 
