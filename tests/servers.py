@@ -1,0 +1,114 @@
+"""Local services for the orchestration tests: an S3 API (moto), PostgreSQL, an MLflow server. All on 127.0.0.1,
+started and stopped by the tests; each subprocess runs in its own process group and is stopped by it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 90.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise TimeoutError(f"{url}: the server exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+@contextmanager
+def s3_server():
+    """moto's S3 API server on a free port; yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def make_bucket(endpoint: str, name: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_ENV.items() if k != "AWS_DEFAULT_REGION"},
+                 region_name=S3_ENV["AWS_DEFAULT_REGION"]).create_bucket(Bucket=name)
+
+
+@contextmanager
+def postgres_server():
+    """A throw-away PostgreSQL cluster (initdb + pg_ctl); yields a connection URI. As root, runs as `postgres`."""
+    for tool in ("initdb", "pg_ctl"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} not found: PostgreSQL's server binaries are needed for this test")
+    data = Path(tempfile.mkdtemp(prefix="alignclip-pg-", dir="/tmp"))
+    prefix = []
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres", "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run(prefix + ["initdb", "-D", str(data / "db"), "-A", "trust", "-U", "mlflow"], check=True, capture_output=True)
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    subprocess.run(prefix + ["pg_ctl", "-D", str(data / "db"), "-o", options, "-l", str(data / "log"), "-w", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(prefix + ["pg_ctl", "-D", str(data / "db"), "-m", "fast", "-w", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, s3_endpoint: str, bucket: str):
+    """`mlflow server` with a PostgreSQL backend store and served S3 artifacts; yields its URL."""
+    port = free_port()
+    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3_endpoint, **S3_ENV)
+    cmd = [
+        shutil.which("mlflow") or str(Path(os.sys.executable).parent / "mlflow"), "server",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", backend_uri, "--artifacts-destination", f"s3://{bucket}/artifacts", "--serve-artifacts",
+        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
+    ]
+    log = tempfile.NamedTemporaryFile(prefix="mlflow-server-", suffix=".log", delete=False)
+    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_http(url + "/health", timeout=120, process=process)
+        except TimeoutError as err:
+            raise RuntimeError(f"{err}\n{Path(log.name).read_text()[-3000:]}") from err
+        yield url
+    finally:
+        stop_group(process)

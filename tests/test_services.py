@@ -1,0 +1,134 @@
+"""MLflow against a real server (PostgreSQL backend store, S3 artifacts), DVC's S3 remote, the infra manifests and
+the Dockerfiles: each against the real tool, on 127.0.0.1 only."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.servers import S3_ENV, make_bucket, mlflow_server, postgres_server, s3_server
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def cli(*args, env=None, cwd=None):
+    done = subprocess.run([sys.executable, "-m", "alignclip", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_mlflow_server_with_postgres_and_s3_artifacts(digits_prepared, tmp_path):
+    import boto3
+    import mlflow
+    from mlflow import MlflowClient
+
+    with s3_server() as endpoint, postgres_server() as backend:
+        make_bucket(endpoint, "mlflow")
+        with mlflow_server(backend, endpoint, "mlflow") as url:
+            env = dict(os.environ, MLFLOW_TRACKING_URI=url, ALIGNCLIP_EXPERIMENT="server-test", ALIGNCLIP_LOG_LEVEL="WARNING")
+            cli("train", str(digits_prepared), str(tmp_path / "run"), "--method", "alignclip", "--steps", "3",
+                "--test-domain", "rotated_0", "--no-progress", env=env)
+            cli("evaluate", str(digits_prepared), str(tmp_path / "run" / "model.pt"), str(tmp_path / "run"),
+                "--test-domain", "rotated_0", env=env)
+            mlflow.set_tracking_uri(url)
+            client = MlflowClient()
+            experiment = client.get_experiment_by_name("server-test")
+            runs = {r.data.tags["stage"]: r for r in client.search_runs([experiment.experiment_id])}
+            assert [m.step for m in client.get_metric_history(runs["train"].info.run_id, "aal")] == [1, 2, 3]
+            assert "test_acc" in runs["evaluate"].data.metrics
+            artifacts = {a.path for a in client.list_artifacts(runs["train"].info.run_id)}
+            assert "train_log.csv" in artifacts
+            local = client.download_artifacts(runs["train"].info.run_id, "train_log.csv", str(tmp_path / "dl"))
+            assert Path(local).read_text() == (tmp_path / "run" / "train_log.csv").read_text()
+            versions = client.search_model_versions("name='alignclip-rotated_digits-alignclip'")
+            assert len(versions) == 1
+        # the artifacts really went to the S3 store behind the server
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow").get("Contents", [])]
+        assert any(k.endswith("train_log.csv") for k in keys)
+
+
+def test_dvc_push_pull_round_trip_through_s3(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    dvc = [str(BIN / "dvc")]
+    env = dict(os.environ, **S3_ENV)
+    run = lambda *a: subprocess.run(dvc + list(a), cwd=project, env=env, check=True, capture_output=True, text=True)  # noqa: E731
+    with s3_server() as endpoint:
+        make_bucket(endpoint, "dvc-remote")
+        run("init", "--no-scm")
+        run("remote", "add", "-d", "storage", "s3://dvc-remote/store")
+        run("remote", "modify", "storage", "endpointurl", endpoint)
+        cli("data", "digits", str(project / "data" / "rotated_digits"))
+        run("add", "data")
+        original = {p.relative_to(project): p.read_bytes() for p in (project / "data").rglob("*") if p.is_file()}
+        run("push")
+        shutil.rmtree(project / "data")
+        shutil.rmtree(project / ".dvc" / "cache")
+        run("pull")
+        pulled = {p.relative_to(project): p.read_bytes() for p in (project / "data").rglob("*") if p.is_file()}
+        assert pulled == original and len(pulled) == 1798
+
+
+def test_the_committed_data_dvc_matches_the_digits_build(tmp_path):
+    """data.dvc tracks data/ = RotatedDigits; a fresh build hashes to the committed md5."""
+    out = yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]
+    project = tmp_path / "p"
+    project.mkdir()
+    subprocess.run([str(BIN / "dvc"), "init", "--no-scm"], cwd=project, check=True, capture_output=True)
+    cli("data", "digits", str(project / "data" / "rotated_digits"))
+    subprocess.run([str(BIN / "dvc"), "add", "data"], cwd=project, check=True, capture_output=True)
+    assert yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"] == out["md5"]
+
+
+def test_dvc_repro_runs_the_pipeline(tmp_path):
+    project = tmp_path / "repo"
+    project.mkdir()
+    for name in ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore"):
+        shutil.copy(ROOT / name, project / name)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(methods=["zeroshot", "alignclip"], test_domains=["rotated_15"], steps=3)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", ALIGNCLIP_LOG_LEVEL="WARNING")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    dvc = lambda *a: subprocess.run([str(BIN / "dvc"), *a], cwd=project, env=env, capture_output=True, text=True)  # noqa: E731
+    assert dvc("init", "--no-scm").returncode == 0
+    cli("data", "digits", str(project / "data" / "rotated_digits"))
+    done = dvc("repro")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (project / "outputs" / "report" / "index.html").exists()
+    shown = dvc("metrics", "show", "--json")
+    assert "alignclip-rotated_15-s0" in shown.stdout and "views" in shown.stdout
+    again = dvc("repro")
+    assert "didn't change" in again.stdout or "up to date" in again.stdout
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_kustomize_overlays_build_and_validate(overlay):
+    import kubernetes_validate
+
+    kubectl = shutil.which("kubectl", path=str(BIN)) or shutil.which("kubectl")
+    built = subprocess.run([kubectl, "kustomize", str(ROOT / "infra" / "overlays" / overlay)], capture_output=True, text=True, check=True)
+    docs = [d for d in yaml.safe_load_all(built.stdout) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    for doc in docs:
+        kubernetes_validate.validate(doc, kubernetes_validate.utils.latest_version(), strict=True)
+    assert "Deployment" in kinds and "StatefulSet" in kinds
+    mlflow = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
+    args = " ".join(mlflow["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "--serve-artifacts" in args and "--allowed-hosts" in args and "postgresql+psycopg2://" in args
+    if overlay == "prod":
+        assert "seaweedfs" not in [d["metadata"]["name"] for d in docs]
+    # secrets are referenced by name, never defined with values
+    assert "Secret" not in kinds
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "infra/mlflow/Dockerfile"])
+def test_dockerfiles_pass_hadolint(dockerfile):
+    done = subprocess.run([str(BIN / "hadolint"), str(ROOT / dockerfile)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
