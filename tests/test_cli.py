@@ -1,0 +1,37 @@
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from alignclip import __version__
+from alignclip.cli import app
+
+runner = CliRunner()
+COMMANDS = [[], ["version"], ["data"], ["data", "digits"], ["prepare"], ["similarity"], ["train"], ["evaluate"],
+            ["report"], ["recipes"], ["pipeline"], ["pipeline", "compile"], ["pipeline", "submit"], ["pipeline", "run"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "root")
+def test_every_command_has_help(command):
+    result = runner.invoke(app, command + ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+def test_version():
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0 and result.output.strip() == __version__
+
+
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "alignclip", "prepare", "mnist", str(tmp_path), str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "error: unknown dataset 'mnist'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_recipes_list_sources():
+    result = runner.invoke(app, ["recipes"])
+    assert "domain_shift/domain_net" in result.output and "released AlignCLIP scripts" in result.output
+    assert "paper appendix A.1" in result.output

@@ -1,0 +1,95 @@
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignclip.evaluate import evaluate, harmonic_mean
+from alignclip.report import build_report, build_tables, collect, paper_results, summarise
+from alignclip.train import TrainSettings, train
+
+
+@pytest.fixture(scope="module")
+def zeroshot_run(digits_prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zs")
+    train(digits_prepared, out, TrainSettings(method="zeroshot", test_domain="rotated_30", progress=False))
+    evaluate(digits_prepared, out / "model.pt", out, test_domain="rotated_30")
+    return out
+
+
+def test_accuracy_matches_an_independent_open_clip_computation(zeroshot_run, digits_prepared):
+    """Recompute every prediction with open_clip's encode_image / encode_text directly and count by hand."""
+    from PIL import Image
+
+    from alignclip.data.images import eval_transform
+    from alignclip.data.prepare import load_prepared
+    from alignclip.presets import load_clip
+
+    manifest, meta = load_prepared(digits_prepared)
+    torch.manual_seed(0)
+    bundle = load_clip("tiny")
+    rows = manifest[(manifest["domain"] == "rotated_30") & (manifest["split"] == "val")]
+    prompts = [meta["template"].format(c) for c in meta["classes"]]
+    with torch.no_grad():
+        text = F.normalize(bundle.model.encode_text(bundle.tokenizer(prompts)), dim=-1)
+        transform = eval_transform(bundle.image_size, bundle.mean, bundle.std)
+        images = torch.stack([transform(Image.open(f"{meta['root']}/{p}").convert("RGB")) for p in rows["path"]])
+        pred = (F.normalize(bundle.model.encode_image(images), dim=-1) @ text.T).argmax(-1).numpy()
+    correct = int((pred == rows["label"].to_numpy()).sum())
+    metrics = json.loads((zeroshot_run / "metrics.json").read_text())
+    assert metrics["views"]["test"]["total"] == len(rows)
+    assert metrics["views"]["test"]["correct"] == correct
+    assert metrics["views"]["test"]["accuracy"] == pytest.approx(100.0 * correct / len(rows))
+    predictions = pd.read_parquet(zeroshot_run / "predictions.parquet")
+    test = predictions[predictions["view"] == "test"]
+    assert (test["pred"] == test["label"]).sum() == correct
+
+
+def test_harmonic_mean():
+    assert harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)
+    assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+def fake_metrics(root, dataset, protocol, method, domain, seed, views, test_split="holdout"):
+    path = root / f"{method}-{domain}-{seed}"
+    path.mkdir(parents=True)
+    (path / "metrics.json").write_text(json.dumps({
+        "dataset": dataset, "protocol": protocol, "method": method, "formulation": "paper", "test_domain": domain,
+        "test_split": test_split, "seed": seed, "views": {k: {"accuracy": v, "total": 10} for k, v in views.items()},
+    }))
+
+
+def test_tables_put_the_papers_numbers_beside_ours(tmp_path):
+    for seed, acc in ((0, 97.0), (1, 99.0), (2, 98.0)):
+        fake_metrics(tmp_path, "pacs", "domainbed", "alignclip", "art_painting", seed, {"test": acc, "source_val": 90.0})
+    fake_metrics(tmp_path, "pacs", "domainbed", "zeroshot", "art_painting", 0, {"test": 96.0, "source_val": 90.0})
+    fake_metrics(tmp_path, "oxford_pets", "base2new", "clipood", "", 0, {"base": 95.0, "new": 96.0})
+    tables = build_tables(summarise(collect(tmp_path)))
+    pacs = tables["domain_shift_pacs"].set_index(["method", "split"])
+    row = pacs.loc[("alignclip", "art_painting")]
+    assert row["ours_mean"] == pytest.approx(98.0) and row["ours_std"] == pytest.approx(1.0)
+    published = paper_results()["domainbed"]["pacs"]["domains"]["art_painting"]["alignclip"]
+    assert row["paper"] == pytest.approx(published) and row["diff"] == pytest.approx(98.0 - published)
+    assert pacs.loc[("alignclip", "Avg")]["paper"] == pytest.approx(97.3)  # table 1
+    pets = tables["base2new_oxford_pets"].set_index("split")
+    assert pets.loc["H"]["ours_mean"] == pytest.approx(round(2 * 95 * 96 / 191, 2))
+    assert pets.loc["H"]["paper"] == pytest.approx(96.3)  # table 5 (d), CLIPood
+
+
+def test_report_renders_on_a_digits_run(zeroshot_run, digits_prepared, tmp_path):
+    page = build_report(zeroshot_run, tmp_path / "report", digits_prepared)
+    assert page.exists() and "<table" in page.read_text()
+    assert (tmp_path / "report" / "domain_shift_rotated_digits.md").read_text().startswith("| method | split | ours | paper |")
+    figures = json.loads((tmp_path / "report" / "report.json").read_text())["figures"]
+    assert "attention_maps.png" in figures
+    from PIL import Image
+
+    assert Image.open(tmp_path / "report" / "attention_maps.png").size[0] > 200
+
+
+def test_report_without_results_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+        build_report(tmp_path, tmp_path / "out")
