@@ -128,7 +128,7 @@ def similarity(
 def train(
     prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
     out_dir: Path = typer.Argument(..., help="where to write model.pt, train_log.csv, train.json"),
-    method: str = typer.Option("alignclip", help="zeroshot | erm | clipood | alignclip"),
+    method: str = typer.Option("alignclip", help="zeroshot | erm | clipood | alignclip, optionally @paper or @release"),
     formulation: str = typer.Option("paper", help="paper (default) | release (the authors' released code)"),
     set_: List[str] = typer.Option([], "--set", help="method switch override key=value (repeatable), e.g. aal=false"),
     recipe: Optional[str] = typer.Option(None, help="named hyper-parameter recipe (see `alignclip recipes`)"),
@@ -164,7 +164,7 @@ def train(
         tracker.log_artifact(out_dir / "train_log.csv")
         tracker.log_artifact(out_dir / "train.json")
         if tracker.enabled:
-            _log_image_encoder(tracker, out_dir / "model.pt", f"alignclip-{summary['dataset']}-{method}")
+            _log_image_encoder(tracker, out_dir / "model.pt", f"alignclip-{summary['dataset']}-{method.replace('@', '-')}")
     typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / 'model.pt'}")
 
 
@@ -186,7 +186,7 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="model.pt from `alignclip train`"),
     out_dir: Path = typer.Argument(..., help="where to write metrics.json and predictions.parquet"),
     test_domain: Optional[str] = typer.Option(None, help="held-out domain (domainbed, wild)"),
-    test_split: str = typer.Option("holdout", help="held-out domain's 20% split (holdout, CLIPood) or all of it (full)"),
+    test_split: str = typer.Option("holdout", help="held-out domain: 20% split (holdout, CLIPood), 80% split (in, DomainBed) or all (full)"),
     batch_size: int = typer.Option(128),
     num_workers: int = typer.Option(0),
     device: str = typer.Option("auto"),

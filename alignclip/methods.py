@@ -90,8 +90,19 @@ RELEASE_OVERRIDES = {
 FORMULATIONS = ("paper", "release")
 
 
+def split_method(name: str, formulation: str = "paper") -> tuple[str, str]:
+    """``alignclip@release`` -> (``alignclip``, ``release``): a grid can hold both formulations side by side."""
+    if "@" in name:
+        name, formulation = name.split("@", 1)
+    return name, formulation
+
+
 def get_method(name: str, formulation: str = "paper", **overrides) -> MethodConfig:
-    """The named method under a formulation, with individual switches overridden (ablations)."""
+    """The named method under a formulation, with individual switches overridden (ablations).
+
+    ``name`` may carry its formulation: ``alignclip@release``.
+    """
+    name, formulation = split_method(name, formulation)
     if name not in PAPER:
         raise ValueError(f"unknown method {name!r}: expected one of {', '.join(METHODS)}")
     if formulation not in FORMULATIONS:

@@ -52,18 +52,21 @@ def training_set(manifest: pd.DataFrame, meta: dict, test_domain: str | None, se
 
 
 def evaluation_views(manifest: pd.DataFrame, meta: dict, test_domain: str | None, test_split: str = "holdout") -> list[View]:
-    """The splits a trained model is scored on. ``test_split``: ``holdout`` (CLIPood: the held-out domain's 20%
-    split) or ``full`` (the whole held-out domain, DomainBed's leave-one-domain-out test)."""
+    """The splits a trained model is scored on. ``test_split`` (domainbed protocol) picks the held-out domain's
+    images: ``holdout`` (default, CLIPood: its 20% "out" split), ``in`` (its 80% "in" split, what DomainBed's
+    model selection reports as ``env{i}_in_acc``) or ``full`` (the whole domain)."""
     protocol = meta["protocol"]
     check_test_domain(meta, test_domain)
     everything = list(range(len(meta["classes"])))
-    if test_split not in ("holdout", "full"):
-        raise ValueError(f"test_split={test_split!r}: expected 'holdout' or 'full'")
+    if test_split not in ("holdout", "in", "full"):
+        raise ValueError(f"test_split={test_split!r}: expected 'holdout', 'in' or 'full'")
     if protocol in ("domainbed", "wild"):
         target = manifest[manifest["domain"] == test_domain]
         if protocol == "domainbed":
             if test_split == "holdout":
                 target = target[target["split"] == "val"]
+            elif test_split == "in":
+                target = target[target["split"] == "train"]
             sources = manifest[(manifest["domain"] != test_domain) & (manifest["split"] == "val")]
             return [View("test", target, everything), View("source_val", sources, everything)]
         # CLIPood in the wild: target base and open classes, in and out splits, against all classes (base then new)

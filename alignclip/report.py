@@ -305,7 +305,8 @@ def build_report(results_dir, out_dir, prepared_dir=None, similarity_dir=None) -
     if splits:
         sections.append(
             "Held-out domain test set: " + ", ".join(splits)
-            + " (`holdout`: the held-out domain's 20% split, CLIPood's protocol; `full`: the whole domain, DomainBed's).\n"
+            + " (`holdout`: the held-out domain's 20% split, CLIPood's protocol; `in`: its 80% split, what DomainBed reports;"
+            " `full`: the whole domain).\n"
         )
     for name, table in tables.items():
         table.to_csv(out / f"{name}.csv", index=False)

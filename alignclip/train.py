@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from alignclip.data.images import ManifestImages, train_transform
 from alignclip.data.prepare import load_prepared
 from alignclip.data.registry import prompt
 from alignclip.log import get_logger
-from alignclip.methods import MethodConfig, get_method
+from alignclip.methods import MethodConfig, get_method, split_method
 from alignclip.model import AlignCLIPVisual
 from alignclip.objective import compute_loss
 from alignclip.presets import load_clip
@@ -129,6 +129,8 @@ def train(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    method_name, formulation = split_method(settings.method, settings.formulation)
+    settings = replace(settings, method=method_name, formulation=formulation)
     method = get_method(settings.method, settings.formulation, **settings.overrides)
     manifest, meta = load_prepared(prepared_dir)
     rows, label_space = protocols.training_set(manifest, meta, settings.test_domain, settings.seed)

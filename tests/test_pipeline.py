@@ -85,7 +85,7 @@ def test_every_family_compiles(tmp_path):
 
 
 def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
-    """The embedded default (four methods x two held-out domains) through kfp's SubprocessRunner."""
+    """The embedded default (four methods and AlignCLIP's released formulation x two held-out domains)."""
     db = tmp_path / "mlflow.db"
     env = dict(os.environ, ALIGNCLIP_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true")
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -107,8 +107,10 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
     parent = parents[0].info.run_id
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     stages = sorted(r.data.tags["stage"] for r in children)
-    assert stages.count("train") == 8 and stages.count("evaluate") == 8 and stages.count("report") == 1
+    assert stages.count("train") == 10 and stages.count("evaluate") == 10 and stages.count("report") == 1
     train = next(r for r in children if r.data.tags["stage"] == "train" and r.data.tags["method"] == "alignclip")
+    release = next(r for r in children if r.data.tags["stage"] == "train" and r.data.tags["method"] == "alignclip@release")
+    assert release.data.params["method.kl_direction"] == "reverse"
     history = client.get_metric_history(train.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert train.data.params["method.aal"] == "True"
@@ -124,7 +126,8 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
     tables = list((tmp_path / "kfp").rglob("domain_shift_rotated_digits.csv"))
     assert tables and "alignclip" in tables[0].read_text()
     metrics = [json.loads(p.read_text()) for p in (tmp_path / "kfp").rglob("evaluate/results/metrics.json")]
-    assert len(metrics) == 8
-    assert sorted((m["method"], m["test_domain"]) for m in metrics) == sorted(
-        (m, d) for m in ("zeroshot", "erm", "clipood", "alignclip") for d in ("rotated_0", "rotated_75")
+    assert len(metrics) == 10
+    assert sorted((m["method"], m["formulation"], m["test_domain"]) for m in metrics) == sorted(
+        [(m, "paper", d) for m in ("zeroshot", "erm", "clipood", "alignclip") for d in ("rotated_0", "rotated_75")]
+        + [("alignclip", "release", d) for d in ("rotated_0", "rotated_75")]
     )

@@ -78,8 +78,11 @@ def test_leave_one_domain_out_views(tmp_path):
     assert space == [0, 1, 2, 3]
     holdout = {v.name: v for v in protocols.evaluation_views(manifest, meta, "photo", "holdout")}
     full = {v.name: v for v in protocols.evaluation_views(manifest, meta, "photo", "full")}
+    inner = {v.name: v for v in protocols.evaluation_views(manifest, meta, "photo", "in")}
     photo = manifest[manifest["domain"] == "photo"]
     assert len(holdout["test"].rows) == int(0.2 * len(photo)) and len(full["test"].rows) == len(photo)
+    assert len(inner["test"].rows) == len(photo) - int(0.2 * len(photo))
+    assert set(inner["test"].rows.index).isdisjoint(holdout["test"].rows.index)
     with pytest.raises(ValueError, match="test domain 'clipart'"):
         protocols.training_set(manifest, meta, "clipart", seed=0)
 
