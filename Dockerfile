@@ -5,10 +5,16 @@
 # wheels, so the base is a pinned slim Python 3.11 (the lock's interpreter) rather than a pytorch/pytorch image,
 # which would ship a second torch. The GPU node needs only the NVIDIA driver (>= 580, CUDA 13) and device plugin.
 # Pin the base by digest in your registry mirror: `docker buildx imagetools inspect python:3.11.14-slim-bookworm`.
-# Build: docker build -t ghcr.io/<org>/alignclip:0.1.0 .
+# Build: docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) --build-arg IMAGE=ghcr.io/<org>/alignclip:0.1.0 \
+#          -t ghcr.io/<org>/alignclip:0.1.0 .
 FROM python:3.11.14-slim-bookworm
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
+# Provenance tags of every MLflow run made in this image (no .git inside): pass them at build time.
+ARG GIT_COMMIT=unknown
+ARG IMAGE=ghcr.io/alignclip/alignclip:0.1.0
+ENV ALIGNCLIP_GIT_COMMIT=${GIT_COMMIT} \
+    ALIGNCLIP_IMAGE=${IMAGE} \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -22,7 +28,7 @@ COPY requirements.lock ./
 RUN python -m pip install --no-deps -r requirements.lock
 
 # The package, the pipeline definitions (kfp imports components/ and pipelines/ from /app) and params.
-COPY pyproject.toml README.md params.yaml ./
+COPY pyproject.toml README.md params.yaml data.dvc ./
 COPY alignclip ./alignclip
 COPY components ./components
 COPY pipelines ./pipelines

@@ -102,6 +102,7 @@ def similarity(
     model: str = typer.Option("tiny", help="model preset or open_clip architecture"),
     pretrained: str = typer.Option("default", help="weights: tag, file, s3:// URI, none, or the preset's default"),
     scale: float = typer.Option(1.0, help="softmax scale of the heatmap (paper 1, released code 35)"),
+    experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Class similarity matrix of the class prompts (appendix B.5), with its heatmap (fig. 6)."""
     import pandas as pd
@@ -112,6 +113,8 @@ def similarity(
     from alignclip.similarity import cosine_matrix, save_similarity
     from alignclip.train import encode_classes
 
+    from alignclip import tracking
+
     _, meta = load_prepared(prepared_dir)
     bundle = load_clip(model, pretrained)
     text = encode_classes(bundle.model, bundle.tokenizer, meta["classes"], meta["template"], "cpu")
@@ -121,6 +124,10 @@ def similarity(
     soft = (scale * cosine).softmax(dim=-1)
     pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / "similarity.csv")
     plot_similarity(soft.numpy(), meta["classes"], out_dir / "similarity.png")
+    with tracking.start_run(experiment, "similarity", tags={"stage": "similarity"}) as tracker:
+        tracker.log_params({"model": model, "pretrained": pretrained, "classes": len(meta["classes"]), "scale": scale})
+        tracker.log_artifact(out_dir / "similarity.png")
+        tracker.log_artifact(out_dir / "similarity.csv")
     typer.echo(f"similarity of {len(meta['classes'])} classes -> {out_dir}")
 
 

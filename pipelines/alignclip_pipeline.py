@@ -65,6 +65,7 @@ def _on_gpu(task, cluster: ClusterSettings, retries: int = 0):
 
 
 def _secrets(task, cluster: ClusterSettings):
+    task.set_env_variable("ALIGNCLIP_IMAGE", stages.IMAGE)  # the image tag, as a provenance tag of MLflow runs
     kubernetes.use_secret_as_env(
         task, secret_name=cluster.s3_secret,
         secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
