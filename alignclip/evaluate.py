@@ -107,6 +107,7 @@ def evaluate(
         "test_domain": test_domain,
         "test_split": test_split if meta["protocol"] == "domainbed" else None,
         "method": state["method"]["name"],
+        "variant": state.get("variant", state["method"]["name"]),
         "seed": state.get("seed"),
         "checkpoint": str(checkpoint),
         "formulation": state.get("formulation", "paper"),

@@ -45,6 +45,7 @@ def collect(results_dir: str | Path) -> pd.DataFrame:
                     "dataset": summary["dataset"],
                     "protocol": summary["protocol"],
                     "method": summary["method"],
+                    "variant": summary.get("variant") or _method_label(summary["method"], summary.get("formulation", "paper")),
                     "formulation": summary.get("formulation", "paper"),
                     "test_domain": summary.get("test_domain") or "",
                     "test_split": summary.get("test_split") or "",
@@ -76,7 +77,7 @@ def _paper_value(entry) -> float | None:
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds of every (dataset, protocol, method, formulation, held-out domain, view)."""
-    keys = ["dataset", "protocol", "method", "formulation", "test_domain", "test_split", "view"]
+    keys = ["dataset", "protocol", "method", "variant", "formulation", "test_domain", "test_split", "view"]
     grouped = results.groupby(keys, dropna=False)["accuracy"]
     out = grouped.agg(mean="mean", std="std", seeds="count").reset_index()
     return out
@@ -91,7 +92,7 @@ def build_tables(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
     paper = paper_results()
     tables: dict[str, pd.DataFrame] = {}
     for (dataset, protocol), part in summary.groupby(["dataset", "protocol"]):
-        part = part.assign(label=[_method_label(m, f) for m, f in zip(part["method"], part["formulation"])])
+        part = part.assign(label=part["variant"])
         rows = []
         if protocol == "domainbed":
             # Table 1 / 6: accuracy on each held-out domain, and the average over domains.
@@ -100,10 +101,17 @@ def build_tables(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
             for label in _order(test["label"].unique()):
                 mine = test[test["label"] == label]
                 method = mine["method"].iloc[0]
+                ablation = _ablation_row(dataset, label)
+                # the paper's method numbers stand beside the method under either formulation, not beside ablations
+                comparable = label in (method, f"{method}@release")
                 for _, r in mine.sort_values("test_domain").iterrows():
-                    published = _paper_value(pub.get("domains", {}).get(r["test_domain"], {}).get(method))
+                    published = _paper_value(pub.get("domains", {}).get(r["test_domain"], {}).get(method)) if comparable else None
+                    if ablation is not None:
+                        published = _paper_value(ablation.get(r["test_domain"]))
                     rows.append(_row(label, r["test_domain"], r["mean"], r["std"], published, r["seeds"]))
-                published = _paper_value(pub.get("avg", {}).get(method))
+                published = _paper_value(pub.get("avg", {}).get(method)) if comparable else None
+                if ablation is not None:
+                    published = _paper_value(ablation.get("avg"))
                 rows.append(_row(label, "Avg", mine["mean"].mean(), None, published, int(mine["seeds"].min())))
             name = f"domain_shift_{dataset}"
         elif protocol == "wild":
@@ -150,6 +158,17 @@ def build_tables(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
             name = f"imagenet_{dataset}"
         tables[name] = pd.DataFrame(rows)
     return tables
+
+
+def _ablation_row(dataset: str, label: str) -> dict | None:
+    """The paper's ablation numbers (VLCS) for a variant label: table 9 (pooling) and table 10 (D-V vs V-V-V)."""
+    if dataset != "vlcs":
+        return None
+    tables = paper_results()["ablations"]
+    return {
+        "erm[pooling=avg]": tables["table9_pooling_vlcs"]["avg"],
+        "alignclip[branch=vvv]": tables["table10_branch_vlcs"]["vvv"],
+    }.get(label)
 
 
 def _row(method, column, mean, std, published, seeds) -> dict:

@@ -76,15 +76,28 @@ def prepare(
 
 
 @component
-def similarity(prepared: Input[Dataset], model_name: str, pretrained: str, matrix: Output[Artifact], heatmap: Output[Markdown]):
+def similarity(
+    prepared: Input[Dataset],
+    model_name: str,
+    pretrained: str,
+    experiment: str,
+    tracking_uri: str,
+    parent_run: Input[Artifact],
+    matrix: Output[Artifact],
+    heatmap: Output[Markdown],
+):
     """Class similarity matrix of the class prompts and its heatmap."""
     import sys
 
     ALIGNCLIP = [sys.executable, "-m", "alignclip"]  # the same CLI as the image's entrypoint
     import base64
+    import os
     import subprocess
 
-    subprocess.run(ALIGNCLIP + ["similarity", prepared.path, matrix.path, "--model", model_name, "--pretrained", pretrained], check=True)
+    env = dict(os.environ, ALIGNCLIP_PARENT_RUN_ID=open(parent_run.path).read().strip(), ALIGNCLIP_EXPERIMENT=str(experiment))
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    subprocess.run(ALIGNCLIP + ["similarity", prepared.path, matrix.path, "--model", model_name, "--pretrained", pretrained], check=True, env=env)
     image = base64.b64encode(open(matrix.path + "/similarity.png", "rb").read()).decode()
     with open(heatmap.path, "w") as handle:
         handle.write(f"# Class similarity\n\n![similarity](data:image/png;base64,{image})\n")

@@ -130,7 +130,10 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
             trial_seed=data_trial_seed, shots=data_shots, seeds=train_seeds,
         ).set_display_name("prepare")
         _secrets(prepared, cluster)
-        matrix = stages.similarity(prepared=prepared.outputs["prepared"], model_name=model_name, pretrained=model_pretrained)
+        matrix = stages.similarity(
+            prepared=prepared.outputs["prepared"], model_name=model_name, pretrained=model_pretrained,
+            experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
+        )
         _secrets(matrix.set_display_name("similarity matrix"), cluster)
         with dsl.ParallelFor(items=train_grid, name="method-domain-seed") as cell:
             trained = stages.train(

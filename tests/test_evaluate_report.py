@@ -53,11 +53,11 @@ def test_harmonic_mean():
     assert harmonic_mean(0.0, 0.0) == 0.0
 
 
-def fake_metrics(root, dataset, protocol, method, domain, seed, views, test_split="holdout"):
-    path = root / f"{method}-{domain}-{seed}"
+def fake_metrics(root, dataset, protocol, method, domain, seed, views, test_split="holdout", variant=None):
+    path = root / f"{variant or method}-{domain}-{seed}"
     path.mkdir(parents=True)
     (path / "metrics.json").write_text(json.dumps({
-        "dataset": dataset, "protocol": protocol, "method": method, "formulation": "paper", "test_domain": domain,
+        "dataset": dataset, "protocol": protocol, "method": method, "variant": variant or method, "formulation": "paper", "test_domain": domain,
         "test_split": test_split, "seed": seed, "views": {k: {"accuracy": v, "total": 10} for k, v in views.items()},
     }))
 
@@ -77,6 +77,26 @@ def test_tables_put_the_papers_numbers_beside_ours(tmp_path):
     pets = tables["base2new_oxford_pets"].set_index("split")
     assert pets.loc["H"]["ours_mean"] == pytest.approx(round(2 * 95 * 96 / 191, 2))
     assert pets.loc["H"]["paper"] == pytest.approx(96.3)  # table 5 (d), CLIPood
+
+
+def test_ablation_variants_get_their_own_rows_and_the_papers_ablation_numbers(tmp_path):
+    fake_metrics(tmp_path, "vlcs", "domainbed", "erm", "SUN09", 0, {"test": 80.0, "source_val": 1.0})
+    fake_metrics(tmp_path, "vlcs", "domainbed", "erm", "SUN09", 0, {"test": 77.0, "source_val": 1.0}, variant="erm[pooling=avg]")
+    fake_metrics(tmp_path, "vlcs", "domainbed", "alignclip", "SUN09", 0, {"test": 79.0, "source_val": 1.0}, variant="alignclip[eps=0.3]")
+    table = build_tables(summarise(collect(tmp_path)))["domain_shift_vlcs"].set_index(["method", "split"])
+    assert table.loc[("erm", "SUN09")]["ours_mean"] == 80.0
+    assert table.loc[("erm[pooling=avg]", "SUN09")]["ours_mean"] == 77.0
+    assert table.loc[("erm[pooling=avg]", "SUN09")]["paper"] == pytest.approx(77.3)  # table 9, CLIP-AP
+    assert pd.isna(table.loc[("alignclip[eps=0.3]", "SUN09")]["paper"])  # not reported by the paper
+
+
+def test_variant_labels(digits_prepared, tmp_path):
+    from alignclip.methods import get_method
+    from alignclip.train import variant_label
+
+    assert variant_label(get_method("erm", pooling="avg"), TrainSettings(method="erm")) == "erm[pooling=avg]"
+    assert variant_label(get_method("alignclip", "release"), TrainSettings(method="alignclip", formulation="release")) == "alignclip@release"
+    assert variant_label(get_method("clipood", margin_alpha=0.1, bma_beta=0.1), TrainSettings(method="clipood", recipe="wild/office_home")) == "clipood"
 
 
 def test_report_renders_on_a_digits_run(zeroshot_run, digits_prepared, tmp_path):
