@@ -21,6 +21,7 @@ from alignclip.log import get_logger
 log = get_logger(__name__)
 
 RESOURCES = Path(__file__).parent / "resources"
+RANDOM_INIT_SEED = 0
 _TINY_REGISTERED = False
 
 
@@ -132,7 +133,11 @@ def load_clip(name: str = "tiny", pretrained: str | None = "default", device: st
         pretrained = preset.pretrained if preset else None
     weights = resolve_weights(pretrained)
     try:
-        model = open_clip.create_model(architecture, pretrained=weights, device=device)
+        # Random weights are drawn under a fixed seed (scoped: the caller's RNG is untouched), so every stage
+        # (similarity, train, evaluate, report) builds the same model, including its frozen text tower.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = open_clip.create_model(architecture, pretrained=weights, device=device)
     except RuntimeError as err:
         if weights is not None and not Path(weights).is_file():
             raise RuntimeError(

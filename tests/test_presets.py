@@ -47,3 +47,16 @@ def test_offline_pretrained_tag_says_how_to_provide_weights(monkeypatch):
     with pytest.raises(RuntimeError, match="(?s)offline.*file path.*s3://"):
         load_clip("vit-b-32")
     assert PRESETS["vit-b-16"].pretrained == "openai"
+
+
+def test_random_weights_are_the_same_in_every_stage():
+    """Without pretrained weights the model is drawn under a fixed seed, and the caller's RNG is left alone."""
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = load_clip("tiny")
+    after = torch.rand(1)
+    b = load_clip("tiny")
+    assert torch.equal(before, after)
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), name
