@@ -135,7 +135,7 @@ def similarity(
 def train(
     prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
     out_dir: Path = typer.Argument(..., help="where to write model.pt, train_log.csv, train.json"),
-    method: str = typer.Option("alignclip", help="zeroshot | erm | clipood | alignclip, optionally @paper or @release"),
+    method: str = typer.Option("alignclip", help="zeroshot | erm | clipood | alignclip, optionally +paper or +release"),
     formulation: str = typer.Option("paper", help="paper (default) | release (the authors' released code)"),
     set_: List[str] = typer.Option([], "--set", help="method switch override key=value (repeatable), e.g. aal=false"),
     recipe: Optional[str] = typer.Option(None, help="named hyper-parameter recipe (see `alignclip recipes`)"),
@@ -171,7 +171,7 @@ def train(
         tracker.log_artifact(out_dir / "train_log.csv")
         tracker.log_artifact(out_dir / "train.json")
         if tracker.enabled:
-            _log_image_encoder(tracker, out_dir / "model.pt", f"alignclip-{summary['dataset']}-{method.replace('@', '-')}")
+            _log_image_encoder(tracker, out_dir / "model.pt", f"alignclip-{summary['dataset']}-{method.replace('+', '-').replace('@', '-')}")
     typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / 'model.pt'}")
 
 

@@ -91,16 +91,20 @@ FORMULATIONS = ("paper", "release")
 
 
 def split_method(name: str, formulation: str = "paper") -> tuple[str, str]:
-    """``alignclip@release`` -> (``alignclip``, ``release``): a grid can hold both formulations side by side."""
-    if "@" in name:
-        name, formulation = name.split("@", 1)
+    """``alignclip+release`` -> (``alignclip``, ``release``): a grid can hold both formulations side by side.
+
+    ``+`` because DVC reserves ``@`` in stage names; ``alignclip@release`` is accepted too on the command line.
+    """
+    for separator in ("+", "@"):
+        if separator in name:
+            name, formulation = name.split(separator, 1)
     return name, formulation
 
 
 def get_method(name: str, formulation: str = "paper", **overrides) -> MethodConfig:
     """The named method under a formulation, with individual switches overridden (ablations).
 
-    ``name`` may carry its formulation: ``alignclip@release``.
+    ``name`` may carry its formulation: ``alignclip+release``.
     """
     name, formulation = split_method(name, formulation)
     if name not in PAPER:

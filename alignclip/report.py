@@ -103,7 +103,7 @@ def build_tables(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
                 method = mine["method"].iloc[0]
                 ablation = _ablation_row(dataset, label)
                 # the paper's method numbers stand beside the method under either formulation, not beside ablations
-                comparable = label in (method, f"{method}@release")
+                comparable = label in (method, f"{method}+release")
                 for _, r in mine.sort_values("test_domain").iterrows():
                     published = _paper_value(pub.get("domains", {}).get(r["test_domain"], {}).get(method)) if comparable else None
                     if ablation is not None:

@@ -237,14 +237,14 @@ def train(
 
 
 def variant_label(method: MethodConfig, settings: TrainSettings) -> str:
-    """``alignclip``, ``alignclip@release``, or with the switches that differ from the method's (and recipe's)
+    """``alignclip``, ``alignclip+release``, or with the switches that differ from the method's (and recipe's)
     defaults: ``erm[pooling=avg]``. Reports label rows with it, so ablations do not mix with the method."""
     from alignclip.recipes import get_recipe
 
     recipe = get_recipe(settings.recipe).method if settings.recipe else {}
     base = get_method(method.name, settings.formulation, **recipe).to_dict()
     changed = {k: v for k, v in method.to_dict().items() if base.get(k) != v}
-    label = method.name if settings.formulation == "paper" else f"{method.name}@{settings.formulation}"
+    label = method.name if settings.formulation == "paper" else f"{method.name}+{settings.formulation}"
     if changed:
         label += "[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
     return label

@@ -59,19 +59,16 @@ def prepare(
     prepared: Output[Dataset],
 ):
     """List and split the dataset; `root: embedded` builds RotatedDigits into the artifact itself."""
-    import sys
-
-    ALIGNCLIP = [sys.executable, "-m", "alignclip"]  # the same CLI as the image's entrypoint
-    import subprocess
+    from alignclip.tasks import run_cli, task_env
 
     if root == "embedded":
         root = prepared.path + "/images"
-        subprocess.run(ALIGNCLIP + ["data", "digits", root], check=True)
-    cmd = ALIGNCLIP + ["prepare", dataset, root, prepared.path, "--protocol", protocol,
+        run_cli("data", "digits", root)
+    cmd = ["prepare", dataset, root, prepared.path, "--protocol", protocol,
            "--holdout-fraction", str(holdout_fraction), "--trial-seed", str(trial_seed), "--shots", str(shots)]
     for seed in seeds:
         cmd += ["--seed", str(int(seed))]
-    subprocess.run(cmd, check=True)
+    run_cli(*cmd)
     prepared.metadata["dataset"] = dataset
 
 
@@ -87,17 +84,11 @@ def similarity(
     heatmap: Output[Markdown],
 ):
     """Class similarity matrix of the class prompts and its heatmap."""
-    import sys
-
-    ALIGNCLIP = [sys.executable, "-m", "alignclip"]  # the same CLI as the image's entrypoint
+    from alignclip.tasks import run_cli, task_env
     import base64
-    import os
-    import subprocess
 
-    env = dict(os.environ, ALIGNCLIP_PARENT_RUN_ID=open(parent_run.path).read().strip(), ALIGNCLIP_EXPERIMENT=str(experiment))
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    subprocess.run(ALIGNCLIP + ["similarity", prepared.path, matrix.path, "--model", model_name, "--pretrained", pretrained], check=True, env=env)
+    env = task_env(parent_run.path, experiment, tracking_uri)
+    run_cli("similarity", prepared.path, matrix.path, "--model", model_name, "--pretrained", pretrained, env=env)
     image = base64.b64encode(open(matrix.path + "/similarity.png", "rb").read()).decode()
     with open(heatmap.path, "w") as handle:
         handle.write(f"# Class similarity\n\n![similarity](data:image/png;base64,{image})\n")
@@ -122,16 +113,10 @@ def train(
     model: Output[Model],
 ):
     """Fine-tune one (method, held-out domain, seed); a nested MLflow run under the pipeline's run."""
-    import sys
+    from alignclip.tasks import run_cli, task_env
 
-    ALIGNCLIP = [sys.executable, "-m", "alignclip"]  # the same CLI as the image's entrypoint
-    import os
-    import subprocess
-
-    env = dict(os.environ, ALIGNCLIP_PARENT_RUN_ID=open(parent_run.path).read().strip(), ALIGNCLIP_EXPERIMENT=str(experiment))
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    cmd = ALIGNCLIP + ["train", prepared.path, model.path, "--method", cell["method"], "--seed", str(int(cell["seed"])),
+    env = task_env(parent_run.path, experiment, tracking_uri)
+    cmd = ["train", prepared.path, model.path, "--method", cell["method"], "--seed", str(int(cell["seed"])),
            "--formulation", formulation, "--model", model_name, "--pretrained", pretrained, "--no-progress",
            "--similarity", matrix.path + "/similarity.pt", "--hflip" if hflip else "--no-hflip"]
     if cell["test_domain"]:
@@ -141,7 +126,7 @@ def train(
     for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--lr", lr)):
         if value:
             cmd += [flag, str(value)]
-    subprocess.run(cmd, check=True, env=env)
+    run_cli(*cmd, env=env)
     model.metadata.update({k: str(v) for k, v in cell.items()})
 
 
@@ -158,21 +143,16 @@ def evaluate(
     results: Output[Artifact],
 ) -> float:
     """Top-1 accuracy on each view; returns the headline accuracy (held-out domain, or H, or ImageNet)."""
-    import sys
-
-    ALIGNCLIP = [sys.executable, "-m", "alignclip"]  # the same CLI as the image's entrypoint
+    from alignclip.tasks import run_cli, task_env
     import json
     import os
     import shutil
-    import subprocess
 
-    env = dict(os.environ, ALIGNCLIP_PARENT_RUN_ID=open(parent_run.path).read().strip(), ALIGNCLIP_EXPERIMENT=str(experiment))
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    cmd = ALIGNCLIP + ["evaluate", prepared.path, model.path + "/model.pt", results.path, "--test-split", test_split]
+    env = task_env(parent_run.path, experiment, tracking_uri)
+    cmd = ["evaluate", prepared.path, model.path + "/model.pt", results.path, "--test-split", test_split]
     if cell["test_domain"]:
         cmd += ["--test-domain", cell["test_domain"]]
-    subprocess.run(cmd, check=True, env=env)
+    run_cli(*cmd, env=env)
     for name in ("train.json", "train_log.csv", "model.pt"):  # the report's figures read these beside metrics.json
         shutil.copy(os.path.join(model.path, name), os.path.join(results.path, name))
     summary = json.load(open(os.path.join(results.path, "metrics.json")))
@@ -199,23 +179,18 @@ def report(
     bundle: Output[Artifact],
 ):
     """Fan-in: tables, figures and the results page over every evaluation."""
-    import sys
-
-    ALIGNCLIP = [sys.executable, "-m", "alignclip"]  # the same CLI as the image's entrypoint
+    from alignclip.tasks import run_cli, task_env
     import base64
     import os
     import re
     import shutil
-    import subprocess
 
     collected = bundle.path + "/runs"
     for index, item in enumerate(results):
         shutil.copytree(item.path, f"{collected}/{index:03d}")
-    env = dict(os.environ, ALIGNCLIP_PARENT_RUN_ID=open(parent_run.path).read().strip(), ALIGNCLIP_EXPERIMENT=str(experiment))
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env = task_env(parent_run.path, experiment, tracking_uri)
     out = bundle.path + "/report"
-    subprocess.run(ALIGNCLIP + ["report", collected, out, "--prepared-dir", prepared.path, "--similarity-dir", matrix.path], check=True, env=env)
+    run_cli("report", collected, out, "--prepared-dir", prepared.path, "--similarity-dir", matrix.path, env=env)
     text = open(out + "/index.html").read()
     # inline the figures so the KFP UI shows the page on its own
     for name in re.findall(r"src='([^']+\.png)'", text):

@@ -95,7 +95,7 @@ def test_variant_labels(digits_prepared, tmp_path):
     from alignclip.train import variant_label
 
     assert variant_label(get_method("erm", pooling="avg"), TrainSettings(method="erm")) == "erm[pooling=avg]"
-    assert variant_label(get_method("alignclip", "release"), TrainSettings(method="alignclip", formulation="release")) == "alignclip@release"
+    assert variant_label(get_method("alignclip", "release"), TrainSettings(method="alignclip", formulation="release")) == "alignclip+release"
     assert variant_label(get_method("clipood", margin_alpha=0.1, bma_beta=0.1), TrainSettings(method="clipood", recipe="wild/office_home")) == "clipood"
 
 

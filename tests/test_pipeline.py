@@ -92,7 +92,8 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
     cmd = [sys.executable, "-m", "alignclip", "pipeline", "run", "demo", "--pipeline-root", str(tmp_path / "kfp"),
            "--params-file", os.path.join(ROOT, "params.yaml"),
            "--param", "data_root=embedded", "--param", "train_steps=4", "--param", f"mlflow_tracking_uri=sqlite:///{db}"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    # cwd: a sqlite tracking store keeps artifacts in ./mlruns of the working directory
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
     import mlflow
@@ -109,7 +110,7 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
     stages = sorted(r.data.tags["stage"] for r in children)
     assert stages.count("train") == 10 and stages.count("evaluate") == 10 and stages.count("report") == 1
     train = next(r for r in children if r.data.tags["stage"] == "train" and r.data.tags["method"] == "alignclip")
-    release = next(r for r in children if r.data.tags["stage"] == "train" and r.data.tags["method"] == "alignclip@release")
+    release = next(r for r in children if r.data.tags["stage"] == "train" and r.data.tags["method"] == "alignclip+release")
     assert release.data.params["method.kl_direction"] == "reverse"
     history = client.get_metric_history(train.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]

@@ -92,7 +92,7 @@ def test_dvc_repro_runs_the_pipeline(tmp_path):
     for name in ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore"):
         shutil.copy(ROOT / name, project / name)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"].update(methods=["zeroshot", "alignclip"], test_domains=["rotated_15"], steps=3)
+    params["train"].update(methods=["zeroshot", "alignclip+release"], test_domains=["rotated_15"], steps=3)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", ALIGNCLIP_LOG_LEVEL="WARNING")
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -103,7 +103,7 @@ def test_dvc_repro_runs_the_pipeline(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (project / "outputs" / "report" / "index.html").exists()
     shown = dvc("metrics", "show", "--json")
-    assert "alignclip-rotated_15-s0" in shown.stdout and "views" in shown.stdout
+    assert "alignclip+release-rotated_15-s0" in shown.stdout and "views" in shown.stdout
     again = dvc("repro")
     assert "didn't change" in again.stdout or "up to date" in again.stdout
 
