@@ -235,6 +235,7 @@ def attention_maps(checkpoints: dict[str, Path], prepared_dir: Path, test_domain
     from alignclip import losses, protocols
     from alignclip.data.images import ManifestImages, eval_transform
     from alignclip.data.prepare import load_prepared
+    from alignclip.data.storage import open_image
     from alignclip.evaluate import load_trained
     from alignclip.model import AlignCLIPVisual
     from alignclip.train import encode_classes
@@ -258,7 +259,7 @@ def attention_maps(checkpoints: dict[str, Path], prepared_dir: Path, test_domain
             g = losses.token_text_similarity(out.tokens, text[targets])
             g_dv = losses.token_text_similarity(out.dv_tokens, text[targets])
         panels.append((name, out.cls_attn, g, g_dv))
-    raw = [np.asarray(__import__("alignclip.data.storage", fromlist=["open_image"]).open_image(p)) for p in data.paths]
+    raw = [np.asarray(open_image(p)) for p in data.paths]
     columns = 1 + 2 * len(panels) + 1
     fig, axes = plt.subplots(len(raw), columns, figsize=(2.1 * columns, 2.1 * len(raw)), squeeze=False)
     grid = int(round(panels[0][1].shape[1] ** 0.5))

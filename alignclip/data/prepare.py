@@ -24,6 +24,7 @@ import pandas as pd
 from alignclip.data import splits, storage
 from alignclip.data.registry import DEFAULT_TEMPLATE, clean_class_name, get_dataset
 from alignclip.log import get_logger
+from alignclip.presets import RESOURCES
 
 log = get_logger(__name__)
 
@@ -231,10 +232,11 @@ def _coop_manifest(settings: PrepareSettings, split: dict, image_root: str, imag
     for seed in settings.seeds:
         train_idx, val_idx = splits.coop_fewshot(train_labels, val_labels, settings.shots, seed)
         column = f"shots_seed{seed}"
-        for frame, chosen in ((frames[0], train_idx), (frames[1], val_idx), (frames[2], [])):
+        for frame, chosen in ((frames[0], train_idx), (frames[1], val_idx)):
             mark = np.zeros(len(frame), dtype=bool)
             mark[chosen] = True
-            frame[column] = mark if frame is not frames[2] else True
+            frame[column] = mark
+        frames[2][column] = True  # the test split is never subsampled
     manifest = pd.concat(frames, ignore_index=True)
     classes = [clean_class_name(names[i]) for i in labels_all]
     manifest["class_name"] = [classes[y] for y in manifest["label"]]
@@ -245,7 +247,6 @@ def _coop_manifest(settings: PrepareSettings, split: dict, image_root: str, imag
 
 # ---------------------------------------------------------------------------------------------- ImageNet
 
-RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 VARIANT_FOLDERS = {  # CoOp's folder names below the data root's parent; override with settings.variants
     "imagenet_v2": "imagenetv2/imagenetv2-matched-frequency-format-val",
     "imagenet_sketch": "imagenet-sketch/images",
