@@ -29,7 +29,12 @@ def eval_transform(size: int, mean, std):
 
 
 class ManifestImages(Dataset):
-    """Images of some manifest rows with labels remapped into a label space (a list of global class indices)."""
+    """Images of some manifest rows with labels remapped into a label space (a list of global class indices).
+
+    ``skipped`` lists unreadable files met in this process; with DataLoader workers (``num_workers > 0``) each
+    worker keeps its own list and only the log lines report them, so run `alignclip prepare --validate` to get
+    the full list up front.
+    """
 
     def __init__(self, meta: dict, paths: list[str], labels: list[int], label_space: list[int], transform):
         position = {g: i for i, g in enumerate(label_space)}
