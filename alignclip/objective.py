@@ -78,7 +78,7 @@ def compute_loss(
         aal = sum(terms.values()) if terms else torch.zeros((), device=images.device)
         total = total + method.aal_weight * aal
         parts.update({k: v.detach() for k, v in terms.items()})
-        parts["aal"] = aal.detach() if torch.is_tensor(aal) else torch.tensor(aal)
+        parts["aal"] = aal.detach()
     parts["loss"] = total.detach()
     with torch.no_grad():
         parts["train_acc"] = (logits.argmax(dim=-1) == targets).float().mean()

@@ -9,6 +9,7 @@ without SLS (fig. 4).
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 from pathlib import Path
@@ -27,6 +28,7 @@ PAPER_RESULTS = Path(__file__).parent / "resources" / "paper_results.json"
 METHOD_ORDER = ["zeroshot", "erm", "clipood", "alignclip"]
 
 
+@functools.lru_cache(maxsize=1)
 def paper_results() -> dict:
     return json.loads(PAPER_RESULTS.read_text())
 

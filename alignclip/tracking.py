@@ -30,11 +30,13 @@ def _flatten(params: dict, prefix: str = "") -> dict:
 def provenance_tags() -> dict[str, str]:
     """git commit, dataset version (DVC hash of data.dvc) and image tag, so every number leads back to its inputs."""
     tags = {}
+    # The code's own checkout, not the working directory: stages may run anywhere (a KFP task's cwd, a temp dir).
+    project = Path(__file__).resolve().parent.parent
     commit = os.environ.get("ALIGNCLIP_GIT_COMMIT")
     if not commit:
         try:
             commit = subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+                ["git", "-C", str(project), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
             ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             commit = None
@@ -42,10 +44,11 @@ def provenance_tags() -> dict[str, str]:
         tags["mlflow.source.git.commit"] = commit
         tags["git_commit"] = commit
     data_version = os.environ.get("ALIGNCLIP_DATA_VERSION")
-    if not data_version and Path("data.dvc").is_file():
+    dvc_file = next((p for p in (Path("data.dvc"), project / "data.dvc") if p.is_file()), None)
+    if not data_version and dvc_file is not None:
         import yaml
 
-        outs = (yaml.safe_load(Path("data.dvc").read_text()) or {}).get("outs", [{}])
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", [{}])
         data_version = outs[0].get("md5") if outs else None
     if data_version:
         tags["data_version"] = str(data_version)

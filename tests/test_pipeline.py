@@ -115,7 +115,9 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
     history = client.get_metric_history(train.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert train.data.params["method.aal"] == "True"
-    assert {"git_commit"} <= set(train.data.tags)
+    # provenance: the checkout's commit and the DVC hash of data.dvc, although the task ran outside the repo
+    assert train.data.tags["git_commit"] == subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert train.data.tags["data_version"] == yaml.safe_load(open(os.path.join(ROOT, "data.dvc")))["outs"][0]["md5"]
     evaluation = next(r for r in children if r.data.tags["stage"] == "evaluate")
     assert 0.0 <= evaluation.data.metrics["test_acc"] <= 100.0
     report = next(r for r in children if r.data.tags["stage"] == "report")
