@@ -40,17 +40,19 @@ def load_trained(checkpoint: str | Path, device):
 
 
 @torch.no_grad()
-def predict(visual, text: torch.Tensor, loader, device, topk: int = 5):
-    preds, targets, indices, top = [], [], [], []
+def predict(visual, text: torch.Tensor, loader, device, topk: int = 5, tau: float = 0.01):
+    """Predicted class, target, dataset index, and the top-k classes with their probabilities (eq. 1, tau)."""
+    preds, targets, indices, top, top_prob = [], [], [], [], []
     for images, target, index in loader:
         features = torch.nn.functional.normalize(visual(images.to(device)).float(), dim=-1)
-        logits = features @ text.T
-        k = min(topk, logits.shape[-1])
-        top.append(logits.topk(k, dim=-1).indices.cpu())
+        logits = features @ text.T / tau
+        best = logits.softmax(dim=-1).topk(min(topk, logits.shape[-1]), dim=-1)
+        top.append(best.indices.cpu())
+        top_prob.append(best.values.cpu())
         preds.append(logits.argmax(dim=-1).cpu())
         targets.append(target)
         indices.append(index)
-    return torch.cat(preds), torch.cat(targets), torch.cat(indices), torch.cat(top)
+    return torch.cat(preds), torch.cat(targets), torch.cat(indices), torch.cat(top), torch.cat(top_prob)
 
 
 def evaluate(
@@ -79,7 +81,7 @@ def evaluate(
         text = encode_classes(bundle.model, bundle.tokenizer, names, meta["template"], dev)
         dataset = ManifestImages(meta, view.rows["path"].tolist(), view.rows["label"].tolist(), view.label_space, transform)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-        pred, target, index, top = predict(visual, text, loader, dev)
+        pred, target, index, top, top_prob = predict(visual, text, loader, dev, tau=state["method"].get("tau", 0.01))
         correct = int((pred == target).sum())
         results[view.name] = {
             "accuracy": 100.0 * correct / len(target),
@@ -97,6 +99,7 @@ def evaluate(
                     "label": space[target.numpy()],
                     "pred": space[pred.numpy()],
                     "top5": [",".join(str(space[j]) for j in row) for row in top.numpy()],
+                    "top5_prob": [",".join(f"{p:.4f}" for p in row) for row in top_prob.numpy()],
                 }
             )
         )

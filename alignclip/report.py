@@ -297,11 +297,13 @@ def top5_figure(with_sls: pd.DataFrame, without_sls: pd.DataFrame, classes: list
     for i, (_, r) in enumerate(common.iterrows()):
         for j, (suffix, title) in enumerate((("_plain", "without SLS"), ("_sls", "with SLS"))):
             top = [int(x) for x in str(r["top5" + suffix]).split(",")]
+            probs = [float(x) for x in str(r["top5_prob" + suffix]).split(",")]
             names = [classes[t] for t in top]
             colors = ["tab:green" if t == r["label_sls"] else "tab:gray" for t in top]
-            axes[i][j].barh(range(len(top))[::-1], range(len(top), 0, -1), color=colors)
+            axes[i][j].barh(range(len(top))[::-1], probs, color=colors)
             axes[i][j].set_yticks(range(len(top))[::-1], names, fontsize=7)
-            axes[i][j].set_xticks([])
+            axes[i][j].set_xlim(0, 1)
+            axes[i][j].set_xlabel("probability", fontsize=7)
             axes[i][j].set_title(f"{title} (true: {classes[int(r['label_sls'])]})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -46,6 +46,12 @@ def test_accuracy_matches_an_independent_open_clip_computation(zeroshot_run, dig
     predictions = pd.read_parquet(zeroshot_run / "predictions.parquet")
     test = predictions[predictions["view"] == "test"]
     assert (test["pred"] == test["label"]).sum() == correct
+    # top-5 probabilities: softmax(cos / 0.01) of the same computation, in decreasing order
+    with torch.no_grad():
+        probs = (F.normalize(bundle.model.encode_image(images), dim=-1) @ text.T / 0.01).softmax(-1)
+    first = [float(x) for x in test["top5_prob"].iloc[0].split(",")]  # the loader keeps the rows' order
+    assert first == sorted(first, reverse=True)
+    assert first[0] == pytest.approx(probs[0].max().item(), abs=1e-4)
 
 
 def test_harmonic_mean():
@@ -108,6 +114,18 @@ def test_report_renders_on_a_digits_run(zeroshot_run, digits_prepared, tmp_path)
     from PIL import Image
 
     assert Image.open(tmp_path / "report" / "attention_maps.png").size[0] > 200
+
+
+def test_top5_figure_draws_probabilities(zeroshot_run, digits_prepared, tmp_path):
+    from PIL import Image
+
+    from alignclip.data.prepare import load_prepared
+    from alignclip.report import top5_figure
+
+    _, meta = load_prepared(digits_prepared)
+    predictions = pd.read_parquet(zeroshot_run / "predictions.parquet")
+    assert top5_figure(predictions, predictions, meta["classes"], tmp_path / "top5.png")
+    assert Image.open(tmp_path / "top5.png").size[1] > 200
 
 
 def test_report_without_results_is_a_clear_error(tmp_path):
