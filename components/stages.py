@@ -153,7 +153,7 @@ def evaluate(
     if cell["test_domain"]:
         cmd += ["--test-domain", cell["test_domain"]]
     run_cli(*cmd, env=env)
-    for name in ("train.json", "train_log.csv", "model.pt"):  # the report's figures read these beside metrics.json
+    for name in ("train.json", "train_log.csv"):  # small files the report reads beside metrics.json
         shutil.copy(os.path.join(model.path, name), os.path.join(results.path, name))
     summary = json.load(open(os.path.join(results.path, "metrics.json")))
     for view, value in summary["views"].items():
@@ -168,6 +168,7 @@ def evaluate(
 @component
 def report(
     results: Input[List[Artifact]],
+    models: Input[List[Model]],
     accuracies: List[float],
     prepared: Input[Dataset],
     matrix: Input[Artifact],
@@ -184,10 +185,18 @@ def report(
     import os
     import re
     import shutil
+    import tempfile
 
-    collected = bundle.path + "/runs"
+    # The report's input tree lives in scratch space, not in an output: checkpoints are linked, never copied,
+    # so no artifact holds a second copy of a model.
+    collected = tempfile.mkdtemp(prefix="alignclip-report-")
     for index, item in enumerate(results):
-        shutil.copytree(item.path, f"{collected}/{index:03d}")
+        shutil.copytree(item.path, f"{collected}/results/{index:03d}")
+    for index, item in enumerate(models):
+        target = f"{collected}/models/{index:03d}"
+        os.makedirs(target)
+        os.symlink(os.path.join(item.path, "model.pt"), os.path.join(target, "model.pt"))
+        shutil.copy(os.path.join(item.path, "train.json"), target)
     env = task_env(parent_run.path, experiment, tracking_uri)
     out = bundle.path + "/report"
     run_cli("report", collected, out, "--prepared-dir", prepared.path, "--similarity-dir", matrix.path, env=env)

@@ -149,7 +149,8 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
             ).set_display_name("evaluate")
             _secrets(_on_gpu(scored, cluster), cluster)
         final = stages.report(
-            results=dsl.Collected(scored.outputs["results"]), accuracies=dsl.Collected(scored.outputs["Output"]),
+            results=dsl.Collected(scored.outputs["results"]), models=dsl.Collected(trained.outputs["model"]),
+            accuracies=dsl.Collected(scored.outputs["Output"]),
             prepared=prepared.outputs["prepared"], matrix=matrix.outputs["matrix"], experiment=mlflow_experiment,
             tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
         ).set_display_name("report")

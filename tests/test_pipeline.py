@@ -37,6 +37,7 @@ def test_tasks_and_edges(compiled):
     # fan-in: the report collects every evaluation of the loop
     report = tasks["report"]["inputs"]
     assert report["artifacts"]["results"]["taskOutputArtifact"]["producerTask"] == "for-loop-1"
+    assert report["artifacts"]["models"]["taskOutputArtifact"]["producerTask"] == "for-loop-1"
     assert report["parameters"]["accuracies"]["taskOutputParameter"]["producerTask"] == "for-loop-1"
 
 
@@ -128,6 +129,9 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
     # the KFP report artifact holds the same table
     tables = list((tmp_path / "kfp").rglob("domain_shift_rotated_digits.csv"))
     assert tables and "alignclip" in tables[0].read_text()
+    # the attention-map figure found the collected checkpoints; no checkpoint is stored twice
+    assert list((tmp_path / "kfp").rglob("report/attention_maps.png"))
+    assert len(list((tmp_path / "kfp").rglob("model.pt"))) == 10
     metrics = [json.loads(p.read_text()) for p in (tmp_path / "kfp").rglob("evaluate/results/metrics.json")]
     assert len(metrics) == 10
     assert sorted((m["method"], m["formulation"], m["test_domain"]) for m in metrics) == sorted(
