@@ -107,13 +107,12 @@ def similarity(
     """Class similarity matrix of the class prompts (appendix B.5), with its heatmap (fig. 6)."""
     import pandas as pd
 
+    from alignclip import tracking
     from alignclip.data.prepare import load_prepared
     from alignclip.presets import load_clip
     from alignclip.report import plot_similarity
     from alignclip.similarity import cosine_matrix, save_similarity
     from alignclip.train import encode_classes
-
-    from alignclip import tracking
 
     _, meta = load_prepared(prepared_dir)
     bundle = load_clip(model, pretrained)
