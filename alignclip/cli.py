@@ -123,10 +123,17 @@ def similarity(
     soft = (scale * cosine).softmax(dim=-1)
     pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / "similarity.csv")
     plot_similarity(soft.numpy(), meta["classes"], out_dir / "similarity.png")
-    with tracking.start_run(experiment, "similarity", tags={"stage": "similarity"}) as tracker:
-        tracker.log_params({"model": model, "pretrained": pretrained, "classes": len(meta["classes"]), "scale": scale})
-        tracker.log_artifact(out_dir / "similarity.png")
-        tracker.log_artifact(out_dir / "similarity.csv")
+    parent = tracking.pipeline_run_id(experiment)
+    if parent:  # one per pipeline: the pipeline run's own artifact
+        from mlflow import MlflowClient
+
+        for name in ("similarity.png", "similarity.csv"):
+            MlflowClient().log_artifact(parent, str(out_dir / name), "similarity")
+    else:
+        with tracking.start_run(experiment, "similarity", tags={"run_type": "similarity"}) as tracker:
+            tracker.log_params({"model": model, "pretrained": pretrained, "classes": len(meta["classes"]), "scale": scale})
+            tracker.log_artifact(out_dir / "similarity.png")
+            tracker.log_artifact(out_dir / "similarity.csv")
     typer.echo(f"similarity of {len(meta['classes'])} classes -> {out_dir}")
 
 
@@ -154,9 +161,10 @@ def train(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Fine-tune the image encoder with one method; the BMA model is the result."""
-    from alignclip import tracking
+    from alignclip import runs, tracking
+    from alignclip.data.prepare import load_prepared
     from alignclip.recipes import apply_recipe
-    from alignclip.train import TrainSettings, train as run_train
+    from alignclip.train import TrainSettings, cell_tags, train as run_train
 
     settings = TrainSettings(
         method=method, formulation=formulation, overrides=_parse_overrides(set_), model=model, pretrained=pretrained,
@@ -164,26 +172,58 @@ def train(
         device=device, progress=progress,
     )
     settings = apply_recipe(settings, recipe, steps=steps, batch_size=batch_size, lr=lr)
-    run_name = f"train-{method}-{test_domain or 'all'}-s{seed}"
-    with tracking.start_run(experiment, run_name, tags={"stage": "train", "method": method}) as tracker:
+    manifest, meta = load_prepared(prepared_dir)
+    tags = cell_tags(settings, meta)
+    note = f"Grid cell: training (params, curves, model) and evaluation (accuracies) of one run. {runs.PERCENT_NOTE}"
+    with tracking.start_run(
+        experiment, runs.cell_run_name(tags["variant"], test_domain, seed),
+        tags={**tags, **runs.data_tags(meta, manifest), "mlflow.note.content": note},
+    ) as tracker:
+        tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], runs.manifest_digest(manifest), "training")
         summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path)
         tracker.log_artifact(out_dir / "train_log.csv")
         tracker.log_artifact(out_dir / "train.json")
-        if tracker.enabled:
-            _log_image_encoder(tracker, out_dir / "model.pt", f"alignclip-{summary['dataset']}-{method.replace('+', '-').replace('@', '-')}")
+        if tracker.enabled and summary["method"]["trains"]:  # zero-shot is not a trained model: nothing to register
+            _log_classifier(tracker, out_dir / "model.pt", meta, tags)
     typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / 'model.pt'}")
 
 
-def _log_image_encoder(tracker, checkpoint: Path, registered_name: str) -> None:
-    """Log the trained image encoder as an MLflow model and register it (input: a batch of images)."""
+def _log_classifier(tracker, checkpoint: Path, meta: dict, tags: dict) -> None:
+    """Log the trained model as an MLflow model that returns class probabilities over its training label space
+    (image encoder + frozen class text features, ``ClassProbabilities``), register it and tag it."""
     import numpy as np
+    from mlflow import MlflowClient
 
-    from alignclip.evaluate import load_trained
+    from alignclip import runs
+    from alignclip.evaluate import ClassProbabilities, load_trained
+    from alignclip.train import encode_classes
 
-    bundle, visual, _ = load_trained(checkpoint, "cpu")
+    bundle, visual, state = load_trained(checkpoint, "cpu")
+    classes = [meta["classes"][g] for g in state["label_space"]]
+    text = encode_classes(bundle.model, bundle.tokenizer, classes, meta["template"], "cpu")
+    classifier = ClassProbabilities(visual, text, state["method"].get("tau", 0.01)).eval()
     # batch of 2: torch.export specialises a size-1 dimension, which would pin the model to batch 1
     example = np.zeros((2, 3, bundle.image_size, bundle.image_size), dtype=np.float32)
-    tracker.log_model(visual, "image_encoder", registered_name, example)
+    name = runs.registered_name(tags["dataset"], tags["variant"])
+    metadata = {"classes": classes, "label_space": state["label_space"], "output": "class probabilities [N, C]"}
+    version = tracker.log_model(classifier, "classifier", name, example, metadata=metadata)
+    client = MlflowClient()
+    model_tags = {k: tags[k] for k in ("dataset", "protocol", "method", "variant", "formulation")}
+    for key, value in model_tags.items():
+        client.set_registered_model_tag(name, key, value)
+    client.update_registered_model(
+        name,
+        description=(
+            f"{tags['variant']} (formulation: {tags['formulation']}) fine-tuned on {tags['dataset']} "
+            f"({tags['protocol']}). One version per grid cell (held-out domain, seed); alias "
+            f"`best-<held-out domain>-<split>` marks the most accurate. Input: float32 images [N, 3, H, W]; "
+            "output: class probabilities [N, C] over the version's `classes`."
+        ),
+    )
+    if version is not None:
+        version_tags = {**model_tags, "held_out_domain": tags["held_out_domain"], "seed": tags["seed"], "classes": ",".join(classes)}
+        for key, value in version_tags.items():
+            client.set_model_version_tag(name, str(version), key, str(value)[:5000])
 
 
 @app.command()
@@ -199,14 +239,28 @@ def evaluate(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Top-1 accuracy on every view of the protocol (held-out domain, base/new classes, ImageNet variants)."""
-    from alignclip import tracking
+    from alignclip import runs, tracking
+    from alignclip.data.prepare import load_prepared
     from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
 
-    run_name = f"evaluate-{checkpoint.parent.name}"
-    with tracking.start_run(experiment, run_name, tags={"stage": "evaluate"}) as tracker:
+    # The cell's training run (named in train.json) if it belongs to this pipeline run; else a new cell run.
+    trained = checkpoint.parent / "train.json"
+    info = json.loads(trained.read_text()) if trained.is_file() else {}
+    parent = tracking.pipeline_run_id(experiment)
+    resume = info.get("mlflow_run_id") if tracking.tracking_uri() and tracking.resumable(info.get("mlflow_run_id"), parent) else None
+    run_name = runs.cell_run_name(info.get("variant", checkpoint.parent.name), test_domain, info.get("settings", {}).get("seed", "?"))
+    with tracking.start_run(experiment, run_name, parent_run_id=parent, resume_run_id=resume) as tracker:
         summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain, test_split, batch_size, num_workers, device)
-        tracker.log_metrics(flat_metrics(summary))
-        tracker.log_artifact(out_dir / "metrics.json")
+        if tracker.enabled:
+            manifest, meta = load_prepared(prepared_dir)
+            tags = runs.cell_tags(summary["dataset"], summary["protocol"], summary["method"], summary["variant"],
+                                  summary["formulation"], summary["test_domain"], summary["seed"])
+            tracker.set_tags({**tags, **runs.data_tags(meta, manifest), "test_split": summary.get("test_split") or "-"})
+            tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], runs.manifest_digest(manifest), "evaluation")
+            tracker.log_metrics({**flat_metrics(summary), **{f"{v}_images": r["total"] for v, r in summary["views"].items()}})
+            tracker.log_artifact(out_dir / "metrics.json")
+            tracker.log_artifact(out_dir / "predictions.parquet")
+            runs.describe_model_version(tracker.run_id, summary)
     typer.echo(json.dumps(flat_metrics(summary)))
 
 
@@ -219,12 +273,23 @@ def report(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Results tables beside the paper's numbers (CSV, Markdown), figures (PNG) and a results page."""
-    from alignclip import tracking
-    from alignclip.report import build_report
+    from alignclip import runs, tracking
+    from alignclip.report import build_report, collect
 
-    with tracking.start_run(experiment, "report", tags={"stage": "report"}) as tracker:
-        page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
-        tracker.log_artifact(out_dir, "report")
+    parent = tracking.pipeline_run_id(experiment)
+    if parent:  # the last stage: the pipeline run gets the page and the summary metrics, and ends
+        try:
+            page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
+        except BaseException:
+            runs.mark_failed(parent, "report")
+            raise
+        runs.finish_pipeline_run(parent, collect(results_dir), out_dir)
+    else:
+        with tracking.start_run(experiment, "report", tags={"run_type": "report"}) as tracker:
+            page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
+            tracker.log_artifact(out_dir, "report")
+            if tracker.enabled:
+                tracker.log_metrics(runs.summary_metrics(collect(results_dir)))
     typer.echo(f"results page: {page}")
 
 

@@ -39,17 +39,33 @@ def load_trained(checkpoint: str | Path, device):
     return bundle, visual.to(device).eval(), state
 
 
+class ClassProbabilities(torch.nn.Module):
+    """The deployable classifier (eq. 1): the image encoder against frozen class text features,
+    softmax(cos(image, class) / tau) over the label space, [N, C]. Evaluation and the registered MLflow model
+    are this module."""
+
+    def __init__(self, visual: torch.nn.Module, text: torch.Tensor, tau: float):
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("text", text.detach().float().clone())
+        self.tau = float(tau)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = torch.nn.functional.normalize(self.visual(images).float(), dim=-1)
+        return (features @ self.text.T / self.tau).softmax(dim=-1)
+
+
 @torch.no_grad()
 def predict(visual, text: torch.Tensor, loader, device, topk: int = 5, tau: float = 0.01):
     """Predicted class, target, dataset index, and the top-k classes with their probabilities (eq. 1, tau)."""
+    classifier = ClassProbabilities(visual, text, tau).to(device)
     preds, targets, indices, top, top_prob = [], [], [], [], []
     for images, target, index in loader:
-        features = torch.nn.functional.normalize(visual(images.to(device)).float(), dim=-1)
-        logits = features @ text.T / tau
-        best = logits.softmax(dim=-1).topk(min(topk, logits.shape[-1]), dim=-1)
+        probabilities = classifier(images.to(device))
+        best = probabilities.topk(min(topk, probabilities.shape[-1]), dim=-1)
         top.append(best.indices.cpu())
         top_prob.append(best.values.cpu())
-        preds.append(logits.argmax(dim=-1).cpu())
+        preds.append(probabilities.argmax(dim=-1).cpu())
         targets.append(target)
         indices.append(index)
     return torch.cat(preds), torch.cat(targets), torch.cat(indices), torch.cat(top), torch.cat(top_prob)
@@ -119,14 +135,16 @@ def evaluate(
     if meta["protocol"] == "base2new" and {"base", "new"} <= set(results):
         summary["H"] = harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # DVC's metrics file: only the numbers a comparison needs, so `dvc metrics show` / `dvc exp show` stay narrow
+    (out / "scores.json").write_text(json.dumps(flat_metrics(summary), indent=2) + "\n")
     if prediction_frames:
         pd.concat(prediction_frames, ignore_index=True).to_parquet(out / "predictions.parquet", index=False)
     return summary
 
 
 def flat_metrics(summary: dict) -> dict[str, float]:
-    """{'test_acc': ..., 'base_acc': ..., 'H': ...} for trackers and DVC."""
-    flat = {f"{name}_acc": v["accuracy"] for name, v in summary["views"].items()}
+    """{'test_acc_pct': ..., 'base_acc_pct': ..., 'H_pct': ...} for trackers and DVC: every value a percentage."""
+    flat = {f"{name}_acc_pct": v["accuracy"] for name, v in summary["views"].items()}
     if "H" in summary:
-        flat["H"] = summary["H"]
+        flat["H_pct"] = summary["H"]
     return flat

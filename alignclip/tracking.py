@@ -1,7 +1,8 @@
 """The one place that talks to MLflow. Without MLflow configured every call is a no-op, so the library runs alone.
 
 Tracking is on when ``MLFLOW_TRACKING_URI`` is set (a server, or ``sqlite:///mlflow.db``) or a URI is passed.
-A parent run id (``ALIGNCLIP_PARENT_RUN_ID`` or an argument) makes the run a nested child of a pipeline run.
+A parent run id (an argument, ``ALIGNCLIP_PARENT_RUN_ID``, or the open pipeline run of a ``dvc repro``) makes the
+run a nested child of a pipeline run. What is logged where is described in ``alignclip.runs``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _flatten(params: dict, prefix: str = "") -> dict:
 
 
 def provenance_tags() -> dict[str, str]:
-    """git commit, dataset version (DVC hash of data.dvc) and image tag, so every number leads back to its inputs."""
+    """git commit and image tag, so every number leads back to the code that made it."""
     tags = {}
     # The code's own checkout, not the working directory: stages may run anywhere (a KFP task's cwd, a temp dir).
     project = Path(__file__).resolve().parent.parent
@@ -43,15 +44,8 @@ def provenance_tags() -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["git_commit"] = commit
-    data_version = os.environ.get("ALIGNCLIP_DATA_VERSION")
-    dvc_file = next((p for p in (Path("data.dvc"), project / "data.dvc") if p.is_file()), None)
-    if not data_version and dvc_file is not None:
-        import yaml
-
-        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", [{}])
-        data_version = outs[0].get("md5") if outs else None
-    if data_version:
-        tags["data_version"] = str(data_version)
+    # The data version is not a property of the checkout (data.dvc) but of the data a stage read:
+    # alignclip.runs.data_tags, from the prepared dataset's root and manifest.
     if os.environ.get("ALIGNCLIP_IMAGE"):
         tags["image"] = os.environ["ALIGNCLIP_IMAGE"]
     return tags
@@ -63,6 +57,7 @@ class Tracker:
     def __init__(self, enabled: bool, flush_every: int = 200):
         self.enabled = enabled
         self.run_id: str | None = None
+        self.parent_run_id: str | None = None
         self.flush_every = flush_every
         self._pending: list = []
 
@@ -108,23 +103,56 @@ class Tracker:
 
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
-    def log_model(self, module, name: str, registered_name: str | None, example) -> None:
-        """Log (and register) a torch module; the pt2 format needs an input example."""
+    def log_input(self, frame, name: str, source: str, digest: str, context: str) -> None:
+        """A dataset as a run input (the UI's dataset column): its rows, where it came from and its digest."""
+        if self.enabled:
+            import warnings
+
+            import mlflow
+            import mlflow.data
+
+            with warnings.catch_warnings():  # schema-inference hints about integer columns: not actionable here
+                warnings.simplefilter("ignore", UserWarning)
+                try:
+                    dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
+                except Exception:  # noqa: BLE001 - a root MLflow cannot resolve as a source is still named
+                    dataset = mlflow.data.from_pandas(frame, name=name, digest=digest)
+            mlflow.log_input(dataset, context=context)
+
+    def log_model(self, module, name: str, registered_name: str | None, example, metadata: dict | None = None):
+        """Log (and register) a torch module; the pt2 format needs an input example. Returns the model version."""
         if self.enabled:
             import mlflow.pytorch
 
             # pt2 (torch.export) is the safe format; it needs the input example, which also records the signature.
-            mlflow.pytorch.log_model(
+            info = mlflow.pytorch.log_model(
                 module,
                 name=name,
                 registered_model_name=registered_name,
                 input_example=example,
                 serialization_format="pt2",
+                metadata=metadata,
             )
+            return info.registered_model_version
+        return None
 
 
 def tracking_uri(uri: str | None = None) -> str | None:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def pipeline_run_id(experiment: str, uri: str | None = None) -> str | None:
+    """The parent run of the pipeline this process is a stage of (KFP: ``ALIGNCLIP_PARENT_RUN_ID``; DVC: the open
+    run of this configuration, created on first use), or None (tracking off, or a stage run by hand)."""
+    uri = tracking_uri(uri)
+    if not uri:
+        return None
+    import mlflow
+
+    from alignclip import runs
+
+    mlflow.set_tracking_uri(uri)
+    return os.environ.get("ALIGNCLIP_PARENT_RUN_ID") or runs.dvc_parent_run(experiment)
 
 
 @contextmanager
@@ -134,23 +162,55 @@ def start_run(
     uri: str | None = None,
     parent_run_id: str | None = None,
     tags: dict | None = None,
+    resume_run_id: str | None = None,
 ):
-    """Yield a Tracker inside an MLflow run (nested under ``parent_run_id`` if given); a no-op without MLflow."""
+    """Yield a Tracker inside an MLflow run (nested under the pipeline's run if there is one); a no-op without MLflow.
+
+    ``resume_run_id`` continues an existing run (evaluate logs into its cell's training run). A failure inside
+    marks the run and the pipeline run FAILED.
+    """
     uri = tracking_uri(uri)
     if not uri:
         yield Tracker(False)
         return
     import mlflow
 
+    from alignclip import runs
+
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment)
-    parent_run_id = parent_run_id or os.environ.get("ALIGNCLIP_PARENT_RUN_ID") or None
-    all_tags = {**provenance_tags(), **(tags or {})}
-    with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, tags=all_tags) as run:
+    parent_run_id = parent_run_id or pipeline_run_id(experiment, uri)
+    all_tags = {k: str(v) for k, v in {**provenance_tags(), **(tags or {})}.items()}
+    if resume_run_id:
+        context = mlflow.start_run(run_id=resume_run_id)
+    else:
+        context = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, tags=all_tags)
+    with context as run:
+        if resume_run_id:
+            mlflow.set_tags(all_tags)
         tracker = Tracker(True)
         tracker.run_id = run.info.run_id
+        tracker.parent_run_id = parent_run_id
         try:
             yield tracker
+        except BaseException:
+            if parent_run_id:
+                runs.mark_failed(parent_run_id, run_name)
+            raise
         finally:
             tracker.flush()
+
+
+def resumable(run_id: str | None, parent_run_id: str | None) -> bool:
+    """Whether ``run_id`` (a cell's training run, from train.json) is in this store under this pipeline run."""
+    if not run_id:
+        return False
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return run.data.tags.get("mlflow.parentRunId") == parent_run_id

@@ -157,6 +157,9 @@ def train(
         "protocol": meta["protocol"],
         "train_images": int(len(rows)),
         "label_space": label_space,
+        "variant": variant_label(method, settings),
+        # the cell's MLflow run: `alignclip evaluate` of this checkpoint logs into the same run
+        "mlflow_run_id": getattr(tracker, "run_id", None) if getattr(tracker, "enabled", False) else None,
     }
     if tracker is not None:
         tracker.log_params({"method": method.to_dict(), "train": asdict(settings), "dataset": meta["dataset"]})
@@ -248,6 +251,18 @@ def variant_label(method: MethodConfig, settings: TrainSettings) -> str:
     if changed:
         label += "[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
     return label
+
+
+def cell_tags(settings: TrainSettings, meta: dict) -> dict:
+    """The MLflow tags of the grid cell this training belongs to (``alignclip.runs.cell_tags``)."""
+    from alignclip import runs
+
+    name, formulation = split_method(settings.method, settings.formulation)
+    settings = replace(settings, method=name, formulation=formulation)
+    method = get_method(name, formulation, **settings.overrides)
+    return runs.cell_tags(
+        meta["dataset"], meta["protocol"], name, variant_label(method, settings), formulation, settings.test_domain, settings.seed
+    )
 
 
 def _checkpoint_info(bundle, method: MethodConfig, settings: TrainSettings, label_space) -> dict:

@@ -24,7 +24,7 @@ def component(func):
 
 @component
 def start_run(experiment: str, tracking_uri: str, run_name: str, params_json: str, run: Output[Artifact]):
-    """Open the pipeline's parent MLflow run; tasks log nested runs under it.
+    """Open the pipeline's parent MLflow run, left RUNNING: cells log nested runs under it, the report ends it.
 
     The run id travels as a small artifact (a text file): kfp 2.17's local runner resolves *parameter*
     outputs of upstream tasks inside a ParallelFor to the loop item, while artifacts resolve correctly.
@@ -35,13 +35,10 @@ def start_run(experiment: str, tracking_uri: str, run_name: str, params_json: st
     if tracking_uri:
         import mlflow
 
-        from alignclip.tracking import provenance_tags
+        from alignclip.runs import open_pipeline_run
 
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name=run_name, tags={**provenance_tags(), "stage": "pipeline"}) as active:
-            mlflow.log_params({k: str(v) for k, v in json.loads(params_json).items()})
-            run_id = active.info.run_id
+        run_id = open_pipeline_run(experiment, run_name, json.loads(params_json), tags={"orchestrator": "kfp"})
     with open(run.path, "w") as handle:
         handle.write(run_id)
     run.metadata["run_id"] = run_id
@@ -155,9 +152,11 @@ def evaluate(
     run_cli(*cmd, env=env)
     for name in ("train.json", "train_log.csv"):  # small files the report reads beside metrics.json
         shutil.copy(os.path.join(model.path, name), os.path.join(results.path, name))
+    from alignclip.evaluate import flat_metrics
+
     summary = json.load(open(os.path.join(results.path, "metrics.json")))
-    for view, value in summary["views"].items():
-        metrics.log_metric(f"{view}_acc", value["accuracy"])
+    for name, value in flat_metrics(summary).items():  # percentages: test_acc_pct, ...
+        metrics.log_metric(name, value)
     if "H" in summary:
         metrics.log_metric("H", summary["H"])
         return float(summary["H"])

@@ -121,8 +121,8 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
         mlflow_experiment: str = experiment,
     ):
         parent = stages.start_run(
-            experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, run_name=f"pipeline-{family}",
-            params_json=f'{{"dataset": "{data_dataset}", "protocol": "{data_protocol}", "model": "{model_name}", "formulation": "{train_formulation}"}}',
+            experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, run_name=f"kfp {family}: {data_dataset} ({data_protocol})",
+            params_json=f'{{"dataset": "{data_dataset}", "protocol": "{data_protocol}", "model": "{model_name}", "formulation": "{train_formulation}", "test_split": "{data_test_split}", "steps": "{train_steps}"}}',
         ).set_display_name("mlflow parent run")
         _secrets(parent, cluster)
         prepared = stages.prepare(
