@@ -115,14 +115,24 @@ def _client():
     return MlflowClient()
 
 
+def use_experiment(name: str):
+    """``mlflow.set_experiment`` that also marks the experiment as model training, so MLflow 3's UI opens it in
+    the training-runs view (runs, charts, compare) instead of the GenAI one (traces); a user's choice stays."""
+    import mlflow
+
+    experiment = mlflow.set_experiment(name)
+    if "mlflow.experimentKind" not in (experiment.tags or {}):
+        _client().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
+    return experiment
+
+
 def open_pipeline_run(experiment: str, run_name: str, params: dict, tags: dict | None = None) -> str:
     """Create the parent run and leave it RUNNING: the report stage ends it (``finish_pipeline_run``)."""
-    import mlflow
     from mlflow.entities import Param
 
     from alignclip.tracking import provenance_tags
 
-    exp = mlflow.set_experiment(experiment)
+    exp = use_experiment(experiment)
     all_tags = {
         **provenance_tags(),
         "run_type": "pipeline",
@@ -150,10 +160,8 @@ def dvc_parent_run(experiment: str) -> str | None:
     dvc_root = os.environ.get("DVC_ROOT")
     if not dvc_root or not os.environ.get("DVC_STAGE"):
         return None
-    import mlflow
-
     key = dvc_pipeline_key(dvc_root)
-    exp = mlflow.set_experiment(experiment)
+    exp = use_experiment(experiment)
     client = _client()
     found = client.search_runs(
         [exp.experiment_id],

@@ -179,7 +179,7 @@ def start_run(
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
+    runs.use_experiment(experiment)
     parent_run_id = parent_run_id or pipeline_run_id(experiment, uri)
     all_tags = {k: str(v) for k, v in {**provenance_tags(), **(tags or {})}.items()}
     if resume_run_id:
