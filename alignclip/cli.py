@@ -105,35 +105,19 @@ def similarity(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Class similarity matrix of the class prompts (appendix B.5), with its heatmap (fig. 6)."""
-    import pandas as pd
-
     from alignclip import tracking
-    from alignclip.data.prepare import load_prepared
-    from alignclip.presets import load_clip
-    from alignclip.report import plot_similarity
-    from alignclip.similarity import cosine_matrix, save_similarity
-    from alignclip.train import encode_classes
+    from alignclip.similarity import similarity_stage
 
-    _, meta = load_prepared(prepared_dir)
-    bundle = load_clip(model, pretrained)
-    text = encode_classes(bundle.model, bundle.tokenizer, meta["classes"], meta["template"], "cpu")
-    cosine = cosine_matrix(text)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_similarity(out_dir / "similarity.pt", cosine, meta["classes"], bundle.architecture, bundle.pretrained)
-    soft = (scale * cosine).softmax(dim=-1)
-    pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / "similarity.csv")
-    plot_similarity(soft.numpy(), meta["classes"], out_dir / "similarity.png")
     parent = tracking.pipeline_run_id(experiment)
-    if parent:  # one per pipeline: the pipeline run's own artifact
+    if parent:  # one per pipeline: the pipeline run's own artifacts
         from mlflow import MlflowClient
 
+        meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracking.Tracker(False))
         for name in ("similarity.png", "similarity.csv"):
             MlflowClient().log_artifact(parent, str(out_dir / name), "similarity")
     else:
         with tracking.start_run(experiment, "similarity", tags={"run_type": "similarity"}) as tracker:
-            tracker.log_params({"model": model, "pretrained": pretrained, "classes": len(meta["classes"]), "scale": scale})
-            tracker.log_artifact(out_dir / "similarity.png")
-            tracker.log_artifact(out_dir / "similarity.csv")
+            meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracker)
     typer.echo(f"similarity of {len(meta['classes'])} classes -> {out_dir}")
 
 
@@ -162,6 +146,7 @@ def train(
 ):
     """Fine-tune the image encoder with one method; the BMA model is the result."""
     from alignclip import runs, tracking
+    from alignclip.classifier import log_classifier
     from alignclip.data.prepare import load_prepared
     from alignclip.recipes import apply_recipe
     from alignclip.train import TrainSettings, cell_tags, train as run_train
@@ -184,46 +169,8 @@ def train(
         tracker.log_artifact(out_dir / "train_log.csv")
         tracker.log_artifact(out_dir / "train.json")
         if tracker.enabled and summary["method"]["trains"]:  # zero-shot is not a trained model: nothing to register
-            _log_classifier(tracker, out_dir / "model.pt", meta, tags)
+            log_classifier(tracker, out_dir / "model.pt", meta, tags)
     typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / 'model.pt'}")
-
-
-def _log_classifier(tracker, checkpoint: Path, meta: dict, tags: dict) -> None:
-    """Log the trained model as an MLflow model that returns class probabilities over its training label space
-    (image encoder + frozen class text features, ``ClassProbabilities``), register it and tag it."""
-    import numpy as np
-    from mlflow import MlflowClient
-
-    from alignclip import runs
-    from alignclip.evaluate import ClassProbabilities, load_trained
-    from alignclip.train import encode_classes
-
-    bundle, visual, state = load_trained(checkpoint, "cpu")
-    classes = [meta["classes"][g] for g in state["label_space"]]
-    text = encode_classes(bundle.model, bundle.tokenizer, classes, meta["template"], "cpu")
-    classifier = ClassProbabilities(visual, text, state["method"].get("tau", 0.01)).eval()
-    # batch of 2: torch.export specialises a size-1 dimension, which would pin the model to batch 1
-    example = np.zeros((2, 3, bundle.image_size, bundle.image_size), dtype=np.float32)
-    name = runs.registered_name(tags["dataset"], tags["variant"])
-    metadata = {"classes": classes, "label_space": state["label_space"], "output": "class probabilities [N, C]"}
-    version = tracker.log_model(classifier, "classifier", name, example, metadata=metadata)
-    client = MlflowClient()
-    model_tags = {k: tags[k] for k in ("dataset", "protocol", "method", "variant", "formulation")}
-    for key, value in model_tags.items():
-        client.set_registered_model_tag(name, key, value)
-    client.update_registered_model(
-        name,
-        description=(
-            f"{tags['variant']} (formulation: {tags['formulation']}) fine-tuned on {tags['dataset']} "
-            f"({tags['protocol']}). One version per grid cell (held-out domain, seed); alias "
-            f"`best-<held-out domain>-<split>` marks the most accurate. Input: float32 images [N, 3, H, W]; "
-            "output: class probabilities [N, C] over the version's `classes`."
-        ),
-    )
-    if version is not None:
-        version_tags = {**model_tags, "held_out_domain": tags["held_out_domain"], "seed": tags["seed"], "classes": ",".join(classes)}
-        for key, value in version_tags.items():
-            client.set_model_version_tag(name, str(version), key, str(value)[:5000])
 
 
 @app.command()

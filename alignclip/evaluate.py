@@ -14,45 +14,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from alignclip import protocols
+from alignclip.classifier import ClassProbabilities, encode_classes, load_trained, resolve_device
 from alignclip.data.images import ManifestImages, eval_transform
 from alignclip.data.prepare import load_prepared
 from alignclip.log import get_logger
-from alignclip.methods import MethodConfig
-from alignclip.presets import load_clip
-from alignclip.train import encode_classes, make_visual, resolve_device
 
 log = get_logger(__name__)
 
 
 def harmonic_mean(a: float, b: float) -> float:
     return 0.0 if a + b == 0 else 2 * a * b / (a + b)
-
-
-def load_trained(checkpoint: str | Path, device):
-    """Rebuild the model of a ``train`` checkpoint: the base weights, then the fine-tuned image encoder."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    bundle = load_clip(state["architecture"], state["pretrained"], device=device)
-    method = MethodConfig(**state["method"])
-    visual = make_visual(bundle, method)
-    if state["visual"] is not None:
-        visual.visual.load_state_dict(state["visual"])
-    return bundle, visual.to(device).eval(), state
-
-
-class ClassProbabilities(torch.nn.Module):
-    """The deployable classifier (eq. 1): the image encoder against frozen class text features,
-    softmax(cos(image, class) / tau) over the label space, [N, C]. Evaluation and the registered MLflow model
-    are this module."""
-
-    def __init__(self, visual: torch.nn.Module, text: torch.Tensor, tau: float):
-        super().__init__()
-        self.visual = visual
-        self.register_buffer("text", text.detach().float().clone())
-        self.tau = float(tau)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = torch.nn.functional.normalize(self.visual(images).float(), dim=-1)
-        return (features @ self.text.T / self.tau).softmax(dim=-1)
 
 
 @torch.no_grad()

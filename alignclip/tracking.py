@@ -122,11 +122,15 @@ class Tracker:
     def log_model(self, module, name: str, registered_name: str | None, example, metadata: dict | None = None):
         """Log (and register) a torch module; the pt2 format needs an input example. Returns the model version."""
         if self.enabled:
+            import mlflow
             import mlflow.pytorch
+            import torch
 
             # pt2 (torch.export) is the safe format; it needs the input example, which also records the signature.
+            # The requirements are stated: inferring them re-imports the model in a subprocess (a minute on a CPU).
             info = mlflow.pytorch.log_model(
                 module,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
                 name=name,
                 registered_model_name=registered_name,
                 input_example=example,

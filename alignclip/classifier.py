@@ -1,0 +1,110 @@
+"""CLIP's classifier around a method: the image encoder a method trains, the class prompt features it scores
+against, and the trained model read back from its checkpoint.
+
+Training, evaluation, the report's figures and the CLI all build their model here, so a model trained by one
+stage is rebuilt identically by the next.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from alignclip.data.registry import prompt
+from alignclip.methods import MethodConfig
+from alignclip.model import AlignCLIPVisual
+from alignclip.presets import load_clip
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; anything else as torch spells it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def encode_classes(model, tokenizer, class_names: list[str], template: str, device) -> torch.Tensor:
+    """Frozen, L2-normalised text features of the class prompts [C, D]."""
+    tokens = tokenizer([prompt(template, name) for name in class_names]).to(device)
+    features = []
+    for chunk in tokens.split(256):
+        features.append(model.encode_text(chunk).float())
+    return torch.nn.functional.normalize(torch.cat(features), dim=-1)
+
+
+def make_visual(bundle, method: MethodConfig) -> AlignCLIPVisual:
+    """The image encoder of ``bundle`` wrapped with the alignment machinery the method switches on."""
+    return AlignCLIPVisual(
+        bundle.model.visual,
+        aligned_layers=method.aligned_layers if method.aal else 0,
+        dv_layers=method.dv_layers if method.aal else 0,
+        branch=method.branch,
+        pooling=method.pooling,
+        cls_attn_norm=method.cls_attn_norm,
+    )
+
+
+def load_trained(checkpoint: str | Path, device):
+    """Rebuild the model of a ``train`` checkpoint: the base weights, then the fine-tuned image encoder."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    bundle = load_clip(state["architecture"], state["pretrained"], device=device)
+    method = MethodConfig(**state["method"])
+    visual = make_visual(bundle, method)
+    if state["visual"] is not None:
+        visual.visual.load_state_dict(state["visual"])
+    return bundle, visual.to(device).eval(), state
+
+
+class ClassProbabilities(torch.nn.Module):
+    """The deployable classifier (eq. 1): the image encoder against frozen class text features,
+    softmax(cos(image, class) / tau) over the label space, [N, C]. Evaluation and the registered MLflow model
+    are this module."""
+
+    def __init__(self, visual: torch.nn.Module, text: torch.Tensor, tau: float):
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("text", text.detach().float().clone())
+        self.tau = float(tau)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = torch.nn.functional.normalize(self.visual(images).float(), dim=-1)
+        return (features @ self.text.T / self.tau).softmax(dim=-1)
+
+
+def log_classifier(tracker, checkpoint: str | Path, meta: dict, tags: dict) -> None:
+    """Log the trained model of a checkpoint as an MLflow model that returns class probabilities over its
+    training label space (``ClassProbabilities``), register it as ``alignclip-<dataset>-<variant>`` and tag it
+    (``tags``: the cell's tags, ``alignclip.runs.cell_tags``)."""
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from alignclip import runs
+
+    bundle, visual, state = load_trained(checkpoint, "cpu")
+    classes = [meta["classes"][g] for g in state["label_space"]]
+    text = encode_classes(bundle.model, bundle.tokenizer, classes, meta["template"], "cpu")
+    classifier = ClassProbabilities(visual, text, state["method"].get("tau", 0.01)).eval()
+    # batch of 2: torch.export specialises a size-1 dimension, which would pin the model to batch 1
+    example = np.zeros((2, 3, bundle.image_size, bundle.image_size), dtype=np.float32)
+    name = runs.registered_name(tags["dataset"], tags["variant"])
+    metadata = {"classes": classes, "label_space": state["label_space"], "output": "class probabilities [N, C]"}
+    version = tracker.log_model(classifier, "classifier", name, example, metadata=metadata)
+    client = MlflowClient()
+    model_tags = {k: tags[k] for k in ("dataset", "protocol", "method", "variant", "formulation")}
+    for key, value in model_tags.items():
+        client.set_registered_model_tag(name, key, value)
+    client.update_registered_model(
+        name,
+        description=(
+            f"{tags['variant']} (formulation: {tags['formulation']}) fine-tuned on {tags['dataset']} "
+            f"({tags['protocol']}). One version per grid cell (held-out domain, seed); the alias "
+            "`best-<held-out domain>-<split>` marks the most accurate. Input: float32 images [N, 3, H, W]; "
+            "output: class probabilities [N, C] over the version's `classes`."
+        ),
+    )
+    if version is not None:
+        version_tags = {**model_tags, "held_out_domain": tags["held_out_domain"], "seed": tags["seed"], "classes": ",".join(classes)}
+        for key, value in version_tags.items():
+            client.set_model_version_tag(name, str(version), key, str(value)[:5000])
