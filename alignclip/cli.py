@@ -236,7 +236,10 @@ def report(
             page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
             tracker.log_artifact(out_dir, "report")
             if tracker.enabled:
-                tracker.log_metrics(runs.summary_metrics(collect(results_dir)))
+                results = collect(results_dir)
+                tracker.log_metrics(runs.summary_metrics(results))
+                for dataset in sorted(results["dataset"].unique()):
+                    runs.set_best_aliases(dataset)
     typer.echo(f"results page: {page}")
 
 

@@ -116,8 +116,9 @@ def _client():
 
 
 def use_experiment(name: str):
-    """``mlflow.set_experiment`` that also marks the experiment as model training, so MLflow 3's UI opens it in
-    the training-runs view (runs, charts, compare) instead of the GenAI one (traces); a user's choice stays."""
+    """``mlflow.set_experiment`` that also tags the experiment as model training (``mlflow.experimentKind``), for
+    the MLflow UIs that choose the experiment's view by that tag; a user's choice stays. MLflow 3.17's UI follows
+    its "Model training" toggle (or ``?workflowType=machine_learning`` in the URL) instead: see the README."""
     import mlflow
 
     experiment = mlflow.set_experiment(name)
@@ -157,9 +158,11 @@ def dvc_pipeline_key(dvc_root: str) -> str:
 def dvc_parent_run(experiment: str) -> str | None:
     """Inside a ``dvc repro`` stage: the open (or failed, being resumed) parent run of this configuration, created
     on first use. None outside DVC."""
-    dvc_root = os.environ.get("DVC_ROOT")
-    if not dvc_root or not os.environ.get("DVC_STAGE"):
+    if not os.environ.get("DVC_ROOT") or not os.environ.get("DVC_STAGE"):
         return None
+    # The stage's working directory, not DVC_ROOT: a queued `dvc exp run` runs in its own copy of the repository
+    # (with its own params.yaml) while DVC_ROOT names the original one.
+    dvc_root = os.getcwd()
     key = dvc_pipeline_key(dvc_root)
     exp = use_experiment(experiment)
     client = _client()

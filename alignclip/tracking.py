@@ -108,8 +108,10 @@ class Tracker:
         if self.enabled:
             import warnings
 
-            import mlflow
             import mlflow.data
+            from mlflow import MlflowClient
+            from mlflow.entities import DatasetInput, InputTag
+            from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
             with warnings.catch_warnings():  # schema-inference hints about integer columns: not actionable here
                 warnings.simplefilter("ignore", UserWarning)
@@ -117,7 +119,9 @@ class Tracker:
                     dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
                 except Exception:  # noqa: BLE001 - a root MLflow cannot resolve as a source is still named
                     dataset = mlflow.data.from_pandas(frame, name=name, digest=digest)
-            mlflow.log_input(dataset, context=context)
+            # by run id (not the active run): the input lands in this tracker's run however records are sent
+            entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            MlflowClient().log_inputs(self.run_id, datasets=[entry])
 
     def log_model(self, module, name: str, registered_name: str | None, example, metadata: dict | None = None):
         """Log (and register) a torch module; the pt2 format needs an input example. Returns the model version."""

@@ -31,6 +31,7 @@ def test_dvc_parent_is_reused_until_the_report_ends_it(store, tmp_path, monkeypa
     assert runs.dvc_parent_run("exp") is None  # not a DVC stage
     monkeypatch.setenv("DVC_ROOT", str(repo))
     monkeypatch.setenv("DVC_STAGE", "train@0")
+    monkeypatch.chdir(repo)  # DVC runs a stage in its working directory
     first = runs.dvc_parent_run("exp")
     client = MlflowClient()
     run = client.get_run(first)
