@@ -62,6 +62,11 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+# Without a recipe: TrainSettings' defaults (alignclip/train.py; tests/test_config.py keeps the two equal). Written
+# out here so that resolving settings (pipeline commands, --dry-run) does not import torch.
+NO_RECIPE = Recipe("library defaults", 5e-6, 36, 5000)
+
+
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}: expected one of {', '.join(RECIPES)}")
@@ -74,9 +79,7 @@ def effective_schedule(name: str | None, steps=None, epochs=None, batch_size=Non
     ``None`` is "not set" (never 0). The length is ``steps`` whenever it is known before the data is (steps, or
     epochs x iterations per epoch); else ``epochs`` passes over the training set. An explicit ``steps`` beats the
     recipe's epochs and an explicit ``epochs`` its steps."""
-    from alignclip.train import TrainSettings
-
-    base = TrainSettings()
+    base = NO_RECIPE
     effective = {"recipe": name, "lr": base.lr, "batch_size": base.batch_size, "steps": base.steps, "epochs": base.epochs,
                  "iters_per_epoch": base.iters_per_epoch, "hflip": base.hflip, "method_switches": {}}
     if name:

@@ -35,10 +35,10 @@ class ClusterSettings:
     memory: str = "32G"
     image: str = PLACEHOLDER_IMAGE
     max_parallelism: int = 8  # grid cells (GPU pods) at once
+    env_config_map: str = "alignclip-pipeline-env"  # key: AWS_ENDPOINT_URL_S3 (infra/README.md)
     train_retries: int = 2
     s3_secret: str = "alignclip-s3"  # keys: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
     mlflow_secret: str = "alignclip-mlflow"  # keys: MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD
-    env_config_map: str = "alignclip-pipeline-env"  # key: AWS_ENDPOINT_URL_S3 (infra/README.md)
     shm: str = "16Gi"
 
 
@@ -57,10 +57,8 @@ def _on_gpu(task, cluster: ClusterSettings, retries: int = 0):
     return task
 
 
-def _environment(task, cluster: ClusterSettings, cached: bool):
-    """Credentials from Secrets, the S3 endpoint from a ConfigMap, and caching: on only for pure tasks (a cached
-    MLflow parent run or report would hand back an old run)."""
-    task.set_caching_options(cached)
+def _secrets(task, cluster: ClusterSettings):
+    """Credentials from Secrets and the S3 endpoint from a ConfigMap (infra/README.md)."""
     task.set_env_variable("ALIGNCLIP_IMAGE", cluster.image)  # the image tag, as a provenance tag of MLflow runs
     kubernetes.use_secret_as_env(
         task, secret_name=cluster.s3_secret,
@@ -155,17 +153,19 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
             experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, run_name=f"pipeline-{family}",
             params_json=f'{{"dataset": "{data_dataset}", "protocol": "{data_protocol}", "model": "{model_name}", "formulation": "{train_formulation}"}}',
         ).set_display_name("mlflow parent run")
-        _environment(parent, cluster, cached=False)
+        # Caching: on for the pure tasks (prepare, similarity), off where a task has side effects (the MLflow parent
+        # run, training and evaluation runs, the report): a cached parent would hand a resubmission an old run id.
+        _secrets(parent.set_caching_options(False), cluster)
         prepared = stages.prepare(
             dataset=data_dataset, root=data_root, protocol=data_protocol, holdout_fraction=data_holdout_fraction,
             trial_seed=data_trial_seed, shots=data_shots, seeds=train_seeds,
         ).set_display_name("prepare")
-        _environment(prepared, cluster, cached=True)
+        _secrets(prepared.set_caching_options(True), cluster)
         matrix = stages.similarity(
             prepared=prepared.outputs["prepared"], model_name=model_name, pretrained=model_pretrained,
             experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
         )
-        _environment(matrix.set_display_name("similarity matrix"), cluster, cached=True)
+        _secrets(matrix.set_display_name("similarity matrix").set_caching_options(True), cluster)
         with dsl.ParallelFor(items=train_grid, name="method-domain-seed", parallelism=cluster.max_parallelism) as cell:
             trained = stages.train(
                 prepared=prepared.outputs["prepared"], matrix=matrix.outputs["matrix"], cell=cell,
@@ -174,19 +174,19 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
                 pretrained=model_pretrained, experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri,
                 parent_run=parent.outputs["run"],
             ).set_display_name("train")
-            _environment(_on_gpu(trained, cluster, retries=cluster.train_retries), cluster, cached=False)
+            _secrets(_on_gpu(trained.set_caching_options(False), cluster, retries=cluster.train_retries), cluster)
             scored = stages.evaluate(
                 prepared=prepared.outputs["prepared"], model=trained.outputs["model"], cell=cell, test_split=data_test_split,
                 experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
             ).set_display_name("evaluate")
-            _environment(_on_gpu(scored, cluster), cluster, cached=False)
+            _secrets(_on_gpu(scored.set_caching_options(False), cluster), cluster)
         final = stages.report(
             results=dsl.Collected(scored.outputs["results"]), models=dsl.Collected(trained.outputs["model"]),
             accuracies=dsl.Collected(scored.outputs["Output"]),
             prepared=prepared.outputs["prepared"], matrix=matrix.outputs["matrix"], experiment=mlflow_experiment,
             tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
         ).set_display_name("report")
-        _environment(final, cluster, cached=False)
+        _secrets(final.set_caching_options(False), cluster)
 
     # the docstring's Args become the parameters' descriptions in the compiled package
     alignclip_pipeline.__doc__ = f"AlignCLIP {family}: {FAMILIES[family].description}.\n\nArgs:\n" + "\n".join(
