@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from alignclip import artifacts  # noqa: E402
 from alignclip.log import get_logger  # noqa: E402
 
 log = get_logger(__name__)
@@ -39,7 +40,7 @@ def paper_results() -> dict:
 def collect(results_dir: str | Path) -> pd.DataFrame:
     """One row per (run, view) from every metrics.json below ``results_dir``."""
     rows = []
-    for path in sorted(Path(results_dir).rglob("metrics.json")):
+    for path in sorted(Path(results_dir).rglob(artifacts.METRICS)):
         summary = json.loads(path.read_text())
         for view, value in summary["views"].items():
             rows.append(
@@ -337,12 +338,12 @@ def build_report(results_dir, out_dir, prepared_dir=None, similarity_dir=None) -
         (out / f"{name}.md").write_text(markdown)
         sections.append(f"## {name}\n\n{markdown}")
     figures = []
-    if similarity_dir and (Path(similarity_dir) / "similarity.png").exists():
-        target = out / "similarity.png"
-        target.write_bytes((Path(similarity_dir) / "similarity.png").read_bytes())
+    if similarity_dir and (Path(similarity_dir) / artifacts.SIMILARITY_HEATMAP).exists():
+        target = out / artifacts.SIMILARITY_HEATMAP
+        target.write_bytes((Path(similarity_dir) / artifacts.SIMILARITY_HEATMAP).read_bytes())
         figures.append(("Class similarity matrix (fig. 6)", target.name))
     logs = {}
-    for log_path in sorted(results_dir.rglob("train_log.csv")):
+    for log_path in sorted(results_dir.rglob(artifacts.TRAIN_LOG)):
         frame = pd.read_csv(log_path)
         if len(frame):
             logs[str(log_path.parent.relative_to(results_dir))] = frame
@@ -350,8 +351,8 @@ def build_report(results_dir, out_dir, prepared_dir=None, similarity_dir=None) -
         plot_training_curves(logs, out / "training_curves.png")
         figures.append(("Training curves", "training_curves.png"))
     checkpoints = {}
-    for ckpt in sorted(results_dir.rglob("model.pt")):
-        method = json.loads((ckpt.parent / "train.json").read_text())["method"]["name"] if (ckpt.parent / "train.json").exists() else ckpt.parent.name
+    for ckpt in sorted(results_dir.rglob(artifacts.MODEL)):
+        method = json.loads((ckpt.parent / artifacts.TRAIN_SUMMARY).read_text())["method"]["name"] if (ckpt.parent / artifacts.TRAIN_SUMMARY).exists() else ckpt.parent.name
         checkpoints.setdefault(method, ckpt)
     if prepared_dir and checkpoints:
         chosen = {k: checkpoints[k] for k in ("zeroshot", "alignclip", "erm") if k in checkpoints} or dict(list(checkpoints.items())[:2])
@@ -360,22 +361,22 @@ def build_report(results_dir, out_dir, prepared_dir=None, similarity_dir=None) -
         if attention_maps(chosen, Path(prepared_dir), domain, out / "attention_maps.png"):
             figures.append(("Class-token attention A_c and token/text similarity G, zero-shot vs fine-tuned; G_DV of the D-V branch (fig. 1b, 4, 7, 8)", "attention_maps.png"))
     predictions = {}
-    for pred in sorted(results_dir.rglob("predictions.parquet")):
-        metrics = json.loads((pred.parent / "metrics.json").read_text())
+    for pred in sorted(results_dir.rglob(artifacts.PREDICTIONS)):
+        metrics = json.loads((pred.parent / artifacts.METRICS).read_text())
         predictions.setdefault(metrics["method"], pred)
     if prepared_dir and "alignclip" in predictions and ("erm" in predictions or "clipood" in predictions):
-        meta = json.loads((Path(prepared_dir) / "meta.json").read_text())
+        meta = json.loads((Path(prepared_dir) / artifacts.META).read_text())
         baseline = predictions.get("erm", predictions.get("clipood"))
         if top5_figure(pd.read_parquet(predictions["alignclip"]), pd.read_parquet(baseline), meta["classes"], out / "top5.png"):
             figures.append(("Top-5 predictions without SLS (ERM) and with SLS (AlignCLIP) (fig. 4)", "top5.png"))
     for title, name in figures:
         sections.append(f"## {title}\n\n![{title}]({name})\n")
     page = "\n".join(sections)
-    (out / "index.md").write_text(page)
-    (out / "index.html").write_text(_html(sections, tables, figures))
+    (out / artifacts.REPORT_MARKDOWN).write_text(page)
+    (out / artifacts.REPORT_PAGE).write_text(_html(sections, tables, figures))
     (out / "report.json").write_text(json.dumps({"tables": list(tables), "figures": [f for _, f in figures]}, indent=2) + "\n")
-    log.info("report: %d tables, %d figures -> %s", len(tables), len(figures), out / "index.html")
-    return out / "index.html"
+    log.info("report: %d tables, %d figures -> %s", len(tables), len(figures), out / artifacts.REPORT_PAGE)
+    return out / artifacts.REPORT_PAGE
 
 
 def _html(sections, tables, figures) -> str:

@@ -53,6 +53,7 @@ def similarity_stage(prepared_dir, out_dir, model: str, pretrained: str | None, 
 
     import pandas as pd
 
+    from alignclip import artifacts
     from alignclip.classifier import encode_classes
     from alignclip.data.prepare import load_prepared
     from alignclip.presets import load_clip
@@ -64,11 +65,11 @@ def similarity_stage(prepared_dir, out_dir, model: str, pretrained: str | None, 
     text = encode_classes(bundle.model, bundle.tokenizer, meta["classes"], meta["template"], "cpu")
     cosine = cosine_matrix(text)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_similarity(out_dir / "similarity.pt", cosine, meta["classes"], bundle.architecture, bundle.pretrained)
+    save_similarity(out_dir / artifacts.SIMILARITY_MATRIX, cosine, meta["classes"], bundle.architecture, bundle.pretrained)
     soft = (scale * cosine).softmax(dim=-1)
-    pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / "similarity.csv")
-    plot_similarity(soft.numpy(), meta["classes"], out_dir / "similarity.png")
+    pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / artifacts.SIMILARITY_CSV)
+    plot_similarity(soft.numpy(), meta["classes"], out_dir / artifacts.SIMILARITY_HEATMAP)
     tracker.log_params({"model": model, "pretrained": pretrained, "classes": len(meta["classes"]), "scale": scale})
-    tracker.log_artifact(out_dir / "similarity.png")
-    tracker.log_artifact(out_dir / "similarity.csv")
+    tracker.log_artifact(out_dir / artifacts.SIMILARITY_HEATMAP)
+    tracker.log_artifact(out_dir / artifacts.SIMILARITY_CSV)
     return meta

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from alignclip import protocols
+from alignclip import artifacts, protocols
 from alignclip.bma import BetaMovingAverage
 from alignclip.classifier import encode_classes, make_visual, resolve_device
 from alignclip.data.images import ManifestImages, train_transform
@@ -102,6 +102,7 @@ class TrainingRun:
     text: torch.Tensor  # frozen class text features of the training label space [C, D]
     class_sim: torch.Tensor  # SLS targets over the training label space [C, C]
     label_space: list[int]
+    classes: list[str]  # names of the label space's classes
     summary: dict  # what train.json records
     device: torch.device
     steps: int = 0
@@ -141,7 +142,7 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
         "train_images": int(len(rows)),
         "label_space": label_space,
     }
-    run = TrainingRun(settings, method, bundle, visual, text, class_sim, label_space, summary, device)
+    run = TrainingRun(settings, method, bundle, visual, text, class_sim, label_space, class_names, summary, device)
     if not method.trains:
         return run
 
@@ -200,17 +201,25 @@ def train_step(
 
 
 def write_checkpoint(path: str | Path, run: TrainingRun, visual: AlignCLIPVisual | None) -> Path:
-    """Write the checkpoint of a run (``visual=None``: the pre-trained image encoder, zero-shot). Written to a
-    temporary file first and renamed, so a killed process never leaves a half-written checkpoint behind."""
-    path = Path(path)
-    state = {
-        "visual": None if visual is None else visual.visual.state_dict(),
-        **_checkpoint_info(run.bundle, run.method, run.settings, run.label_space),
-    }
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    partial.replace(path)
-    return path
+    """The run's checkpoint (``visual=None``: the pre-trained image encoder, zero-shot), schema in artifacts.py."""
+    settings, bundle = run.settings, run.bundle
+    checkpoint = artifacts.Checkpoint(
+        visual=None if visual is None else visual.visual.state_dict(),
+        method=run.method.to_dict(),
+        variant=variant_label(run.method, settings),
+        architecture=bundle.architecture,
+        pretrained=bundle.pretrained,
+        model=settings.model,
+        formulation=settings.formulation,
+        seed=settings.seed,
+        recipe=settings.recipe,
+        dataset=run.summary["dataset"],
+        protocol=run.summary["protocol"],
+        test_domain=settings.test_domain,
+        label_space=run.label_space,
+        classes=run.classes,
+    )
+    return artifacts.save_checkpoint(path, checkpoint)
 
 
 def train(
@@ -221,7 +230,7 @@ def train(
     similarity_path: str | Path | None = None,
     callbacks: list | None = None,
 ) -> dict:
-    """Train one (method, held-out domain, seed) and write ``model.pt``, ``train_log.csv`` and ``train.json``.
+    """Train one (method, held-out domain, seed) and write its checkpoint, log and summary (artifacts.py).
 
     ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)``.
     """
@@ -232,9 +241,9 @@ def train(
     if tracker is not None:
         tracker.log_params({"method": method.to_dict(), "train": asdict(settings), "dataset": summary["dataset"]})
     if not method.trains:
-        write_checkpoint(out / "model.pt", run, None)
-        (out / "train.json").write_text(json.dumps({**summary, "steps": 0}, indent=2) + "\n")
-        (out / "train_log.csv").write_text("step,loss\n")
+        write_checkpoint(out / artifacts.MODEL, run, None)
+        (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps({**summary, "steps": 0}, indent=2) + "\n")
+        (out / artifacts.TRAIN_LOG).write_text("step,loss\n")
         log.info("zero-shot: nothing to train")
         return summary
 
@@ -243,7 +252,7 @@ def train(
     visual.train()
     started = time.perf_counter()
     bar = tqdm(range(steps), desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
-    with (out / "train_log.csv").open("w") as log_file:
+    with (out / artifacts.TRAIN_LOG).open("w") as log_file:
         for step in bar:
             lr = cosine_lr(step, steps, settings.lr, settings.warmup_steps)
             for group in run.optimizer.param_groups:
@@ -269,10 +278,10 @@ def train(
     elapsed = time.perf_counter() - started
     final = run.bma.module if run.bma is not None else visual
     skipped = sorted({p for dataset, _ in run.streams for p in dataset.skipped})
-    write_checkpoint(out / "model.pt", run, final)
+    write_checkpoint(out / artifacts.MODEL, run, final)
     summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma)
-    (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("trained %s for %d steps in %.1fs -> %s", method.name, steps, elapsed, out / "model.pt")
+    (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("trained %s for %d steps in %.1fs -> %s", method.name, steps, elapsed, out / artifacts.MODEL)
     return summary
 
 
@@ -288,18 +297,3 @@ def variant_label(method: MethodConfig, settings: TrainSettings) -> str:
     if changed:
         label += "[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
     return label
-
-
-def _checkpoint_info(bundle, method: MethodConfig, settings: TrainSettings, label_space) -> dict:
-    return {
-        "variant": variant_label(method, settings),
-        "architecture": bundle.architecture,
-        "pretrained": bundle.pretrained,
-        "model": settings.model,
-        "formulation": settings.formulation,
-        "seed": settings.seed,
-        "recipe": settings.recipe,
-        "test_domain": settings.test_domain,
-        "method": method.to_dict(),
-        "label_space": label_space,
-    }
