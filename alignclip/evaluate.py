@@ -23,10 +23,6 @@ from alignclip.log import get_logger
 log = get_logger(__name__)
 
 
-def harmonic_mean(a: float, b: float) -> float:
-    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
-
-
 @torch.no_grad()
 def predict(visual, text: torch.Tensor, loader, device, topk: int = 5, tau: float = 0.01):
     """Predicted class, target, dataset index, and the top-k classes with their probabilities (eq. 1, tau)."""
@@ -79,6 +75,7 @@ def evaluate(
     """
     out = Path(out_dir)
     manifest, meta = load_prepared(prepared_dir)
+    protocol = protocols.get_protocol(meta["protocol"])
     dev = resolve_device(device)
     bundle, visual, state = load_trained(checkpoint, dev)
     test_domain = check_consistent(checkpoint, state, meta, test_domain)
@@ -121,7 +118,7 @@ def evaluate(
         "dataset": meta["dataset"],
         "protocol": meta["protocol"],
         "test_domain": test_domain,
-        "test_split": test_split if meta["protocol"] == "domainbed" else None,
+        "test_split": test_split if protocol.uses_test_split else None,
         "method": state.method["name"],
         "variant": state.variant,
         "seed": state.seed,
@@ -129,8 +126,9 @@ def evaluate(
         "formulation": state.formulation,
         "views": results,
     }
-    if meta["protocol"] == "base2new" and {"base", "new"} <= set(results):
-        summary["H"] = harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])
+    summary.update(protocol.derived_metrics(results))
+    headline = protocol.headline(summary)
+    summary["headline"] = None if headline is None else {"metric": headline[0], "value": headline[1]}
     (out / artifacts.METRICS).write_text(json.dumps(summary, indent=2) + "\n")
     if prediction_frames:
         pd.concat(prediction_frames, ignore_index=True).to_parquet(out / artifacts.PREDICTIONS, index=False)
@@ -138,8 +136,7 @@ def evaluate(
 
 
 def flat_metrics(summary: dict) -> dict[str, float]:
-    """{'test_acc': ..., 'base_acc': ..., 'H': ...} for trackers and DVC."""
+    """{'test_acc': ..., 'base_acc': ..., 'H': ...}: every view's accuracy and the protocol's derived metrics."""
     flat = {f"{name}_acc": v["accuracy"] for name, v in summary["views"].items()}
-    if "H" in summary:
-        flat["H"] = summary["H"]
+    flat.update(protocols.get_protocol(summary["protocol"]).derived_metrics(summary["views"]))
     return flat

@@ -9,7 +9,6 @@ without SLS (fig. 4).
 
 from __future__ import annotations
 
-import functools
 import html
 import json
 from pathlib import Path
@@ -21,17 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from alignclip import artifacts  # noqa: E402
+from alignclip import artifacts, protocols  # noqa: E402
 from alignclip.log import get_logger  # noqa: E402
 
 log = get_logger(__name__)
-PAPER_RESULTS = Path(__file__).parent / "resources" / "paper_results.json"
-METHOD_ORDER = ["zeroshot", "erm", "clipood", "alignclip"]
-
-
-@functools.lru_cache(maxsize=1)
-def paper_results() -> dict:
-    return json.loads(PAPER_RESULTS.read_text())
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -42,6 +34,8 @@ def collect(results_dir: str | Path) -> pd.DataFrame:
     rows = []
     for path in sorted(Path(results_dir).rglob(artifacts.METRICS)):
         summary = json.loads(path.read_text())
+        if summary.get("protocol") not in protocols.PROTOCOLS:
+            raise ValueError(f"{path}: unknown protocol {summary.get('protocol')!r}: expected one of {', '.join(protocols.PROTOCOLS)}")
         for view, value in summary["views"].items():
             rows.append(
                 {
@@ -72,12 +66,6 @@ def _fmt(mean: float | None, std: float | None = None) -> str:
     return f"{mean:.1f} ± {std:.1f}" if std is not None and not np.isnan(std) else f"{mean:.1f}"
 
 
-def _paper_value(entry) -> float | None:
-    if entry is None:
-        return None
-    return float(entry[0] if isinstance(entry, list) else entry)
-
-
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds of every (dataset, protocol, method, formulation, held-out domain, view)."""
     keys = ["dataset", "protocol", "method", "variant", "formulation", "test_domain", "test_split", "view"]
@@ -86,104 +74,15 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _order(methods) -> list[str]:
-    return sorted(methods, key=lambda m: (METHOD_ORDER.index(m.split(" ")[0]) if m.split(" ")[0] in METHOD_ORDER else 99, m))
-
-
 def build_tables(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Tables keyed by name, each with ``ours`` and ``paper`` and ``diff`` columns where the paper has a number."""
-    paper = paper_results()
+    """Tables keyed by name, each with ``ours`` and ``paper`` and ``diff`` columns where the paper has a number;
+    each protocol shapes its own (protocols/<name>.py)."""
     tables: dict[str, pd.DataFrame] = {}
-    for (dataset, protocol), part in summary.groupby(["dataset", "protocol"]):
-        part = part.assign(label=part["variant"])
-        rows = []
-        if protocol == "domainbed":
-            # Table 1 / 6: accuracy on each held-out domain, and the average over domains.
-            test = part[part["view"] == "test"]
-            pub = paper["domainbed"].get(dataset, {})
-            for label in _order(test["label"].unique()):
-                mine = test[test["label"] == label]
-                method = mine["method"].iloc[0]
-                ablation = _ablation_row(dataset, label)
-                # the paper's method numbers stand beside the method under either formulation, not beside ablations
-                comparable = label in (method, f"{method}+release")
-                for _, r in mine.sort_values("test_domain").iterrows():
-                    published = _paper_value(pub.get("domains", {}).get(r["test_domain"], {}).get(method)) if comparable else None
-                    if ablation is not None:
-                        published = _paper_value(ablation.get(r["test_domain"]))
-                    rows.append(_row(label, r["test_domain"], r["mean"], r["std"], published, r["seeds"]))
-                published = _paper_value(pub.get("avg", {}).get(method)) if comparable else None
-                if ablation is not None:
-                    published = _paper_value(ablation.get("avg"))
-                rows.append(_row(label, "Avg", mine["mean"].mean(), None, published, int(mine["seeds"].min())))
-            name = f"domain_shift_{dataset}"
-        elif protocol == "wild":
-            # Table 4: all classes of the held-out domain (base and new), plus base / new separately.
-            pub = paper["wild"].get(dataset, {})
-            for label in _order(part["label"].unique()):
-                mine = part[part["label"] == label]
-                method = mine["method"].iloc[0]
-                for domain in sorted(mine["test_domain"].unique()):
-                    for view in ("all", "base", "new"):
-                        r = mine[(mine["test_domain"] == domain) & (mine["view"] == view)]
-                        if r.empty:
-                            continue
-                        published = _paper_value(pub.get(method, {}).get(domain)) if view == "all" else None
-                        rows.append(_row(label, f"{domain} ({view})", r["mean"].iloc[0], r["std"].iloc[0], published, r["seeds"].iloc[0]))
-            name = f"wild_{dataset}"
-        elif protocol == "base2new":
-            # Table 3 / 5: base, new and their harmonic mean H.
-            pub = paper["base2new"].get(dataset, {})
-            for label in _order(part["label"].unique()):
-                mine = part[part["label"] == label]
-                method = mine["method"].iloc[0]
-                base = mine[mine["view"] == "base"]["mean"]
-                new = mine[mine["view"] == "new"]["mean"]
-                for view, series in (("base", base), ("new", new)):
-                    if not series.empty:
-                        std = mine[mine["view"] == view]["std"].iloc[0]
-                        rows.append(_row(label, view, series.iloc[0], std, _paper_value(pub.get(method, {}).get(view)), mine["seeds"].iloc[0]))
-                if not base.empty and not new.empty:
-                    h = 2 * base.iloc[0] * new.iloc[0] / max(base.iloc[0] + new.iloc[0], 1e-9)
-                    rows.append(_row(label, "H", h, None, _paper_value(pub.get(method, {}).get("H")), mine["seeds"].iloc[0]))
-            name = f"base2new_{dataset}"
-        else:
-            # Table 2: ImageNet and its shifted variants, and the average over the variants.
-            pub = paper["imagenet"]
-            for label in _order(part["label"].unique()):
-                mine = part[part["label"] == label]
-                method = mine["method"].iloc[0]
-                for _, r in mine.sort_values("view").iterrows():
-                    rows.append(_row(label, r["view"], r["mean"], r["std"], _paper_value(pub.get(method, {}).get(r["view"])), r["seeds"]))
-                ood = mine[mine["view"] != "imagenet"]["mean"]
-                if not ood.empty:
-                    rows.append(_row(label, "ood_avg", ood.mean(), None, _paper_value(pub.get(method, {}).get("ood_avg")), int(mine["seeds"].min())))
-            name = f"imagenet_{dataset}"
-        tables[name] = pd.DataFrame(rows)
+    for (dataset, protocol_name), part in summary.groupby(["dataset", "protocol"]):
+        protocol = protocols.get_protocol(protocol_name)
+        rows = protocol.table_rows(dataset, part.assign(label=part["variant"]))
+        tables[f"{protocol.table_prefix}_{dataset}"] = pd.DataFrame(rows)
     return tables
-
-
-def _ablation_row(dataset: str, label: str) -> dict | None:
-    """The paper's ablation numbers (VLCS) for a variant label: table 9 (pooling) and table 10 (D-V vs V-V-V)."""
-    if dataset != "vlcs":
-        return None
-    tables = paper_results()["ablations"]
-    return {
-        "erm[pooling=avg]": tables["table9_pooling_vlcs"]["avg"],
-        "alignclip[branch=vvv]": tables["table10_branch_vlcs"]["vvv"],
-    }.get(label)
-
-
-def _row(method, column, mean, std, published, seeds) -> dict:
-    return {
-        "method": method,
-        "split": column,
-        "ours_mean": round(float(mean), 2),
-        "ours_std": None if std is None or np.isnan(std) else round(float(std), 2),
-        "seeds": int(seeds),
-        "paper": published,
-        "diff": None if published is None else round(float(mean) - published, 2),
-    }
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -235,7 +134,7 @@ def attention_maps(checkpoints: dict[str, Path], prepared_dir: Path, test_domain
     D-V branch's G_DV, upsampled over the image."""
     import torch
 
-    from alignclip import losses, protocols
+    from alignclip import losses
     from alignclip.data.images import ManifestImages, eval_transform
     from alignclip.data.prepare import load_prepared
     from alignclip.data.storage import open_image

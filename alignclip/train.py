@@ -148,7 +148,7 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
 
     # Data: one stream per training domain for multi-domain protocols (CLIPood), else one stream.
     transform = train_transform(bundle.image_size, bundle.mean, bundle.std, settings.hflip, settings.crop_scale)
-    group_key = "domain" if meta["protocol"] in ("domainbed", "wild") else None
+    group_key = protocols.get_protocol(meta["protocol"]).group_key
     groups = [g for _, g in rows.groupby(group_key, sort=True)] if group_key else [rows]
     generator = torch.Generator().manual_seed(settings.seed)
     run.steps = total_steps(settings, len(rows), len(groups))

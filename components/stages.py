@@ -145,7 +145,7 @@ def evaluate(
     metrics: Output[Metrics],
     results: Output[Artifact],
 ) -> float:
-    """Top-1 accuracy on each view; returns the headline accuracy (held-out domain, or H, or ImageNet)."""
+    """Top-1 accuracy on each view; returns the protocol's headline metric (held-out domain, H, ImageNet...)."""
     from alignclip import artifacts
     from alignclip.tasks import run_cli, task_env
     import json
@@ -160,11 +160,11 @@ def evaluate(
     summary = json.load(open(os.path.join(results.path, artifacts.METRICS)))
     for view, value in summary["views"].items():
         metrics.log_metric(f"{view}_acc", value["accuracy"])
-    if "H" in summary:
-        metrics.log_metric("H", summary["H"])
-        return float(summary["H"])
-    first = "test" if "test" in summary["views"] else ("all" if "all" in summary["views"] else next(iter(summary["views"])))
-    return float(summary["views"][first]["accuracy"])
+    headline = summary["headline"]  # the protocol's own headline metric; null when its view had no images
+    if headline is None:
+        return float("nan")
+    metrics.log_metric(headline["metric"], headline["value"])
+    return float(headline["value"])
 
 
 @component

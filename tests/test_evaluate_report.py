@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignclip.evaluate import evaluate, harmonic_mean
-from alignclip.report import build_report, build_tables, collect, paper_results, summarise
+from alignclip.evaluate import evaluate
+from alignclip.protocols import harmonic_mean, paper_results
+from alignclip.report import build_report, build_tables, collect, summarise
 from alignclip.train import TrainSettings, train
 
 

@@ -26,10 +26,10 @@ from alignclip.data import splits, storage
 from alignclip.data.registry import DEFAULT_TEMPLATE, clean_class_name, get_dataset
 from alignclip.log import get_logger
 from alignclip.presets import RESOURCES
+from alignclip.protocols import PROTOCOLS
 
 log = get_logger(__name__)
 
-PROTOCOLS = ("domainbed", "wild", "base2new", "imagenet")
 COLUMNS = ["path", "label", "class_name", "domain", "split", "subset"]
 
 
@@ -361,7 +361,7 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
     spec = get_dataset(settings.dataset)
     protocol = settings.protocol or default_protocol(settings.dataset)
     if protocol not in PROTOCOLS:
-        raise DatasetError(f"unknown protocol {protocol!r}: expected one of {PROTOCOLS}")
+        raise DatasetError(f"unknown protocol {protocol!r}: expected one of {tuple(PROTOCOLS)}")
     allowed = {
         "domainbed": ("domainbed", "wild"),
         "coop": ("base2new",),
