@@ -19,6 +19,7 @@ from alignclip.classifier import encode_classes, load_trained, resolve_device
 from alignclip.data.images import ManifestImages, eval_transform
 from alignclip.data.prepare import load_prepared
 from alignclip.log import get_logger
+from alignclip.losses import cosine_logits
 
 log = get_logger(__name__)
 
@@ -28,8 +29,7 @@ def predict(visual, text: torch.Tensor, loader, device, topk: int = 5, tau: floa
     """Predicted class, target, dataset index, and the top-k classes with their probabilities (eq. 1, tau)."""
     preds, targets, indices, top, top_prob = [], [], [], [], []
     for images, target, index in loader:
-        features = torch.nn.functional.normalize(visual(images.to(device)).float(), dim=-1)
-        logits = features @ text.T / tau
+        logits = cosine_logits(visual(images.to(device)).float(), text, tau)  # eq. 1, as in training
         best = logits.softmax(dim=-1).topk(min(topk, logits.shape[-1]), dim=-1)
         top.append(best.indices.cpu())
         top_prob.append(best.values.cpu())
