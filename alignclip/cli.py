@@ -245,16 +245,14 @@ def pipeline_submit(
 @pipeline_app.command("run")
 def pipeline_run(
     family: str = typer.Argument("demo"),
-    local: bool = typer.Option(True, "--local/--no-local", help="run with kfp's local SubprocessRunner (no cluster)"),
     pipeline_root: Path = typer.Option(Path("outputs/kfp"), help="where the local runner keeps artifacts"),
     param: List[str] = typer.Option([], "--param", help="pipeline parameter override name=value (repeatable)"),
     params_file: Optional[Path] = typer.Option(Path("params.yaml"), help="parameters file (params.yaml)"),
 ):
-    """Run the real DAG locally: every component as a subprocess of this machine."""
+    """Run the real DAG locally: every component as a subprocess of this machine (kfp's SubprocessRunner);
+    `alignclip pipeline submit` runs it on a cluster."""
     from alignclip.pipeline_cli import run_local
 
-    if not local:
-        raise typer.BadParameter("use `alignclip pipeline submit` for a cluster")
     run_local(family, pipeline_root.resolve(), _arguments(param, params_file))
     typer.echo(f"pipeline {family} finished; artifacts under {pipeline_root}")
 

@@ -52,7 +52,6 @@ class TrainSettings:
     batch_size: int = 36  # per training domain for multi-domain protocols
     lr: float = 5e-6
     weight_decay: float = 0.1
-    warmup_steps: int = 0
     hflip: bool = True
     crop_scale: tuple[float, float] = (0.7, 1.0)
     num_workers: int = 0
@@ -70,10 +69,9 @@ def total_steps(settings: TrainSettings, train_images: int, domains: int) -> int
     return int(settings.epochs * per_epoch)
 
 
-def cosine_lr(step: int, total: int, base_lr: float, warmup: int = 0) -> float:
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+def cosine_lr(step: int, total: int, base_lr: float) -> float:
+    """Cosine decay from ``base_lr`` at step 0 towards 0 at ``total``, no warm-up (CLIPood)."""
+    progress = step / max(1, total)
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
@@ -254,7 +252,7 @@ def train(
     bar = tqdm(range(steps), desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
     with (out / artifacts.TRAIN_LOG).open("w") as log_file:
         for step in bar:
-            lr = cosine_lr(step, steps, settings.lr, settings.warmup_steps)
+            lr = cosine_lr(step, steps, settings.lr)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             batches = [next(stream) for _, stream in run.streams]

@@ -30,8 +30,6 @@ from alignclip.protocols import PROTOCOLS
 
 log = get_logger(__name__)
 
-COLUMNS = ["path", "label", "class_name", "domain", "split", "subset"]
-
 
 @dataclass
 class PrepareSettings:
