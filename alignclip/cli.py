@@ -120,29 +120,12 @@ def similarity(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Class similarity matrix of the class prompts (appendix B.5), with its heatmap (fig. 6)."""
-    import pandas as pd
-
     from alignclip import tracking
-    from alignclip.data.prepare import load_prepared
-    from alignclip.presets import load_clip
-    from alignclip.report import plot_similarity
-    from alignclip.similarity import cosine_matrix, save_similarity
-    from alignclip.train import encode_classes
+    from alignclip.similarity import similarity_stage
 
     check_output_dir(out_dir)
-    _, meta = load_prepared(prepared_dir)
-    bundle = load_clip(model, pretrained)
-    text = encode_classes(bundle.model, bundle.tokenizer, meta["classes"], meta["template"], "cpu")
-    cosine = cosine_matrix(text)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_similarity(out_dir / "similarity.pt", cosine, meta["classes"], bundle.architecture, bundle.pretrained)
-    soft = (scale * cosine).softmax(dim=-1)
-    pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / "similarity.csv")
-    plot_similarity(soft.numpy(), meta["classes"], out_dir / "similarity.png")
     with tracking.start_run(experiment, "similarity", tags={"stage": "similarity"}) as tracker:
-        tracker.log_params({"model": model, "pretrained": pretrained, "classes": len(meta["classes"]), "scale": scale})
-        tracker.log_artifact(out_dir / "similarity.png")
-        tracker.log_artifact(out_dir / "similarity.csv")
+        meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracker)
     typer.echo(f"similarity of {len(meta['classes'])} classes -> {out_dir}")
 
 
@@ -175,7 +158,8 @@ def train(
     """Fine-tune the image encoder with one method; the BMA model is the result."""
     from dataclasses import asdict
 
-    from alignclip import tracking
+    from alignclip import artifacts, tracking
+    from alignclip.classifier import log_image_encoder
     from alignclip.config import effective_train, train_config
     from alignclip.recipes import apply_recipe
     from alignclip.train import TrainSettings, train as run_train
@@ -207,23 +191,11 @@ def train(
     run_name = f"train-{method}-{test_domain or 'all'}-s{seed}"
     with tracking.start_run(experiment, run_name, tags={"stage": "train", "method": method}) as tracker:
         summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path)
-        tracker.log_artifact(out_dir / "train_log.csv")
-        tracker.log_artifact(out_dir / "train.json")
+        tracker.log_artifact(out_dir / artifacts.TRAIN_LOG)
+        tracker.log_artifact(out_dir / artifacts.TRAIN_SUMMARY)
         if tracker.enabled:
-            _log_image_encoder(tracker, out_dir / "model.pt", f"alignclip-{summary['dataset']}-{method.replace('+', '-').replace('@', '-')}")
-    typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / 'model.pt'}")
-
-
-def _log_image_encoder(tracker, checkpoint: Path, registered_name: str) -> None:
-    """Log the trained image encoder as an MLflow model and register it (input: a batch of images)."""
-    import numpy as np
-
-    from alignclip.evaluate import load_trained
-
-    bundle, visual, _ = load_trained(checkpoint, "cpu")
-    # batch of 2: torch.export specialises a size-1 dimension, which would pin the model to batch 1
-    example = np.zeros((2, 3, bundle.image_size, bundle.image_size), dtype=np.float32)
-    tracker.log_model(visual, "image_encoder", registered_name, example)
+            log_image_encoder(tracker, out_dir / artifacts.MODEL, f"alignclip-{summary['dataset']}-{method.replace('+', '-').replace('@', '-')}")
+    typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / artifacts.MODEL}")
 
 
 @app.command()
@@ -231,7 +203,7 @@ def evaluate(
     prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
     checkpoint: Path = typer.Argument(..., help="model.pt from `alignclip train`"),
     out_dir: Path = typer.Argument(..., help="where to write metrics.json and predictions.parquet"),
-    test_domain: Optional[str] = typer.Option(None, help="held-out domain (domainbed, wild)"),
+    test_domain: Optional[str] = typer.Option(None, help="held-out domain: read from the checkpoint; if given, it must agree"),
     test_split: str = typer.Option("holdout", help="held-out domain: 20% split (holdout, CLIPood), 80% split (in, DomainBed) or all (full)"),
     batch_size: int = typer.Option(128),
     num_workers: int = typer.Option(0),
@@ -239,7 +211,7 @@ def evaluate(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Top-1 accuracy on every view of the protocol (held-out domain, base/new classes, ImageNet variants)."""
-    from alignclip import tracking
+    from alignclip import artifacts, tracking
     from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
 
     if batch_size < 1 or num_workers < 0:
@@ -250,7 +222,7 @@ def evaluate(
     with tracking.start_run(experiment, run_name, tags={"stage": "evaluate"}) as tracker:
         summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain or None, test_split, batch_size, num_workers, device)
         tracker.log_metrics(flat_metrics(summary))
-        tracker.log_artifact(out_dir / "metrics.json")
+        tracker.log_artifact(out_dir / artifacts.METRICS)
     typer.echo(json.dumps(flat_metrics(summary)))
 
 
@@ -388,7 +360,6 @@ def pipeline_submit(
 @pipeline_app.command("run")
 def pipeline_run(
     family: str = typer.Argument("demo", help=FAMILY_HELP),
-    local: bool = typer.Option(True, "--local/--no-local", help="run with kfp's local SubprocessRunner (no cluster)"),
     pipeline_root: Path = typer.Option(Path("outputs/kfp"), help="where the local runner keeps artifacts"),
     dataset: Optional[str] = OPT_DATASET,
     data_root: Optional[str] = OPT_DATA_ROOT,
@@ -396,11 +367,10 @@ def pipeline_run(
     params_file: Optional[Path] = OPT_PARAMS_FILE,
     dry_run: bool = typer.Option(False, "--dry-run", help="print the effective parameters of every task and stop"),
 ):
-    """Run the real DAG locally: every component as a subprocess of this machine."""
+    """Run the real DAG locally: every component as a subprocess of this machine (kfp's SubprocessRunner);
+    `alignclip pipeline submit` runs it on a cluster."""
     from alignclip.pipeline_cli import dry_run as plan, run_local
 
-    if not local:
-        raise ConfigError("use `alignclip pipeline submit` for a cluster")
     if family == "all":
         raise ConfigError("the all pipeline runs on a cluster only; run one family locally")
     values = _settings(family, dataset, data_root, param, params_file)

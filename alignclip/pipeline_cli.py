@@ -155,7 +155,7 @@ def dry_run(family: str, values: dict) -> str:
             "<prepared>", "<model>", cell, values["train_formulation"], values["train_recipe"], a["steps"], a["epochs"],
             a["batch_size"], a["lr"], a["hflip"], values["model_name"], values["model_pretrained"], "<matrix>/similarity.pt")))
         lines.append(f"evaluate {label}: alignclip " + " ".join(_quote(x) for x in evaluate_args(
-            "<prepared>", "<model>/model.pt", "<results>", cell, values["data_test_split"])))
+            "<prepared>", "<model>/model.pt", "<results>", values["data_test_split"])))
     return "\n".join(lines)
 
 

@@ -63,8 +63,6 @@ def train_args(prepared: str, out: str, cell: dict, formulation: str, recipe: st
     return cmd
 
 
-def evaluate_args(prepared: str, checkpoint: str, out: str, cell: dict, test_split: str) -> list[str]:
-    cmd = ["evaluate", prepared, checkpoint, out, "--test-split", test_split]
-    if cell["test_domain"]:
-        cmd += ["--test-domain", cell["test_domain"]]
-    return cmd
+def evaluate_args(prepared: str, checkpoint: str, out: str, test_split: str) -> list[str]:
+    """The held-out domain is the checkpoint's own (evaluate reads it from there)."""
+    return ["evaluate", prepared, checkpoint, out, "--test-split", test_split]

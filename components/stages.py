@@ -73,12 +73,14 @@ def similarity(
     heatmap: Output[Markdown],
 ):
     """Class similarity matrix of the class prompts and its heatmap."""
+    from alignclip import artifacts
     from alignclip.tasks import run_cli, similarity_args, task_env
     import base64
+    import os
 
     env = task_env(parent_run.path, experiment, tracking_uri)
     run_cli(*similarity_args(prepared.path, matrix.path, model_name, pretrained), env=env)
-    image = base64.b64encode(open(matrix.path + "/similarity.png", "rb").read()).decode()
+    image = base64.b64encode(open(os.path.join(matrix.path, artifacts.SIMILARITY_HEATMAP), "rb").read()).decode()
     with open(heatmap.path, "w") as handle:
         handle.write(f"# Class similarity\n\n![similarity](data:image/png;base64,{image})\n")
 
@@ -102,11 +104,13 @@ def train(
     model: Output[Model],
 ):
     """Fine-tune one (method, held-out domain, seed); a nested MLflow run under the pipeline's run."""
+    from alignclip import artifacts
     from alignclip.tasks import run_cli, task_env, train_args
+    import os
 
     env = task_env(parent_run.path, experiment, tracking_uri)
     cmd = train_args(prepared.path, model.path, cell, formulation, recipe, steps, epochs, batch_size, lr, hflip,
-                     model_name, pretrained, matrix.path + "/similarity.pt")
+                     model_name, pretrained, os.path.join(matrix.path, artifacts.SIMILARITY_MATRIX))
     run_cli(*cmd, env=env)
     model.metadata.update({k: str(v) for k, v in cell.items()})
 
@@ -114,7 +118,6 @@ def train(
 def evaluate(
     prepared: Input[Dataset],
     model: Input[Model],
-    cell: dict,
     test_split: str,
     experiment: str,
     tracking_uri: str,
@@ -122,24 +125,26 @@ def evaluate(
     metrics: Output[Metrics],
     results: Output[Artifact],
 ) -> float:
-    """Top-1 accuracy on each view; returns the headline accuracy (held-out domain, or H, or ImageNet)."""
+    """Top-1 accuracy on each view; returns the protocol's headline metric (held-out domain, H, ImageNet...)."""
+    from alignclip import artifacts
     from alignclip.tasks import evaluate_args, run_cli, task_env
     import json
     import os
     import shutil
 
     env = task_env(parent_run.path, experiment, tracking_uri)
-    run_cli(*evaluate_args(prepared.path, model.path + "/model.pt", results.path, cell, test_split), env=env)
-    for name in ("train.json", "train_log.csv"):  # small files the report reads beside metrics.json
+    # the held-out domain is the checkpoint's own: evaluate reads it from there
+    run_cli(*evaluate_args(prepared.path, os.path.join(model.path, artifacts.MODEL), results.path, test_split), env=env)
+    for name in (artifacts.TRAIN_SUMMARY, artifacts.TRAIN_LOG):  # small files the report reads beside the metrics
         shutil.copy(os.path.join(model.path, name), os.path.join(results.path, name))
-    summary = json.load(open(os.path.join(results.path, "metrics.json")))
+    summary = json.load(open(os.path.join(results.path, artifacts.METRICS)))
     for view, value in summary["views"].items():
         metrics.log_metric(f"{view}_acc", value["accuracy"])
-    if "H" in summary:
-        metrics.log_metric("H", summary["H"])
-        return float(summary["H"])
-    first = "test" if "test" in summary["views"] else ("all" if "all" in summary["views"] else next(iter(summary["views"])))
-    return float(summary["views"][first]["accuracy"])
+    headline = summary["headline"]  # the protocol's own headline metric; null when its view had no images
+    if headline is None:
+        return float("nan")
+    metrics.log_metric(headline["metric"], headline["value"])
+    return float(headline["value"])
 
 
 def report(
@@ -156,6 +161,7 @@ def report(
     bundle: Output[Artifact],
 ):
     """Fan-in: tables, figures and the results page over every evaluation."""
+    from alignclip import artifacts
     from alignclip.tasks import run_cli, task_env
     import base64
     import os
@@ -171,18 +177,18 @@ def report(
     for index, item in enumerate(models):
         target = f"{collected}/models/{index:03d}"
         os.makedirs(target)
-        os.symlink(os.path.join(item.path, "model.pt"), os.path.join(target, "model.pt"))
-        shutil.copy(os.path.join(item.path, "train.json"), target)
+        os.symlink(os.path.join(item.path, artifacts.MODEL), os.path.join(target, artifacts.MODEL))
+        shutil.copy(os.path.join(item.path, artifacts.TRAIN_SUMMARY), target)
     env = task_env(parent_run.path, experiment, tracking_uri)
     out = bundle.path + "/report"
     run_cli("report", collected, out, "--prepared-dir", prepared.path, "--similarity-dir", matrix.path, env=env)
-    text = open(out + "/index.html").read()
+    text = open(os.path.join(out, artifacts.REPORT_PAGE)).read()
     # inline the figures so the KFP UI shows the page on its own
     for name in re.findall(r"src='([^']+\.png)'", text):
         data = base64.b64encode(open(os.path.join(out, name), "rb").read()).decode()
         text = text.replace(f"src='{name}'", f"src='data:image/png;base64,{data}'")
     open(page.path, "w").write(text)
-    shutil.copy(out + "/index.md", tables.path)
+    shutil.copy(os.path.join(out, artifacts.REPORT_MARKDOWN), tables.path)
     bundle.metadata["mean_accuracy"] = sum(float(a) for a in accuracies) / max(len(accuracies), 1)
 
 

@@ -227,7 +227,8 @@ def _kfp_command(family, values, tmp_path, monkeypatch):
     path = compile_pipeline(family, tmp_path / "p.yaml", cluster_settings(image="registry.example/alignclip:test"), values)
     spec = next(yaml.safe_load_all(path.read_text()))
     defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
-    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    (loop_task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    loop = spec["components"][loop_task["componentRef"]["name"]]["dag"]["tasks"]["train"]["inputs"]["parameters"]
     (tmp_path / "run").write_text("")
     arguments = {}
     for name, source in loop.items():
@@ -289,3 +290,10 @@ def test_families_are_data():
     for name, family in FAMILIES.items():
         assert set(family.defaults) <= set(BY_NAME), name
         resolve(name)  # each resolves to a valid configuration
+
+
+def test_the_schemas_protocols_are_the_registry():
+    from alignclip.config import PROTOCOLS
+    from alignclip.protocols import PROTOCOLS as REGISTRY
+
+    assert set(PROTOCOLS) == set(REGISTRY)

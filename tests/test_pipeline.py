@@ -26,9 +26,11 @@ def compiled(tmp_path_factory):
 def test_tasks_and_edges(compiled):
     spec, _, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"start-run", "prepare", "similarity", "for-loop-1", "report"}
+    # the loop's task name is kfp's to choose: find it by what it is, the one task iterating over a parameter
+    (loop_name,) = [name for name, task in tasks.items() if "parameterIterator" in task]
+    assert set(tasks) == {"start-run", "prepare", "similarity", loop_name, "report"}
     assert "prepare" in tasks["similarity"]["dependentTasks"]
-    loop = tasks["for-loop-1"]
+    loop = tasks[loop_name]
     assert loop["parameterIterator"]["items"]["inputParameter"].endswith("train_grid")
     inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
     assert set(inner) == {"train", "evaluate"}
@@ -37,9 +39,9 @@ def test_tasks_and_edges(compiled):
     assert inner["evaluate"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "train"
     # fan-in: the report collects every evaluation of the loop
     report = tasks["report"]["inputs"]
-    assert report["artifacts"]["results"]["taskOutputArtifact"]["producerTask"] == "for-loop-1"
-    assert report["artifacts"]["models"]["taskOutputArtifact"]["producerTask"] == "for-loop-1"
-    assert report["parameters"]["accuracies"]["taskOutputParameter"]["producerTask"] == "for-loop-1"
+    assert report["artifacts"]["results"]["taskOutputArtifact"]["producerTask"] == loop_name
+    assert report["artifacts"]["models"]["taskOutputArtifact"]["producerTask"] == loop_name
+    assert report["parameters"]["accuracies"]["taskOutputParameter"]["producerTask"] == loop_name
 
 
 def test_parameters_are_the_resolved_settings(compiled):
@@ -66,7 +68,8 @@ def test_gpu_requests_retries_and_scheduling(compiled):
         assert platform["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert platform["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
         assert platform["emptyDirMounts"][0]["medium"] == "Memory"
-    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    (loop_task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    loop = spec["components"][loop_task["componentRef"]["name"]]["dag"]["tasks"]
     assert loop["train"]["retryPolicy"]["maxRetryCount"] == 3
     assert "retryPolicy" not in loop["evaluate"]
     assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-prepare"]["container"].get("resources", {})
@@ -117,11 +120,12 @@ def test_the_all_pipeline_can_turn_tracking_on(tmp_path):
 def test_caching_parallelism_image_and_s3_endpoint(compiled):
     spec, executors, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
-    caching = {name: task.get("cachingOptions", {}).get("enableCache", False) for name, task in tasks.items() if name != "for-loop-1"}
+    (loop_name,) = [name for name, task in tasks.items() if "parameterIterator" in task]
+    caching = {name: task.get("cachingOptions", {}).get("enableCache", False) for name, task in tasks.items() if name != loop_name}
     assert caching == {"start-run": False, "prepare": True, "similarity": True, "report": False}
-    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    loop = spec["components"][tasks[loop_name]["componentRef"]["name"]]["dag"]["tasks"]
     assert not loop["train"].get("cachingOptions", {}).get("enableCache") and not loop["evaluate"].get("cachingOptions", {}).get("enableCache")
-    assert tasks["for-loop-1"]["iteratorPolicy"]["parallelismLimit"] == 3
+    assert tasks[loop_name]["iteratorPolicy"]["parallelismLimit"] == 3
     for name, executor in spec["deploymentSpec"]["executors"].items():
         assert executor["container"]["image"] == "registry.example/alignclip:1.2.3", name
         platform = executors[name]
@@ -186,7 +190,8 @@ def test_submit_sends_the_intended_arguments_and_cluster_settings(monkeypatch, c
     assert (train["resources"]["resourceCpuRequest"], train["resources"]["resourceMemoryRequest"]) == ("12", "96G")
     assert executors["exec-train"]["nodeSelector"]["labels"] == {"pool": "h200"}
     assert executors["exec-train"]["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"}]
-    assert spec["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"]["parallelismLimit"] == 4
+    (loop_task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    assert loop_task["iteratorPolicy"]["parallelismLimit"] == 4
 
 
 def test_dry_run_prints_every_task(capsys):
@@ -203,6 +208,20 @@ def test_dry_run_prints_every_task(capsys):
     trains = [line for line in lines if line.startswith("train ")]
     assert len(trains) == 4 and "--test-domain 'Real World'" in trains[-1] and "--lr 3e-06" in trains[-1]
     assert sum(line.startswith("evaluate ") for line in lines) == 4 and lines[1].startswith("prepare: alignclip prepare office_home")
+
+
+def test_every_family_compiles_with_its_protocol(tmp_path):
+    from alignclip.protocols import PROTOCOLS
+
+    expected = {"domain_shift": "domainbed", "imagenet": "imagenet", "base2new": "base2new", "wild": "wild"}
+    for family, protocol in expected.items():
+        spec = yaml.safe_load_all(compile_pipeline(family, tmp_path / f"{family}.yaml").read_text()).__next__()
+        assert spec["pipelineInfo"]["name"] == f"alignclip-{family.replace('_', '-')}"
+        defaults = spec["root"]["inputDefinitions"]["parameters"]
+        assert defaults["data_protocol"]["defaultValue"] == protocol and protocol in PROTOCOLS
+        assert {"prepare", "similarity", "report"} <= set(spec["root"]["dag"]["tasks"])
+    spec = yaml.safe_load_all(compile_pipeline("all", tmp_path / "all.yaml").read_text()).__next__()
+    assert len(spec["root"]["dag"]["tasks"]) == len(expected)  # one sub-pipeline per family
 
 
 def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
