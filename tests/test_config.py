@@ -82,6 +82,7 @@ def test_choosing_a_dataset_brings_its_domains_and_recipe():
     assert values["train_recipe"] == "domain_shift/pacs"
     assert values["train_test_domains"] == ["art_painting", "cartoon", "photo", "sketch"]
     assert len(grid(values)) == 4 * 4 * 3
+    assert resolve("domain_shift", overrides={"data_dataset": "vlcs"})["data_root"] == "s3://alignclip-data/vlcs"  # not office_home's
     wild = resolve("wild", overrides={"data_dataset": "domain_net"})
     assert wild["train_recipe"] == "wild/domain_net" and len(wild["train_test_domains"]) == 6
     pets = resolve(None, overrides={"data_dataset": "eurosat"})
