@@ -298,3 +298,16 @@ def test_the_schemas_protocols_are_the_registry():
     from alignclip.protocols import PROTOCOLS as REGISTRY
 
     assert set(PROTOCOLS) == set(REGISTRY)
+
+
+def test_a_batch_larger_than_a_training_domain_is_refused_not_clamped(digits_prepared, tmp_path):
+    import pandas as pd
+
+    from alignclip.train import TrainSettings, train
+
+    manifest = pd.read_parquet(digits_prepared / "manifest.parquet")
+    rows = manifest[(manifest["split"] == "train") & (manifest["domain"] != "rotated_0")]
+    smallest = int(rows.groupby("domain").size().min())
+    with pytest.raises(ValueError, match=rf"batch_size={smallest + 1} is larger than the smallest training stream \({smallest} images\)"):
+        train(digits_prepared, tmp_path / "o", TrainSettings(method="erm", test_domain="rotated_0", steps=1, batch_size=smallest + 1, progress=False))
+    assert not (tmp_path / "o" / "model.pt").exists()
