@@ -73,12 +73,13 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def s3_client():
-    """A boto3 S3 client; honours ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for S3-compatible stores."""
+def s3_client(config=None):
+    """A boto3 S3 client; honours ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for S3-compatible stores.
+    ``config``: a ``botocore.config.Config`` (retries, connection pool)."""
     import boto3
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint) if endpoint else boto3.client("s3")
+    return boto3.client("s3", endpoint_url=endpoint, config=config)
 
 
 def fetch_s3_object(uri: str, cache_dir: str | Path | None = None) -> Path:

@@ -4,13 +4,47 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 
-from alignclip.presets import s3_client
+from alignclip import presets
+from alignclip.log import get_logger
+
+log = get_logger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
+
+# Retries with exponential back-off and client-side rate limiting on throttling (botocore's "adaptive" mode);
+# a pool large enough for the staging threads.
+S3_RETRY_ATTEMPTS = 10
+S3_POOL_CONNECTIONS = 64
+STAGE_THREADS = 64
+_clients: dict = {}
+_clients_lock = threading.Lock()
+
+
+def s3_client():
+    """This process's S3 client, made once per process (a DataLoader worker makes its own after the fork) and per
+    endpoint; errors are not retried forever and are raised as botocore exceptions for the caller to classify."""
+    from botocore.config import Config
+
+    key = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+           os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    client = _clients.get(key)
+    if client is None:
+        with _clients_lock:  # boto3's session is not thread-safe while it builds a client
+            client = _clients.get(key)
+            if client is None:
+                config = Config(
+                    retries={"max_attempts": S3_RETRY_ATTEMPTS, "mode": "adaptive"},
+                    max_pool_connections=S3_POOL_CONNECTIONS,
+                )
+                client = _clients[key] = presets.s3_client(config)
+    return client
 
 
 def is_s3(root: str) -> bool:
@@ -92,6 +126,54 @@ def read_bytes(path: str) -> bytes:
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
     with open(path, "rb") as handle:
         return handle.read()
+
+
+def cache_path(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """Where ``s3://bucket/key`` is kept locally: ``<cache>/s3/<bucket>/<key>`` (as for checkpoints)."""
+    bucket, key = uri[len("s3://") :].split("/", 1)
+    cache = Path(cache_dir or os.environ.get("ALIGNCLIP_CACHE", Path.home() / ".cache" / "alignclip"))
+    return cache / "s3" / bucket / key
+
+
+def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = STAGE_THREADS) -> list[str]:
+    """Copy the ``s3://`` images among ``paths`` to the local cache with parallel GETs, once per machine (a
+    cached file is reused), and return the paths to read: local copies, or the remote path where the copy failed
+    (reading it then raises the storage error). Local paths pass through.
+
+    Per-image GETs inside DataLoader workers cost a request round trip per image on the training critical path;
+    staged, the training reads local files (measured by bench/input_pipeline.py, see README).
+    """
+    remote = [p for p in dict.fromkeys(paths) if is_s3(p)]
+    if not remote:
+        return list(paths)
+    client = s3_client()
+    local: dict[str, str] = {}
+    failed: list[tuple[str, str]] = []
+
+    def fetch(uri: str) -> None:
+        target = cache_path(uri, cache_dir)
+        if not target.is_file():
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            bucket, key = uri[len("s3://") :].split("/", 1)
+            try:
+                body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except (BotoCoreError, ClientError) as err:
+                failed.append((uri, f"{type(err).__name__}: {err}"))
+                return
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.partial")
+            partial.write_bytes(body)
+            os.replace(partial, target)  # readers never see a half-written file
+        local[uri] = str(target)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        list(pool.map(fetch, remote))
+    if failed:
+        log.warning("%d of %d images could not be staged (first: %s %s); they are read from S3", len(failed),
+                    len(remote), *failed[0])
+    log.info("staged %d images from S3 into %s", len(local), cache_path(remote[0], cache_dir).parents[0])
+    return [local.get(p, p) for p in paths]
 
 
 def read_text(path: str) -> str:
