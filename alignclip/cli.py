@@ -23,6 +23,7 @@ pipeline_app = typer.Typer(help="Compile, submit or run the Kubeflow pipelines."
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
 log = get_logger("alignclip")
+WORKERS_HELP = "DataLoader worker processes, or auto: the CPUs this process may use (affinity, cgroup quota) less one"
 
 
 @app.callback()
@@ -131,7 +132,8 @@ def train(
     weight_decay: float = typer.Option(0.1),
     hflip: bool = typer.Option(True, help="random horizontal flip"),
     similarity_path: Optional[Path] = typer.Option(None, "--similarity", help="similarity.pt from `alignclip similarity`"),
-    num_workers: int = typer.Option(0),
+    num_workers: str = typer.Option("auto", help=WORKERS_HELP),
+    stage_remote: bool = typer.Option(True, help="copy s3:// images to the local cache (ALIGNCLIP_CACHE) first, in parallel"),
     device: str = typer.Option("auto"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
@@ -145,7 +147,7 @@ def train(
     settings = TrainSettings(
         method=method, formulation=formulation, overrides=_parse_overrides(set_), model=model, pretrained=pretrained,
         test_domain=test_domain, seed=seed, weight_decay=weight_decay, hflip=hflip, num_workers=num_workers,
-        device=device, progress=progress,
+        stage_remote=stage_remote, device=device, progress=progress,
     )
     settings = apply_recipe(settings, recipe, steps=steps, batch_size=batch_size, lr=lr)
     run_name = f"train-{method}-{test_domain or 'all'}-s{seed}"
@@ -165,8 +167,9 @@ def evaluate(
     out_dir: Path = typer.Argument(..., help="where to write metrics.json and predictions.parquet"),
     test_domain: Optional[str] = typer.Option(None, help="held-out domain (domainbed, wild)"),
     test_split: str = typer.Option("holdout", help="held-out domain: 20% split (holdout, CLIPood), 80% split (in, DomainBed) or all (full)"),
-    batch_size: int = typer.Option(128),
-    num_workers: int = typer.Option(0),
+    batch_size: int = typer.Option(512),
+    num_workers: str = typer.Option("auto", help=WORKERS_HELP),
+    stage_remote: bool = typer.Option(True, help="copy s3:// images to the local cache (ALIGNCLIP_CACHE) first, in parallel"),
     device: str = typer.Option("auto"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
@@ -176,7 +179,8 @@ def evaluate(
 
     run_name = f"evaluate-{checkpoint.parent.name}"
     with tracking.start_run(experiment, run_name, tags={"stage": "evaluate"}) as tracker:
-        summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain, test_split, batch_size, num_workers, device)
+        summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain, test_split, batch_size, num_workers, device,
+                               stage_remote)
         tracker.log_metrics(flat_metrics(summary))
         tracker.log_artifact(out_dir / "metrics.json")
     typer.echo(json.dumps(flat_metrics(summary)))
