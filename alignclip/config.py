@@ -13,7 +13,8 @@ SCHEMA = {
     "data": {"dataset": str, "root": str, "protocol": str, "holdout_fraction": float, "trial_seed": int, "shots": int, "test_split": str},
     "model": {"name": str, "pretrained": str},
     "train": {"recipe": str, "formulation": str, "methods": list, "test_domains": list, "seeds": list,
-              "steps": int, "batch_size": int, "lr": float, "hflip": bool},
+              "steps": int, "batch_size": int, "lr": float, "hflip": bool,
+              "num_workers": str},
 }
 
 
@@ -34,6 +35,8 @@ def load_params(path: str | Path = "params.yaml") -> dict:
             value = params[section][key]
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
+            if kind is str and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)  # a count where "auto" is also accepted (train.num_workers: 4)
             if not isinstance(value, kind):
                 raise ValueError(f"{path}: {section}.{key}={value!r} should be a {kind.__name__}")
             params[section][key] = value

@@ -105,6 +105,7 @@ def train(
     batch_size: int,
     lr: float,
     hflip: bool,
+    num_workers: str,
     model_name: str,
     pretrained: str,
     experiment: str,
@@ -118,7 +119,8 @@ def train(
     env = task_env(parent_run.path, experiment, tracking_uri)
     cmd = ["train", prepared.path, model.path, "--method", cell["method"], "--seed", str(int(cell["seed"])),
            "--formulation", formulation, "--model", model_name, "--pretrained", pretrained, "--no-progress",
-           "--similarity", matrix.path + "/similarity.pt", "--hflip" if hflip else "--no-hflip"]
+           "--similarity", matrix.path + "/similarity.pt", "--hflip" if hflip else "--no-hflip",
+           "--num-workers", num_workers]
     if cell["test_domain"]:
         cmd += ["--test-domain", cell["test_domain"]]
     if recipe:
@@ -136,6 +138,7 @@ def evaluate(
     model: Input[Model],
     cell: dict,
     test_split: str,
+    num_workers: str,
     experiment: str,
     tracking_uri: str,
     parent_run: Input[Artifact],
@@ -149,7 +152,8 @@ def evaluate(
     import shutil
 
     env = task_env(parent_run.path, experiment, tracking_uri)
-    cmd = ["evaluate", prepared.path, model.path + "/model.pt", results.path, "--test-split", test_split]
+    cmd = ["evaluate", prepared.path, model.path + "/model.pt", results.path, "--test-split", test_split,
+           "--num-workers", num_workers]
     if cell["test_domain"]:
         cmd += ["--test-domain", cell["test_domain"]]
     run_cli(*cmd, env=env)

@@ -42,7 +42,7 @@ class ClusterSettings:
     gpus: int = 1
     node_selector: dict = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
     tolerations: list = field(default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
-    cpu: str = "8"
+    cpu: str = "16"  # request = limit: the cgroup quota sizes the DataLoader workers (auto: cpu - 1)
     memory: str = "32G"
     train_retries: int = 2
     s3_secret: str = "alignclip-s3"  # keys: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
@@ -52,7 +52,7 @@ class ClusterSettings:
 
 def _on_gpu(task, cluster: ClusterSettings, retries: int = 0):
     task.set_accelerator_type(cluster.gpu_type).set_accelerator_limit(cluster.gpus)
-    task.set_cpu_request(cluster.cpu).set_memory_request(cluster.memory)
+    task.set_cpu_request(cluster.cpu).set_cpu_limit(cluster.cpu).set_memory_request(cluster.memory)
     for key, value in cluster.node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for toleration in cluster.tolerations:
@@ -117,6 +117,7 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
         train_batch_size: int = p["train_batch_size"],
         train_lr: float = p["train_lr"],
         train_hflip: bool = p["train_hflip"],
+        train_num_workers: str = p["train_num_workers"],
         mlflow_tracking_uri: str = p.get("mlflow_tracking_uri", ""),
         mlflow_experiment: str = experiment,
     ):
@@ -139,12 +140,13 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
             trained = stages.train(
                 prepared=prepared.outputs["prepared"], matrix=matrix.outputs["matrix"], cell=cell,
                 formulation=train_formulation, recipe=train_recipe, steps=train_steps, batch_size=train_batch_size,
-                lr=train_lr, hflip=train_hflip, model_name=model_name, pretrained=model_pretrained,
+                lr=train_lr, hflip=train_hflip, num_workers=train_num_workers, model_name=model_name, pretrained=model_pretrained,
                 experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
             ).set_display_name("train")
             _secrets(_on_gpu(trained, cluster, retries=cluster.train_retries), cluster)
             scored = stages.evaluate(
                 prepared=prepared.outputs["prepared"], model=trained.outputs["model"], cell=cell, test_split=data_test_split,
+                num_workers=train_num_workers,
                 experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
             ).set_display_name("evaluate")
             _secrets(_on_gpu(scored, cluster), cluster)
