@@ -77,7 +77,7 @@ for run in ("train-0", "train-auto"):
                  f"{rate / erm_model:.2f} x model only (target >= 0.9)"))
 evaluation = json.loads((work / "eval" / "metrics.json").read_text())
 rows.append((f"evaluate, {evaluation['num_workers']} workers", "", f"{evaluation['images_per_s']:.0f}", "", ""))
-print(f"\n{model['device']}, {model['model']}, batch {model['batch']}, BF16 on a GPU")
+print(f"\n{model['device']}, {model['model']}, batch {model['batch']} (BF16 autocast on a GPU, FP32 on a CPU)")
 print(f"{'what':34s} {'time':>24s} {'images/s':>9s} {'MFU':>6s}  notes")
 for what, time_, rate, mfu, note in rows:
     print(f"{what:34s} {time_:>24s} {rate:>9s} {mfu:>6s}  {note}")
