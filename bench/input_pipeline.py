@@ -96,12 +96,13 @@ def new_client_per_image_rate(uris: list[str]) -> float:
 
     from PIL import Image
 
-    from alignclip.presets import s3_client
+    import boto3
 
     tic = time.perf_counter()
     for uri in uris:
         bucket, key = uri[len("s3://") :].split("/", 1)
-        data = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+        data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
         Image.open(io.BytesIO(data)).convert("RGB")
     return len(uris) / (time.perf_counter() - tic)
 
@@ -109,6 +110,7 @@ def new_client_per_image_rate(uris: list[str]) -> float:
 def s3_figures(local: dict[str, list[str]], root: Path, workers: int, images: int) -> dict[str, float]:
     from moto.server import ThreadedMotoServer
 
+    from alignclip import s3
     from alignclip.data import storage
     from tests.servers import free_port
 
@@ -119,7 +121,7 @@ def s3_figures(local: dict[str, list[str]], root: Path, workers: int, images: in
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
-        client = storage.s3_client()
+        client = s3.client()
         client.create_bucket(Bucket="bench")
         remote = {}
         for domain, paths in local.items():

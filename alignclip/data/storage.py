@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from alignclip import presets
+from alignclip import s3
 from alignclip.log import get_logger
 
 log = get_logger(__name__)
@@ -18,37 +18,7 @@ log = get_logger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
 
-# Retries with exponential back-off and client-side rate limiting on throttling (botocore's "adaptive" mode);
-# a pool large enough for the staging threads.
-S3_RETRY_ATTEMPTS = 10
-S3_POOL_CONNECTIONS = 64
-STAGE_THREADS = 64
-_clients: dict = {}
-_clients_lock = threading.Lock()
-
-
-def s3_client():
-    """This process's S3 client, made once per process (a DataLoader worker makes its own after the fork) and per
-    endpoint; errors are not retried forever and are raised as botocore exceptions for the caller to classify."""
-    from botocore.config import Config
-
-    key = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
-           os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
-    client = _clients.get(key)
-    if client is None:
-        with _clients_lock:  # boto3's session is not thread-safe while it builds a client
-            client = _clients.get(key)
-            if client is None:
-                config = Config(
-                    retries={"max_attempts": S3_RETRY_ATTEMPTS, "mode": "adaptive"},
-                    max_pool_connections=S3_POOL_CONNECTIONS,
-                )
-                client = _clients[key] = presets.s3_client(config)
-    return client
-
-
-def is_s3(root: str) -> bool:
-    return str(root).startswith("s3://")
+is_s3 = s3.is_s3
 
 
 def join(root: str, relative: str) -> str:
@@ -84,8 +54,8 @@ def list_files(root: str, suffixes: tuple[str, ...] | None = IMG_EXTENSIONS) -> 
 def list_dirs(root: str) -> list[str]:
     """Immediate sub-folders of ``root``, sorted (DomainBed's environment and class order)."""
     if is_s3(root):
-        bucket, prefix = _split(root)
-        paginator = s3_client().get_paginator("list_objects_v2")
+        bucket, prefix = s3.parse_uri(root, prefix=True)
+        paginator = s3.client().get_paginator("list_objects_v2")
         names = set()
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
             for common in page.get("CommonPrefixes", []):
@@ -96,18 +66,9 @@ def list_dirs(root: str) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=True))
 
 
-def _split(root: str) -> tuple[str, str]:
-    rest = root[len("s3://") :]
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise ValueError(f"bad S3 prefix {root!r}: expected s3://<bucket>/<prefix>")
-    prefix = prefix.strip("/")
-    return bucket, (prefix + "/" if prefix else "")
-
-
 def _list_s3(root: str, suffixes) -> list[str]:
-    bucket, prefix = _split(root)
-    paginator = s3_client().get_paginator("list_objects_v2")
+    bucket, prefix = s3.parse_uri(root, prefix=True)
+    paginator = s3.client().get_paginator("list_objects_v2")
     found = []
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
@@ -122,20 +83,19 @@ def _list_s3(root: str, suffixes) -> list[str]:
 
 def read_bytes(path: str) -> bytes:
     if is_s3(path):
-        bucket, key = path[len("s3://") :].split("/", 1)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        bucket, key = s3.parse_uri(path)
+        return s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     with open(path, "rb") as handle:
         return handle.read()
 
 
 def cache_path(uri: str, cache_dir: str | Path | None = None) -> Path:
     """Where ``s3://bucket/key`` is kept locally: ``<cache>/s3/<bucket>/<key>`` (as for checkpoints)."""
-    bucket, key = uri[len("s3://") :].split("/", 1)
-    cache = Path(cache_dir or os.environ.get("ALIGNCLIP_CACHE", Path.home() / ".cache" / "alignclip"))
-    return cache / "s3" / bucket / key
+    bucket, key = s3.parse_uri(uri)
+    return s3.cache_root(cache_dir) / "s3" / bucket / key
 
 
-def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = STAGE_THREADS) -> list[str]:
+def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = s3.POOL_CONNECTIONS) -> list[str]:
     """Copy the ``s3://`` images among ``paths`` to the local cache with parallel GETs, once per machine (a
     cached file is reused), and return the paths to read: local copies, or the remote path where the copy failed
     (reading it then raises the storage error). Local paths pass through.
@@ -146,7 +106,7 @@ def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = 
     remote = [p for p in dict.fromkeys(paths) if is_s3(p)]
     if not remote:
         return list(paths)
-    client = s3_client()
+    client = s3.client()
     local: dict[str, str] = {}
     failed: list[tuple[str, str]] = []
 
@@ -155,7 +115,7 @@ def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = 
         if not target.is_file():
             from botocore.exceptions import BotoCoreError, ClientError
 
-            bucket, key = uri[len("s3://") :].split("/", 1)
+            bucket, key = s3.parse_uri(uri)
             try:
                 body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
             except (BotoCoreError, ClientError) as err:
@@ -172,7 +132,7 @@ def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = 
     if failed:
         log.warning("%d of %d images could not be staged (first: %s %s); they are read from S3", len(failed),
                     len(remote), *failed[0])
-    log.info("staged %d images from S3 into %s", len(local), cache_path(remote[0], cache_dir).parents[0])
+    log.info("staged %d images from S3 into %s", len(local), s3.cache_root(cache_dir) / "s3")
     return [local.get(p, p) for p in paths]
 
 
@@ -182,11 +142,11 @@ def read_text(path: str) -> str:
 
 def exists(path: str) -> bool:
     if is_s3(path):
-        bucket, key = path[len("s3://") :].split("/", 1)
+        bucket, key = s3.parse_uri(path)
         from botocore.exceptions import ClientError
 
         try:
-            s3_client().head_object(Bucket=bucket, Key=key)
+            s3.client().head_object(Bucket=bucket, Key=key)
             return True
         except ClientError:
             return False
