@@ -129,6 +129,20 @@ def similarity(
     typer.echo(f"similarity of {len(meta['classes'])} classes -> {out_dir}")
 
 
+WORKERS_HELP = ("DataLoader worker processes, or auto: the CPUs this process may use (affinity, cgroup quota) less "
+                "one, none with two CPUs or fewer")
+STAGE_HELP = "copy s3:// images into the local cache (ALIGNCLIP_CACHE) first, with parallel GETs; else one GET per image"
+
+
+def _check_workers(value: str) -> None:
+    from alignclip.data.loader import resolve_workers
+
+    try:
+        resolve_workers(value)
+    except ValueError as err:
+        raise ConfigError(f"--num-workers {value!r}: expected a count >= 0 or 'auto'") from err
+
+
 @app.command()
 def train(
     prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
@@ -149,7 +163,8 @@ def train(
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="random horizontal flip (default: the recipe's)"),
     params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for what is not given here"),
     similarity_path: Optional[Path] = typer.Option(None, "--similarity", help="similarity.pt from `alignclip similarity`"),
-    num_workers: int = typer.Option(0),
+    num_workers: str = typer.Option("auto", help=WORKERS_HELP),
+    stage_remote: bool = typer.Option(True, help=STAGE_HELP),
     device: str = typer.Option("auto"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the effective settings (JSON) and stop"),
@@ -166,8 +181,9 @@ def train(
 
     switches = _parse_overrides(set_)
     check("train_seeds", [seed], "--seed: ")
-    if weight_decay < 0 or num_workers < 0:
-        raise ConfigError(f"--weight-decay {weight_decay} / --num-workers {num_workers}: expected 0 or more")
+    if weight_decay < 0:
+        raise ConfigError(f"--weight-decay {weight_decay}: expected 0 or more")
+    _check_workers(num_workers)
     explicit = {"model_name": model, "model_pretrained": pretrained, "train_recipe": recipe, "train_formulation": formulation,
                 "train_steps": steps, "train_epochs": epochs, "train_batch_size": batch_size, "train_lr": lr, "train_hflip": hflip}
     meta = None
@@ -178,12 +194,13 @@ def train(
     settings = TrainSettings(
         method=method, formulation=values["train_formulation"], overrides=switches, model=values["model_name"],
         pretrained=values["model_pretrained"], test_domain=test_domain or None, seed=seed, weight_decay=weight_decay,
-        num_workers=num_workers, device=device, progress=progress,
+        num_workers=num_workers, stage_remote=stage_remote, device=device, progress=progress,
     )
     settings = apply_recipe(settings, effective["recipe"], steps=effective["steps"], batch_size=effective["batch_size"],
                             lr=effective["lr"], epochs=effective["epochs"], hflip=effective["hflip"])
     if dry_run:
-        shown = {k: v for k, v in asdict(settings).items() if k not in ("progress", "device", "num_workers", "log_every")}
+        shown = {k: v for k, v in asdict(settings).items()
+                 if k not in ("progress", "device", "num_workers", "stage_remote", "log_every")}
         typer.echo(json.dumps(shown, sort_keys=True))
         return
     check_output_dir(out_dir)
@@ -205,8 +222,9 @@ def evaluate(
     out_dir: Path = typer.Argument(..., help="where to write metrics.json and predictions.parquet"),
     test_domain: Optional[str] = typer.Option(None, help="held-out domain: read from the checkpoint; if given, it must agree"),
     test_split: str = typer.Option("holdout", help="held-out domain: 20% split (holdout, CLIPood), 80% split (in, DomainBed) or all (full)"),
-    batch_size: int = typer.Option(128),
-    num_workers: int = typer.Option(0),
+    batch_size: int = typer.Option(512),
+    num_workers: str = typer.Option("auto", help=WORKERS_HELP),
+    stage_remote: bool = typer.Option(True, help=STAGE_HELP),
     device: str = typer.Option("auto"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
@@ -214,13 +232,15 @@ def evaluate(
     from alignclip import artifacts, tracking
     from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
 
-    if batch_size < 1 or num_workers < 0:
-        raise ConfigError(f"--batch-size {batch_size} / --num-workers {num_workers}: expected a batch of 1 or more, 0 or more workers")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: expected a batch of 1 or more")
+    _check_workers(num_workers)
     check("data_test_split", test_split, "--test-split: ")
     check_output_dir(out_dir)
     run_name = f"evaluate-{checkpoint.parent.name}"
     with tracking.start_run(experiment, run_name, tags={"stage": "evaluate"}) as tracker:
-        summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain or None, test_split, batch_size, num_workers, device)
+        summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain or None, test_split, batch_size, num_workers,
+                               device, stage_remote)
         tracker.log_metrics(flat_metrics(summary))
         tracker.log_artifact(out_dir / artifacts.METRICS)
     typer.echo(json.dumps(flat_metrics(summary)))

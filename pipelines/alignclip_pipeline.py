@@ -31,7 +31,7 @@ class ClusterSettings:
     gpus: int = 1
     node_selector: dict = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
     tolerations: list = field(default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
-    cpu: str = "8"
+    cpu: str = "16"  # request = limit: the cgroup quota sizes the DataLoader workers (--num-workers auto: cpu - 1)
     memory: str = "32G"
     image: str = PLACEHOLDER_IMAGE
     max_parallelism: int = 8  # grid cells (GPU pods) at once
@@ -45,7 +45,7 @@ class ClusterSettings:
 def _on_gpu(task, cluster: ClusterSettings, retries: int = 0):
     if cluster.gpus:
         task.set_accelerator_type(cluster.gpu_type).set_accelerator_limit(cluster.gpus)
-    task.set_cpu_request(cluster.cpu).set_memory_request(cluster.memory)
+    task.set_cpu_request(cluster.cpu).set_cpu_limit(cluster.cpu).set_memory_request(cluster.memory)
     for key, value in cluster.node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for toleration in cluster.tolerations:
