@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from alignclip.artifacts import Checkpoint, load_checkpoint
 from alignclip.data.registry import prompt
 from alignclip.methods import MethodConfig
 from alignclip.model import AlignCLIPVisual
@@ -46,21 +47,20 @@ def make_visual(bundle, method: MethodConfig) -> AlignCLIPVisual:
     )
 
 
-def load_trained(checkpoint: str | Path, device):
+def load_trained(checkpoint: str | Path, device) -> tuple[object, AlignCLIPVisual, Checkpoint]:
     """Rebuild the model of a ``train`` checkpoint: the base weights, then the fine-tuned image encoder."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    bundle = load_clip(state["architecture"], state["pretrained"], device=device)
-    method = MethodConfig(**state["method"])
-    visual = make_visual(bundle, method)
-    if state["visual"] is not None:
-        visual.visual.load_state_dict(state["visual"])
+    state = load_checkpoint(checkpoint)
+    bundle = load_clip(state.architecture, state.pretrained, device=device)
+    visual = make_visual(bundle, MethodConfig(**state.method))
+    if state.visual is not None:
+        visual.visual.load_state_dict(state.visual)
     return bundle, visual.to(device).eval(), state
 
 
 class ClassProbabilities(torch.nn.Module):
     """The deployable classifier (eq. 1): the image encoder against frozen class text features,
-    softmax(cos(image, class) / tau) over the label space, [N, C]. Evaluation and the registered MLflow model
-    are this module."""
+    softmax(cos(image, class) / tau) over the label space, [N, C]: the registered MLflow model. The same
+    logits as evaluation (``cosine_logits``), which tests/test_pipeline.py checks on the logged model."""
 
     def __init__(self, visual: torch.nn.Module, text: torch.Tensor, tau: float):
         super().__init__()
@@ -69,8 +69,9 @@ class ClassProbabilities(torch.nn.Module):
         self.tau = float(tau)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = torch.nn.functional.normalize(self.visual(images).float(), dim=-1)
-        return (features @ self.text.T / self.tau).softmax(dim=-1)
+        from alignclip.losses import cosine_logits
+
+        return cosine_logits(self.visual(images).float(), self.text, self.tau).softmax(dim=-1)
 
 
 def log_classifier(tracker, checkpoint: str | Path, meta: dict, tags: dict) -> None:
@@ -83,13 +84,13 @@ def log_classifier(tracker, checkpoint: str | Path, meta: dict, tags: dict) -> N
     from alignclip import runs
 
     bundle, visual, state = load_trained(checkpoint, "cpu")
-    classes = [meta["classes"][g] for g in state["label_space"]]
+    classes = [meta["classes"][g] for g in state.label_space]
     text = encode_classes(bundle.model, bundle.tokenizer, classes, meta["template"], "cpu")
-    classifier = ClassProbabilities(visual, text, state["method"].get("tau", 0.01)).eval()
+    classifier = ClassProbabilities(visual, text, state.method.get("tau", 0.01)).eval()
     # batch of 2: torch.export specialises a size-1 dimension, which would pin the model to batch 1
     example = np.zeros((2, 3, bundle.image_size, bundle.image_size), dtype=np.float32)
     name = runs.registered_name(tags["dataset"], tags["variant"])
-    metadata = {"classes": classes, "label_space": state["label_space"], "output": "class probabilities [N, C]"}
+    metadata = {"classes": classes, "label_space": state.label_space, "output": "class probabilities [N, C]"}
     version = tracker.log_model(classifier, "classifier", name, example, metadata=metadata)
     client = MlflowClient()
     model_tags = {k: tags[k] for k in ("dataset", "protocol", "method", "variant", "formulation")}

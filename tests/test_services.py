@@ -3,6 +3,7 @@ the Dockerfiles: each against the real tool, on 127.0.0.1 only."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -140,6 +141,20 @@ def test_dvc_repro_runs_the_pipeline(tmp_path):
     again = dvc("repro")
     assert "didn't change" in again.stdout or "up to date" in again.stdout
     assert len(client.search_runs([experiment.experiment_id])) == 3
+    # a new seed adds its grid cells and re-runs nothing else: each stage lists only the settings it reads, and
+    # the prepared data of a domain-shift protocol does not depend on the seeds (prepare re-lists, same bytes)
+    params["train"]["seeds"] = [0, 1]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    grown = dvc("repro")
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    ran = set(re.findall(r"Running stage '([^']+)'", grown.stdout))
+    new_cells = {f"{stage}@{method}-rotated_15-1" for stage in ("train", "evaluate") for method in ("zeroshot", "alignclip+release")}
+    assert ran == {"prepare", "report"} | new_cells, ran
+    # the grown grid is another pipeline run (params.yaml changed) that holds only the cells that ran
+    grown_runs = client.search_runs([experiment.experiment_id])
+    (grown_parent,) = [r for r in grown_runs if r.data.tags["run_type"] == "pipeline" and r.info.run_id != parent.info.run_id]
+    children = [r for r in grown_runs if r.data.tags.get("mlflow.parentRunId") == grown_parent.info.run_id]
+    assert grown_parent.info.status == "FINISHED" and sorted(r.data.tags["seed"] for r in children) == ["1", "1"]
 
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
