@@ -177,12 +177,12 @@ def dvc_parent_run(experiment: str) -> str | None:
         if run.info.status != "RUNNING":  # a re-run after a failure continues the same pipeline run
             client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id
-    from alignclip.config import load_params
+    import yaml
 
+    # the settings as params.yaml writes them (the stages that read them have checked them)
     params_file = Path(dvc_root) / "params.yaml"
-    params = {}
-    if params_file.is_file():
-        params = {f"{s}.{k}": v for s, keys in load_params(params_file).items() for k, v in keys.items()}
+    sections = (yaml.safe_load(params_file.read_text()) or {}) if params_file.is_file() else {}
+    params = {f"{s}.{k}": v for s, keys in sections.items() if isinstance(keys, dict) for k, v in keys.items()}
     dataset = params.get("data.dataset", "")
     protocol = params.get("data.protocol", "")
     name = f"dvc repro: {dataset} ({protocol})" if dataset else "dvc repro"

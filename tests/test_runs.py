@@ -26,7 +26,7 @@ def test_dvc_parent_is_reused_until_the_report_ends_it(store, tmp_path, monkeypa
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    defaults = yaml.safe_load((runs.Path(runs.__file__).parent / "resources" / "params.default.yaml").read_text())
+    defaults = yaml.safe_load((runs.Path(runs.__file__).parent.parent / "params.yaml").read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump(defaults))
     assert runs.dvc_parent_run("exp") is None  # not a DVC stage
     monkeypatch.setenv("DVC_ROOT", str(repo))
