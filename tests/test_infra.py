@@ -212,3 +212,28 @@ def test_network_policies_admit_only_pipeline_pods_to_mlflow_and_the_store(rende
         assert not reach("seaweedfs", 8333, ns, labels["postgres"])
     else:  # prod's store is external: no policy may name the removed in-cluster store
         assert "seaweedfs" not in labels and all(p["metadata"]["name"] != "s3-from-pipelines" for p in policies)
+
+
+def test_every_pipeline_task_carries_the_admitted_label_limits_a_deadline_and_a_non_root_user(tmp_path):
+    """The compiled KFP package: every task pod has the label the NetworkPolicies admit, CPU/memory limits, an
+    activeDeadlineSeconds and the image's non-root user."""
+    from alignclip.pipeline_cli import compile_pipeline
+
+    spec, platform = list(yaml.safe_load_all(compile_pipeline("demo", tmp_path / "demo.yaml").read_text()))
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == set(spec["deploymentSpec"]["executors"])  # every task has Kubernetes settings
+    policies = [d for d in render("dev") if d["kind"] == "NetworkPolicy"]
+    admitted = [peer["podSelector"]["matchLabels"] for p in policies if p["metadata"]["name"] == "mlflow-from-pipelines"
+                for rule in p["spec"]["ingress"] for peer in rule["from"] if "namespaceSelector" in peer]
+    for name, kubernetes in executors.items():
+        labels = kubernetes["podMetadata"]["labels"]
+        assert admitted and all(matches({"matchLabels": selector}, labels) for selector in admitted), name
+        assert kubernetes["securityContext"]["runAsNonRoot"] is True and int(kubernetes["securityContext"]["runAsUser"]) == 1000
+        resources = spec["deploymentSpec"]["executors"][name]["container"]["resources"]
+        assert resources["resourceCpuLimit"] and resources["resourceMemoryLimit"], name
+        assert resources["resourceCpuRequest"] and resources["resourceMemoryRequest"], name
+        gpu = "accelerator" in resources
+        assert int(kubernetes["activeDeadlineSeconds"]) == (48 if gpu else 6) * 3600, name
+        if gpu:  # limits equal to requests: Guaranteed QoS on the GPU node
+            assert resources["resourceCpuLimit"] == resources["resourceCpuRequest"]
+            assert resources["resourceMemoryLimit"] == resources["resourceMemoryRequest"]
