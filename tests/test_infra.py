@@ -120,7 +120,7 @@ def test_mlflow_requires_authentication_with_credentials_from_secrets(rendered):
     assert container["command"] == ["mlflow", "server"]
     assert "--app-name=basic-auth" in container["args"]
     env = {e["name"]: e for e in container["env"]}
-    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "PGUSER", "PGPASSWORD"):
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGUSER", "PGPASSWORD"):
         assert "secretKeyRef" in env[name]["valueFrom"], name
     # the backend store URI names host and database only; libpq takes user and password from PGUSER/PGPASSWORD
     assert env["MLFLOW_BACKEND_STORE_URI"]["value"] == "postgresql+psycopg2://postgres:5432/mlflow"
