@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 
-from alignclip.presets import s3_client
+from alignclip import s3
+from alignclip.log import get_logger
+
+log = get_logger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
 
-def is_s3(root: str) -> bool:
-    return str(root).startswith("s3://")
+is_s3 = s3.is_s3
 
 
 def join(root: str, relative: str) -> str:
@@ -50,8 +54,8 @@ def list_files(root: str, suffixes: tuple[str, ...] | None = IMG_EXTENSIONS) -> 
 def list_dirs(root: str) -> list[str]:
     """Immediate sub-folders of ``root``, sorted (DomainBed's environment and class order)."""
     if is_s3(root):
-        bucket, prefix = _split(root)
-        paginator = s3_client().get_paginator("list_objects_v2")
+        bucket, prefix = s3.parse_uri(root, prefix=True)
+        paginator = s3.client().get_paginator("list_objects_v2")
         names = set()
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
             for common in page.get("CommonPrefixes", []):
@@ -62,18 +66,9 @@ def list_dirs(root: str) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=True))
 
 
-def _split(root: str) -> tuple[str, str]:
-    rest = root[len("s3://") :]
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise ValueError(f"bad S3 prefix {root!r}: expected s3://<bucket>/<prefix>")
-    prefix = prefix.strip("/")
-    return bucket, (prefix + "/" if prefix else "")
-
-
 def _list_s3(root: str, suffixes) -> list[str]:
-    bucket, prefix = _split(root)
-    paginator = s3_client().get_paginator("list_objects_v2")
+    bucket, prefix = s3.parse_uri(root, prefix=True)
+    paginator = s3.client().get_paginator("list_objects_v2")
     found = []
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
@@ -88,10 +83,57 @@ def _list_s3(root: str, suffixes) -> list[str]:
 
 def read_bytes(path: str) -> bytes:
     if is_s3(path):
-        bucket, key = path[len("s3://") :].split("/", 1)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        bucket, key = s3.parse_uri(path)
+        return s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     with open(path, "rb") as handle:
         return handle.read()
+
+
+def cache_path(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """Where ``s3://bucket/key`` is kept locally: ``<cache>/s3/<bucket>/<key>`` (as for checkpoints)."""
+    bucket, key = s3.parse_uri(uri)
+    return s3.cache_root(cache_dir) / "s3" / bucket / key
+
+
+def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = s3.POOL_CONNECTIONS) -> list[str]:
+    """Copy the ``s3://`` images among ``paths`` to the local cache with parallel GETs, once per machine (a
+    cached file is reused), and return the paths to read: local copies, or the remote path where the copy failed
+    (reading it then raises the storage error). Local paths pass through.
+
+    Per-image GETs inside DataLoader workers cost a request round trip per image on the training critical path;
+    staged, the training reads local files (measured by bench/input_pipeline.py, see README).
+    """
+    remote = [p for p in dict.fromkeys(paths) if is_s3(p)]
+    if not remote:
+        return list(paths)
+    client = s3.client()
+    local: dict[str, str] = {}
+    failed: list[tuple[str, str]] = []
+
+    def fetch(uri: str) -> None:
+        target = cache_path(uri, cache_dir)
+        if not target.is_file():
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            bucket, key = s3.parse_uri(uri)
+            try:
+                body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except (BotoCoreError, ClientError) as err:
+                failed.append((uri, f"{type(err).__name__}: {err}"))
+                return
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.partial")
+            partial.write_bytes(body)
+            os.replace(partial, target)  # readers never see a half-written file
+        local[uri] = str(target)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        list(pool.map(fetch, remote))
+    if failed:
+        log.warning("%d of %d images could not be staged (first: %s %s); they are read from S3", len(failed),
+                    len(remote), *failed[0])
+    log.info("staged %d images from S3 into %s", len(local), s3.cache_root(cache_dir) / "s3")
+    return [local.get(p, p) for p in paths]
 
 
 def read_text(path: str) -> str:
@@ -100,11 +142,11 @@ def read_text(path: str) -> str:
 
 def exists(path: str) -> bool:
     if is_s3(path):
-        bucket, key = path[len("s3://") :].split("/", 1)
+        bucket, key = s3.parse_uri(path)
         from botocore.exceptions import ClientError
 
         try:
-            s3_client().head_object(Bucket=bucket, Key=key)
+            s3.client().head_object(Bucket=bucket, Key=key)
             return True
         except ClientError:
             return False
