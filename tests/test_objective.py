@@ -170,3 +170,11 @@ def test_gradients_are_finite_and_the_dv_target_gets_none(tiny, batch):
         for name, p in visual.named_parameters():
             p.grad = None
             p.requires_grad_(before[name])
+
+
+def test_the_papers_hyper_parameters_are_the_defaults():
+    """Sec. 4 / A.1: tau = 0.01 (CLIP's), lambda = 1, eps = 0.1; eq. 4's G uses the same temperature; BMA on."""
+    method = get_method("alignclip")
+    assert (method.tau, method.sls_weight, method.eps, method.aal_tau) == (0.01, 1.0, 0.1, 0.01)
+    assert (method.aal_weight, method.smoothing, method.kl_direction, method.bma) == (1.0, "sls", "forward", True)
+    assert (method.attn_term, method.sim_term, method.sim_classes) == (True, True, "target")
