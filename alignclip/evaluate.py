@@ -25,7 +25,7 @@ log = get_logger(__name__)
 
 
 @torch.no_grad()
-def predict(visual, text: torch.Tensor, loader, device, topk: int = 5, tau: float = 0.01):
+def predict(visual, text: torch.Tensor, loader, device, tau: float, topk: int = 5):
     """Predicted class, target, dataset index, and the top-k classes with their probabilities (eq. 1, tau)."""
     preds, targets, indices, top, top_prob = [], [], [], [], []
     for images, target, index in loader:
@@ -91,7 +91,7 @@ def evaluate(
         text = encode_classes(bundle.model, bundle.tokenizer, names, meta["template"], dev)
         dataset = ManifestImages(meta, view.rows["path"].tolist(), view.rows["label"].tolist(), view.label_space, transform)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-        pred, target, index, top, top_prob = predict(visual, text, loader, dev, tau=state.method["tau"])
+        pred, target, index, top, top_prob = predict(visual, text, loader, dev, state.method["tau"])
         correct = int((pred == target).sum())
         results[view.name] = {
             "accuracy": 100.0 * correct / len(target),
