@@ -383,7 +383,9 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
                 "holdout_fraction": settings.holdout_fraction,
                 "trial_seed": settings.trial_seed,
                 "shots": settings.shots,
-                "seeds": list(settings.seeds),
+                # only few-shot protocols sample per seed; elsewhere the seeds change nothing, so they are not
+                # recorded (a DVC grid that adds a seed then leaves the prepared data, and every other cell, as is)
+                "seeds": list(settings.seeds) if protocol in ("base2new", "imagenet") else [],
             },
             "counts": {
                 "images": int(len(manifest)),
