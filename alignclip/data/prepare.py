@@ -360,11 +360,7 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
     protocol = settings.protocol or default_protocol(settings.dataset)
     if protocol not in PROTOCOLS:
         raise DatasetError(f"unknown protocol {protocol!r}: expected one of {tuple(PROTOCOLS)}")
-    allowed = {
-        "domainbed": ("domainbed", "wild"),
-        "coop": ("base2new",),
-        "imagenet": ("imagenet", "base2new"),
-    }[spec.protocol]
+    allowed = tuple(name for name, p in PROTOCOLS.items() if spec.protocol in p.layouts)
     if protocol not in allowed:
         raise DatasetError(f"dataset {settings.dataset!r} supports protocol(s) {allowed}, not {protocol!r}")
     if not 0.0 < settings.holdout_fraction < 1.0:
