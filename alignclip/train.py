@@ -46,6 +46,7 @@ class TrainSettings:
     steps: int | None = 5000  # None: epochs x iters_per_epoch
     epochs: int | None = None
     iters_per_epoch: int | None = None  # None: one pass over the training set
+    shots: int | None = None  # few-shot protocols: None/16 the prepared few-shot subset, 0 all training images
     batch_size: int = 36  # per training domain for multi-domain protocols
     lr: float = 5e-6
     weight_decay: float = 0.1
