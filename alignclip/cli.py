@@ -72,18 +72,22 @@ def prepare(
     out_dir: Path = typer.Argument(..., help="where to write manifest.parquet and meta.json"),
     protocol: str = typer.Option("", help="domainbed | wild | base2new | imagenet (default: the dataset's own)"),
     holdout_fraction: float = typer.Option(0.2, help="DomainBed held-out fraction per domain"),
-    trial_seed: int = typer.Option(0, help="DomainBed trial seed of the in/out splits"),
+    trial_seed: int = typer.Option(0, help="trial seed of the in/out splits: DomainBed's (domainbed); wild: CLIPood's split uses 0, others are our extension"),
     shots: int = typer.Option(16, help="few-shot images per class (base2new, imagenet)"),
     seeds: List[int] = typer.Option([1, 2, 3], "--seed", help="few-shot sampling seeds (repeatable)"),
     template: Optional[str] = typer.Option(None, help="prompt template with {} for the class name"),
     split_file: Optional[str] = typer.Option(None, help="CoOp split JSON (default: the dataset's split_zhou_*.json)"),
+    templates: str = typer.Option("paper", help="prompt templates: paper (appendix A.2) | release (the released code's, CoOp's)"),
+    class_names: str = typer.Option("paper", help="class names: paper ('_' and '-' become spaces) | release (only '_')"),
+    listing: str = typer.Option("sorted", help="imagenet: image order for few-shot picks: sorted (reproducible) | filesystem (CoOp's os.listdir order)"),
     validate: bool = typer.Option(False, help="also decode every image (parallel) and list unreadable ones"),
 ):
     """List and split a dataset by its protocol; write a manifest (parquet) and its metadata (JSON)."""
     from alignclip.data.prepare import PrepareSettings, prepare as run_prepare, validate_images, write_prepared
 
     settings = PrepareSettings(
-        dataset, root, protocol, holdout_fraction, trial_seed, shots, list(seeds), template, split_file
+        dataset, root, protocol, holdout_fraction, trial_seed, shots, list(seeds), template, split_file,
+        templates=templates, class_names=class_names, listing=listing,
     )
     manifest, meta = run_prepare(settings)
     if validate:
