@@ -33,7 +33,23 @@ def check_test_domain(meta: dict, test_domain: str | None) -> None:
             raise ValueError(f"test domain {test_domain!r}: expected one of {meta['domains']} ({meta['dataset']})")
 
 
-def training_set(manifest: pd.DataFrame, meta: dict, test_domain: str | None, seed: int) -> tuple[pd.DataFrame, list[int]]:
+def few_shot_rows(train: pd.DataFrame, meta: dict, seed: int, shots: int | None) -> pd.Series:
+    """Which training rows a few-shot protocol trains on: ``shots`` None (or the prepared count) the subset sampled
+    at preparation for ``seed``; 0 every training image (the authors' base-to-new scripts: ``--n-shot 0``)."""
+    if shots == 0:
+        return pd.Series(True, index=train.index)
+    prepared = meta.get("settings", {}).get("shots")
+    if shots is not None and shots != prepared:
+        raise ValueError(
+            f"shots={shots}: the data was prepared with {prepared} shots per class; prepare with --shots {shots} "
+            f"or train with shots 0 (all training images)"
+        )
+    return _shots(train, seed)
+
+
+def training_set(
+    manifest: pd.DataFrame, meta: dict, test_domain: str | None, seed: int, shots: int | None = None
+) -> tuple[pd.DataFrame, list[int]]:
     protocol = meta["protocol"]
     check_test_domain(meta, test_domain)
     train = manifest[manifest["split"] == "train"]
@@ -43,10 +59,10 @@ def training_set(manifest: pd.DataFrame, meta: dict, test_domain: str | None, se
         rows = train[(train["domain"] != test_domain) & (train["subset"] == "base")]
         return rows, list(meta["base_classes"])
     if protocol == "base2new":
-        rows = train[_shots(train, seed) & (train["subset"] == "base")]
+        rows = train[few_shot_rows(train, meta, seed, shots) & (train["subset"] == "base")]
         return rows, list(meta["base_classes"])
     if protocol == "imagenet":
-        rows = train[(train["domain"] == "imagenet") & _shots(train, seed)]
+        rows = train[(train["domain"] == "imagenet") & few_shot_rows(train, meta, seed, shots)]
         return rows, list(range(len(meta["classes"])))
     raise ValueError(f"unknown protocol {protocol!r}")
 

@@ -117,7 +117,7 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
     settings = replace(settings, method=method_name, formulation=formulation)
     method = get_method(settings.method, settings.formulation, **settings.overrides)
     manifest, meta = load_prepared(prepared_dir)
-    rows, label_space = protocols.training_set(manifest, meta, settings.test_domain, settings.seed)
+    rows, label_space = protocols.training_set(manifest, meta, settings.test_domain, settings.seed, settings.shots)
     if rows.empty:
         raise ValueError(f"no training images for test domain {settings.test_domain!r} / seed {settings.seed}")
     device = resolve_device(settings.device)
@@ -155,18 +155,27 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
     for group in groups:
         dataset = ManifestImages(meta, group["path"].tolist(), group["label"].tolist(), label_space, transform)
         run.streams.append((dataset, infinite_batches(dataset, settings.batch_size, generator, settings.num_workers)))
-    run.optimizer = make_optimizer(bundle, visual, settings.lr, settings.weight_decay)
+    run.optimizer = make_optimizer(bundle, visual, settings.lr, settings.weight_decay, method.weight_decay_scope)
     run.bma = BetaMovingAverage(visual, run.steps, method.bma_beta) if method.bma else None
     return run
 
 
-def make_optimizer(bundle, visual: AlignCLIPVisual, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the image encoder only (the text encoder is frozen; its features are precomputed); no weight
-    decay on biases, norms and embeddings."""
+def make_optimizer(
+    bundle, visual: AlignCLIPVisual, lr: float, weight_decay: float, scope: str = "matrices"
+) -> torch.optim.AdamW:
+    """AdamW over the image encoder only (the text encoder is frozen; its features are precomputed).
+
+    ``scope`` (method switch ``weight_decay_scope``): ``matrices`` exempts biases, norms and embeddings from weight
+    decay; ``all`` decays every parameter, as the released code's ``AdamW(classifier.parameters(), wd)``.
+    """
     for p in bundle.model.parameters():
         p.requires_grad_(False)
     for p in visual.parameters():
         p.requires_grad_(True)
+    if scope == "all":
+        return torch.optim.AdamW([{"params": list(visual.parameters()), "weight_decay": weight_decay}], lr=lr)
+    if scope != "matrices":
+        raise ValueError(f"weight_decay_scope={scope!r}: expected 'matrices' or 'all'")
     decay = [p for n, p in visual.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in visual.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     return torch.optim.AdamW(
