@@ -99,7 +99,7 @@ class AlignCLIPVisual(nn.Module):
     @property
     def depth(self) -> int:
         """Attention layers of the encoder: a ViT's blocks, or 1 (the attention pool) for a CLIP ResNet."""
-        return 1 if self.attention_pool else len(self.visual.transformer.resblocks)
+        return attention_depth(self.visual)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -233,6 +233,11 @@ def _cls_attention(q: torch.Tensor, k: torch.Tensor, cls_attn_norm: str) -> torc
     # released: head-averaged full attention row, the first token's own entry dropped, L1-renormalised
     row = logits.softmax(dim=-1).mean(dim=1)[:, 1:]
     return row / row.sum(dim=-1, keepdim=True)
+
+
+def attention_depth(visual: nn.Module) -> int:
+    """Attention layers of an open_clip image encoder that AAL can align: a ViT's blocks, 1 for a CLIP ResNet."""
+    return 1 if _is_attention_pool_resnet(visual) else len(visual.transformer.resblocks)
 
 
 def _is_attention_pool_resnet(visual: nn.Module) -> bool:

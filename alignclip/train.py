@@ -141,6 +141,8 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
         "protocol": meta["protocol"],
         "train_images": int(len(rows)),
         "label_space": label_space,
+        # what the encoder aligned: a CLIP ResNet has one attention layer whatever aligned_layers asks for
+        "attention_layers": {"aligned": visual.aligned_layers, "dv": visual.dv_layers},
     }
     run = TrainingRun(settings, method, bundle, visual, text, class_sim, label_space, summary, device)
     if not method.trains:

@@ -169,3 +169,25 @@ def test_vit_b32_align_outputs_match_naive_recomputation(vit_b32):
     with torch.no_grad():
         vvv = AlignCLIPVisual(visual, dv_layers=2, branch="vvv")(images, align=True)
         assert torch.allclose(vvv.dv_tokens, naive_dv_tokens(visual, inputs, 2, vvv=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("formulation", ["paper", "release"])
+def test_rn50_trains_with_aal_through_the_training_loop(digits_prepared, tmp_path, formulation):
+    import json
+
+    import pandas as pd
+
+    from alignclip.classifier import load_trained
+    from alignclip.train import TrainSettings, train
+
+    settings = TrainSettings(
+        method="alignclip", formulation=formulation, model="tiny-rn50", test_domain="rotated_0", steps=3,
+        batch_size=2, lr=1e-4, hflip=False, progress=False,
+    )
+    train(digits_prepared, tmp_path, settings)
+    log = pd.read_csv(tmp_path / "train_log.csv")
+    assert len(log) == 3 and (log["aal"] > 0).all() and log["loss"].notna().all()
+    summary = json.loads((tmp_path / "train.json").read_text())
+    assert summary["attention_layers"] == {"aligned": 1, "dv": 1}  # what was aligned, not the 4 or 5 asked
+    _, visual, state = load_trained(tmp_path / "model.pt", "cpu")
+    assert state["architecture"] == "alignclip-tiny-rn50" and visual.attention_pool
