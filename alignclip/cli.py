@@ -141,7 +141,7 @@ def train(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Fine-tune the image encoder with one method; the BMA model is the result."""
-    from alignclip import tracking
+    from alignclip import artifacts, tracking
     from alignclip.classifier import log_image_encoder
     from alignclip.recipes import apply_recipe
     from alignclip.train import TrainSettings, train as run_train
@@ -155,11 +155,11 @@ def train(
     run_name = f"train-{method}-{test_domain or 'all'}-s{seed}"
     with tracking.start_run(experiment, run_name, tags={"stage": "train", "method": method}) as tracker:
         summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path)
-        tracker.log_artifact(out_dir / "train_log.csv")
-        tracker.log_artifact(out_dir / "train.json")
+        tracker.log_artifact(out_dir / artifacts.TRAIN_LOG)
+        tracker.log_artifact(out_dir / artifacts.TRAIN_SUMMARY)
         if tracker.enabled:
-            log_image_encoder(tracker, out_dir / "model.pt", f"alignclip-{summary['dataset']}-{method.replace('+', '-').replace('@', '-')}")
-    typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / 'model.pt'}")
+            log_image_encoder(tracker, out_dir / artifacts.MODEL, f"alignclip-{summary['dataset']}-{method.replace('+', '-').replace('@', '-')}")
+    typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / artifacts.MODEL}")
 
 
 @app.command()
@@ -167,7 +167,7 @@ def evaluate(
     prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
     checkpoint: Path = typer.Argument(..., help="model.pt from `alignclip train`"),
     out_dir: Path = typer.Argument(..., help="where to write metrics.json and predictions.parquet"),
-    test_domain: Optional[str] = typer.Option(None, help="held-out domain (domainbed, wild)"),
+    test_domain: Optional[str] = typer.Option(None, help="held-out domain: read from the checkpoint; if given, it must agree"),
     test_split: str = typer.Option("holdout", help="held-out domain: 20% split (holdout, CLIPood), 80% split (in, DomainBed) or all (full)"),
     batch_size: int = typer.Option(128),
     num_workers: int = typer.Option(0),
@@ -175,14 +175,14 @@ def evaluate(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Top-1 accuracy on every view of the protocol (held-out domain, base/new classes, ImageNet variants)."""
-    from alignclip import tracking
+    from alignclip import artifacts, tracking
     from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
 
     run_name = f"evaluate-{checkpoint.parent.name}"
     with tracking.start_run(experiment, run_name, tags={"stage": "evaluate"}) as tracker:
         summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain, test_split, batch_size, num_workers, device)
         tracker.log_metrics(flat_metrics(summary))
-        tracker.log_artifact(out_dir / "metrics.json")
+        tracker.log_artifact(out_dir / artifacts.METRICS)
     typer.echo(json.dumps(flat_metrics(summary)))
 
 
@@ -249,16 +249,14 @@ def pipeline_submit(
 @pipeline_app.command("run")
 def pipeline_run(
     family: str = typer.Argument("demo"),
-    local: bool = typer.Option(True, "--local/--no-local", help="run with kfp's local SubprocessRunner (no cluster)"),
     pipeline_root: Path = typer.Option(Path("outputs/kfp"), help="where the local runner keeps artifacts"),
     param: List[str] = typer.Option([], "--param", help="pipeline parameter override name=value (repeatable)"),
     params_file: Optional[Path] = typer.Option(Path("params.yaml"), help="parameters file (params.yaml)"),
 ):
-    """Run the real DAG locally: every component as a subprocess of this machine."""
+    """Run the real DAG locally: every component as a subprocess of this machine (kfp's SubprocessRunner);
+    `alignclip pipeline submit` runs it on a cluster."""
     from alignclip.pipeline_cli import run_local
 
-    if not local:
-        raise typer.BadParameter("use `alignclip pipeline submit` for a cluster")
     run_local(family, pipeline_root.resolve(), _arguments(param, params_file))
     typer.echo(f"pipeline {family} finished; artifacts under {pipeline_root}")
 

@@ -84,12 +84,14 @@ def similarity(
     heatmap: Output[Markdown],
 ):
     """Class similarity matrix of the class prompts and its heatmap."""
+    from alignclip import artifacts
     from alignclip.tasks import run_cli, task_env
     import base64
+    import os
 
     env = task_env(parent_run.path, experiment, tracking_uri)
     run_cli("similarity", prepared.path, matrix.path, "--model", model_name, "--pretrained", pretrained, env=env)
-    image = base64.b64encode(open(matrix.path + "/similarity.png", "rb").read()).decode()
+    image = base64.b64encode(open(os.path.join(matrix.path, artifacts.SIMILARITY_HEATMAP), "rb").read()).decode()
     with open(heatmap.path, "w") as handle:
         handle.write(f"# Class similarity\n\n![similarity](data:image/png;base64,{image})\n")
 
@@ -113,12 +115,14 @@ def train(
     model: Output[Model],
 ):
     """Fine-tune one (method, held-out domain, seed); a nested MLflow run under the pipeline's run."""
+    from alignclip import artifacts
     from alignclip.tasks import run_cli, task_env
+    import os
 
     env = task_env(parent_run.path, experiment, tracking_uri)
     cmd = ["train", prepared.path, model.path, "--method", cell["method"], "--seed", str(int(cell["seed"])),
            "--formulation", formulation, "--model", model_name, "--pretrained", pretrained, "--no-progress",
-           "--similarity", matrix.path + "/similarity.pt", "--hflip" if hflip else "--no-hflip"]
+           "--similarity", os.path.join(matrix.path, artifacts.SIMILARITY_MATRIX), "--hflip" if hflip else "--no-hflip"]
     if cell["test_domain"]:
         cmd += ["--test-domain", cell["test_domain"]]
     if recipe:
@@ -134,7 +138,6 @@ def train(
 def evaluate(
     prepared: Input[Dataset],
     model: Input[Model],
-    cell: dict,
     test_split: str,
     experiment: str,
     tracking_uri: str,
@@ -142,27 +145,26 @@ def evaluate(
     metrics: Output[Metrics],
     results: Output[Artifact],
 ) -> float:
-    """Top-1 accuracy on each view; returns the headline accuracy (held-out domain, or H, or ImageNet)."""
+    """Top-1 accuracy on each view; returns the protocol's headline metric (held-out domain, H, ImageNet...)."""
+    from alignclip import artifacts
     from alignclip.tasks import run_cli, task_env
     import json
     import os
     import shutil
 
     env = task_env(parent_run.path, experiment, tracking_uri)
-    cmd = ["evaluate", prepared.path, model.path + "/model.pt", results.path, "--test-split", test_split]
-    if cell["test_domain"]:
-        cmd += ["--test-domain", cell["test_domain"]]
-    run_cli(*cmd, env=env)
-    for name in ("train.json", "train_log.csv"):  # small files the report reads beside metrics.json
+    # the held-out domain is the checkpoint's own: evaluate reads it from there
+    run_cli("evaluate", prepared.path, os.path.join(model.path, artifacts.MODEL), results.path, "--test-split", test_split, env=env)
+    for name in (artifacts.TRAIN_SUMMARY, artifacts.TRAIN_LOG):  # small files the report reads beside the metrics
         shutil.copy(os.path.join(model.path, name), os.path.join(results.path, name))
-    summary = json.load(open(os.path.join(results.path, "metrics.json")))
+    summary = json.load(open(os.path.join(results.path, artifacts.METRICS)))
     for view, value in summary["views"].items():
         metrics.log_metric(f"{view}_acc", value["accuracy"])
-    if "H" in summary:
-        metrics.log_metric("H", summary["H"])
-        return float(summary["H"])
-    first = "test" if "test" in summary["views"] else ("all" if "all" in summary["views"] else next(iter(summary["views"])))
-    return float(summary["views"][first]["accuracy"])
+    headline = summary["headline"]  # the protocol's own headline metric; null when its view had no images
+    if headline is None:
+        return float("nan")
+    metrics.log_metric(headline["metric"], headline["value"])
+    return float(headline["value"])
 
 
 @component
@@ -180,6 +182,7 @@ def report(
     bundle: Output[Artifact],
 ):
     """Fan-in: tables, figures and the results page over every evaluation."""
+    from alignclip import artifacts
     from alignclip.tasks import run_cli, task_env
     import base64
     import os
@@ -195,16 +198,16 @@ def report(
     for index, item in enumerate(models):
         target = f"{collected}/models/{index:03d}"
         os.makedirs(target)
-        os.symlink(os.path.join(item.path, "model.pt"), os.path.join(target, "model.pt"))
-        shutil.copy(os.path.join(item.path, "train.json"), target)
+        os.symlink(os.path.join(item.path, artifacts.MODEL), os.path.join(target, artifacts.MODEL))
+        shutil.copy(os.path.join(item.path, artifacts.TRAIN_SUMMARY), target)
     env = task_env(parent_run.path, experiment, tracking_uri)
     out = bundle.path + "/report"
     run_cli("report", collected, out, "--prepared-dir", prepared.path, "--similarity-dir", matrix.path, env=env)
-    text = open(out + "/index.html").read()
+    text = open(os.path.join(out, artifacts.REPORT_PAGE)).read()
     # inline the figures so the KFP UI shows the page on its own
     for name in re.findall(r"src='([^']+\.png)'", text):
         data = base64.b64encode(open(os.path.join(out, name), "rb").read()).decode()
         text = text.replace(f"src='{name}'", f"src='data:image/png;base64,{data}'")
     open(page.path, "w").write(text)
-    shutil.copy(out + "/index.md", tables.path)
+    shutil.copy(os.path.join(out, artifacts.REPORT_MARKDOWN), tables.path)
     bundle.metadata["mean_accuracy"] = sum(float(a) for a in accuracies) / max(len(accuracies), 1)

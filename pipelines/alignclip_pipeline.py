@@ -144,7 +144,7 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
             ).set_display_name("train")
             _secrets(_on_gpu(trained, cluster, retries=cluster.train_retries), cluster)
             scored = stages.evaluate(
-                prepared=prepared.outputs["prepared"], model=trained.outputs["model"], cell=cell, test_split=data_test_split,
+                prepared=prepared.outputs["prepared"], model=trained.outputs["model"], test_split=data_test_split,
                 experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
             ).set_display_name("evaluate")
             _secrets(_on_gpu(scored, cluster), cluster)

@@ -25,9 +25,11 @@ def compiled(tmp_path_factory):
 def test_tasks_and_edges(compiled):
     spec, _, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"start-run", "prepare", "similarity", "for-loop-1", "report"}
+    # the loop's task name is kfp's to choose: find it by what it is, the one task iterating over a parameter
+    (loop_name,) = [name for name, task in tasks.items() if "parameterIterator" in task]
+    assert set(tasks) == {"start-run", "prepare", "similarity", loop_name, "report"}
     assert "prepare" in tasks["similarity"]["dependentTasks"]
-    loop = tasks["for-loop-1"]
+    loop = tasks[loop_name]
     assert loop["parameterIterator"]["items"]["inputParameter"].endswith("train_grid")
     inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
     assert set(inner) == {"train", "evaluate"}
@@ -36,9 +38,9 @@ def test_tasks_and_edges(compiled):
     assert inner["evaluate"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "train"
     # fan-in: the report collects every evaluation of the loop
     report = tasks["report"]["inputs"]
-    assert report["artifacts"]["results"]["taskOutputArtifact"]["producerTask"] == "for-loop-1"
-    assert report["artifacts"]["models"]["taskOutputArtifact"]["producerTask"] == "for-loop-1"
-    assert report["parameters"]["accuracies"]["taskOutputParameter"]["producerTask"] == "for-loop-1"
+    assert report["artifacts"]["results"]["taskOutputArtifact"]["producerTask"] == loop_name
+    assert report["artifacts"]["models"]["taskOutputArtifact"]["producerTask"] == loop_name
+    assert report["parameters"]["accuracies"]["taskOutputParameter"]["producerTask"] == loop_name
 
 
 def test_parameters_mirror_params_yaml(compiled):
@@ -64,7 +66,8 @@ def test_gpu_requests_retries_and_scheduling(compiled):
         assert platform["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert platform["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
         assert platform["emptyDirMounts"][0]["medium"] == "Memory"
-    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    (loop_task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    loop = spec["components"][loop_task["componentRef"]["name"]]["dag"]["tasks"]
     assert loop["train"]["retryPolicy"]["maxRetryCount"] == 3
     assert "retryPolicy" not in loop["evaluate"]
     assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-prepare"]["container"].get("resources", {})
@@ -79,10 +82,18 @@ def test_secrets_come_from_kubernetes_secrets(compiled):
     assert "testing" not in text and "password:" not in text.lower()
 
 
-def test_every_family_compiles(tmp_path):
-    for family in ("domain_shift", "imagenet", "base2new", "wild", "all"):
-        path = compile_pipeline(family, tmp_path / f"{family}.yaml")
-        assert "pipelineInfo" in path.read_text()
+def test_every_family_compiles_with_its_protocol(tmp_path):
+    from alignclip.protocols import PROTOCOLS
+
+    expected = {"domain_shift": "domainbed", "imagenet": "imagenet", "base2new": "base2new", "wild": "wild"}
+    for family, protocol in expected.items():
+        spec = yaml.safe_load_all(compile_pipeline(family, tmp_path / f"{family}.yaml").read_text()).__next__()
+        assert spec["pipelineInfo"]["name"] == f"alignclip-{family.replace('_', '-')}"
+        defaults = spec["root"]["inputDefinitions"]["parameters"]
+        assert defaults["data_protocol"]["defaultValue"] == protocol and protocol in PROTOCOLS
+        assert {"prepare", "similarity", "report"} <= set(spec["root"]["dag"]["tasks"])
+    spec = yaml.safe_load_all(compile_pipeline("all", tmp_path / "all.yaml").read_text()).__next__()
+    assert len(spec["root"]["dag"]["tasks"]) == len(expected)  # one sub-pipeline per family
 
 
 def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
