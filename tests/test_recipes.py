@@ -114,3 +114,10 @@ def test_every_released_recipe_cites_a_script_line():
 def test_explicit_values_beat_the_recipe():
     settings = apply_recipe(TrainSettings(test_domain="sketch"), "wild/domain_net", steps=7, lr=1e-3)
     assert (settings.steps, settings.epochs, settings.lr) == (7, None, 1e-3)
+
+
+def test_imagenet_recipe():
+    # 16 shots: paper A.2.1; trainimagenet.sh:15-21 passes no --epochs/--beta: main.py:133 10, :135 500, :147 0.5
+    recipe = get_recipe("imagenet")
+    assert (recipe.shots, recipe.epochs, recipe.iters_per_epoch, recipe.lr, recipe.batch_size) == (16, 10, 500, 5e-6, 36)
+    assert recipe.method == {"bma_beta": 0.5}
