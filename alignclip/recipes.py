@@ -80,9 +80,9 @@ RECIPES: dict[str, Recipe] = {
     "paper": Recipe("paper appendix A.1", 5e-6, 36, 5000, method={"bma_beta": 0.5}),
     "demo": Recipe("ours: tiny preset on RotatedDigits, CPU minutes", 1e-4, 8, 30, method={"bma_beta": 0.5}, hflip=False),
     # domain shift (DomainBed leave-one-domain-out)
-    "domain_shift/pacs": _domain_shift("scripts/trainpacs.sh:14-40"),
-    "domain_shift/vlcs": _domain_shift("scripts/trainvlcs.sh:14-40"),
-    "domain_shift/terra_incognita": _domain_shift("scripts/trainTerraIncognita.sh:14-98"),
+    "domain_shift/pacs": _domain_shift("scripts/trainpacs.sh:14-97"),
+    "domain_shift/vlcs": _domain_shift("scripts/trainvlcs.sh:14-97"),
+    "domain_shift/terra_incognita": _domain_shift("scripts/trainTerraIncognita.sh:14-97"),
     "domain_shift/office_home": _domain_shift("scripts/trainhome.sh:17 (--lr 1e-5)", lr=1e-5),
     "domain_shift/domain_net": _domain_shift(
         "scripts/traindomainnet-1.sh:17,21,22 and -2.sh:18,22,23 (--lr 1e-5 --epochs 20 --alpha 0.1)", lr=1e-5, epochs=20, alpha=0.1
