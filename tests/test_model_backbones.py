@@ -190,4 +190,4 @@ def test_rn50_trains_with_aal_through_the_training_loop(digits_prepared, tmp_pat
     summary = json.loads((tmp_path / "train.json").read_text())
     assert summary["attention_layers"] == {"aligned": 1, "dv": 1}  # what was aligned, not the 4 or 5 asked
     _, visual, state = load_trained(tmp_path / "model.pt", "cpu")
-    assert state["architecture"] == "alignclip-tiny-rn50" and visual.attention_pool
+    assert state.architecture == "alignclip-tiny-rn50" and visual.attention_pool
