@@ -1,7 +1,7 @@
 """`alignclip train`: fine-tune the image encoder of a CLIP model with one method of the registry.
 
 Three parts, read in one sitting: ``setup`` builds everything a run needs (settings, training rows, model,
-frozen text features, similarity targets, data streams, optimiser, BMA); ``train_step`` is one optimiser step of
+frozen text features, similarity targets, the data loader, optimiser, BMA); ``train_step`` is one optimiser step of
 the method's loss (``bench/`` times it); ``write_checkpoint`` writes the result. The loop in ``train`` is the
 whole algorithm (Algorithm 1): text features are computed once with the frozen text encoder; each step samples a
 batch (``batch_size`` images per training domain for multi-domain data, as
@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from alignclip import artifacts, protocols
 from alignclip.bma import BetaMovingAverage
 from alignclip.classifier import encode_classes, make_visual, resolve_device
 from alignclip.data.images import ManifestImages, train_transform
+from alignclip.data.loader import AUTO, BalancedLoader, resolve_workers
 from alignclip.data.prepare import load_prepared
 from alignclip.log import get_logger
 from alignclip.methods import MethodConfig, get_method, split_method
@@ -55,9 +55,10 @@ class TrainSettings:
     weight_decay: float = 0.1
     hflip: bool = True
     crop_scale: tuple[float, float] = (0.7, 1.0)
-    num_workers: int = 0
+    num_workers: int | str = AUTO  # DataLoader worker processes, or "auto" (from the CPUs this process may use)
+    stage_remote: bool = True  # copy s3:// images to the local cache once before training (storage.stage)
     device: str = "auto"
-    log_every: int = 10
+    log_every: int = 10  # logged values are read from the device (one sync) and written every this many steps
     progress: bool = True
 
 
@@ -76,20 +77,6 @@ def cosine_lr(step: int, total: int, base_lr: float) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
-def infinite_batches(dataset, batch_size: int, generator: torch.Generator, num_workers: int):
-    """Endless shuffled batches of one dataset (reshuffled each pass, seeded)."""
-    loader = DataLoader(
-        dataset,
-        batch_size=min(batch_size, len(dataset)),
-        sampler=RandomSampler(dataset, generator=generator),
-        drop_last=True,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-    )
-    while True:
-        yield from loader
-
-
 @dataclass
 class TrainingRun:
     """Everything ``setup`` builds for one (method, held-out domain, seed): read by the loop and the checkpoint."""
@@ -105,13 +92,14 @@ class TrainingRun:
     summary: dict  # what train.json records
     device: torch.device
     steps: int = 0
-    streams: list = field(default_factory=list)  # (dataset, endless batches) per balanced group
+    datasets: list = field(default_factory=list)  # ManifestImages per balanced group (training domain)
+    loader: BalancedLoader | None = None  # balanced batches of all groups; its state_dict() is {seed, step, ...}
     optimizer: torch.optim.Optimizer | None = None
     bma: BetaMovingAverage | None = None
 
 
 def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: str | Path | None = None) -> TrainingRun:
-    """Settings, training rows and label space, model, text features, similarity targets, data streams, optimiser."""
+    """Settings, training rows and label space, model, text features, similarity targets, the data loader, optimiser."""
     method_name, formulation = split_method(settings.method, settings.formulation)
     settings = replace(settings, method=method_name, formulation=formulation)
     method = get_method(settings.method, settings.formulation, **settings.overrides)
@@ -147,40 +135,56 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
     if not method.trains:
         return run
 
-    # Data: one stream per training domain for multi-domain protocols (CLIPood), else one stream.
+    # Data: batch_size images of every training domain per step for multi-domain protocols (CLIPood), else
+    # batch_size images of the one group; all groups are read by one loader (one worker pool).
     transform = train_transform(bundle.image_size, bundle.mean, bundle.std, settings.hflip, settings.crop_scale)
     group_key = protocols.get_protocol(meta["protocol"]).group_key
     groups = [g for _, g in rows.groupby(group_key, sort=True)] if group_key else [rows]
-    generator = torch.Generator().manual_seed(settings.seed)
     run.steps = total_steps(settings, len(rows), len(groups))
+    smallest = min(len(g) for g in groups)
+    if settings.batch_size > smallest:  # refused, not clamped: train.json would report a batch that never ran
+        raise ValueError(f"batch_size={settings.batch_size} is larger than the smallest training stream ({smallest} images); "
+                         f"expected at most {smallest}")
     for group in groups:
         dataset = ManifestImages(meta, group["path"].tolist(), group["label"].tolist(), label_space, transform)
-        run.streams.append((dataset, infinite_batches(dataset, settings.batch_size, generator, settings.num_workers)))
-    run.optimizer = make_optimizer(bundle, visual, settings.lr, settings.weight_decay, method.weight_decay_scope)
+        if settings.stage_remote:
+            dataset.stage()
+        run.datasets.append(dataset)
+    workers = resolve_workers(settings.num_workers)
+    run.loader = BalancedLoader(run.datasets, settings.batch_size, settings.seed, run.steps, workers, device)
+    summary["num_workers"] = workers
+    run.optimizer = make_optimizer(
+        bundle, visual, settings.lr, settings.weight_decay, method.weight_decay_scope, fused=device.type == "cuda"
+    )
     run.bma = BetaMovingAverage(visual, run.steps, method.bma_beta) if method.bma else None
     return run
 
 
 def make_optimizer(
-    bundle, visual: AlignCLIPVisual, lr: float, weight_decay: float, scope: str = "matrices"
+    bundle, visual: AlignCLIPVisual, lr: float, weight_decay: float, scope: str = "matrices", fused: bool = False
 ) -> torch.optim.AdamW:
     """AdamW over the image encoder only (the text encoder is frozen; its features are precomputed).
 
     ``scope`` (method switch ``weight_decay_scope``): ``matrices`` exempts biases, norms and embeddings from weight
     decay; ``all`` decays every parameter, as the released code's ``AdamW(classifier.parameters(), wd)``.
+    ``fused``: one CUDA kernel for the whole update (GPU only).
     """
     for p in bundle.model.parameters():
         p.requires_grad_(False)
     for p in visual.parameters():
         p.requires_grad_(True)
     if scope == "all":
-        return torch.optim.AdamW([{"params": list(visual.parameters()), "weight_decay": weight_decay}], lr=lr)
+        return torch.optim.AdamW(
+            [{"params": list(visual.parameters()), "weight_decay": weight_decay}], lr=lr, fused=fused or None
+        )
     if scope != "matrices":
         raise ValueError(f"weight_decay_scope={scope!r}: expected 'matrices' or 'all'")
     decay = [p for n, p in visual.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in visual.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        fused=fused or None,
     )
 
 
@@ -200,8 +204,9 @@ def train_step(
     text: torch.Tensor,
     class_sim: torch.Tensor,
     autocast,
-) -> dict[str, float]:
-    """One optimiser step of the method's loss; returns the loss's logged parts (bench/ times exactly this)."""
+) -> dict[str, torch.Tensor]:
+    """One optimiser step of the method's loss; returns the loss's logged parts as detached device tensors
+    (reading them is a host sync: the loop does it every ``log_every`` steps). bench/ times exactly this."""
     with autocast:
         loss, parts = compute_loss(method, visual, images, targets, text, class_sim)
     optimizer.zero_grad(set_to_none=True)
@@ -242,7 +247,12 @@ def train(
 ) -> dict:
     """Train one (method, held-out domain, seed) and write its checkpoint, log and summary (artifacts.py).
 
-    ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)``.
+    ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)`` (``parts``: the
+    loss's parts as device tensors).
+
+    ``train_log.csv`` has a row per step; its values are kept on the device and read every ``log_every`` steps
+    (one host sync per window, not one per value per step). ``images_per_s`` is end to end over the window
+    (data, step, BMA, logging) and ``data_wait_s`` the mean time per step spent waiting for a batch.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,42 +267,94 @@ def train(
         log.info("zero-shot: nothing to train")
         return summary
 
-    visual, steps, autocast = run.visual, run.steps, autocast_for(run.device)
-    columns = None
+    visual, steps, autocast, loader = run.visual, run.steps, autocast_for(run.device), run.loader
+    window = LogWindow(out / artifacts.TRAIN_LOG, steps, settings.log_every, run.device, tracker, loader)
     visual.train()
     started = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
-    with (out / artifacts.TRAIN_LOG).open("w") as log_file:
-        for step in bar:
-            lr = cosine_lr(step, steps, settings.lr)
+    bar = tqdm(total=steps, initial=loader.step, desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
+    with window:
+        for images, targets in loader:
+            step = loader.step  # steps done, this one included
+            lr = cosine_lr(step - 1, steps, settings.lr)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            batches = [next(stream) for _, stream in run.streams]
-            images = torch.cat([b[0] for b in batches]).to(run.device, non_blocking=True)
-            targets = torch.cat([b[1] for b in batches]).to(run.device, non_blocking=True)
-            tic = time.perf_counter()
             parts = train_step(method, visual, run.optimizer, images, targets, run.text, run.class_sim, autocast)
             bma_weight = run.bma.update(visual) if run.bma is not None else 0.0
             for callback in callbacks or []:
-                callback(step + 1, visual, parts)
-            parts.update(lr=lr, bma_weight=bma_weight, images_per_s=len(images) / (time.perf_counter() - tic))
-            if columns is None:
-                columns = ["step", *parts]
-                log_file.write(",".join(columns) + "\n")
-            log_file.write(",".join([str(step + 1), *(f"{parts[c]:.6g}" for c in columns[1:])]) + "\n")
-            bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}")
-            if tracker is not None:
-                tracker.log_metrics(parts, step=step + 1)
-            if (step + 1) % settings.log_every == 0 or step + 1 == steps:
-                log.info("step %d/%d %s", step + 1, steps, " ".join(f"{k}={v:.4g}" for k, v in parts.items()))
+                callback(step, visual, parts)
+            window.add(step, parts, lr=lr, bma_weight=bma_weight, images=len(images))
+            bar.update(1)
+            if window.closes(step):
+                means = window.write()
+                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{means['images_per_s']:.0f}")
+                log.info("step %d/%d %s", step, steps, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
+    bar.close()
     elapsed = time.perf_counter() - started
     final = run.bma.module if run.bma is not None else visual
-    skipped = sorted({p for dataset, _ in run.streams for p in dataset.skipped})
+    skipped = sorted({p for dataset in run.datasets for p in dataset.skipped})
     write_checkpoint(out / artifacts.MODEL, run, final)
-    summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma)
+    summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma,
+                   images_per_s=window.images / elapsed, data_wait_s=loader.data_wait_s)
     (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("trained %s for %d steps in %.1fs -> %s", method.name, steps, elapsed, out / artifacts.MODEL)
     return summary
+
+
+class LogWindow:
+    """The logged values of the last ``every`` steps, kept on the device and written to ``train_log.csv`` (and the
+    tracker) together: one host synchronisation per window instead of one per value per step."""
+
+    def __init__(self, path: Path, total_steps: int, every: int, device: torch.device, tracker, loader: BalancedLoader):
+        self.path, self.total_steps, self.every = path, total_steps, max(1, int(every))
+        self.device, self.tracker, self.loader = device, tracker, loader
+        self.columns: list[str] | None = None
+        self.rows: list[tuple[int, torch.Tensor, float, float]] = []  # (step, stacked parts, lr, bma weight)
+        self.window_images = 0
+        self.images = 0
+        self.handle = None
+
+    def __enter__(self):
+        self.handle = self.path.open("w")
+        self.started = time.perf_counter()
+        self.wait_started = self.loader.data_wait_s
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+    def add(self, step: int, parts: dict[str, torch.Tensor], lr: float, bma_weight: float, images: int) -> None:
+        if self.columns is None:
+            self.columns = ["step", *parts, "lr", "bma_weight", "images_per_s", "data_wait_s"]
+            self.handle.write(",".join(self.columns) + "\n")
+        self.rows.append((step, torch.stack([v.float() for v in parts.values()]), lr, bma_weight))
+        self.window_images += images
+
+    def closes(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total_steps
+
+    def write(self) -> dict[str, float]:
+        """Read the window from the device, write its rows, return its means (with the throughput figures)."""
+        values = torch.stack([row[1] for row in self.rows]).cpu()  # the one synchronisation of the window
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the window's time includes its last optimiser step and BMA
+        now = time.perf_counter()
+        steps = len(self.rows)
+        throughput = {
+            "images_per_s": self.window_images / (now - self.started),
+            "data_wait_s": (self.loader.data_wait_s - self.wait_started) / steps,
+        }
+        names = self.columns[1 : 1 + values.shape[1]]
+        for (step, _, lr, bma_weight), row in zip(self.rows, values.tolist()):
+            record = {**dict(zip(names, row)), "lr": lr, "bma_weight": bma_weight, **throughput}
+            self.handle.write(",".join([str(step), *(f"{record[c]:.6g}" for c in self.columns[1:])]) + "\n")
+            if self.tracker is not None:
+                self.tracker.log_metrics(record, step=step)
+        self.handle.flush()
+        means = {**dict(zip(names, values.mean(dim=0).tolist())), **throughput}
+        self.images += self.window_images
+        self.rows, self.window_images = [], 0
+        self.started, self.wait_started = time.perf_counter(), self.loader.data_wait_s
+        return means
 
 
 def variant_label(method: MethodConfig, settings: TrainSettings) -> str:

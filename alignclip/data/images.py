@@ -49,6 +49,10 @@ class ManifestImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def stage(self, cache_dir=None) -> None:
+        """Read ``s3://`` images from local copies, fetched once in parallel (``storage.stage``)."""
+        self.paths = storage.stage(self.paths, cache_dir)
+
     def __getitem__(self, index: int):
         # A file that cannot be decoded is replaced by the next readable one and reported; the run goes on.
         for attempt in range(len(self.paths)):
