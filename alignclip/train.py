@@ -138,6 +138,10 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
     group_key = protocols.get_protocol(meta["protocol"]).group_key
     groups = [g for _, g in rows.groupby(group_key, sort=True)] if group_key else [rows]
     run.steps = total_steps(settings, len(rows), len(groups))
+    smallest = min(len(g) for g in groups)
+    if settings.batch_size > smallest:  # refused, not clamped: train.json would report a batch that never ran
+        raise ValueError(f"batch_size={settings.batch_size} is larger than the smallest training stream ({smallest} images); "
+                         f"expected at most {smallest}")
     for group in groups:
         dataset = ManifestImages(meta, group["path"].tolist(), group["label"].tolist(), label_space, transform)
         if settings.stage_remote:

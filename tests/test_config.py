@@ -82,6 +82,7 @@ def test_choosing_a_dataset_brings_its_domains_and_recipe():
     assert values["train_recipe"] == "domain_shift/pacs"
     assert values["train_test_domains"] == ["art_painting", "cartoon", "photo", "sketch"]
     assert len(grid(values)) == 4 * 4 * 3
+    assert resolve("domain_shift", overrides={"data_dataset": "vlcs"})["data_root"] == "s3://alignclip-data/vlcs"  # not office_home's
     wild = resolve("wild", overrides={"data_dataset": "domain_net"})
     assert wild["train_recipe"] == "wild/domain_net" and len(wild["train_test_domains"]) == 6
     pets = resolve(None, overrides={"data_dataset": "eurosat"})
@@ -183,7 +184,10 @@ EXPECTED = {
     "domain_shift": {"recipe": "domain_shift/office_home", "lr": 1e-5, "batch_size": 36, "steps": 5000, "epochs": None, "hflip": True, "model": "vit-b-16"},
     "wild": {"recipe": "wild/office_home", "lr": 3e-6, "batch_size": 36, "steps": 5000, "epochs": None, "hflip": True, "model": "vit-b-16"},
     "base2new": {"recipe": "base2new/oxford_pets", "lr": 5e-6, "batch_size": 36, "steps": None, "epochs": 1, "hflip": True, "model": "vit-b-16"},
+    # a dataset of one's own with non-ASCII domain names: no benchmark recipe, so the paper's A.1 (5e-6, 36, 5000)
+    "custom": {"recipe": "paper", "lr": 5e-6, "batch_size": 36, "steps": 5000, "epochs": None, "hflip": True, "model": "vit-b-16"},
 }
+CASES = {"custom": ("domain_shift", {"data_dataset": "my_kitchens", "train_test_domains": ["Küche", "Straße 2"]})}
 
 
 def _cli_command(values, cell):
@@ -235,7 +239,8 @@ def _kfp_command(family, values, tmp_path, monkeypatch):
         if "componentInputParameter" in source:
             channel = source["componentInputParameter"].replace("pipelinechannel--", "")
             arguments[name] = defaults[channel] if not channel.endswith("-loop-item") else None
-    arguments["cell"] = next(c for c in defaults["train_grid"] if c["method"] == "alignclip")
+    # the last held-out domain: Office-Home's "Real World" holds a space
+    arguments["cell"] = next(c for c in reversed(defaults["train_grid"]) if c["method"] == "alignclip")
     artifact = lambda p: SimpleNamespace(path=str(p), metadata={})  # noqa: E731
     captured = []
     monkeypatch.setattr(alignclip.tasks, "run_cli", lambda *args, env=None: captured.append(list(args)))
@@ -244,9 +249,10 @@ def _kfp_command(family, values, tmp_path, monkeypatch):
     return captured[0], arguments["cell"], defaults
 
 
-@pytest.mark.parametrize("family", sorted(EXPECTED))
-def test_a_grid_cell_trains_with_the_same_settings_via_cli_dvc_and_kfp(family, tmp_path, capsys, monkeypatch):
-    values = resolve(family)
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_a_grid_cell_trains_with_the_same_settings_via_cli_dvc_and_kfp(case, tmp_path, capsys, monkeypatch):
+    family, overrides = CASES.get(case, (case, {}))
+    values = resolve(family, overrides=overrides)
     kfp_cmd, cell, defaults = _kfp_command(family, values, tmp_path, monkeypatch)
     dvc_cmd = _dvc_command(values, cell, tmp_path)
     cli_cmd = _cli_command(values, cell)
@@ -256,10 +262,11 @@ def test_a_grid_cell_trains_with_the_same_settings_via_cli_dvc_and_kfp(family, t
         assert code == 0, (runner, err)
         shown[runner] = json.loads(out.strip().splitlines()[-1])
     assert shown["cli"] == shown["dvc"] == shown["kfp"]
-    expected = EXPECTED[family]
+    expected = EXPECTED[case]
     settings = shown["kfp"]
     assert {k: settings[k] for k in ("recipe", "lr", "batch_size", "steps", "epochs", "hflip", "model")} == expected
     assert (settings["method"], settings["seed"], settings["test_domain"] or "") == (cell["method"], cell["seed"], cell["test_domain"])
+    assert settings["test_domain"] == {"domain_shift": "Real World", "wild": "Real World", "custom": "Straße 2"}.get(case, settings["test_domain"])
     # the compiled package's defaults are those settings too
     assert (defaults["train_lr"], defaults["train_batch_size"], defaults["train_steps"], defaults["train_epochs"]) == (
         expected["lr"], expected["batch_size"], expected["steps"] or 0, expected["epochs"] or 0)
@@ -297,3 +304,16 @@ def test_the_schemas_protocols_are_the_registry():
     from alignclip.protocols import PROTOCOLS as REGISTRY
 
     assert set(PROTOCOLS) == set(REGISTRY)
+
+
+def test_a_batch_larger_than_a_training_domain_is_refused_not_clamped(digits_prepared, tmp_path):
+    import pandas as pd
+
+    from alignclip.train import TrainSettings, train
+
+    manifest = pd.read_parquet(digits_prepared / "manifest.parquet")
+    rows = manifest[(manifest["split"] == "train") & (manifest["domain"] != "rotated_0")]
+    smallest = int(rows.groupby("domain").size().min())
+    with pytest.raises(ValueError, match=rf"batch_size={smallest + 1} is larger than the smallest training stream \({smallest} images\)"):
+        train(digits_prepared, tmp_path / "o", TrainSettings(method="erm", test_domain="rotated_0", steps=1, batch_size=smallest + 1, progress=False))
+    assert not (tmp_path / "o" / "model.pt").exists()
