@@ -37,6 +37,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/listing.py
+	$(BIN)/python bench/input_pipeline.py
 
 lock:
 	uv pip compile requirements.in -o requirements.lock --python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(UV_INDEXES)

@@ -303,7 +303,7 @@ OPT_GPU_TYPE = typer.Option("nvidia.com/gpu", "--accelerator", "--gpu-type", hel
 OPT_GPUS = typer.Option(1, help="accelerators per train/evaluate task (0: none)")
 OPT_NODE_SELECTOR = typer.Option([], help="LABEL=VALUE for GPU tasks (repeatable; default nvidia.com/gpu.present=true)")
 OPT_TOLERATION = typer.Option([], help="KEY[=VALUE][:EFFECT] for GPU tasks (repeatable; default nvidia.com/gpu:NoSchedule)")
-OPT_CPU = typer.Option(None, help="CPU request of train/evaluate tasks (default 8)")
+OPT_CPU = typer.Option(None, help="CPU request and limit of train/evaluate tasks (default 16; the limit sizes --num-workers auto)")
 OPT_MEMORY = typer.Option(None, help="memory request of train/evaluate tasks (default 32G)")
 OPT_IMAGE = typer.Option(None, envvar="ALIGNCLIP_IMAGE", help="image of every task (default: ghcr.io/alignclip/alignclip:<version>, a placeholder)")
 OPT_PARALLELISM = typer.Option(None, "--max-parallelism", help="grid cells (GPU pods) at once (default 8)")
