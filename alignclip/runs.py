@@ -209,10 +209,9 @@ def summary_metrics(results) -> dict[str, float]:
     frame["test_domain"] = frame["test_domain"].replace("", "all")
     for (variant, domain, view), part in frame.groupby(["variant", "test_domain", "view"]):
         values = part["accuracy"].astype(float)
-        label = domain if view == "test" else f"{domain}.{view}"
-        metrics[metric_key(f"{view}_acc_pct", variant, label, "mean")] = float(values.mean())
-        metrics[metric_key(f"{view}_acc_pct", variant, label, "std")] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        metrics[metric_key(f"{view}_acc_pct", variant, label, "seeds")] = float(len(values))
+        metrics[metric_key(f"{view}_acc_pct", variant, domain, "mean")] = float(values.mean())
+        metrics[metric_key(f"{view}_acc_pct", variant, domain, "std")] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        metrics[metric_key(f"{view}_acc_pct", variant, domain, "seeds")] = float(len(values))
     for (variant, view), part in frame.groupby(["variant", "view"]):
         # the average over held-out domains of the per-domain means (tables 1 and 6), then its spread over seeds
         per_seed = part.groupby("seed", dropna=False)["accuracy"].mean()

@@ -119,8 +119,9 @@ class Tracker:
                     dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
                 except Exception:  # noqa: BLE001 - a root MLflow cannot resolve as a source is still named
                     dataset = mlflow.data.from_pandas(frame, name=name, digest=digest)
+                entity = dataset._to_mlflow_entity()  # infers the schema (the hints above come from here too)
             # by run id (not the active run): the input lands in this tracker's run however records are sent
-            entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            entry = DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
             MlflowClient().log_inputs(self.run_id, datasets=[entry])
 
     def log_model(self, module, name: str, registered_name: str | None, example, metadata: dict | None = None):
