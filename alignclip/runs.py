@@ -10,7 +10,7 @@
 
 Under KFP the parent's id travels as an artifact (``ALIGNCLIP_PARENT_RUN_ID`` in each task). Under DVC there is
 no orchestrator: each tracked stage looks up the open parent of *this* pipeline configuration (tag
-``alignclip.pipeline_key`` = hash of the DVC root and params.yaml), creates it if there is none, and the report
+``alignclip.pipeline_key`` = hash of the repository path and params.yaml), creates it if there is none, and the report
 stage closes it. No stage depends on the parent (no file, no param), so DVC's caching is untouched: a stage that
 DVC skips logs nothing, and a re-run after a failure resumes the same parent.
 """
