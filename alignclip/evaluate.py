@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from alignclip import protocols
 from alignclip.data.images import ManifestImages, eval_transform
 from alignclip.data.prepare import load_prepared
+from alignclip.files import load_torch, stage_output
 from alignclip.log import get_logger
 from alignclip.methods import MethodConfig
 from alignclip.presets import load_clip
@@ -30,7 +31,10 @@ def harmonic_mean(a: float, b: float) -> float:
 
 def load_trained(checkpoint: str | Path, device):
     """Rebuild the model of a ``train`` checkpoint: the base weights, then the fine-tuned image encoder."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_torch(checkpoint, "model checkpoint")
+    missing = [k for k in ("architecture", "pretrained", "method", "visual") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{checkpoint}: not a model checkpoint of `alignclip train` (missing {', '.join(missing)})")
     bundle = load_clip(state["architecture"], state["pretrained"], device=device)
     method = MethodConfig(**state["method"])
     visual = make_visual(bundle, method)
@@ -65,8 +69,13 @@ def evaluate(
     num_workers: int = 0,
     device: str = "auto",
 ) -> dict:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # metrics.json and predictions.parquet are replaced together, only when the evaluation completes; the folder
+    # may be shared with `train`'s outputs, so only these two names are touched.
+    with stage_output(out_dir, "evaluate", owns=("metrics.json", "predictions.parquet")) as staging:
+        return _evaluate(prepared_dir, checkpoint, staging, test_domain, test_split, batch_size, num_workers, device)
+
+
+def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batch_size, num_workers, device) -> dict:
     manifest, meta = load_prepared(prepared_dir)
     dev = resolve_device(device)
     bundle, visual, state = load_trained(checkpoint, dev)

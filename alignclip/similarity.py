@@ -30,7 +30,12 @@ def load_similarity(path, architecture: str, label_space: list[int], scale: floa
     The softmax is taken over the label space's own columns, exactly as ``class_similarity_matrix`` of those
     classes' text features would.
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    from alignclip.files import load_torch
+
+    state = load_torch(path, "similarity matrix")
+    missing = [k for k in ("cosine", "architecture") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path}: not a similarity matrix of `alignclip similarity` (missing {', '.join(missing)})")
     if state["architecture"] != architecture:
         raise ValueError(
             f"{path}: similarity matrix was computed with {state['architecture']}, but training uses {architecture}"
