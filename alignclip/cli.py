@@ -67,7 +67,7 @@ def data_digits(
 
 @app.command()
 def prepare(
-    dataset: str = typer.Argument(..., help="dataset name, e.g. rotated_digits, pacs, office_home, oxford_pets, imagenet"),
+    dataset: str = typer.Argument(..., help="dataset name, e.g. rotated_digits, pacs, office_home, oxford_pets, imagenet; or domainbed (any DomainBed-layout folder, with --name)"),
     root: str = typer.Argument(..., help="dataset folder or s3:// prefix"),
     out_dir: Path = typer.Argument(..., help="where to write manifest.parquet and meta.json"),
     protocol: str = typer.Option("", help="domainbed | wild | base2new | imagenet (default: the dataset's own)"),
@@ -78,12 +78,13 @@ def prepare(
     template: Optional[str] = typer.Option(None, help="prompt template with {} for the class name"),
     split_file: Optional[str] = typer.Option(None, help="CoOp split JSON (default: the dataset's split_zhou_*.json)"),
     validate: bool = typer.Option(False, help="also decode every image (parallel) and list unreadable ones"),
+    name: Optional[str] = typer.Option(None, help="your dataset's name in results; needed with a layout kind (domainbed)"),
 ):
     """List and split a dataset by its protocol; write a manifest (parquet) and its metadata (JSON)."""
     from alignclip.data.prepare import PrepareSettings, prepare as run_prepare, validate_images, write_prepared
 
     settings = PrepareSettings(
-        dataset, root, protocol, holdout_fraction, trial_seed, shots, list(seeds), template, split_file
+        dataset, root, protocol, holdout_fraction, trial_seed, shots, list(seeds), template, split_file, name=name
     )
     manifest, meta = run_prepare(settings)
     if validate:

@@ -14,15 +14,16 @@ prepares in seconds. Images stay where they are: the manifest points into the us
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 
 from alignclip.data import splits, storage
-from alignclip.data.registry import DEFAULT_TEMPLATE, clean_class_name, get_dataset
+from alignclip.data.registry import DATASETS, DEFAULT_TEMPLATE, LAYOUT_KINDS, clean_class_name, get_dataset
 from alignclip.log import get_logger
 from alignclip.presets import RESOURCES
 
@@ -44,6 +45,7 @@ class PrepareSettings:
     template: str | None = None
     split_file: str | None = None
     variants: dict[str, str] = field(default_factory=dict)  # imagenet: variant name -> folder
+    name: str | None = None  # the dataset's name in results (default: ``dataset``); custom data under a layout kind
 
 
 class DatasetError(ValueError):
@@ -356,8 +358,31 @@ def default_protocol(dataset: str) -> str:
     return {"domainbed": "domainbed", "coop": "base2new", "imagenet": "imagenet"}[spec.protocol]
 
 
+def _dataset_name(settings: PrepareSettings) -> str:
+    """The name results carry. A custom dataset (a layout-only kind such as ``domainbed``) must not borrow a
+    registered name: the report would set the paper's numbers for that dataset beside it."""
+    name = settings.name or settings.dataset
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise DatasetError(f"--name {name!r}: expected letters, digits, '_', '.' or '-' (it names result folders and tables)")
+    if name != settings.dataset and name in DATASETS:
+        raise DatasetError(
+            f"--name {name!r} is a registered dataset with the paper's numbers: prepare it as `alignclip prepare {name} ...`,"
+            " or give your data another name"
+        )
+    if settings.dataset in LAYOUT_KINDS and not settings.name:
+        raise DatasetError(f"dataset kind {settings.dataset!r} is a folder layout: name your dataset with --name NAME")
+    return name
+
+
+def absolute_root(root: str) -> str:
+    """Local roots are stored absolute, so a prepared dataset works from any working directory."""
+    return root if storage.is_s3(root) else str(Path(root).expanduser().resolve())
+
+
 def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
     spec = get_dataset(settings.dataset)
+    name = _dataset_name(settings)
+    settings = replace(settings, root=absolute_root(settings.root))
     protocol = settings.protocol or default_protocol(settings.dataset)
     if protocol not in PROTOCOLS:
         raise DatasetError(f"unknown protocol {protocol!r}: expected one of {PROTOCOLS}")
@@ -380,7 +405,7 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
         raise DatasetError(f"{settings.root}: no images found")
     meta.update(
         {
-            "dataset": settings.dataset,
+            "dataset": name,
             "protocol": protocol,
             "root": settings.root,
             "template": settings.template or spec.template or DEFAULT_TEMPLATE,
@@ -401,19 +426,36 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
 
 
 def write_prepared(manifest: pd.DataFrame, meta: dict, out_dir: str | Path) -> Path:
+    """Write manifest.parquet and meta.json together (both or neither; the folder may hold other things, e.g.
+    the images of a pipeline's embedded dataset). A root inside the output folder is stored relative to it, so
+    the prepared folder can move with its images."""
+    from alignclip.files import stage_output
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest.to_parquet(out / "manifest.parquet", index=False)
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    root = meta.get("root")
+    if root and not storage.is_s3(root) and Path(root).is_absolute():
+        try:
+            meta = {**meta, "root": Path(root).relative_to(out.resolve()).as_posix() or "."}
+        except ValueError:
+            pass
+    with stage_output(out, "prepare", owns=("manifest.parquet", "meta.json")) as staging:
+        manifest.to_parquet(staging / "manifest.parquet", index=False)
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
 def load_prepared(prepared_dir: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The manifest and metadata; a relative root (a dataset inside the prepared folder, or a meta.json written
+    by hand) is resolved against the prepared folder, never against the working directory."""
     prepared = Path(prepared_dir)
     for name in ("manifest.parquet", "meta.json"):
         if not (prepared / name).is_file():
             raise FileNotFoundError(f"{prepared / name} not found: run `alignclip prepare` first")
-    return pd.read_parquet(prepared / "manifest.parquet"), json.loads((prepared / "meta.json").read_text())
+    meta = json.loads((prepared / "meta.json").read_text())
+    root = meta.get("root")
+    if root and not storage.is_s3(root) and not Path(root).is_absolute():
+        meta["root"] = str((prepared / root).resolve())
+    return pd.read_parquet(prepared / "manifest.parquet"), meta
 
 
 def image_path(meta: dict, relative: str) -> str:
