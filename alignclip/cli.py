@@ -22,6 +22,8 @@ data_app = typer.Typer(help="Build the embedded datasets.", no_args_is_help=True
 pipeline_app = typer.Typer(help="Compile, submit or run the Kubeflow pipelines.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
+tracking_app = typer.Typer(help="MLflow records kept on disk while the tracking server was unreachable.", no_args_is_help=True)
+app.add_typer(tracking_app, name="tracking")
 log = get_logger("alignclip")
 
 
@@ -286,6 +288,21 @@ def pipeline_run(
         raise typer.BadParameter("use `alignclip pipeline submit` for a cluster")
     run_local(family, pipeline_root.resolve(), _arguments(param, params_file))
     typer.echo(f"pipeline {family} finished; artifacts under {pipeline_root}")
+
+
+@tracking_app.command("sync")
+def tracking_sync(
+    uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="only records for this tracking URI (default: all)"),
+):
+    """Send the spooled records (ALIGNCLIP_TRACKING_SPOOL) to their MLflow server; each file goes once it is through."""
+    from alignclip.tracking_transport import pending_spools, spool_dir, sync
+
+    pending = pending_spools(uri)
+    if not pending:
+        typer.echo(f"nothing to replay in {spool_dir()}")
+        return
+    done = sync(uri)
+    typer.echo(f"replayed {len(done)} of {len(pending)} spooled run(s) from {spool_dir()}")
 
 
 @app.command()
