@@ -108,28 +108,11 @@ def similarity(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Class similarity matrix of the class prompts (appendix B.5), with its heatmap (fig. 6)."""
-    import pandas as pd
-
     from alignclip import tracking
-    from alignclip.data.prepare import load_prepared
-    from alignclip.presets import load_clip
-    from alignclip.report import plot_similarity
-    from alignclip.similarity import cosine_matrix, save_similarity
-    from alignclip.train import encode_classes
+    from alignclip.similarity import similarity_stage
 
-    _, meta = load_prepared(prepared_dir)
-    bundle = load_clip(model, pretrained)
-    text = encode_classes(bundle.model, bundle.tokenizer, meta["classes"], meta["template"], "cpu")
-    cosine = cosine_matrix(text)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_similarity(out_dir / "similarity.pt", cosine, meta["classes"], bundle.architecture, bundle.pretrained)
-    soft = (scale * cosine).softmax(dim=-1)
-    pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / "similarity.csv")
-    plot_similarity(soft.numpy(), meta["classes"], out_dir / "similarity.png")
     with tracking.start_run(experiment, "similarity", tags={"stage": "similarity"}) as tracker:
-        tracker.log_params({"model": model, "pretrained": pretrained, "classes": len(meta["classes"]), "scale": scale})
-        tracker.log_artifact(out_dir / "similarity.png")
-        tracker.log_artifact(out_dir / "similarity.csv")
+        meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracker)
     typer.echo(f"similarity of {len(meta['classes'])} classes -> {out_dir}")
 
 
@@ -158,6 +141,7 @@ def train(
 ):
     """Fine-tune the image encoder with one method; the BMA model is the result."""
     from alignclip import tracking
+    from alignclip.classifier import log_image_encoder
     from alignclip.recipes import apply_recipe
     from alignclip.train import TrainSettings, train as run_train
 
@@ -173,20 +157,8 @@ def train(
         tracker.log_artifact(out_dir / "train_log.csv")
         tracker.log_artifact(out_dir / "train.json")
         if tracker.enabled:
-            _log_image_encoder(tracker, out_dir / "model.pt", f"alignclip-{summary['dataset']}-{method.replace('+', '-').replace('@', '-')}")
+            log_image_encoder(tracker, out_dir / "model.pt", f"alignclip-{summary['dataset']}-{method.replace('+', '-').replace('@', '-')}")
     typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / 'model.pt'}")
-
-
-def _log_image_encoder(tracker, checkpoint: Path, registered_name: str) -> None:
-    """Log the trained image encoder as an MLflow model and register it (input: a batch of images)."""
-    import numpy as np
-
-    from alignclip.evaluate import load_trained
-
-    bundle, visual, _ = load_trained(checkpoint, "cpu")
-    # batch of 2: torch.export specialises a size-1 dimension, which would pin the model to batch 1
-    example = np.zeros((2, 3, bundle.image_size, bundle.image_size), dtype=np.float32)
-    tracker.log_model(visual, "image_encoder", registered_name, example)
 
 
 @app.command()

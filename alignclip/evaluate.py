@@ -14,33 +14,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from alignclip import protocols
+from alignclip.classifier import encode_classes, load_trained, resolve_device
 from alignclip.data.images import ManifestImages, eval_transform
 from alignclip.data.prepare import load_prepared
-from alignclip.files import load_torch, stage_output
+from alignclip.files import stage_output
 from alignclip.log import get_logger
-from alignclip.methods import MethodConfig
-from alignclip.presets import load_clip
-from alignclip.train import encode_classes, make_visual, resolve_device
 
 log = get_logger(__name__)
 
 
 def harmonic_mean(a: float, b: float) -> float:
     return 0.0 if a + b == 0 else 2 * a * b / (a + b)
-
-
-def load_trained(checkpoint: str | Path, device):
-    """Rebuild the model of a ``train`` checkpoint: the base weights, then the fine-tuned image encoder."""
-    state = load_torch(checkpoint, "model checkpoint")
-    missing = [k for k in ("architecture", "pretrained", "method", "visual") if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise ValueError(f"{checkpoint}: not a model checkpoint of `alignclip train` (missing {', '.join(missing)})")
-    bundle = load_clip(state["architecture"], state["pretrained"], device=device)
-    method = MethodConfig(**state["method"])
-    visual = make_visual(bundle, method)
-    if state["visual"] is not None:
-        visual.visual.load_state_dict(state["visual"])
-    return bundle, visual.to(device).eval(), state
 
 
 @torch.no_grad()

@@ -238,9 +238,8 @@ def attention_maps(checkpoints: dict[str, Path], prepared_dir: Path, test_domain
     from alignclip.data.images import ManifestImages, eval_transform
     from alignclip.data.prepare import load_prepared
     from alignclip.data.storage import open_image
-    from alignclip.evaluate import load_trained
+    from alignclip.classifier import encode_classes, load_trained
     from alignclip.model import AlignCLIPVisual
-    from alignclip.train import encode_classes
 
     manifest, meta = load_prepared(prepared_dir)
     views = protocols.evaluation_views(manifest, meta, test_domain, "holdout")

@@ -49,3 +49,31 @@ def load_similarity(path, architecture: str, label_space: list[int], scale: floa
 def cosine_matrix(text_features: torch.Tensor) -> torch.Tensor:
     normed = F.normalize(text_features.float(), dim=-1)
     return normed @ normed.T
+
+
+def similarity_stage(prepared_dir, out_dir, model: str, pretrained: str | None, scale: float, tracker) -> dict:
+    """`alignclip similarity`: the raw cosine matrix of every class prompt (similarity.pt), its row softmax at
+    ``scale`` (similarity.csv) and the heatmap (similarity.png, fig. 6). Returns the prepared dataset's meta."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from alignclip.classifier import encode_classes
+    from alignclip.data.prepare import load_prepared
+    from alignclip.presets import load_clip
+    from alignclip.report import plot_similarity
+
+    out_dir = Path(out_dir)
+    _, meta = load_prepared(prepared_dir)
+    bundle = load_clip(model, pretrained)
+    text = encode_classes(bundle.model, bundle.tokenizer, meta["classes"], meta["template"], "cpu")
+    cosine = cosine_matrix(text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_similarity(out_dir / "similarity.pt", cosine, meta["classes"], bundle.architecture, bundle.pretrained)
+    soft = (scale * cosine).softmax(dim=-1)
+    pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / "similarity.csv")
+    plot_similarity(soft.numpy(), meta["classes"], out_dir / "similarity.png")
+    tracker.log_params({"model": model, "pretrained": pretrained, "classes": len(meta["classes"]), "scale": scale})
+    tracker.log_artifact(out_dir / "similarity.png")
+    tracker.log_artifact(out_dir / "similarity.csv")
+    return meta

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from alignclip.evaluate import load_trained
+from alignclip.classifier import load_trained
 from alignclip.files import load_torch
 from alignclip.presets import load_clip
 from alignclip.report import build_report
