@@ -138,8 +138,16 @@ def train(
     device: str = typer.Option("auto"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
+    checkpoint_dir: Optional[str] = typer.Option(
+        None, envvar="ALIGNCLIP_CHECKPOINT_DIR",
+        help="folder or s3:// prefix for the resume checkpoint (default: .<out_dir>.train.partial beside the outputs)",
+    ),
+    checkpoint_every: int = typer.Option(0, help="also write a resume checkpoint every N steps (0: by time only)"),
+    checkpoint_minutes: float = typer.Option(10.0, help="write a resume checkpoint at least this often (0: by steps only)"),
+    resume: bool = typer.Option(True, help="continue from a resume checkpoint of the same settings if there is one"),
 ):
-    """Fine-tune the image encoder with one method; the BMA model is the result."""
+    """Fine-tune the image encoder with one method; the BMA model is the result. Killed or preempted, the same
+    command resumes where it stopped (SIGTERM writes a checkpoint first)."""
     from alignclip import tracking
     from alignclip.classifier import log_image_encoder
     from alignclip.recipes import apply_recipe
@@ -151,9 +159,15 @@ def train(
         device=device, progress=progress,
     )
     settings = apply_recipe(settings, recipe, steps=steps, batch_size=batch_size, lr=lr)
+    from alignclip.resume import ResumeOptions, pending_run_id
+
+    resume_options = ResumeOptions(checkpoint_dir, checkpoint_every, checkpoint_minutes * 60, enabled=resume)
     run_name = f"train-{method}-{test_domain or 'all'}-s{seed}"
-    with tracking.start_run(experiment, run_name, tags={"stage": "train", "method": method}) as tracker:
-        summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path)
+    previous_run = pending_run_id(out_dir, resume_options)  # a resumed training continues its MLflow run
+    with tracking.start_run(
+        experiment, run_name, tags={"stage": "train", "method": method}, resume_run_id=previous_run
+    ) as tracker:
+        summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path, resume=resume_options)
         tracker.log_artifact(out_dir / "train_log.csv")
         tracker.log_artifact(out_dir / "train.json")
         if tracker.enabled:
@@ -287,8 +301,13 @@ def recipes():
 
 
 def main() -> None:
+    from alignclip.resume import Preempted
+
     try:
         app()
+    except Preempted as err:
+        typer.secho(f"stopped: {err}", fg=typer.colors.YELLOW, err=True)
+        sys.exit(143)  # 128 + SIGTERM, what the orchestrator expects of a terminated task
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         # Bad input: one readable line naming what is wrong, no traceback (use --log-level DEBUG for one).
         get_logger("alignclip").debug("error", exc_info=True)

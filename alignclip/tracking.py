@@ -164,11 +164,11 @@ def start_run(
     status = "FINISHED"
     try:
         yield tracker
-    except KeyboardInterrupt:  # Ctrl-C, SIGTERM (preemption): the stage was stopped, it did not fail
+    except KeyboardInterrupt:  # Ctrl-C: the stage was stopped, it did not fail
         status = "KILLED"
         raise
-    except BaseException:
-        status = "FAILED"
+    except BaseException as err:  # a preempted stage (resume.Preempted) says so itself
+        status = getattr(err, "stage_status", "FAILED")
         raise
     finally:
         tracker.flush()

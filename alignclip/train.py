@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from alignclip import protocols
@@ -26,11 +26,13 @@ from alignclip.bma import BetaMovingAverage
 from alignclip.classifier import encode_classes, make_visual, resolve_device
 from alignclip.data.images import ManifestImages, train_transform
 from alignclip.data.prepare import load_prepared
+from alignclip.files import stage_output, staging_dir
 from alignclip.log import get_logger
 from alignclip.methods import MethodConfig, get_method, split_method
 from alignclip.model import AlignCLIPVisual
 from alignclip.objective import compute_loss
 from alignclip.presets import load_clip
+from alignclip.resume import CheckpointStore, Preempted, ResumeOptions, Schedule, StopRequest, rng_state, set_rng_state, store_for
 from alignclip.similarity import class_similarity_matrix, load_similarity
 
 log = get_logger(__name__)
@@ -77,18 +79,73 @@ def cosine_lr(step: int, total: int, base_lr: float, warmup: int = 0) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
-def infinite_batches(dataset, batch_size: int, generator: torch.Generator, num_workers: int):
-    """Endless shuffled batches of one dataset (reshuffled each pass, seeded)."""
-    loader = DataLoader(
-        dataset,
-        batch_size=min(batch_size, len(dataset)),
-        sampler=RandomSampler(dataset, generator=generator),
-        drop_last=True,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-    )
-    while True:
-        yield from loader
+class SeededSamples(torch.utils.data.Dataset):
+    """A dataset read by ``(epoch, index)`` keys whose random augmentation is seeded by (seed, stream, epoch, index):
+    the same sample of the same epoch gets the same crop and flip whatever the worker count, and after a resume."""
+
+    def __init__(self, dataset, seed: int, stream: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, self.stream, epoch, index))
+            return self.dataset[index]
+
+
+def _mix(*numbers: int) -> int:
+    """A 63-bit seed from a few integers (a polynomial hash; distinct tuples give distinct seeds in practice)."""
+    value = 0
+    for number in numbers:
+        value = (value * 1_000_003 + int(number) + 1) % (2**63 - 1)
+    return value
+
+
+class EpochBatches:
+    """Endless shuffled batches of one dataset, resumable: epoch ``e`` visits the samples in a permutation drawn
+    from a generator seeded by (seed, stream, e); ``state_dict`` is (epoch, batches taken in it), from which
+    ``load_state_dict`` continues exactly where the run stopped. Incomplete last batches are dropped."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, stream: int, num_workers: int):
+        self.samples = SeededSamples(dataset, seed, stream)
+        self.batch_size = min(batch_size, len(dataset))
+        self.seed, self.stream, self.num_workers = seed, stream, num_workers
+        self.epoch, self.position = 0, 0
+        self._batches = None
+
+    def _open_epoch(self):
+        order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(_mix(self.seed, self.stream, self.epoch)))
+        per_epoch = len(order) // self.batch_size
+        keys = [(self.epoch, int(i)) for i in order[self.position * self.batch_size : per_epoch * self.batch_size]]
+        loader = DataLoader(self.samples, batch_size=self.batch_size, sampler=keys, num_workers=self.num_workers)
+        self._batches = iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._batches is None:
+            self._open_epoch()
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._open_epoch()
+            batch = next(self._batches)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._batches = None
 
 
 @dataclass
@@ -149,11 +206,10 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
     transform = train_transform(bundle.image_size, bundle.mean, bundle.std, settings.hflip, settings.crop_scale)
     group_key = "domain" if meta["protocol"] in ("domainbed", "wild") else None
     groups = [g for _, g in rows.groupby(group_key, sort=True)] if group_key else [rows]
-    generator = torch.Generator().manual_seed(settings.seed)
     run.steps = total_steps(settings, len(rows), len(groups))
-    for group in groups:
+    for index, group in enumerate(groups):
         dataset = ManifestImages(meta, group["path"].tolist(), group["label"].tolist(), label_space, transform)
-        run.streams.append((dataset, infinite_batches(dataset, settings.batch_size, generator, settings.num_workers)))
+        run.streams.append((dataset, EpochBatches(dataset, settings.batch_size, settings.seed, index, settings.num_workers)))
     run.optimizer = make_optimizer(bundle, visual, settings.lr, settings.weight_decay)
     run.bma = BetaMovingAverage(visual, run.steps, method.bma_beta) if method.bma else None
     return run
@@ -220,13 +276,41 @@ def train(
     tracker=None,
     similarity_path: str | Path | None = None,
     callbacks: list | None = None,
+    resume: ResumeOptions | None = None,
 ) -> dict:
     """Train one (method, held-out domain, seed) and write ``model.pt``, ``train_log.csv`` and ``train.json``.
+
+    The outputs are published together when training completes: they are written into a staging folder beside
+    ``out_dir`` that then replaces it (a rerun leaves nothing stale; a failed run leaves the previous outputs).
+    With ``resume`` (the CLI's default) a resume checkpoint is written as the run goes and at SIGTERM, and a
+    re-run of the same settings continues from it (see ``alignclip.resume``).
 
     ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)``.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    store = store_for(out, resume)
+    with stage_output(out, "train", keep_staging_on_error=store is not None) as staging:
+        summary = _train(prepared_dir, staging, settings, tracker, similarity_path, callbacks, store, resume)
+        if store is not None and Path(store.location) == staging:
+            store.clear()  # the finished outputs are published without the resume files
+    if store is not None and Path(store.location) != staging_dir(out, "train"):
+        store.clear()  # after the outputs are safe: a crash in between resumes at the last step, same result
+    log.info("-> %s", out / "model.pt")
+    return summary
+
+
+def _fingerprint(run: TrainingRun) -> str:
+    """What a resume checkpoint must agree with to be continued (not how the run is executed or shown)."""
+    settings = {k: v for k, v in asdict(run.settings).items() if k not in ("progress", "log_every", "num_workers", "device")}
+    return json.dumps(
+        {"settings": settings, "method": run.method.to_dict(), "steps": run.steps, "label_space": run.label_space,
+         "train_images": run.summary["train_images"], "architecture": run.bundle.architecture,
+         "pretrained": run.bundle.pretrained},
+        sort_keys=True, default=str,
+    )
+
+
+def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callbacks, store, resume) -> dict:
     run = setup(prepared_dir, settings, similarity_path)
     settings, method, summary = run.settings, run.method, run.summary
     if tracker is not None:
@@ -239,11 +323,31 @@ def train(
         return summary
 
     visual, steps, autocast = run.visual, run.steps, autocast_for(run.device)
-    columns = None
+    fingerprint = _fingerprint(run)
+    start, lines, seconds_before = 0, [], 0.0
+    state = store.load() if store is not None else None
+    if state is not None and state["fingerprint"] != fingerprint:
+        log.warning("%s belongs to a run with other settings: starting from step 0 (it will be replaced)", store)
+        state = None
+    if state is not None:
+        visual.load_state_dict(state["visual"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.bma is not None:
+            run.bma.load_state_dict(state["bma"])
+        for (_, stream), position in zip(run.streams, state["streams"]):
+            stream.load_state_dict(position)
+        set_rng_state(state["rng"])
+        start, lines, seconds_before = int(state["step"]), list(state["log"]), float(state["seconds"])
+        log.info("resuming from step %d of %d (%s)", start, steps, store)
+    schedule = Schedule(resume) if store is not None else None
+    columns = lines[0].strip().split(",") if lines else None
     visual.train()
     started = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
-    with (out / "train_log.csv").open("w") as log_file:
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
+    # The log is rewritten from the checkpoint's copy (the killed run may have logged steps past it) and flushed
+    # line by line, so it is readable while the run goes.
+    with (out / "train_log.csv").open("w") as log_file, StopRequest() as stop:
+        log_file.write("".join(lines))
         for step in bar:
             lr = cosine_lr(step, steps, settings.lr, settings.warmup_steps)
             for group in run.optimizer.param_groups:
@@ -259,21 +363,48 @@ def train(
             parts.update(lr=lr, bma_weight=bma_weight, images_per_s=len(images) / (time.perf_counter() - tic))
             if columns is None:
                 columns = ["step", *parts]
-                log_file.write(",".join(columns) + "\n")
-            log_file.write(",".join([str(step + 1), *(f"{parts[c]:.6g}" for c in columns[1:])]) + "\n")
+                lines.append(",".join(columns) + "\n")
+                log_file.write(lines[-1])
+            lines.append(",".join([str(step + 1), *(f"{parts[c]:.6g}" for c in columns[1:])]) + "\n")
+            log_file.write(lines[-1])
+            log_file.flush()
             bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}")
             if tracker is not None:
                 tracker.log_metrics(parts, step=step + 1)
             if (step + 1) % settings.log_every == 0 or step + 1 == steps:
                 log.info("step %d/%d %s", step + 1, steps, " ".join(f"{k}={v:.4g}" for k, v in parts.items()))
-    elapsed = time.perf_counter() - started
+            done = step + 1
+            if store is not None and done < steps and (stop.requested or schedule.due(done)):
+                _save_resume(store, run, done, lines, seconds_before + time.perf_counter() - started, fingerprint, tracker)
+                schedule.done()
+            if stop.requested and done < steps:
+                raise Preempted(f"stopped at step {done}/{steps}; re-run the same command to resume from {store}")
+    elapsed = seconds_before + time.perf_counter() - started
     final = run.bma.module if run.bma is not None else visual
     skipped = sorted({p for dataset, _ in run.streams for p in dataset.skipped})
     write_checkpoint(out / "model.pt", run, final)
-    summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma)
+    summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma, resumed_from=start or None)
     (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("trained %s for %d steps in %.1fs -> %s", method.name, steps, elapsed, out / "model.pt")
+    log.info("trained %s for %d steps in %.1fs", method.name, steps, elapsed)
     return summary
+
+
+def _save_resume(store: CheckpointStore, run: TrainingRun, step: int, lines, seconds, fingerprint, tracker) -> None:
+    tic = time.perf_counter()
+    state = {
+        "step": step,
+        "visual": run.visual.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "bma": run.bma.state_dict() if run.bma is not None else None,
+        "streams": [stream.state_dict() for _, stream in run.streams],
+        "rng": rng_state(),
+        "log": list(lines),
+        "seconds": seconds,
+        "fingerprint": fingerprint,
+    }
+    run_id = getattr(tracker, "run_id", None)
+    store.save(state, {"step": step, "steps": run.steps, "mlflow_run_id": run_id, "written": time.time()})
+    log.debug("resume checkpoint at step %d -> %s (%.2fs)", step, store, time.perf_counter() - tic)
 
 
 def variant_label(method: MethodConfig, settings: TrainSettings) -> str:
