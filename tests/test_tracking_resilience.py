@@ -11,6 +11,7 @@ import time
 import pytest
 
 from alignclip import tracking, tracking_transport
+from alignclip.resume import Preempted
 from tests.servers import free_port, mlflow_local_server
 
 
@@ -54,7 +55,9 @@ def test_an_unreachable_tracking_uri_costs_seconds_and_spools_everything(tmp_pat
     assert steps == list(range(1, 31))
 
 
-@pytest.mark.parametrize("error, status", [(ValueError("bad"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+@pytest.mark.parametrize(
+    "error, status", [(ValueError("bad"), "FAILED"), (KeyboardInterrupt(), "KILLED"), (Preempted("SIGTERM"), "KILLED")]
+)
 def test_a_stage_that_stops_ends_its_run_failed_or_killed(tmp_path, error, status):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     artifact = tmp_path / "a.txt"
