@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from alignclip.artifacts import Checkpoint, load_checkpoint
 from alignclip.data.registry import prompt
 from alignclip.methods import MethodConfig
 from alignclip.model import AlignCLIPVisual
@@ -46,19 +47,13 @@ def make_visual(bundle, method: MethodConfig) -> AlignCLIPVisual:
     )
 
 
-def load_trained(checkpoint: str | Path, device):
+def load_trained(checkpoint: str | Path, device) -> tuple[object, AlignCLIPVisual, Checkpoint]:
     """Rebuild the model of a ``train`` checkpoint: the base weights, then the fine-tuned image encoder."""
-    from alignclip.files import load_torch
-
-    state = load_torch(checkpoint, "model checkpoint")
-    missing = [k for k in ("architecture", "pretrained", "method", "visual") if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise ValueError(f"{checkpoint}: not a model checkpoint of `alignclip train` (missing {', '.join(missing)})")
-    bundle = load_clip(state["architecture"], state["pretrained"], device=device)
-    method = MethodConfig(**state["method"])
-    visual = make_visual(bundle, method)
-    if state["visual"] is not None:
-        visual.visual.load_state_dict(state["visual"])
+    state = load_checkpoint(checkpoint)
+    bundle = load_clip(state.architecture, state.pretrained, device=device)
+    visual = make_visual(bundle, MethodConfig(**state.method))
+    if state.visual is not None:
+        visual.visual.load_state_dict(state.visual)
     return bundle, visual.to(device).eval(), state
 
 

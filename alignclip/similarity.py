@@ -14,7 +14,12 @@ def class_similarity_matrix(text_features: torch.Tensor, scale: float = 1.0) -> 
     """
     if text_features.dim() != 2:
         raise ValueError(f"text_features must be [C, D], got shape {tuple(text_features.shape)}")
-    return (scale * cosine_matrix(text_features)).softmax(dim=-1)
+    return row_softmax(cosine_matrix(text_features), scale)
+
+
+def row_softmax(cosine: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Row i: softmax_j(scale * cosine[i, j]), the smoothing target of class i (the one place it is computed)."""
+    return (scale * cosine).softmax(dim=-1)
 
 
 def save_similarity(path, cosine: torch.Tensor, classes: list[str], architecture: str, pretrained: str | None) -> None:
@@ -43,7 +48,7 @@ def load_similarity(path, architecture: str, label_space: list[int], scale: floa
     index = torch.as_tensor(label_space)
     if int(index.max()) >= state["cosine"].shape[0]:
         raise ValueError(f"{path}: {state['cosine'].shape[0]} classes, label space needs index {int(index.max())}")
-    return (scale * state["cosine"][index][:, index]).softmax(dim=-1)
+    return row_softmax(state["cosine"][index][:, index], scale)
 
 
 def cosine_matrix(text_features: torch.Tensor) -> torch.Tensor:
@@ -58,6 +63,7 @@ def similarity_stage(prepared_dir, out_dir, model: str, pretrained: str | None, 
 
     import pandas as pd
 
+    from alignclip import artifacts
     from alignclip.classifier import encode_classes
     from alignclip.data.prepare import load_prepared
     from alignclip.presets import load_clip
@@ -69,11 +75,11 @@ def similarity_stage(prepared_dir, out_dir, model: str, pretrained: str | None, 
     text = encode_classes(bundle.model, bundle.tokenizer, meta["classes"], meta["template"], "cpu")
     cosine = cosine_matrix(text)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_similarity(out_dir / "similarity.pt", cosine, meta["classes"], bundle.architecture, bundle.pretrained)
-    soft = (scale * cosine).softmax(dim=-1)
-    pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / "similarity.csv")
-    plot_similarity(soft.numpy(), meta["classes"], out_dir / "similarity.png")
+    save_similarity(out_dir / artifacts.SIMILARITY_MATRIX, cosine, meta["classes"], bundle.architecture, bundle.pretrained)
+    soft = row_softmax(cosine, scale)
+    pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / artifacts.SIMILARITY_CSV)
+    plot_similarity(soft.numpy(), meta["classes"], out_dir / artifacts.SIMILARITY_HEATMAP)
     tracker.log_params({"model": model, "pretrained": pretrained, "classes": len(meta["classes"]), "scale": scale})
-    tracker.log_artifact(out_dir / "similarity.png")
-    tracker.log_artifact(out_dir / "similarity.csv")
+    tracker.log_artifact(out_dir / artifacts.SIMILARITY_HEATMAP)
+    tracker.log_artifact(out_dir / artifacts.SIMILARITY_CSV)
     return meta

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from alignclip import protocols
+from alignclip import artifacts, protocols
 from alignclip.bma import BetaMovingAverage
 from alignclip.classifier import encode_classes, make_visual, resolve_device
 from alignclip.data.images import ManifestImages, train_transform
@@ -54,7 +54,6 @@ class TrainSettings:
     batch_size: int = 36  # per training domain for multi-domain protocols
     lr: float = 5e-6
     weight_decay: float = 0.1
-    warmup_steps: int = 0
     hflip: bool = True
     crop_scale: tuple[float, float] = (0.7, 1.0)
     num_workers: int = 0
@@ -72,10 +71,9 @@ def total_steps(settings: TrainSettings, train_images: int, domains: int) -> int
     return int(settings.epochs * per_epoch)
 
 
-def cosine_lr(step: int, total: int, base_lr: float, warmup: int = 0) -> float:
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+def cosine_lr(step: int, total: int, base_lr: float) -> float:
+    """Cosine decay from ``base_lr`` at step 0 towards 0 at ``total``, no warm-up (CLIPood)."""
+    progress = step / max(1, total)
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
@@ -159,6 +157,7 @@ class TrainingRun:
     text: torch.Tensor  # frozen class text features of the training label space [C, D]
     class_sim: torch.Tensor  # SLS targets over the training label space [C, C]
     label_space: list[int]
+    classes: list[str]  # names of the label space's classes
     summary: dict  # what train.json records
     device: torch.device
     steps: int = 0
@@ -198,13 +197,13 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
         "train_images": int(len(rows)),
         "label_space": label_space,
     }
-    run = TrainingRun(settings, method, bundle, visual, text, class_sim, label_space, summary, device)
+    run = TrainingRun(settings, method, bundle, visual, text, class_sim, label_space, class_names, summary, device)
     if not method.trains:
         return run
 
     # Data: one stream per training domain for multi-domain protocols (CLIPood), else one stream.
     transform = train_transform(bundle.image_size, bundle.mean, bundle.std, settings.hflip, settings.crop_scale)
-    group_key = "domain" if meta["protocol"] in ("domainbed", "wild") else None
+    group_key = protocols.get_protocol(meta["protocol"]).group_key
     groups = [g for _, g in rows.groupby(group_key, sort=True)] if group_key else [rows]
     run.steps = total_steps(settings, len(rows), len(groups))
     for index, group in enumerate(groups):
@@ -256,17 +255,25 @@ def train_step(
 
 
 def write_checkpoint(path: str | Path, run: TrainingRun, visual: AlignCLIPVisual | None) -> Path:
-    """Write the checkpoint of a run (``visual=None``: the pre-trained image encoder, zero-shot). Written to a
-    temporary file first and renamed, so a killed process never leaves a half-written checkpoint behind."""
-    path = Path(path)
-    state = {
-        "visual": None if visual is None else visual.visual.state_dict(),
-        **_checkpoint_info(run.bundle, run.method, run.settings, run.label_space),
-    }
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    partial.replace(path)
-    return path
+    """The run's checkpoint (``visual=None``: the pre-trained image encoder, zero-shot), schema in artifacts.py."""
+    settings, bundle = run.settings, run.bundle
+    checkpoint = artifacts.Checkpoint(
+        visual=None if visual is None else visual.visual.state_dict(),
+        method=run.method.to_dict(),
+        variant=variant_label(run.method, settings),
+        architecture=bundle.architecture,
+        pretrained=bundle.pretrained,
+        model=settings.model,
+        formulation=settings.formulation,
+        seed=settings.seed,
+        recipe=settings.recipe,
+        dataset=run.summary["dataset"],
+        protocol=run.summary["protocol"],
+        test_domain=settings.test_domain,
+        label_space=run.label_space,
+        classes=run.classes,
+    )
+    return artifacts.save_checkpoint(path, checkpoint)
 
 
 def train(
@@ -278,7 +285,7 @@ def train(
     callbacks: list | None = None,
     resume: ResumeOptions | None = None,
 ) -> dict:
-    """Train one (method, held-out domain, seed) and write ``model.pt``, ``train_log.csv`` and ``train.json``.
+    """Train one (method, held-out domain, seed) and write its checkpoint, log and summary (artifacts.py).
 
     The outputs are published together when training completes: they are written into a staging folder beside
     ``out_dir`` that then replaces it (a rerun leaves nothing stale; a failed run leaves the previous outputs).
@@ -295,7 +302,7 @@ def train(
             store.clear()  # the finished outputs are published without the resume files
     if store is not None and Path(store.location) != staging_dir(out, "train"):
         store.clear()  # after the outputs are safe: a crash in between resumes at the last step, same result
-    log.info("-> %s", out / "model.pt")
+    log.info("outputs -> %s", out)
     return summary
 
 
@@ -316,9 +323,9 @@ def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callback
     if tracker is not None:
         tracker.log_params({"method": method.to_dict(), "train": asdict(settings), "dataset": summary["dataset"]})
     if not method.trains:
-        write_checkpoint(out / "model.pt", run, None)
-        (out / "train.json").write_text(json.dumps({**summary, "steps": 0}, indent=2) + "\n")
-        (out / "train_log.csv").write_text("step,loss\n")
+        write_checkpoint(out / artifacts.MODEL, run, None)
+        (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps({**summary, "steps": 0}, indent=2) + "\n")
+        (out / artifacts.TRAIN_LOG).write_text("step,loss\n")
         log.info("zero-shot: nothing to train")
         return summary
 
@@ -346,10 +353,10 @@ def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callback
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
     # The log is rewritten from the checkpoint's copy (the killed run may have logged steps past it) and flushed
     # line by line, so it is readable while the run goes.
-    with (out / "train_log.csv").open("w") as log_file, StopRequest() as stop:
+    with (out / artifacts.TRAIN_LOG).open("w") as log_file, StopRequest() as stop:
         log_file.write("".join(lines))
         for step in bar:
-            lr = cosine_lr(step, steps, settings.lr, settings.warmup_steps)
+            lr = cosine_lr(step, steps, settings.lr)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             batches = [next(stream) for _, stream in run.streams]
@@ -382,9 +389,9 @@ def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callback
     elapsed = seconds_before + time.perf_counter() - started
     final = run.bma.module if run.bma is not None else visual
     skipped = sorted({p for dataset, _ in run.streams for p in dataset.skipped})
-    write_checkpoint(out / "model.pt", run, final)
+    write_checkpoint(out / artifacts.MODEL, run, final)
     summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma, resumed_from=start or None)
-    (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("trained %s for %d steps in %.1fs", method.name, steps, elapsed)
     return summary
 
@@ -419,18 +426,3 @@ def variant_label(method: MethodConfig, settings: TrainSettings) -> str:
     if changed:
         label += "[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
     return label
-
-
-def _checkpoint_info(bundle, method: MethodConfig, settings: TrainSettings, label_space) -> dict:
-    return {
-        "variant": variant_label(method, settings),
-        "architecture": bundle.architecture,
-        "pretrained": bundle.pretrained,
-        "model": settings.model,
-        "formulation": settings.formulation,
-        "seed": settings.seed,
-        "recipe": settings.recipe,
-        "test_domain": settings.test_domain,
-        "method": method.to_dict(),
-        "label_space": label_space,
-    }

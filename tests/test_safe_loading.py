@@ -97,7 +97,7 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, content):
 def test_a_state_dict_that_is_not_a_train_checkpoint_is_named(tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"weight": torch.zeros(2)}, path)
-    with pytest.raises(ValueError, match="not a model checkpoint of `alignclip train` .missing architecture"):
+    with pytest.raises(ValueError, match="not an alignclip checkpoint of schema 1 .missing"):
         load_trained(path, "cpu")
 
 

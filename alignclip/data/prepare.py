@@ -22,15 +22,14 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from alignclip import artifacts
 from alignclip.data import splits, storage
 from alignclip.data.registry import DATASETS, DEFAULT_TEMPLATE, LAYOUT_KINDS, clean_class_name, get_dataset
 from alignclip.log import get_logger
 from alignclip.presets import RESOURCES
+from alignclip.protocols import PROTOCOLS
 
 log = get_logger(__name__)
-
-PROTOCOLS = ("domainbed", "wild", "base2new", "imagenet")
-COLUMNS = ["path", "label", "class_name", "domain", "split", "subset"]
 
 
 @dataclass
@@ -385,7 +384,7 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
     settings = replace(settings, root=absolute_root(settings.root))
     protocol = settings.protocol or default_protocol(settings.dataset)
     if protocol not in PROTOCOLS:
-        raise DatasetError(f"unknown protocol {protocol!r}: expected one of {PROTOCOLS}")
+        raise DatasetError(f"unknown protocol {protocol!r}: expected one of {tuple(PROTOCOLS)}")
     allowed = {
         "domainbed": ("domainbed", "wild"),
         "coop": ("base2new",),
@@ -413,7 +412,9 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
                 "holdout_fraction": settings.holdout_fraction,
                 "trial_seed": settings.trial_seed,
                 "shots": settings.shots,
-                "seeds": list(settings.seeds),
+                # only few-shot protocols sample per seed; elsewhere the seeds change nothing, so they are not
+                # recorded (a DVC grid that adds a seed then leaves the prepared data, and every other cell, as is)
+                "seeds": list(settings.seeds) if protocol in ("base2new", "imagenet") else [],
             },
             "counts": {
                 "images": int(len(manifest)),
@@ -438,9 +439,9 @@ def write_prepared(manifest: pd.DataFrame, meta: dict, out_dir: str | Path) -> P
             meta = {**meta, "root": Path(root).relative_to(out.resolve()).as_posix() or "."}
         except ValueError:
             pass
-    with stage_output(out, "prepare", owns=("manifest.parquet", "meta.json")) as staging:
-        manifest.to_parquet(staging / "manifest.parquet", index=False)
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with stage_output(out, "prepare", owns=(artifacts.MANIFEST, artifacts.META)) as staging:
+        manifest.to_parquet(staging / artifacts.MANIFEST, index=False)
+        (staging / artifacts.META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
@@ -448,14 +449,14 @@ def load_prepared(prepared_dir: str | Path) -> tuple[pd.DataFrame, dict]:
     """The manifest and metadata; a relative root (a dataset inside the prepared folder, or a meta.json written
     by hand) is resolved against the prepared folder, never against the working directory."""
     prepared = Path(prepared_dir)
-    for name in ("manifest.parquet", "meta.json"):
+    for name in (artifacts.MANIFEST, artifacts.META):
         if not (prepared / name).is_file():
             raise FileNotFoundError(f"{prepared / name} not found: run `alignclip prepare` first")
-    meta = json.loads((prepared / "meta.json").read_text())
+    meta = json.loads((prepared / artifacts.META).read_text())
     root = meta.get("root")
     if root and not storage.is_s3(root) and not Path(root).is_absolute():
         meta["root"] = str((prepared / root).resolve())
-    return pd.read_parquet(prepared / "manifest.parquet"), meta
+    return pd.read_parquet(prepared / artifacts.MANIFEST), meta
 
 
 def image_path(meta: dict, relative: str) -> str:

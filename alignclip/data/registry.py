@@ -56,8 +56,6 @@ LAYOUT_KINDS: dict[str, DatasetSpec] = {
     "domainbed": DatasetSpec("domainbed", "domainbed"),
 }
 
-COOP_DATASETS = tuple(n for n, s in DATASETS.items() if s.protocol == "coop") + ("imagenet",)
-
 
 def get_dataset(name: str) -> DatasetSpec:
     if name in LAYOUT_KINDS:
