@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from alignclip import artifacts, protocols
 from alignclip.artifacts import Checkpoint
 from alignclip.classifier import encode_classes, load_trained, resolve_device
-from alignclip.data.images import ManifestImages, eval_transform
+from alignclip.data.images import ManifestImages, collate_readable, eval_transform
 from alignclip.data.prepare import load_prepared
 from alignclip.files import stage_output
 from alignclip.log import get_logger
@@ -29,7 +29,10 @@ log = get_logger(__name__)
 def predict(visual, text: torch.Tensor, loader, device, topk: int = 5, tau: float = 0.01):
     """Predicted class, target, dataset index, and the top-k classes with their probabilities (eq. 1, tau)."""
     preds, targets, indices, top, top_prob = [], [], [], [], []
-    for images, target, index in loader:
+    for batch in loader:
+        if batch is None:  # every image of this batch was unreadable (collate_readable)
+            continue
+        images, target, index = batch
         logits = cosine_logits(visual(images.to(device)).float(), text, tau)  # eq. 1, as in training
         best = logits.softmax(dim=-1).topk(min(topk, logits.shape[-1]), dim=-1)
         top.append(best.indices.cpu())
@@ -37,6 +40,9 @@ def predict(visual, text: torch.Tensor, loader, device, topk: int = 5, tau: floa
         preds.append(logits.argmax(dim=-1).cpu())
         targets.append(target)
         indices.append(index)
+    if not preds:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, empty, torch.zeros(0, topk, dtype=torch.long), torch.zeros(0, topk)
     return torch.cat(preds), torch.cat(targets), torch.cat(indices), torch.cat(top), torch.cat(top_prob)
 
 
@@ -94,16 +100,23 @@ def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batc
             continue
         names = [meta["classes"][g] for g in view.label_space]
         text = encode_classes(bundle.model, bundle.tokenizer, names, meta["template"], dev)
-        dataset = ManifestImages(meta, view.rows["path"].tolist(), view.rows["label"].tolist(), view.label_space, transform)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        # unreadable images are left out and counted (never replaced by another image)
+        dataset = ManifestImages(meta, view.rows["path"].tolist(), view.rows["label"].tolist(), view.label_space, transform,
+                                 skip_unreadable=True)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_readable)
         pred, target, index, top, top_prob = predict(visual, text, loader, dev, tau=state.method["tau"])
         correct = int((pred == target).sum())
+        # read from the indices that came back, so the count is right with DataLoader workers too
+        unreadable = sorted(set(range(len(dataset))) - set(index.tolist()))
+        if not len(target):
+            raise ValueError(f"view {view.name}: none of its {len(dataset)} images is readable (first: {dataset.paths[0]})")
         results[view.name] = {
             "accuracy": 100.0 * correct / len(target),
             "correct": correct,
             "total": int(len(target)),
             "classes": len(view.label_space),
-            "skipped_images": dataset.skipped,
+            "unreadable": len(unreadable),
+            "skipped_images": [dataset.paths[i] for i in unreadable],
         }
         space = np.asarray(view.label_space)
         prediction_frames.append(

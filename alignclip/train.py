@@ -25,6 +25,7 @@ from alignclip import artifacts, protocols
 from alignclip.bma import BetaMovingAverage
 from alignclip.classifier import encode_classes, make_visual, resolve_device
 from alignclip.data.images import ManifestImages, train_transform
+from alignclip.data.storage import StorageError
 from alignclip.data.prepare import load_prepared
 from alignclip.files import stage_output, staging_dir
 from alignclip.log import get_logger
@@ -359,7 +360,18 @@ def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callback
             lr = cosine_lr(step, steps, settings.lr)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            batches = [next(stream) for _, stream in run.streams]
+            positions = [stream.state_dict() for _, stream in run.streams]
+            try:
+                batches = [next(stream) for _, stream in run.streams]
+            except StorageError as err:
+                # the store failed past its retries: keep what was trained (a checkpoint at the last whole step,
+                # with the data positions before this step's reads), then stop with the store's one line
+                if store is not None and step > start:
+                    _save_resume(store, run, step, lines, seconds_before + time.perf_counter() - started, fingerprint,
+                                 tracker, positions)
+                    raise StorageError(f"{one_line(err)}; training stopped at step {step}/{steps}, re-run the same "
+                                       f"command to resume from {store}") from None
+                raise StorageError(one_line(err)) from None
             images = torch.cat([b[0] for b in batches]).to(run.device, non_blocking=True)
             targets = torch.cat([b[1] for b in batches]).to(run.device, non_blocking=True)
             tic = time.perf_counter()
@@ -396,14 +408,24 @@ def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callback
     return summary
 
 
-def _save_resume(store: CheckpointStore, run: TrainingRun, step: int, lines, seconds, fingerprint, tracker) -> None:
+def one_line(err: Exception) -> str:
+    """The message of an error, also when a DataLoader worker re-raised it with the worker's traceback."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return text
+
+
+def _save_resume(store: CheckpointStore, run: TrainingRun, step: int, lines, seconds, fingerprint, tracker,
+                 positions: list | None = None) -> None:
     tic = time.perf_counter()
     state = {
         "step": step,
         "visual": run.visual.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "bma": run.bma.state_dict() if run.bma is not None else None,
-        "streams": [stream.state_dict() for _, stream in run.streams],
+        "streams": positions or [stream.state_dict() for _, stream in run.streams],
         "rng": rng_state(),
         "log": list(lines),
         "seconds": seconds,

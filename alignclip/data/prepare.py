@@ -473,8 +473,8 @@ def validate_images(manifest: pd.DataFrame, meta: dict, workers: int = 8) -> lis
         try:
             storage.open_image(path)
             return None
-        except Exception as err:  # noqa: BLE001 - any decoder error makes the file unusable
-            return path, f"{type(err).__name__}: {err}"
+        except storage.UnreadableImage as err:  # a storage error is not the image's fault: it stops prepare
+            return path, str(err)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return [r for r in pool.map(check, manifest["path"].tolist()) if r is not None]
