@@ -69,16 +69,19 @@ def similarity_stage(prepared_dir, out_dir, model: str, pretrained: str | None, 
     from alignclip.presets import load_clip
     from alignclip.report import plot_similarity
 
+    from alignclip.files import stage_output
+
     out_dir = Path(out_dir)
     _, meta = load_prepared(prepared_dir)
     bundle = load_clip(model, pretrained)
     text = encode_classes(bundle.model, bundle.tokenizer, meta["classes"], meta["template"], "cpu")
     cosine = cosine_matrix(text)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_similarity(out_dir / artifacts.SIMILARITY_MATRIX, cosine, meta["classes"], bundle.architecture, bundle.pretrained)
-    soft = row_softmax(cosine, scale)
-    pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / artifacts.SIMILARITY_CSV)
-    plot_similarity(soft.numpy(), meta["classes"], out_dir / artifacts.SIMILARITY_HEATMAP)
+    # the three files are published together, replacing the folder (a transaction: no stale heatmap on failure)
+    with stage_output(out_dir, "similarity") as staging:
+        save_similarity(staging / artifacts.SIMILARITY_MATRIX, cosine, meta["classes"], bundle.architecture, bundle.pretrained)
+        soft = row_softmax(cosine, scale)
+        pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(staging / artifacts.SIMILARITY_CSV)
+        plot_similarity(soft.numpy(), meta["classes"], staging / artifacts.SIMILARITY_HEATMAP)
     tracker.log_params({"model": model, "pretrained": pretrained, "classes": len(meta["classes"]), "scale": scale})
     tracker.log_artifact(out_dir / artifacts.SIMILARITY_HEATMAP)
     tracker.log_artifact(out_dir / artifacts.SIMILARITY_CSV)
