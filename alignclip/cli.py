@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -159,7 +160,8 @@ def train(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
     checkpoint_dir: Optional[str] = typer.Option(
         None, envvar="ALIGNCLIP_CHECKPOINT_DIR",
-        help="folder or s3:// prefix for the resume checkpoint (default: .<out_dir>.train.partial beside the outputs)",
+        help="folder or s3:// prefix for the resume checkpoint (default: under ALIGNCLIP_CHECKPOINT_ROOT keyed by "
+        "output path and cell if set, else .<out_dir>.train.partial beside the outputs)",
     ),
     checkpoint_every: int = typer.Option(0, help="also write a resume checkpoint every N steps (0: by time only)"),
     checkpoint_minutes: float = typer.Option(10.0, help="write a resume checkpoint at least this often (0: by steps only)"),
@@ -202,9 +204,13 @@ def train(
 
     if checkpoint_every < 0 or checkpoint_minutes < 0:
         raise ConfigError(f"--checkpoint-every {checkpoint_every} / --checkpoint-minutes {checkpoint_minutes}: expected 0 or more")
-    resume_options = ResumeOptions(checkpoint_dir, checkpoint_every, checkpoint_minutes * 60, enabled=resume)
     test_domain = settings.test_domain
     run_name = f"train-{method}-{test_domain or 'all'}-s{seed}"
+    if checkpoint_dir is None and os.environ.get("ALIGNCLIP_CHECKPOINT_ROOT"):
+        from alignclip.resume import keyed_location
+
+        checkpoint_dir = keyed_location(os.environ["ALIGNCLIP_CHECKPOINT_ROOT"], out_dir, run_name)
+    resume_options = ResumeOptions(checkpoint_dir, checkpoint_every, checkpoint_minutes * 60, enabled=resume)
     previous_run = pending_run_id(out_dir, resume_options)  # a resumed training continues its MLflow run
     with tracking.start_run(
         experiment, run_name, tags={"stage": "train", "method": method}, resume_run_id=previous_run

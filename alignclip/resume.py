@@ -21,11 +21,13 @@ import io
 import json
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from alignclip import s3
 from alignclip.files import atomic_write_bytes, load_torch, torch_bytes
 from alignclip.log import get_logger
 
@@ -68,23 +70,27 @@ class CheckpointStore:
         return f"{self.location.rstrip('/')}/{name}"
 
     def _write(self, name: str, data: bytes) -> None:
-        if self.is_s3:
-            from alignclip.presets import parse_s3_uri, s3_client
+        with _s3_errors(self._key(name)):
+            self._write_unchecked(name, data)
 
-            bucket, key = parse_s3_uri(self._key(name))
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data)  # an S3 PUT is all or nothing
+    def _read(self, name: str) -> bytes | None:
+        with _s3_errors(self._key(name)):
+            return self._read_unchecked(name)
+
+    def _write_unchecked(self, name: str, data: bytes) -> None:
+        if self.is_s3:
+            bucket, key = s3.parse_uri(self._key(name))
+            s3.client().put_object(Bucket=bucket, Key=key, Body=data)  # an S3 PUT is all or nothing
         else:
             atomic_write_bytes(Path(self.location) / name, data)
 
-    def _read(self, name: str) -> bytes | None:
+    def _read_unchecked(self, name: str) -> bytes | None:
         if self.is_s3:
             from botocore.exceptions import ClientError
 
-            from alignclip.presets import parse_s3_uri, s3_client
-
-            bucket, key = parse_s3_uri(self._key(name))
+            bucket, key = s3.parse_uri(self._key(name))
             try:
-                return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+                return s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
             except ClientError as err:
                 if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                     return None
@@ -122,15 +128,26 @@ class CheckpointStore:
     def clear(self) -> None:
         for name in (STATE_FILE, INFO_FILE):
             if self.is_s3:
-                from alignclip.presets import parse_s3_uri, s3_client
-
-                bucket, key = parse_s3_uri(self._key(name))
-                s3_client().delete_object(Bucket=bucket, Key=key)
+                bucket, key = s3.parse_uri(self._key(name))
+                s3.client().delete_object(Bucket=bucket, Key=key)
             else:
                 (Path(self.location) / name).unlink(missing_ok=True)
 
     def __str__(self) -> str:
         return self._key(STATE_FILE)
+
+
+@contextmanager
+def _s3_errors(uri: str):
+    """Object-store failures of the checkpoint are one line naming bucket, endpoint and cause (StorageError)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from alignclip.data.storage import storage_error
+
+    try:
+        yield
+    except (BotoCoreError, ClientError) as err:
+        raise storage_error(err, uri) from None
 
 
 def rng_state() -> dict:
@@ -197,6 +214,17 @@ def store_for(out_dir: str | Path, options: ResumeOptions | None) -> CheckpointS
     if options is None or not options.enabled:
         return None
     return CheckpointStore(options.location or default_location(out_dir))
+
+
+def keyed_location(root: str, out_dir: str | Path, cell: str) -> str:
+    """A checkpoint location under ``root`` (``ALIGNCLIP_CHECKPOINT_ROOT``, e.g. the cluster's s3:// prefix) keyed
+    by the task's output path and its grid cell. A KFP task's output path names the pipeline run and the task
+    (loop iteration included) and is the same when KFP retries the task in a new pod, so the retry finds the
+    checkpoint; another run or cell never does."""
+    import hashlib
+
+    digest = hashlib.sha256(str(Path(out_dir).resolve()).encode()).hexdigest()[:16]
+    return f"{str(root).rstrip('/')}/{digest}-{cell}"
 
 
 def pending_run_id(out_dir: str | Path, options: ResumeOptions | None) -> str | None:

@@ -394,7 +394,10 @@ def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callback
                 log.info("step %d/%d %s", step + 1, steps, " ".join(f"{k}={v:.4g}" for k, v in parts.items()))
             done = step + 1
             if store is not None and done < steps and (stop.requested or schedule.due(done)):
-                _save_resume(store, run, done, lines, seconds_before + time.perf_counter() - started, fingerprint, tracker)
+                try:
+                    _save_resume(store, run, done, lines, seconds_before + time.perf_counter() - started, fingerprint, tracker)
+                except (StorageError, OSError) as err:  # a checkpoint is insurance: failing to write one stops nothing
+                    log.warning("could not write the resume checkpoint at step %d (%s): training goes on", done, err)
                 schedule.done()
             if stop.requested and done < steps:
                 raise Preempted(f"stopped at step {done}/{steps}; re-run the same command to resume from {store}")

@@ -143,3 +143,31 @@ def test_epoch_batches_continue_exactly_from_their_state():
         assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
     epoch0 = sorted(int(i) for batch in expected[:3] for i in batch[2])
     assert len(set(epoch0)) == 9  # an epoch visits distinct samples (10 // 3 batches of 3)
+
+
+def test_a_checkpoint_root_keys_the_location_by_output_path_and_cell(tmp_path):
+    from alignclip.resume import keyed_location
+
+    first = keyed_location("s3://bucket/ckpt/", tmp_path / "run-a" / "model", "train-erm-Art-s0")
+    assert first.startswith("s3://bucket/ckpt/") and first.endswith("-train-erm-Art-s0")
+    assert keyed_location("s3://bucket/ckpt", tmp_path / "run-a" / "model", "train-erm-Art-s0") == first  # a retry
+    assert keyed_location("s3://bucket/ckpt", tmp_path / "run-b" / "model", "train-erm-Art-s0") != first  # another run
+
+
+def test_a_checkpoint_store_under_an_s3_prefix_round_trips(monkeypatch):
+    from tests.servers import S3_ENV, make_bucket, s3_server
+
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    with s3_server() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        make_bucket(endpoint, "ckpt")
+        store = CheckpointStore("s3://ckpt/run-1/train-erm-s0")
+        assert store.info() is None and store.load() is None
+        weights = torch.arange(6.0).reshape(2, 3)
+        store.save({"step": 7, "visual": {"w": weights}}, {"step": 7, "mlflow_run_id": "abc"})
+        assert store.info()["mlflow_run_id"] == "abc"
+        state = store.load()
+        assert state["step"] == 7 and torch.equal(state["visual"]["w"], weights)
+        store.clear()
+        assert store.info() is None and store.load() is None
