@@ -79,12 +79,15 @@ def prepare(
     out_dir: Path = typer.Argument(..., help="where to write manifest.parquet and meta.json"),
     protocol: Optional[str] = typer.Option(None, help="domainbed | wild | base2new | imagenet (default: the dataset's own)"),
     holdout_fraction: Optional[float] = typer.Option(None, help="DomainBed held-out fraction per domain (default 0.2)"),
-    trial_seed: Optional[int] = typer.Option(None, help="DomainBed trial seed of the in/out splits (default 0)"),
+    trial_seed: Optional[int] = typer.Option(None, help="trial seed of the in/out splits (default 0): DomainBed's; wild: CLIPood's split uses 0, others are our extension"),
     shots: Optional[int] = typer.Option(None, help="few-shot images per class (base2new, imagenet; default 16)"),
     seeds: Optional[List[int]] = typer.Option(None, "--seed", help="few-shot sampling seeds (repeatable; default: train.seeds, 0 1 2)"),
     params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for the options not given here"),
     template: Optional[str] = typer.Option(None, help="prompt template with {} for the class name"),
     split_file: Optional[str] = typer.Option(None, help="CoOp split JSON (default: the dataset's split_zhou_*.json)"),
+    templates: Optional[str] = typer.Option(None, help="prompt templates: paper (appendix A.2, default) | release (the released code's, CoOp's)"),
+    class_names: Optional[str] = typer.Option(None, help="class names: paper ('_' and '-' become spaces, default) | release (only '_')"),
+    listing: Optional[str] = typer.Option(None, help="imagenet: image order for few-shot picks: sorted (reproducible, default) | filesystem (CoOp's os.listdir order)"),
     validate: bool = typer.Option(False, help="also decode every image (parallel) and list unreadable ones"),
     name: Optional[str] = typer.Option(None, help="your dataset's name in results; needed with a layout kind (domainbed)"),
 ):
@@ -102,7 +105,8 @@ def prepare(
     check_output_dir(out_dir)
     settings = PrepareSettings(
         dataset, root, value["data_protocol"] or "", value["data_holdout_fraction"], value["data_trial_seed"],
-        value["data_shots"], list(value["train_seeds"]), template, split_file, name=name
+        value["data_shots"], list(value["train_seeds"]), template, split_file,
+        templates=templates or "paper", class_names=class_names or "paper", listing=listing or "sorted", name=name,
     )
     manifest, meta = run_prepare(settings)
     if validate:
@@ -133,6 +137,20 @@ def similarity(
     typer.echo(f"similarity of {len(meta['classes'])} classes -> {out_dir}")
 
 
+WORKERS_HELP = ("DataLoader worker processes, or auto: the CPUs this process may use (affinity, cgroup quota) less "
+                "one, none with two CPUs or fewer")
+STAGE_HELP = "copy s3:// images into the local cache (ALIGNCLIP_CACHE) first, with parallel GETs; else one GET per image"
+
+
+def _check_workers(value: str) -> None:
+    from alignclip.data.loader import resolve_workers
+
+    try:
+        resolve_workers(value)
+    except ValueError as err:
+        raise ConfigError(f"--num-workers {value!r}: expected a count >= 0 or 'auto'") from err
+
+
 @app.command()
 def train(
     prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
@@ -153,7 +171,8 @@ def train(
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="random horizontal flip (default: the recipe's)"),
     params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for what is not given here"),
     similarity_path: Optional[Path] = typer.Option(None, "--similarity", help="similarity.pt from `alignclip similarity`"),
-    num_workers: int = typer.Option(0),
+    num_workers: str = typer.Option("auto", help=WORKERS_HELP),
+    stage_remote: bool = typer.Option(True, help=STAGE_HELP),
     device: str = typer.Option("auto"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the effective settings (JSON) and stop"),
@@ -179,24 +198,26 @@ def train(
 
     switches = _parse_overrides(set_)
     check("train_seeds", [seed], "--seed: ")
-    if weight_decay < 0 or num_workers < 0:
-        raise ConfigError(f"--weight-decay {weight_decay} / --num-workers {num_workers}: expected 0 or more")
+    if weight_decay < 0:
+        raise ConfigError(f"--weight-decay {weight_decay}: expected 0 or more")
+    _check_workers(num_workers)
     explicit = {"model_name": model, "model_pretrained": pretrained, "train_recipe": recipe, "train_formulation": formulation,
                 "train_steps": steps, "train_epochs": epochs, "train_batch_size": batch_size, "train_lr": lr, "train_hflip": hflip}
     meta = None
     if recipe is None and (prepared_dir / "meta.json").is_file():
         meta = json.loads((prepared_dir / "meta.json").read_text())
     values = train_config(params_file, explicit, meta)
-    effective = effective_train(values)
+    effective = effective_train(values, test_domain or None)
     settings = TrainSettings(
         method=method, formulation=values["train_formulation"], overrides=switches, model=values["model_name"],
         pretrained=values["model_pretrained"], test_domain=test_domain or None, seed=seed, weight_decay=weight_decay,
-        num_workers=num_workers, device=device, progress=progress,
+        num_workers=num_workers, stage_remote=stage_remote, device=device, progress=progress,
     )
     settings = apply_recipe(settings, effective["recipe"], steps=effective["steps"], batch_size=effective["batch_size"],
                             lr=effective["lr"], epochs=effective["epochs"], hflip=effective["hflip"])
     if dry_run:
-        shown = {k: v for k, v in asdict(settings).items() if k not in ("progress", "device", "num_workers", "log_every")}
+        shown = {k: v for k, v in asdict(settings).items()
+                 if k not in ("progress", "device", "num_workers", "stage_remote", "log_every")}
         typer.echo(json.dumps(shown, sort_keys=True))
         return
     check_output_dir(out_dir)
@@ -230,8 +251,9 @@ def evaluate(
     out_dir: Path = typer.Argument(..., help="where to write metrics.json and predictions.parquet"),
     test_domain: Optional[str] = typer.Option(None, help="held-out domain: read from the checkpoint; if given, it must agree"),
     test_split: str = typer.Option("holdout", help="held-out domain: 20% split (holdout, CLIPood), 80% split (in, DomainBed) or all (full)"),
-    batch_size: int = typer.Option(128),
-    num_workers: int = typer.Option(0),
+    batch_size: int = typer.Option(512),
+    num_workers: str = typer.Option("auto", help=WORKERS_HELP),
+    stage_remote: bool = typer.Option(True, help=STAGE_HELP),
     device: str = typer.Option("auto"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
@@ -239,13 +261,15 @@ def evaluate(
     from alignclip import artifacts, tracking
     from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
 
-    if batch_size < 1 or num_workers < 0:
-        raise ConfigError(f"--batch-size {batch_size} / --num-workers {num_workers}: expected a batch of 1 or more, 0 or more workers")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: expected a batch of 1 or more")
+    _check_workers(num_workers)
     check("data_test_split", test_split, "--test-split: ")
     check_output_dir(out_dir)
     run_name = f"evaluate-{checkpoint.parent.name}"
     with tracking.start_run(experiment, run_name, tags={"stage": "evaluate"}) as tracker:
-        summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain or None, test_split, batch_size, num_workers, device)
+        summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain or None, test_split, batch_size, num_workers,
+                               device, stage_remote)
         tracker.log_metrics(flat_metrics(summary))
         tracker.log_artifact(out_dir / artifacts.METRICS)
     typer.echo(json.dumps(flat_metrics(summary)))
@@ -304,7 +328,7 @@ OPT_GPU_TYPE = typer.Option("nvidia.com/gpu", "--accelerator", "--gpu-type", hel
 OPT_GPUS = typer.Option(1, help="accelerators per train/evaluate task (0: none)")
 OPT_NODE_SELECTOR = typer.Option([], help="LABEL=VALUE for GPU tasks (repeatable; default nvidia.com/gpu.present=true)")
 OPT_TOLERATION = typer.Option([], help="KEY[=VALUE][:EFFECT] for GPU tasks (repeatable; default nvidia.com/gpu:NoSchedule)")
-OPT_CPU = typer.Option(None, help="CPU request of train/evaluate tasks (default 8)")
+OPT_CPU = typer.Option(None, help="CPU request and limit of train/evaluate tasks (default 16; the limit sizes --num-workers auto)")
 OPT_MEMORY = typer.Option(None, help="memory request of train/evaluate tasks (default 32G)")
 OPT_IMAGE = typer.Option(None, envvar="ALIGNCLIP_IMAGE", help="image of every task (default: ghcr.io/alignclip/alignclip:<version>, a placeholder)")
 OPT_PARALLELISM = typer.Option(None, "--max-parallelism", help="grid cells (GPU pods) at once (default 8)")

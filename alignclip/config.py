@@ -55,7 +55,7 @@ PAPER_METHODS = ["zeroshot", "erm", "clipood", "alignclip"]
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("data.dataset", "str", "rotated_digits", "registry name (`alignclip prepare --help`) or a custom dataset"),
-    Setting("data.root", "str", "data/rotated_digits", "folder or s3:// prefix with the dataset in its usual layout (`embedded`: build RotatedDigits in the pipeline)"),
+    Setting("data.root", "str", "data/{dataset}", "folder or s3:// prefix with the dataset in its usual layout; {dataset} stands for data.dataset (`embedded`: build RotatedDigits in the pipeline)"),
     Setting("data.protocol", "str", None, "domainbed | wild | base2new | imagenet (not set: the dataset's own)", PROTOCOLS, optional=True),
     Setting("data.holdout_fraction", "float", 0.2, "DomainBed per-domain held-out fraction", minimum=0.01, maximum=0.99),
     Setting("data.trial_seed", "int", 0, "DomainBed trial seed of the in/out split", minimum=0),
@@ -88,19 +88,20 @@ class Family:
 
 
 PAPER_MODEL = {"model_name": "vit-b-16", "model_pretrained": "openai"}
+DATA_BUCKET = "s3://alignclip-data/{dataset}"  # the bucket infra/ creates, one prefix per dataset
 FAMILIES: dict[str, Family] = {
     "demo": Family("demo-domain-shift", "the embedded demo: tiny preset on RotatedDigits, CPU minutes", {
         "data_protocol": "domainbed", "train_recipe": "demo", "train_methods": PAPER_METHODS + ["alignclip+release"],
         "train_test_domains": ["rotated_0", "rotated_75"], "train_seeds": [0], "train_steps": 200,
         "train_batch_size": 16, "train_lr": 0.001, "train_hflip": False}),
     "domain_shift": Family("domain-shift", "DomainBed leave-one-domain-out (table 1)", {
-        **PAPER_MODEL, "data_dataset": "office_home", "data_root": "s3://alignclip-data/office_home", "data_protocol": "domainbed"}),
+        **PAPER_MODEL, "data_dataset": "office_home", "data_root": DATA_BUCKET, "data_protocol": "domainbed"}),
     "imagenet": Family("imagenet-variants", "ImageNet 16 shots -> its four variants (table 3)", {
-        **PAPER_MODEL, "data_dataset": "imagenet", "data_root": "s3://alignclip-data/imagenet", "data_protocol": "imagenet"}),
+        **PAPER_MODEL, "data_dataset": "imagenet", "data_root": DATA_BUCKET, "data_protocol": "imagenet"}),
     "base2new": Family("base-to-new", "base-to-new generalisation, 16 shots (table 2)", {
-        **PAPER_MODEL, "data_dataset": "oxford_pets", "data_root": "s3://alignclip-data/oxford_pets", "data_protocol": "base2new"}),
+        **PAPER_MODEL, "data_dataset": "oxford_pets", "data_root": DATA_BUCKET, "data_protocol": "base2new"}),
     "wild": Family("in-the-wild", "domain shift and unseen classes (table 4)", {
-        **PAPER_MODEL, "data_dataset": "office_home", "data_root": "s3://alignclip-data/office_home", "data_protocol": "wild"}),
+        **PAPER_MODEL, "data_dataset": "office_home", "data_root": DATA_BUCKET, "data_protocol": "wild"}),
 }
 
 # The benchmark's recipe for a (protocol, dataset): the first of these names that exists
@@ -279,6 +280,7 @@ def derive(values: dict) -> dict:
 
     values = dict(values)
     dataset = values["data_dataset"]
+    values["data_root"] = values["data_root"].replace("{dataset}", dataset)
     if values["data_protocol"] is None:
         values["data_protocol"] = default_protocol(dataset)
     protocol = values["data_protocol"]
@@ -313,17 +315,27 @@ def derive(values: dict) -> dict:
 
 
 def grid(values: dict) -> list[dict]:
-    """The (method, held-out domain, seed) cells of a resolved configuration; "" when no domain is held out."""
+    """The (method, held-out domain, seed) cells of a resolved configuration; "" when no domain is held out.
+
+    Where the recipe's length differs per held-out domain (``wild/domain_net``) and no length is set, each cell
+    carries its own ``steps``."""
+    from alignclip.recipes import get_recipe
+
     domains = values["train_test_domains"] or [""]
-    return [{"method": m, "test_domain": d, "seed": int(s)} for d in domains for m in values["train_methods"] for s in values["train_seeds"]]
+    cells = [{"method": m, "test_domain": d, "seed": int(s)} for d in domains for m in values["train_methods"] for s in values["train_seeds"]]
+    if values["train_steps"] is None and values["train_epochs"] is None and get_recipe(values["train_recipe"]).epochs_by_domain:
+        for cell in cells:
+            cell["steps"] = int(effective_train(values, cell["test_domain"] or None)["steps"])
+    return cells
 
 
-def effective_train(values: dict) -> dict:
-    """What a grid cell trains with: the recipe's values, then the ones set (``recipes.effective_schedule``)."""
+def effective_train(values: dict, test_domain: str | None = None) -> dict:
+    """What a grid cell trains with: the recipe's values, then the ones set (``recipes.effective_schedule``);
+    ``test_domain``: the cell's held-out domain, for recipes whose length depends on it."""
     from alignclip.recipes import effective_schedule
 
     return effective_schedule(values["train_recipe"], values["train_steps"], values["train_epochs"], values["train_batch_size"],
-                          values["train_lr"], values["train_hflip"])
+                          values["train_lr"], values["train_hflip"], test_domain)
 
 
 TRAIN_NAMES = ("model_name", "model_pretrained", "train_recipe", "train_formulation", "train_steps", "train_epochs",

@@ -51,7 +51,8 @@ def train_args(prepared: str, out: str, cell: dict, formulation: str, recipe: st
     cmd = ["train", prepared, out, "--method", cell["method"], "--seed", str(int(cell["seed"])),
            "--formulation", formulation, "--model", model_name, "--pretrained", pretrained, "--no-progress",
            "--similarity", similarity, "--recipe", recipe, "--batch-size", str(int(batch_size)), "--lr", repr(float(lr)),
-           "--hflip" if hflip else "--no-hflip"]
+           "--hflip" if hflip else "--no-hflip", "--num-workers", "auto"]  # the pod's CPU limit sizes the workers
+    steps = cell.get("steps", steps)  # a recipe whose length depends on the held-out domain: the cell's own
     if int(steps) > 0:
         cmd += ["--steps", str(int(steps))]
     elif int(epochs) > 0:
@@ -65,4 +66,4 @@ def train_args(prepared: str, out: str, cell: dict, formulation: str, recipe: st
 
 def evaluate_args(prepared: str, checkpoint: str, out: str, test_split: str) -> list[str]:
     """The held-out domain is the checkpoint's own (evaluate reads it from there)."""
-    return ["evaluate", prepared, checkpoint, out, "--test-split", test_split]
+    return ["evaluate", prepared, checkpoint, out, "--test-split", test_split, "--num-workers", "auto"]

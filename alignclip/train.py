@@ -1,7 +1,7 @@
 """`alignclip train`: fine-tune the image encoder of a CLIP model with one method of the registry.
 
 Three parts, read in one sitting: ``setup`` builds everything a run needs (settings, training rows, model,
-frozen text features, similarity targets, data streams, optimiser, BMA); ``train_step`` is one optimiser step of
+frozen text features, similarity targets, the data loader, optimiser, BMA); ``train_step`` is one optimiser step of
 the method's loss (``bench/`` times it); ``write_checkpoint`` writes the result. The loop in ``train`` is the
 whole algorithm (Algorithm 1): text features are computed once with the frozen text encoder; each step samples a
 batch (``batch_size`` images per training domain for multi-domain data, as
@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from alignclip import artifacts, protocols
 from alignclip.bma import BetaMovingAverage
 from alignclip.classifier import encode_classes, make_visual, resolve_device
 from alignclip.data.images import ManifestImages, train_transform
+from alignclip.data.loader import AUTO, BalancedLoader, resolve_workers
 from alignclip.data.storage import StorageError
 from alignclip.data.prepare import load_prepared
 from alignclip.files import stage_output, staging_dir
@@ -52,14 +52,16 @@ class TrainSettings:
     steps: int | None = 5000  # None: epochs x iters_per_epoch
     epochs: int | None = None
     iters_per_epoch: int | None = None  # None: one pass over the training set
+    shots: int | None = None  # few-shot protocols: None/16 the prepared few-shot subset, 0 all training images
     batch_size: int = 36  # per training domain for multi-domain protocols
     lr: float = 5e-6
     weight_decay: float = 0.1
     hflip: bool = True
     crop_scale: tuple[float, float] = (0.7, 1.0)
-    num_workers: int = 0
+    num_workers: int | str = AUTO  # DataLoader worker processes, or "auto" (from the CPUs this process may use)
+    stage_remote: bool = True  # copy s3:// images to the local cache once before training (storage.stage)
     device: str = "auto"
-    log_every: int = 10
+    log_every: int = 10  # logged values are read from the device (one sync) and written every this many steps
     progress: bool = True
 
 
@@ -78,75 +80,6 @@ def cosine_lr(step: int, total: int, base_lr: float) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
-class SeededSamples(torch.utils.data.Dataset):
-    """A dataset read by ``(epoch, index)`` keys whose random augmentation is seeded by (seed, stream, epoch, index):
-    the same sample of the same epoch gets the same crop and flip whatever the worker count, and after a resume."""
-
-    def __init__(self, dataset, seed: int, stream: int):
-        self.dataset = dataset
-        self.seed = seed
-        self.stream = stream
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, self.stream, epoch, index))
-            return self.dataset[index]
-
-
-def _mix(*numbers: int) -> int:
-    """A 63-bit seed from a few integers (a polynomial hash; distinct tuples give distinct seeds in practice)."""
-    value = 0
-    for number in numbers:
-        value = (value * 1_000_003 + int(number) + 1) % (2**63 - 1)
-    return value
-
-
-class EpochBatches:
-    """Endless shuffled batches of one dataset, resumable: epoch ``e`` visits the samples in a permutation drawn
-    from a generator seeded by (seed, stream, e); ``state_dict`` is (epoch, batches taken in it), from which
-    ``load_state_dict`` continues exactly where the run stopped. Incomplete last batches are dropped."""
-
-    def __init__(self, dataset, batch_size: int, seed: int, stream: int, num_workers: int):
-        self.samples = SeededSamples(dataset, seed, stream)
-        self.batch_size = min(batch_size, len(dataset))
-        self.seed, self.stream, self.num_workers = seed, stream, num_workers
-        self.epoch, self.position = 0, 0
-        self._batches = None
-
-    def _open_epoch(self):
-        order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(_mix(self.seed, self.stream, self.epoch)))
-        per_epoch = len(order) // self.batch_size
-        keys = [(self.epoch, int(i)) for i in order[self.position * self.batch_size : per_epoch * self.batch_size]]
-        loader = DataLoader(self.samples, batch_size=self.batch_size, sampler=keys, num_workers=self.num_workers)
-        self._batches = iter(loader)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._batches is None:
-            self._open_epoch()
-        try:
-            batch = next(self._batches)
-        except StopIteration:
-            self.epoch, self.position = self.epoch + 1, 0
-            self._open_epoch()
-            batch = next(self._batches)
-        self.position += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._batches = None
-
-
 @dataclass
 class TrainingRun:
     """Everything ``setup`` builds for one (method, held-out domain, seed): read by the loop and the checkpoint."""
@@ -162,18 +95,19 @@ class TrainingRun:
     summary: dict  # what train.json records
     device: torch.device
     steps: int = 0
-    streams: list = field(default_factory=list)  # (dataset, endless batches) per balanced group
+    datasets: list = field(default_factory=list)  # ManifestImages per balanced group (training domain)
+    loader: BalancedLoader | None = None  # balanced batches of all groups; its state_dict() is {seed, step, ...}
     optimizer: torch.optim.Optimizer | None = None
     bma: BetaMovingAverage | None = None
 
 
 def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: str | Path | None = None) -> TrainingRun:
-    """Settings, training rows and label space, model, text features, similarity targets, data streams, optimiser."""
+    """Settings, training rows and label space, model, text features, similarity targets, the data loader, optimiser."""
     method_name, formulation = split_method(settings.method, settings.formulation)
     settings = replace(settings, method=method_name, formulation=formulation)
     method = get_method(settings.method, settings.formulation, **settings.overrides)
     manifest, meta = load_prepared(prepared_dir)
-    rows, label_space = protocols.training_set(manifest, meta, settings.test_domain, settings.seed)
+    rows, label_space = protocols.training_set(manifest, meta, settings.test_domain, settings.seed, settings.shots)
     if rows.empty:
         raise ValueError(f"no training images for test domain {settings.test_domain!r} / seed {settings.seed}")
     device = resolve_device(settings.device)
@@ -197,35 +131,63 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
         "protocol": meta["protocol"],
         "train_images": int(len(rows)),
         "label_space": label_space,
+        # what the encoder aligned: a CLIP ResNet has one attention layer whatever aligned_layers asks for
+        "attention_layers": {"aligned": visual.aligned_layers, "dv": visual.dv_layers},
     }
     run = TrainingRun(settings, method, bundle, visual, text, class_sim, label_space, class_names, summary, device)
     if not method.trains:
         return run
 
-    # Data: one stream per training domain for multi-domain protocols (CLIPood), else one stream.
+    # Data: batch_size images of every training domain per step for multi-domain protocols (CLIPood), else
+    # batch_size images of the one group; all groups are read by one loader (one worker pool).
     transform = train_transform(bundle.image_size, bundle.mean, bundle.std, settings.hflip, settings.crop_scale)
     group_key = protocols.get_protocol(meta["protocol"]).group_key
     groups = [g for _, g in rows.groupby(group_key, sort=True)] if group_key else [rows]
     run.steps = total_steps(settings, len(rows), len(groups))
-    for index, group in enumerate(groups):
+    smallest = min(len(g) for g in groups)
+    if settings.batch_size > smallest:  # refused, not clamped: train.json would report a batch that never ran
+        raise ValueError(f"batch_size={settings.batch_size} is larger than the smallest training stream ({smallest} images); "
+                         f"expected at most {smallest}")
+    for group in groups:
         dataset = ManifestImages(meta, group["path"].tolist(), group["label"].tolist(), label_space, transform)
-        run.streams.append((dataset, EpochBatches(dataset, settings.batch_size, settings.seed, index, settings.num_workers)))
-    run.optimizer = make_optimizer(bundle, visual, settings.lr, settings.weight_decay)
+        if settings.stage_remote:
+            dataset.stage()
+        run.datasets.append(dataset)
+    workers = resolve_workers(settings.num_workers)
+    run.loader = BalancedLoader(run.datasets, settings.batch_size, settings.seed, run.steps, workers, device)
+    summary["num_workers"] = workers
+    run.optimizer = make_optimizer(
+        bundle, visual, settings.lr, settings.weight_decay, method.weight_decay_scope, fused=device.type == "cuda"
+    )
     run.bma = BetaMovingAverage(visual, run.steps, method.bma_beta) if method.bma else None
     return run
 
 
-def make_optimizer(bundle, visual: AlignCLIPVisual, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the image encoder only (the text encoder is frozen; its features are precomputed); no weight
-    decay on biases, norms and embeddings."""
+def make_optimizer(
+    bundle, visual: AlignCLIPVisual, lr: float, weight_decay: float, scope: str = "matrices", fused: bool = False
+) -> torch.optim.AdamW:
+    """AdamW over the image encoder only (the text encoder is frozen; its features are precomputed).
+
+    ``scope`` (method switch ``weight_decay_scope``): ``matrices`` exempts biases, norms and embeddings from weight
+    decay; ``all`` decays every parameter, as the released code's ``AdamW(classifier.parameters(), wd)``.
+    ``fused``: one CUDA kernel for the whole update (GPU only).
+    """
     for p in bundle.model.parameters():
         p.requires_grad_(False)
     for p in visual.parameters():
         p.requires_grad_(True)
+    if scope == "all":
+        return torch.optim.AdamW(
+            [{"params": list(visual.parameters()), "weight_decay": weight_decay}], lr=lr, fused=fused or None
+        )
+    if scope != "matrices":
+        raise ValueError(f"weight_decay_scope={scope!r}: expected 'matrices' or 'all'")
     decay = [p for n, p in visual.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in visual.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        fused=fused or None,
     )
 
 
@@ -245,8 +207,9 @@ def train_step(
     text: torch.Tensor,
     class_sim: torch.Tensor,
     autocast,
-) -> dict[str, float]:
-    """One optimiser step of the method's loss; returns the loss's logged parts (bench/ times exactly this)."""
+) -> dict[str, torch.Tensor]:
+    """One optimiser step of the method's loss; returns the loss's logged parts as detached device tensors
+    (reading them is a host sync: the loop does it every ``log_every`` steps). bench/ times exactly this."""
     with autocast:
         loss, parts = compute_loss(method, visual, images, targets, text, class_sim)
     optimizer.zero_grad(set_to_none=True)
@@ -294,6 +257,13 @@ def train(
     re-run of the same settings continues from it (see ``alignclip.resume``).
 
     ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)``.
+
+    ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)`` (``parts``: the
+    loss's parts as device tensors).
+
+    ``train_log.csv`` has a row per step; its values are kept on the device and read every ``log_every`` steps
+    (one host sync per window, not one per value per step). ``images_per_s`` is end to end over the window
+    (data, step, BMA, logging) and ``data_wait_s`` the mean time per step spent waiting for a batch.
     """
     out = Path(out_dir)
     store = store_for(out, resume)
@@ -309,7 +279,7 @@ def train(
 
 def _fingerprint(run: TrainingRun) -> str:
     """What a resume checkpoint must agree with to be continued (not how the run is executed or shown)."""
-    settings = {k: v for k, v in asdict(run.settings).items() if k not in ("progress", "log_every", "num_workers", "device")}
+    settings = {k: v for k, v in asdict(run.settings).items() if k not in ("progress", "log_every", "num_workers", "stage_remote", "device")}
     return json.dumps(
         {"settings": settings, "method": run.method.to_dict(), "steps": run.steps, "label_space": run.label_space,
          "train_images": run.summary["train_images"], "architecture": run.bundle.architecture,
@@ -330,9 +300,9 @@ def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callback
         log.info("zero-shot: nothing to train")
         return summary
 
-    visual, steps, autocast = run.visual, run.steps, autocast_for(run.device)
+    visual, steps, autocast, loader = run.visual, run.steps, autocast_for(run.device), run.loader
     fingerprint = _fingerprint(run)
-    start, lines, seconds_before = 0, [], 0.0
+    prefix, seconds_before = "", 0.0
     state = store.load() if store is not None else None
     if state is not None and state["fingerprint"] != fingerprint:
         log.warning("%s belongs to a run with other settings: starting from step 0 (it will be replaced)", store)
@@ -342,73 +312,136 @@ def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callback
         run.optimizer.load_state_dict(state["optimizer"])
         if run.bma is not None:
             run.bma.load_state_dict(state["bma"])
-        for (_, stream), position in zip(run.streams, state["streams"]):
-            stream.load_state_dict(position)
+        loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
-        start, lines, seconds_before = int(state["step"]), list(state["log"]), float(state["seconds"])
-        log.info("resuming from step %d of %d (%s)", start, steps, store)
+        prefix, seconds_before = state["log"], float(state["seconds"])
+        log.info("resuming from step %d of %d (%s)", loader.step, steps, store)
+    start = loader.step
     schedule = Schedule(resume) if store is not None else None
-    columns = lines[0].strip().split(",") if lines else None
+    # The log starts with the checkpoint's copy (the killed run may have logged steps past it); rows are flushed
+    # window by window, so the file is readable while the run goes.
+    window = LogWindow(out / artifacts.TRAIN_LOG, steps, settings.log_every, run.device, tracker, loader, prefix)
+
+    def checkpoint() -> None:
+        """A resume checkpoint at the steps done so far (the open log window is written first)."""
+        if window.rows:
+            window.write()
+        _save_resume(store, run, loader.step, window.text(), seconds_before + time.perf_counter() - started,
+                     fingerprint, tracker)
+
     visual.train()
     started = time.perf_counter()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
-    # The log is rewritten from the checkpoint's copy (the killed run may have logged steps past it) and flushed
-    # line by line, so it is readable while the run goes.
-    with (out / artifacts.TRAIN_LOG).open("w") as log_file, StopRequest() as stop:
-        log_file.write("".join(lines))
-        for step in bar:
-            lr = cosine_lr(step, steps, settings.lr)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            positions = [stream.state_dict() for _, stream in run.streams]
-            try:
-                batches = [next(stream) for _, stream in run.streams]
-            except StorageError as err:
-                # the store failed past its retries: keep what was trained (a checkpoint at the last whole step,
-                # with the data positions before this step's reads), then stop with the store's one line
-                if store is not None and step > start:
-                    _save_resume(store, run, step, lines, seconds_before + time.perf_counter() - started, fingerprint,
-                                 tracker, positions)
-                    raise StorageError(f"{one_line(err)}; training stopped at step {step}/{steps}, re-run the same "
-                                       f"command to resume from {store}") from None
-                raise StorageError(one_line(err)) from None
-            images = torch.cat([b[0] for b in batches]).to(run.device, non_blocking=True)
-            targets = torch.cat([b[1] for b in batches]).to(run.device, non_blocking=True)
-            tic = time.perf_counter()
-            parts = train_step(method, visual, run.optimizer, images, targets, run.text, run.class_sim, autocast)
-            bma_weight = run.bma.update(visual) if run.bma is not None else 0.0
-            for callback in callbacks or []:
-                callback(step + 1, visual, parts)
-            parts.update(lr=lr, bma_weight=bma_weight, images_per_s=len(images) / (time.perf_counter() - tic))
-            if columns is None:
-                columns = ["step", *parts]
-                lines.append(",".join(columns) + "\n")
-                log_file.write(lines[-1])
-            lines.append(",".join([str(step + 1), *(f"{parts[c]:.6g}" for c in columns[1:])]) + "\n")
-            log_file.write(lines[-1])
-            log_file.flush()
-            bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}")
-            if tracker is not None:
-                tracker.log_metrics(parts, step=step + 1)
-            if (step + 1) % settings.log_every == 0 or step + 1 == steps:
-                log.info("step %d/%d %s", step + 1, steps, " ".join(f"{k}={v:.4g}" for k, v in parts.items()))
-            done = step + 1
-            if store is not None and done < steps and (stop.requested or schedule.due(done)):
-                try:
-                    _save_resume(store, run, done, lines, seconds_before + time.perf_counter() - started, fingerprint, tracker)
-                except (StorageError, OSError) as err:  # a checkpoint is insurance: failing to write one stops nothing
-                    log.warning("could not write the resume checkpoint at step %d (%s): training goes on", done, err)
-                schedule.done()
-            if stop.requested and done < steps:
-                raise Preempted(f"stopped at step {done}/{steps}; re-run the same command to resume from {store}")
-    elapsed = seconds_before + time.perf_counter() - started
+    bar = tqdm(total=steps, initial=loader.step, desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
+    with window, StopRequest() as stop:
+        try:
+            for images, targets in loader:
+                step = loader.step  # steps done, this one included
+                lr = cosine_lr(step - 1, steps, settings.lr)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                parts = train_step(method, visual, run.optimizer, images, targets, run.text, run.class_sim, autocast)
+                bma_weight = run.bma.update(visual) if run.bma is not None else 0.0
+                for callback in callbacks or []:
+                    callback(step, visual, parts)
+                window.add(step, parts, lr=lr, bma_weight=bma_weight, images=len(images))
+                bar.update(1)
+                if window.closes(step):
+                    means = window.write()
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{means['images_per_s']:.0f}")
+                    log.info("step %d/%d %s", step, steps, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
+                if store is not None and step < steps and (stop.requested or schedule.due(step)):
+                    try:
+                        checkpoint()
+                    except (StorageError, OSError) as err:  # insurance: failing to write one stops nothing
+                        log.warning("could not write the resume checkpoint at step %d (%s): training goes on", step, err)
+                    schedule.done()
+                if stop.requested and step < steps:
+                    raise Preempted(f"stopped at step {step}/{steps}; re-run the same command to resume from {store}")
+        except StorageError as err:
+            # The store failed past its retries. The failed batch was not counted (loader.step = whole steps
+            # done), so a checkpoint now resumes exactly; then stop with the store's one line.
+            if store is not None and loader.step > start:
+                checkpoint()
+                raise StorageError(f"{one_line(err)}; training stopped at step {loader.step}/{steps}, re-run the "
+                                   f"same command to resume from {store}") from None
+            raise StorageError(one_line(err)) from None
+    bar.close()
+    own = time.perf_counter() - started  # this process's share (throughput); elapsed includes a resumed run's past
+    elapsed = seconds_before + own
     final = run.bma.module if run.bma is not None else visual
-    skipped = sorted({p for dataset, _ in run.streams for p in dataset.skipped})
+    skipped = sorted({p for dataset in run.datasets for p in dataset.skipped})
     write_checkpoint(out / artifacts.MODEL, run, final)
-    summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma, resumed_from=start or None)
+    summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma, resumed_from=start or None,
+                   images_per_s=window.images / own, data_wait_s=loader.data_wait_s)
     (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("trained %s for %d steps in %.1fs", method.name, steps, elapsed)
     return summary
+
+
+class LogWindow:
+    """The logged values of the last ``every`` steps, kept on the device and written to ``train_log.csv`` (and the
+    tracker) together: one host synchronisation per window instead of one per value per step."""
+
+    def __init__(self, path: Path, total_steps: int, every: int, device: torch.device, tracker, loader: BalancedLoader,
+                 prefix: str = ""):
+        self.path, self.total_steps, self.every = path, total_steps, max(1, int(every))
+        self.prefix = prefix  # rows of a resumed run's earlier steps, header included
+        self.device, self.tracker, self.loader = device, tracker, loader
+        self.columns: list[str] | None = prefix.splitlines()[0].split(",") if prefix else None
+        self.rows: list[tuple[int, torch.Tensor, float, float]] = []  # (step, stacked parts, lr, bma weight)
+        self.window_images = 0
+        self.images = 0
+        self.handle = None
+
+    def __enter__(self):
+        self.handle = self.path.open("w")
+        self.handle.write(self.prefix)
+        self.handle.flush()
+        self.started = time.perf_counter()
+        self.wait_started = self.loader.data_wait_s
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+    def add(self, step: int, parts: dict[str, torch.Tensor], lr: float, bma_weight: float, images: int) -> None:
+        if self.columns is None:
+            self.columns = ["step", *parts, "lr", "bma_weight", "images_per_s", "data_wait_s"]
+            self.handle.write(",".join(self.columns) + "\n")
+        self.rows.append((step, torch.stack([v.float() for v in parts.values()]), lr, bma_weight))
+        self.window_images += images
+
+    def text(self) -> str:
+        """Everything written so far (what a resume checkpoint keeps)."""
+        self.handle.flush()
+        return self.path.read_text()
+
+    def closes(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total_steps
+
+    def write(self) -> dict[str, float]:
+        """Read the window from the device, write its rows, return its means (with the throughput figures)."""
+        values = torch.stack([row[1] for row in self.rows]).cpu()  # the one synchronisation of the window
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the window's time includes its last optimiser step and BMA
+        now = time.perf_counter()
+        steps = len(self.rows)
+        throughput = {
+            "images_per_s": self.window_images / (now - self.started),
+            "data_wait_s": (self.loader.data_wait_s - self.wait_started) / steps,
+        }
+        names = self.columns[1 : 1 + values.shape[1]]
+        for (step, _, lr, bma_weight), row in zip(self.rows, values.tolist()):
+            record = {**dict(zip(names, row)), "lr": lr, "bma_weight": bma_weight, **throughput}
+            self.handle.write(",".join([str(step), *(f"{record[c]:.6g}" for c in self.columns[1:])]) + "\n")
+            if self.tracker is not None:
+                self.tracker.log_metrics(record, step=step)
+        self.handle.flush()
+        means = {**dict(zip(names, values.mean(dim=0).tolist())), **throughput}
+        self.images += self.window_images
+        self.rows, self.window_images = [], 0
+        self.started, self.wait_started = time.perf_counter(), self.loader.data_wait_s
+        return means
 
 
 def one_line(err: Exception) -> str:
@@ -420,17 +453,16 @@ def one_line(err: Exception) -> str:
     return text
 
 
-def _save_resume(store: CheckpointStore, run: TrainingRun, step: int, lines, seconds, fingerprint, tracker,
-                 positions: list | None = None) -> None:
+def _save_resume(store: CheckpointStore, run: TrainingRun, step: int, log_text: str, seconds, fingerprint, tracker) -> None:
     tic = time.perf_counter()
     state = {
         "step": step,
         "visual": run.visual.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "bma": run.bma.state_dict() if run.bma is not None else None,
-        "streams": positions or [stream.state_dict() for _, stream in run.streams],
+        "loader": run.loader.state_dict(),
         "rng": rng_state(),
-        "log": list(lines),
+        "log": log_text,
         "seconds": seconds,
         "fingerprint": fingerprint,
     }

@@ -13,7 +13,7 @@ import torch
 
 from alignclip.files import load_torch, staging_dir
 from alignclip.resume import CheckpointStore, ResumeOptions
-from alignclip.train import EpochBatches, TrainSettings, train
+from alignclip.train import TrainSettings, train
 
 STEPS = 30
 
@@ -117,32 +117,6 @@ def test_a_malicious_resume_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match="refused to load"):
         CheckpointStore(folder).load()
     assert not marker.exists()
-
-
-def test_epoch_batches_continue_exactly_from_their_state():
-    data = [(torch.tensor([float(i)]), torch.tensor(i % 3), torch.tensor(i)) for i in range(10)]
-
-    class Items(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(data)
-
-        def __getitem__(self, index):
-            return data[index][0] + torch.rand(1), data[index][1], data[index][2]  # random "augmentation"
-
-    whole = EpochBatches(Items(), 3, seed=5, stream=1, num_workers=0)
-    expected = [next(whole) for _ in range(8)]  # 3 batches per epoch: crosses two epoch boundaries
-    first = EpochBatches(Items(), 3, seed=5, stream=1, num_workers=0)
-    head = [next(first) for _ in range(4)]
-    state = first.state_dict()
-    assert state == {"epoch": 1, "position": 1}
-    torch.manual_seed(1234)  # the global RNG differs after a restart: the augmentation must not depend on it
-    second = EpochBatches(Items(), 3, seed=5, stream=1, num_workers=0)
-    second.load_state_dict(state)
-    tail = [next(second) for _ in range(4)]
-    for got, want in zip(head + tail, expected):
-        assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
-    epoch0 = sorted(int(i) for batch in expected[:3] for i in batch[2])
-    assert len(set(epoch0)) == 9  # an epoch visits distinct samples (10 // 3 batches of 3)
 
 
 def test_a_checkpoint_root_keys_the_location_by_output_path_and_cell(tmp_path):

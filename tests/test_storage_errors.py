@@ -154,7 +154,7 @@ def test_an_s3_outage_during_training_is_retried_and_a_long_one_stops_with_a_che
         def command(out, steps):
             return [sys.executable, "-m", "alignclip", "train", str(tmp_path / "prepared"), str(out), "--method", "erm",
                     "--test-domain", "rotated_0", "--steps", str(steps), "--batch-size", "4", "--no-progress",
-                    "--checkpoint-every", "5"]
+                    "--checkpoint-every", "5", "--no-stage-remote", "--num-workers", "0"]
 
         # a short outage: the stage waits it out; no image is skipped
         short = tmp_path / "short"

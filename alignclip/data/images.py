@@ -61,6 +61,10 @@ class ManifestImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def stage(self, cache_dir=None) -> None:
+        """Read ``s3://`` images from local copies, fetched once in parallel (``storage.stage``)."""
+        self.paths = storage.stage(self.paths, cache_dir)
+
     def _open(self, i: int):
         """Fetch and decode one image, retrying transient storage errors with exponential back-off."""
         retry_s = float(os.environ.get("ALIGNCLIP_STORAGE_RETRY_S", "120"))

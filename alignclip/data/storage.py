@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 
 from alignclip import s3
+from alignclip.log import get_logger
+
+log = get_logger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
@@ -158,6 +163,53 @@ def read_bytes(path: str) -> bytes:
         raise StorageError(f"file not found: {path} (moved or deleted since `alignclip prepare`?)") from None
     except OSError as err:
         raise StorageError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def cache_path(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """Where ``s3://bucket/key`` is kept locally: ``<cache>/s3/<bucket>/<key>`` (as for checkpoints)."""
+    bucket, key = s3.parse_uri(uri)
+    return s3.cache_root(cache_dir) / "s3" / bucket / key
+
+
+def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = s3.POOL_CONNECTIONS) -> list[str]:
+    """Copy the ``s3://`` images among ``paths`` to the local cache with parallel GETs, once per machine (a
+    cached file is reused), and return the paths to read: local copies, or the remote path where the copy failed
+    (reading it then raises the storage error). Local paths pass through.
+
+    Per-image GETs inside DataLoader workers cost a request round trip per image on the training critical path;
+    staged, the training reads local files (measured by bench/input_pipeline.py, see README).
+    """
+    remote = [p for p in dict.fromkeys(paths) if is_s3(p)]
+    if not remote:
+        return list(paths)
+    client = s3.client()
+    local: dict[str, str] = {}
+    failed: list[tuple[str, str]] = []
+
+    def fetch(uri: str) -> None:
+        target = cache_path(uri, cache_dir)
+        if not target.is_file():
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            bucket, key = s3.parse_uri(uri)
+            try:
+                body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except (BotoCoreError, ClientError) as err:
+                failed.append((uri, f"{type(err).__name__}: {err}"))
+                return
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.partial")
+            partial.write_bytes(body)
+            os.replace(partial, target)  # readers never see a half-written file
+        local[uri] = str(target)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        list(pool.map(fetch, remote))
+    if failed:
+        log.warning("%d of %d images could not be staged (first: %s %s); they are read from S3", len(failed),
+                    len(remote), *failed[0])
+    log.info("staged %d images from S3 into %s", len(local), s3.cache_root(cache_dir) / "s3")
+    return [local.get(p, p) for p in paths]
 
 
 def read_text(path: str) -> str:
