@@ -22,7 +22,7 @@ class DomainBed(Protocol):
     paper_section = "domainbed"
     layouts = ("domainbed",)
 
-    def training_set(self, manifest, meta, test_domain, seed):
+    def training_set(self, manifest, meta, test_domain, seed, shots=None):  # no few-shot subsets: shots unused
         train = manifest[manifest["split"] == "train"]
         return train[train["domain"] != test_domain], list(range(len(meta["classes"])))
 
