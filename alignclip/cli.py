@@ -76,12 +76,15 @@ def prepare(
     out_dir: Path = typer.Argument(..., help="where to write manifest.parquet and meta.json"),
     protocol: Optional[str] = typer.Option(None, help="domainbed | wild | base2new | imagenet (default: the dataset's own)"),
     holdout_fraction: Optional[float] = typer.Option(None, help="DomainBed held-out fraction per domain (default 0.2)"),
-    trial_seed: Optional[int] = typer.Option(None, help="DomainBed trial seed of the in/out splits (default 0)"),
+    trial_seed: Optional[int] = typer.Option(None, help="trial seed of the in/out splits (default 0): DomainBed's; wild: CLIPood's split uses 0, others are our extension"),
     shots: Optional[int] = typer.Option(None, help="few-shot images per class (base2new, imagenet; default 16)"),
     seeds: Optional[List[int]] = typer.Option(None, "--seed", help="few-shot sampling seeds (repeatable; default: train.seeds, 0 1 2)"),
     params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for the options not given here"),
     template: Optional[str] = typer.Option(None, help="prompt template with {} for the class name"),
     split_file: Optional[str] = typer.Option(None, help="CoOp split JSON (default: the dataset's split_zhou_*.json)"),
+    templates: Optional[str] = typer.Option(None, help="prompt templates: paper (appendix A.2, default) | release (the released code's, CoOp's)"),
+    class_names: Optional[str] = typer.Option(None, help="class names: paper ('_' and '-' become spaces, default) | release (only '_')"),
+    listing: Optional[str] = typer.Option(None, help="imagenet: image order for few-shot picks: sorted (reproducible, default) | filesystem (CoOp's os.listdir order)"),
     validate: bool = typer.Option(False, help="also decode every image (parallel) and list unreadable ones"),
 ):
     """List and split a dataset by its protocol; write a manifest (parquet) and its metadata (JSON)."""
@@ -98,7 +101,8 @@ def prepare(
     check_output_dir(out_dir)
     settings = PrepareSettings(
         dataset, root, value["data_protocol"] or "", value["data_holdout_fraction"], value["data_trial_seed"],
-        value["data_shots"], list(value["train_seeds"]), template, split_file
+        value["data_shots"], list(value["train_seeds"]), template, split_file,
+        templates=templates or "paper", class_names=class_names or "paper", listing=listing or "sorted",
     )
     manifest, meta = run_prepare(settings)
     if validate:
@@ -190,7 +194,7 @@ def train(
     if recipe is None and (prepared_dir / "meta.json").is_file():
         meta = json.loads((prepared_dir / "meta.json").read_text())
     values = train_config(params_file, explicit, meta)
-    effective = effective_train(values)
+    effective = effective_train(values, test_domain or None)
     settings = TrainSettings(
         method=method, formulation=values["train_formulation"], overrides=switches, model=values["model_name"],
         pretrained=values["model_pretrained"], test_domain=test_domain or None, seed=seed, weight_decay=weight_decay,

@@ -315,17 +315,27 @@ def derive(values: dict) -> dict:
 
 
 def grid(values: dict) -> list[dict]:
-    """The (method, held-out domain, seed) cells of a resolved configuration; "" when no domain is held out."""
+    """The (method, held-out domain, seed) cells of a resolved configuration; "" when no domain is held out.
+
+    Where the recipe's length differs per held-out domain (``wild/domain_net``) and no length is set, each cell
+    carries its own ``steps``."""
+    from alignclip.recipes import get_recipe
+
     domains = values["train_test_domains"] or [""]
-    return [{"method": m, "test_domain": d, "seed": int(s)} for d in domains for m in values["train_methods"] for s in values["train_seeds"]]
+    cells = [{"method": m, "test_domain": d, "seed": int(s)} for d in domains for m in values["train_methods"] for s in values["train_seeds"]]
+    if values["train_steps"] is None and values["train_epochs"] is None and get_recipe(values["train_recipe"]).epochs_by_domain:
+        for cell in cells:
+            cell["steps"] = int(effective_train(values, cell["test_domain"] or None)["steps"])
+    return cells
 
 
-def effective_train(values: dict) -> dict:
-    """What a grid cell trains with: the recipe's values, then the ones set (``recipes.effective_schedule``)."""
+def effective_train(values: dict, test_domain: str | None = None) -> dict:
+    """What a grid cell trains with: the recipe's values, then the ones set (``recipes.effective_schedule``);
+    ``test_domain``: the cell's held-out domain, for recipes whose length depends on it."""
     from alignclip.recipes import effective_schedule
 
     return effective_schedule(values["train_recipe"], values["train_steps"], values["train_epochs"], values["train_batch_size"],
-                          values["train_lr"], values["train_hflip"])
+                          values["train_lr"], values["train_hflip"], test_domain)
 
 
 TRAIN_NAMES = ("model_name", "model_pretrained", "train_recipe", "train_formulation", "train_steps", "train_epochs",

@@ -33,7 +33,7 @@ def inference_autocast(device: torch.device):
 
 
 @torch.inference_mode()
-def predict(visual, text: torch.Tensor, loader, device, topk: int = 5, tau: float = 0.01):
+def predict(visual, text: torch.Tensor, loader, device, tau: float, topk: int = 5):
     """Predicted class, target, dataset index, and the top-k classes with their probabilities (eq. 1, tau).
 
     Results stay on the device until the view is done: no host synchronisation per batch.
@@ -113,7 +113,7 @@ def evaluate(
             dataset.stage()
         loader = evaluation_loader(dataset, batch_size, workers, dev)
         tic = time.perf_counter()
-        pred, target, index, top, top_prob = predict(visual, text, loader, dev, tau=state.method["tau"])
+        pred, target, index, top, top_prob = predict(visual, text, loader, dev, state.method["tau"])
         seconds += time.perf_counter() - tic
         images += len(target)
         correct = int((pred == target).sum())

@@ -38,6 +38,9 @@ PRESETS: dict[str, Preset] = {
     "vit-b-16": Preset("ViT-B-16", "openai", "the paper's backbone: OpenAI CLIP ViT-B/16"),
     "vit-b-32": Preset("ViT-B-32", "openai", "OpenAI CLIP ViT-B/32 (appendix B.3 backbones)"),
     "vit-l-14": Preset("ViT-L-14", "openai", "OpenAI CLIP ViT-L/14"),
+    "rn50": Preset("RN50", "openai", "OpenAI CLIP-RN50 (paper fig. 5): ResNet-50 trunk, attention-pool head"),
+    "tiny-rn50": Preset("alignclip-tiny-rn50", None, "CLIP-RN50-shaped ResNet (96px, attention pool), random weights; CPU tests"),
+    "tiny-vit-b-32": Preset("alignclip-tiny-vit-b-32", None, "ViT with B/32's 32px patches (128px, 4 blocks), random weights; CPU tests"),
 }
 
 

@@ -139,7 +139,7 @@ def attention_maps(checkpoints: dict[str, Path], prepared_dir: Path, test_domain
     from alignclip.data.prepare import load_prepared
     from alignclip.data.storage import open_image
     from alignclip.classifier import encode_classes, load_trained
-    from alignclip.model import AlignCLIPVisual
+    from alignclip.model import AlignCLIPVisual, attention_depth
 
     manifest, meta = load_prepared(prepared_dir)
     views = protocols.evaluation_views(manifest, meta, test_domain, "holdout")
@@ -149,7 +149,7 @@ def attention_maps(checkpoints: dict[str, Path], prepared_dir: Path, test_domain
     panels = []
     for name, checkpoint in checkpoints.items():
         bundle, _, state = load_trained(checkpoint, "cpu")
-        wrapped = AlignCLIPVisual(bundle.model.visual, aligned_layers=min(4, len(bundle.model.visual.transformer.resblocks))).eval()
+        wrapped = AlignCLIPVisual(bundle.model.visual, aligned_layers=min(4, attention_depth(bundle.model.visual))).eval()
         space = views[0].label_space
         text = encode_classes(bundle.model, bundle.tokenizer, [meta["classes"][g] for g in space], meta["template"], "cpu")
         data = ManifestImages(meta, rows["path"].tolist(), rows["label"].tolist(), space, eval_transform(bundle.image_size, bundle.mean, bundle.std))

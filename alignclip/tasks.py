@@ -52,6 +52,7 @@ def train_args(prepared: str, out: str, cell: dict, formulation: str, recipe: st
            "--formulation", formulation, "--model", model_name, "--pretrained", pretrained, "--no-progress",
            "--similarity", similarity, "--recipe", recipe, "--batch-size", str(int(batch_size)), "--lr", repr(float(lr)),
            "--hflip" if hflip else "--no-hflip", "--num-workers", "auto"]  # the pod's CPU limit sizes the workers
+    steps = cell.get("steps", steps)  # a recipe whose length depends on the held-out domain: the cell's own
     if int(steps) > 0:
         cmd += ["--steps", str(int(steps))]
     elif int(epochs) > 0:

@@ -49,6 +49,7 @@ class TrainSettings:
     steps: int | None = 5000  # None: epochs x iters_per_epoch
     epochs: int | None = None
     iters_per_epoch: int | None = None  # None: one pass over the training set
+    shots: int | None = None  # few-shot protocols: None/16 the prepared few-shot subset, 0 all training images
     batch_size: int = 36  # per training domain for multi-domain protocols
     lr: float = 5e-6
     weight_decay: float = 0.1
@@ -103,7 +104,7 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
     settings = replace(settings, method=method_name, formulation=formulation)
     method = get_method(settings.method, settings.formulation, **settings.overrides)
     manifest, meta = load_prepared(prepared_dir)
-    rows, label_space = protocols.training_set(manifest, meta, settings.test_domain, settings.seed)
+    rows, label_space = protocols.training_set(manifest, meta, settings.test_domain, settings.seed, settings.shots)
     if rows.empty:
         raise ValueError(f"no training images for test domain {settings.test_domain!r} / seed {settings.seed}")
     device = resolve_device(settings.device)
@@ -127,6 +128,8 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
         "protocol": meta["protocol"],
         "train_images": int(len(rows)),
         "label_space": label_space,
+        # what the encoder aligned: a CLIP ResNet has one attention layer whatever aligned_layers asks for
+        "attention_layers": {"aligned": visual.aligned_layers, "dv": visual.dv_layers},
     }
     run = TrainingRun(settings, method, bundle, visual, text, class_sim, label_space, class_names, summary, device)
     if not method.trains:
@@ -150,20 +153,32 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
     workers = resolve_workers(settings.num_workers)
     run.loader = BalancedLoader(run.datasets, settings.batch_size, settings.seed, run.steps, workers, device)
     summary["num_workers"] = workers
-    run.optimizer = make_optimizer(bundle, visual, settings.lr, settings.weight_decay, fused=device.type == "cuda")
+    run.optimizer = make_optimizer(
+        bundle, visual, settings.lr, settings.weight_decay, method.weight_decay_scope, fused=device.type == "cuda"
+    )
     run.bma = BetaMovingAverage(visual, run.steps, method.bma_beta) if method.bma else None
     return run
 
 
 def make_optimizer(
-    bundle, visual: AlignCLIPVisual, lr: float, weight_decay: float, fused: bool = False
+    bundle, visual: AlignCLIPVisual, lr: float, weight_decay: float, scope: str = "matrices", fused: bool = False
 ) -> torch.optim.AdamW:
-    """AdamW over the image encoder only (the text encoder is frozen; its features are precomputed); no weight
-    decay on biases, norms and embeddings. ``fused``: one CUDA kernel for the whole update (GPU only)."""
+    """AdamW over the image encoder only (the text encoder is frozen; its features are precomputed).
+
+    ``scope`` (method switch ``weight_decay_scope``): ``matrices`` exempts biases, norms and embeddings from weight
+    decay; ``all`` decays every parameter, as the released code's ``AdamW(classifier.parameters(), wd)``.
+    ``fused``: one CUDA kernel for the whole update (GPU only).
+    """
     for p in bundle.model.parameters():
         p.requires_grad_(False)
     for p in visual.parameters():
         p.requires_grad_(True)
+    if scope == "all":
+        return torch.optim.AdamW(
+            [{"params": list(visual.parameters()), "weight_decay": weight_decay}], lr=lr, fused=fused or None
+        )
+    if scope != "matrices":
+        raise ValueError(f"weight_decay_scope={scope!r}: expected 'matrices' or 'all'")
     decay = [p for n, p in visual.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in visual.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     return torch.optim.AdamW(

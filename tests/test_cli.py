@@ -34,7 +34,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path):
 
 def test_recipes_list_sources():
     result = runner.invoke(app, ["recipes"])
-    assert "domain_shift/domain_net" in result.output and "released AlignCLIP scripts" in result.output
+    assert "domain_shift/domain_net" in result.output and "zhyhan/AlignCLIP scripts/traindomainnet-1.sh:17" in result.output
     assert "paper appendix A.1" in result.output
 
 
