@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from alignclip import __version__
-from alignclip.config import ConfigError, check, check_method_switches, check_output_dir, check_template
+from alignclip.config import COMPOSITES, ConfigError, check, check_method_switches, check_output_dir, check_template
 from alignclip.log import get_logger, setup_logging
 
 app = typer.Typer(
@@ -294,7 +294,7 @@ def report(
     typer.echo(f"results page: {page}")
 
 
-FAMILY_HELP = "demo | domain_shift | imagenet | base2new | wild | all"
+FAMILY_HELP = "demo | domain_shift | imagenet | base2new | wild | backbones_<model>_<protocol> | all | backbones"
 PARAM_HELP = "setting KEY=VALUE (repeatable; `alignclip config show` lists them): train_steps=500, train_methods=erm,alignclip"
 DATASET_HELP = "dataset (registry name): its protocol's recipe and every held-out domain follow unless set"
 
@@ -420,8 +420,9 @@ def pipeline_run(
     `alignclip pipeline submit` runs it on a cluster."""
     from alignclip.pipeline_cli import dry_run as plan, run_local
 
-    if family == "all":
-        raise ConfigError("the all pipeline runs on a cluster only; run one family locally")
+    if family in COMPOSITES:
+        raise ConfigError(f"the {family} pipeline runs on a cluster only; run one of its families locally: "
+                          f"{', '.join(COMPOSITES[family].families)}")
     values = _settings(family, dataset, data_root, param, params_file)
     if dry_run:
         typer.echo(plan(family, values))
@@ -452,7 +453,7 @@ app.add_typer(config_app, name="config")
 
 @config_app.command("show")
 def config_show(
-    family: Optional[str] = typer.Argument(None, help="start from a family's defaults: " + FAMILY_HELP.replace(" | all", "")),
+    family: Optional[str] = typer.Argument(None, help="start from a family's defaults: " + FAMILY_HELP.replace(" | all | backbones", "")),
     dataset: Optional[str] = OPT_DATASET,
     data_root: Optional[str] = OPT_DATA_ROOT,
     param: List[str] = OPT_PARAM,
