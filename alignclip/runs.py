@@ -248,6 +248,13 @@ def finish_pipeline_run(parent_run_id: str, results, report_dir: Path, status: s
 
 def describe_model_version(run_id: str, summary: dict) -> None:
     """After evaluation: the registered version of this cell's model gets its accuracy, split and description."""
+    try:
+        _describe_model_version(run_id, summary)
+    except Exception as err:  # noqa: BLE001 - the metrics are on disk; tracking must not cost them
+        log.warning("could not describe the registered model of run %s (%s)", run_id, str(err).splitlines()[0][:200])
+
+
+def _describe_model_version(run_id: str, summary: dict) -> None:
     client = _client()
     versions = client.search_model_versions(f"run_id = '{run_id}'")
     test = summary["views"].get("test") or next(iter(summary["views"].values()), None)
