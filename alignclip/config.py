@@ -58,10 +58,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("data.root", "str", "data/{dataset}", "folder or s3:// prefix with the dataset in its usual layout; {dataset} stands for data.dataset (`embedded`: build RotatedDigits in the pipeline)"),
     Setting("data.protocol", "str", None, "domainbed | wild | base2new | imagenet (not set: the dataset's own)", PROTOCOLS, optional=True),
     Setting("data.holdout_fraction", "float", 0.2, "DomainBed per-domain held-out fraction", minimum=0.01, maximum=0.99),
-    Setting("data.trial_seed", "int", 0, "DomainBed trial seed of the in/out split", minimum=0),
+    Setting("data.trial_seed", "int", 0, "trial seed of the in/out split: DomainBed's (domainbed); wild: 0 is CLIPood's split, others our extension", minimum=0),
     Setting("data.shots", "int", 16, "few-shot images per class (base2new, imagenet)", minimum=1, maximum=100000),
     Setting("data.test_split", "str", "holdout", "held-out domain: holdout = its 20% split (CLIPood) | in = its 80% split (DomainBed) | full", ("holdout", "in", "full")),
-    Setting("model.name", "str", "tiny", "preset (tiny, vit-b-16, vit-b-32, vit-l-14) or open_clip architecture"),
+    Setting("model.name", "str", "tiny", "preset (tiny, vit-b-16, vit-b-32, rn50, vit-l-14) or open_clip architecture"),
     Setting("model.pretrained", "str", "default", "preset default, open_clip tag, checkpoint path, s3:// URI, or none"),
     Setting("train.recipe", "str", None, "named recipe (`alignclip recipes`); not set: the benchmark's recipe for the dataset, else `paper`", optional=True),
     Setting("train.formulation", "str", "paper", "paper | release (the authors' released code)", ("paper", "release")),
@@ -102,6 +102,31 @@ FAMILIES: dict[str, Family] = {
         **PAPER_MODEL, "data_dataset": "oxford_pets", "data_root": DATA_BUCKET, "data_protocol": "base2new"}),
     "wild": Family("in-the-wild", "domain shift and unseen classes (table 4)", {
         **PAPER_MODEL, "data_dataset": "office_home", "data_root": DATA_BUCKET, "data_protocol": "wild"}),
+    # paper fig. 5: zero-shot, CLIPood and AlignCLIP with other image encoders on Office-Home, domain shift and
+    # unseen classes (run together as the `backbones` pipeline below)
+    **{
+        f"backbones_{model.replace('-', '_')}_{label}": Family("other-backbones", f"fig. 5: {name} on Office-Home, {what}", {
+            "model_name": model, "model_pretrained": "openai", "data_dataset": "office_home", "data_root": DATA_BUCKET,
+            "data_protocol": protocol, "train_methods": ["zeroshot", "clipood", "alignclip"]})
+        for model, name in (("rn50", "CLIP-RN50"), ("vit-b-32", "CLIP ViT-B/32"))
+        for protocol, label, what in (("domainbed", "domain_shift", "domain shift"), ("wild", "wild", "unseen classes"))
+    },
+}
+
+
+@dataclass(frozen=True)
+class Composite:
+    """Families run as one pipeline: one sub-pipeline each, with its own defaults."""
+
+    experiment: str
+    description: str
+    families: tuple[str, ...]
+
+
+COMPOSITES: dict[str, Composite] = {
+    "all": Composite("alignclip", "every benchmark family of the paper", ("domain_shift", "imagenet", "base2new", "wild")),
+    "backbones": Composite("other-backbones", "fig. 5: CLIP-RN50 and ViT-B/32 on Office-Home, domain shift and unseen classes",
+                           tuple(name for name in FAMILIES if name.startswith("backbones_"))),
 }
 
 # The benchmark's recipe for a (protocol, dataset): the first of these names that exists

@@ -16,7 +16,7 @@ from typing import List
 from kfp import dsl, kubernetes
 
 from alignclip import __version__
-from alignclip.config import BY_NAME, FAMILIES, check_family, effective_train, grid, resolve
+from alignclip.config import BY_NAME, COMPOSITES, FAMILIES, check_family, effective_train, grid, resolve
 from alignclip_kfp.components.stages import build_components
 
 # The default image tag follows the package version; the registry is a placeholder until an image is pushed.
@@ -220,17 +220,23 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
     return dsl.pipeline(name=f"alignclip-{family.replace('_', '-')}", description=f"AlignCLIP {family}: prepare, similarity, train x evaluate, report")(alignclip_pipeline)
 
 
-PAPER_FAMILIES = ("domain_shift", "imagenet", "base2new", "wild")
+PAPER_FAMILIES = COMPOSITES["all"].families
+
+
+def build_composite(name: str, cluster: ClusterSettings | None = None, tracking_uri: str = ""):
+    """One pipeline that runs several families (``alignclip.config.COMPOSITES``: ``all``, ``backbones``) with their
+    defaults, as sub-pipelines; its parameter turns tracking on for all of them."""
+    composite = COMPOSITES[name]
+    subs = {family: build_pipeline(family, cluster) for family in composite.families}
+
+    def composite_pipeline(mlflow_tracking_uri: str = tracking_uri):
+        for family, sub in subs.items():
+            sub(mlflow_tracking_uri=mlflow_tracking_uri).set_display_name(family)
+
+    composite_pipeline.__doc__ = f"AlignCLIP {name}: {composite.description}."
+    return dsl.pipeline(name=f"alignclip-{name.replace('_', '-')}", description=composite.description[:1].upper() + composite.description[1:])(composite_pipeline)
 
 
 def build_all(cluster: ClusterSettings | None = None, tracking_uri: str = ""):
-    """One pipeline that runs every benchmark family of the paper with its defaults, as sub-pipelines; its
-    parameter turns tracking on for all of them."""
-    subs = {name: build_pipeline(name, cluster) for name in PAPER_FAMILIES}
-
-    @dsl.pipeline(name="alignclip-all", description="Every benchmark family of the paper")
-    def alignclip_all(mlflow_tracking_uri: str = tracking_uri):
-        for name, sub in subs.items():
-            sub(mlflow_tracking_uri=mlflow_tracking_uri).set_display_name(name)
-
-    return alignclip_all
+    """Every benchmark family of the paper, as sub-pipelines."""
+    return build_composite("all", cluster, tracking_uri)

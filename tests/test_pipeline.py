@@ -279,3 +279,22 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
         [(m, "paper", d) for m in ("zeroshot", "erm", "clipood", "alignclip") for d in ("rotated_0", "rotated_75")]
         + [("alignclip", "release", d) for d in ("rotated_0", "rotated_75")]
     )
+
+
+def test_backbones_runs_fig5_as_one_pipeline(tmp_path):
+    """Paper fig. 5: zero-shot, CLIPood and AlignCLIP with CLIP-RN50 and ViT-B/32 on Office-Home, domain shift and
+    unseen classes: one package, one sub-pipeline per (backbone, protocol), each compiled with its own defaults."""
+    from alignclip.config import COMPOSITES
+
+    spec = next(yaml.safe_load_all(compile_pipeline("backbones", tmp_path / "backbones.yaml").read_text()))
+    assert spec["pipelineInfo"]["name"] == "alignclip-backbones"
+    assert len(spec["root"]["dag"]["tasks"]) == 4
+    seen = set()
+    for family in COMPOSITES["backbones"].families:
+        sub = next(yaml.safe_load_all(compile_pipeline(family, tmp_path / f"{family}.yaml").read_text()))
+        d = {name: p.get("defaultValue") for name, p in sub["root"]["inputDefinitions"]["parameters"].items()}
+        seen.add((d["model_name"], d["data_protocol"]))
+        assert (d["data_dataset"], d["model_pretrained"], d["mlflow_experiment"]) == ("office_home", "openai", "other-backbones")
+        assert d["train_recipe"] == {"domainbed": "domain_shift/office_home", "wild": "wild/office_home"}[d["data_protocol"]]
+        assert {c["method"] for c in d["train_grid"]} == {"zeroshot", "clipood", "alignclip"}
+    assert seen == {(m, p) for m in ("rn50", "vit-b-32") for p in ("domainbed", "wild")}
