@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -23,6 +24,8 @@ data_app = typer.Typer(help="Build the embedded datasets.", no_args_is_help=True
 pipeline_app = typer.Typer(help="Compile, submit or run the Kubeflow pipelines.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
+tracking_app = typer.Typer(help="MLflow records kept on disk while the tracking server was unreachable.", no_args_is_help=True)
+app.add_typer(tracking_app, name="tracking")
 log = get_logger("alignclip")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -71,7 +74,7 @@ def data_digits(
 
 @app.command()
 def prepare(
-    dataset: str = typer.Argument(..., help="dataset name, e.g. rotated_digits, pacs, office_home, oxford_pets, imagenet"),
+    dataset: str = typer.Argument(..., help="dataset name, e.g. rotated_digits, pacs, office_home, oxford_pets, imagenet; or domainbed (any DomainBed-layout folder, with --name)"),
     root: str = typer.Argument(..., help="dataset folder or s3:// prefix"),
     out_dir: Path = typer.Argument(..., help="where to write manifest.parquet and meta.json"),
     protocol: Optional[str] = typer.Option(None, help="domainbed | wild | base2new | imagenet (default: the dataset's own)"),
@@ -86,6 +89,7 @@ def prepare(
     class_names: Optional[str] = typer.Option(None, help="class names: paper ('_' and '-' become spaces, default) | release (only '_')"),
     listing: Optional[str] = typer.Option(None, help="imagenet: image order for few-shot picks: sorted (reproducible, default) | filesystem (CoOp's os.listdir order)"),
     validate: bool = typer.Option(False, help="also decode every image (parallel) and list unreadable ones"),
+    name: Optional[str] = typer.Option(None, help="your dataset's name in results; needed with a layout kind (domainbed)"),
 ):
     """List and split a dataset by its protocol; write a manifest (parquet) and its metadata (JSON)."""
     from alignclip.config import BY_NAME, load_params_file
@@ -103,7 +107,7 @@ def prepare(
     settings = PrepareSettings(
         dataset, root, value["data_protocol"] or "", value["data_holdout_fraction"], value["data_trial_seed"],
         value["data_shots"], list(value["train_seeds"]), template, split_file,
-        templates=value["data_templates"], class_names=value["data_class_names"], listing=value["data_listing"],
+        templates=value["data_templates"], class_names=value["data_class_names"], listing=value["data_listing"], name=name,
     )
     manifest, meta = run_prepare(settings)
     if validate:
@@ -174,8 +178,17 @@ def train(
     progress: bool = typer.Option(True, help="show a progress bar"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the effective settings (JSON) and stop"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
+    checkpoint_dir: Optional[str] = typer.Option(
+        None, envvar="ALIGNCLIP_CHECKPOINT_DIR",
+        help="folder or s3:// prefix for the resume checkpoint (default: under ALIGNCLIP_CHECKPOINT_ROOT keyed by "
+        "output path and cell if set, else .<out_dir>.train.partial beside the outputs)",
+    ),
+    checkpoint_every: int = typer.Option(0, help="also write a resume checkpoint every N steps (0: by time only)"),
+    checkpoint_minutes: float = typer.Option(10.0, help="write a resume checkpoint at least this often (0: by steps only)"),
+    resume: bool = typer.Option(True, help="continue from a resume checkpoint of the same settings if there is one"),
 ):
-    """Fine-tune the image encoder with one method; the BMA model is the result."""
+    """Fine-tune the image encoder with one method; the BMA model is the result. Killed or preempted, the same
+    command resumes where it stopped (SIGTERM writes a checkpoint first)."""
     from dataclasses import asdict
 
     from alignclip import artifacts, tracking
@@ -209,10 +222,22 @@ def train(
         typer.echo(json.dumps(shown, sort_keys=True))
         return
     check_output_dir(out_dir)
+    from alignclip.resume import ResumeOptions, pending_run_id
+
+    if checkpoint_every < 0 or checkpoint_minutes < 0:
+        raise ConfigError(f"--checkpoint-every {checkpoint_every} / --checkpoint-minutes {checkpoint_minutes}: expected 0 or more")
     test_domain = settings.test_domain
     run_name = f"train-{method}-{test_domain or 'all'}-s{seed}"
-    with tracking.start_run(experiment, run_name, tags={"stage": "train", "method": method}) as tracker:
-        summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path)
+    if checkpoint_dir is None and os.environ.get("ALIGNCLIP_CHECKPOINT_ROOT"):
+        from alignclip.resume import keyed_location
+
+        checkpoint_dir = keyed_location(os.environ["ALIGNCLIP_CHECKPOINT_ROOT"], out_dir, run_name)
+    resume_options = ResumeOptions(checkpoint_dir, checkpoint_every, checkpoint_minutes * 60, enabled=resume)
+    previous_run = pending_run_id(out_dir, resume_options)  # a resumed training continues its MLflow run
+    with tracking.start_run(
+        experiment, run_name, tags={"stage": "train", "method": method}, resume_run_id=previous_run
+    ) as tracker:
+        summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path, resume=resume_options)
         tracker.log_artifact(out_dir / artifacts.TRAIN_LOG)
         tracker.log_artifact(out_dir / artifacts.TRAIN_SUMMARY)
         if tracker.enabled:
@@ -304,7 +329,7 @@ OPT_GPU_TYPE = typer.Option("nvidia.com/gpu", "--accelerator", "--gpu-type", hel
 OPT_GPUS = typer.Option(1, help="accelerators per train/evaluate task (0: none)")
 OPT_NODE_SELECTOR = typer.Option([], help="LABEL=VALUE for GPU tasks (repeatable; default nvidia.com/gpu.present=true)")
 OPT_TOLERATION = typer.Option([], help="KEY[=VALUE][:EFFECT] for GPU tasks (repeatable; default nvidia.com/gpu:NoSchedule)")
-OPT_CPU = typer.Option(None, help="CPU request of train/evaluate tasks (default 8)")
+OPT_CPU = typer.Option(None, help="CPU request and limit of train/evaluate tasks (default 16; the limit sizes --num-workers auto)")
 OPT_MEMORY = typer.Option(None, help="memory request of train/evaluate tasks (default 32G)")
 OPT_IMAGE = typer.Option(None, envvar="ALIGNCLIP_IMAGE", help="image of every task (default: ghcr.io/alignclip/alignclip:<version>, a placeholder)")
 OPT_PARALLELISM = typer.Option(None, "--max-parallelism", help="grid cells (GPU pods) at once (default 8)")
@@ -408,6 +433,21 @@ def pipeline_run(
     typer.echo(f"pipeline {family} finished; artifacts under {pipeline_root}")
 
 
+@tracking_app.command("sync")
+def tracking_sync(
+    uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="only records for this tracking URI (default: all)"),
+):
+    """Send the spooled records (ALIGNCLIP_TRACKING_SPOOL) to their MLflow server; each file goes once it is through."""
+    from alignclip.tracking_transport import pending_spools, spool_dir, sync
+
+    pending = pending_spools(uri)
+    if not pending:
+        typer.echo(f"nothing to replay in {spool_dir()}")
+        return
+    done = sync(uri)
+    typer.echo(f"replayed {len(done)} of {len(pending)} spooled run(s) from {spool_dir()}")
+
+
 config_app = typer.Typer(help="The settings schema: show resolved settings, write params files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -438,8 +478,13 @@ def recipes():
 
 
 def main() -> None:
+    from alignclip.resume import Preempted
+
     try:
         app()
+    except Preempted as err:
+        typer.secho(f"stopped: {err}", fg=typer.colors.YELLOW, err=True)
+        sys.exit(143)  # 128 + SIGTERM, what the orchestrator expects of a terminated task
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, PermissionError) as err:
         # Bad input: one readable line naming what is wrong, no traceback (use --log-level DEBUG for one).
         get_logger("alignclip").debug("error", exc_info=True)

@@ -16,9 +16,10 @@ import torch
 from alignclip import artifacts, protocols
 from alignclip.artifacts import Checkpoint
 from alignclip.classifier import encode_classes, load_trained, resolve_device
-from alignclip.data.images import ManifestImages, eval_transform
+from alignclip.data.images import ManifestImages, collate_readable, eval_transform
 from alignclip.data.loader import AUTO, evaluation_loader, resolve_workers
 from alignclip.data.prepare import load_prepared
+from alignclip.files import stage_output
 from alignclip.log import get_logger
 from alignclip.losses import cosine_logits
 
@@ -33,14 +34,17 @@ def inference_autocast(device: torch.device):
 
 
 @torch.inference_mode()
-def predict(visual, text: torch.Tensor, loader, device, topk: int = 5, tau: float = 0.01):
+def predict(visual, text: torch.Tensor, loader, device, tau: float, topk: int = 5):
     """Predicted class, target, dataset index, and the top-k classes with their probabilities (eq. 1, tau).
 
     Results stay on the device until the view is done: no host synchronisation per batch.
     """
     device = torch.device(device)
     preds, targets, indices, top, top_prob = [], [], [], [], []
-    for images, target, index in loader:
+    for batch in loader:
+        if batch is None:  # every image of this batch was unreadable (collate_readable)
+            continue
+        images, target, index = batch
         with inference_autocast(device):
             embedding = visual(images.to(device, non_blocking=device.type == "cuda"))
         logits = cosine_logits(embedding.float(), text, tau)  # eq. 1, as in training
@@ -50,6 +54,9 @@ def predict(visual, text: torch.Tensor, loader, device, topk: int = 5, tau: floa
         preds.append(logits.argmax(dim=-1))
         targets.append(target)
         indices.append(index)
+    if not preds:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, empty, torch.zeros(0, topk, dtype=torch.long), torch.zeros(0, topk)
     return (torch.cat(preds).cpu(), torch.cat(targets), torch.cat(indices), torch.cat(top).cpu(),
             torch.cat(top_prob).cpu())
 
@@ -88,15 +95,22 @@ def evaluate(
     The held-out domain, the method and the training label space come from the checkpoint; ``test_domain``
     need not be given, and one that contradicts the checkpoint is refused, as is a prepared dataset that is not
     the one the checkpoint was trained on. ``metrics.json`` also records ``images_per_s``, end to end (decode
-    included), and the number of DataLoader workers (``num_workers``: a count or ``auto``).
+    included), and the number of DataLoader workers (``num_workers``: a count or ``auto``). metrics.json and
+    predictions.parquet are replaced together, only when the evaluation completes; the folder may be shared with
+    `train`'s outputs, so only these two names are touched.
     """
-    out = Path(out_dir)
+    with stage_output(out_dir, "evaluate", owns=(artifacts.METRICS, artifacts.PREDICTIONS)) as staging:
+        return _evaluate(prepared_dir, checkpoint, staging, test_domain, test_split, batch_size, num_workers, device,
+                         stage_remote)
+
+
+def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batch_size, num_workers, device,
+              stage_remote) -> dict:
     manifest, meta = load_prepared(prepared_dir)
     protocol = protocols.get_protocol(meta["protocol"])
     dev = resolve_device(device)
     bundle, visual, state = load_trained(checkpoint, dev)
     test_domain = check_consistent(checkpoint, state, meta, test_domain)
-    out.mkdir(parents=True, exist_ok=True)
     transform = eval_transform(bundle.image_size, bundle.mean, bundle.std)
     workers = resolve_workers(num_workers)
     images, seconds = 0, 0.0
@@ -108,21 +122,28 @@ def evaluate(
             continue
         names = [meta["classes"][g] for g in view.label_space]
         text = encode_classes(bundle.model, bundle.tokenizer, names, meta["template"], dev)
-        dataset = ManifestImages(meta, view.rows["path"].tolist(), view.rows["label"].tolist(), view.label_space, transform)
+        # unreadable images are left out and counted (never replaced by another image)
+        dataset = ManifestImages(meta, view.rows["path"].tolist(), view.rows["label"].tolist(), view.label_space, transform,
+                                 skip_unreadable=True)
         if stage_remote:
             dataset.stage()
-        loader = evaluation_loader(dataset, batch_size, workers, dev)
+        loader = evaluation_loader(dataset, batch_size, workers, dev, collate_fn=collate_readable)
         tic = time.perf_counter()
-        pred, target, index, top, top_prob = predict(visual, text, loader, dev, tau=state.method["tau"])
+        pred, target, index, top, top_prob = predict(visual, text, loader, dev, state.method["tau"])
         seconds += time.perf_counter() - tic
         images += len(target)
         correct = int((pred == target).sum())
+        # read from the indices that came back, so the count is right with DataLoader workers too
+        unreadable = sorted(set(range(len(dataset))) - set(index.tolist()))
+        if not len(target):
+            raise ValueError(f"view {view.name}: none of its {len(dataset)} images is readable (first: {dataset.paths[0]})")
         results[view.name] = {
             "accuracy": 100.0 * correct / len(target),
             "correct": correct,
             "total": int(len(target)),
             "classes": len(view.label_space),
-            "skipped_images": dataset.skipped,
+            "unreadable": len(unreadable),
+            "skipped_images": [dataset.paths[i] for i in unreadable],
         }
         space = np.asarray(view.label_space)
         prediction_frames.append(

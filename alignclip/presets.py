@@ -10,6 +10,7 @@ A preset is data, as in open_clip: an architecture name plus a default ``pretrai
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -103,6 +104,9 @@ def load_clip(name: str = "tiny", pretrained: str | None = "default", device: st
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = open_clip.create_model(architecture, pretrained=weights, device=device)
+    except (pickle.UnpicklingError, EOFError) as err:
+        # open_clip reads checkpoint files with weights_only=True: a pickle with code in it ends here.
+        raise ValueError(f"{weights}: refused or unreadable weights file for {architecture} ({str(err).splitlines()[0]})") from None
     except RuntimeError as err:
         if weights is not None and not Path(weights).is_file():
             raise RuntimeError(

@@ -214,8 +214,20 @@ def top5_figure(with_sls: pd.DataFrame, without_sls: pd.DataFrame, classes: list
 
 
 def build_report(results_dir, out_dir, prepared_dir=None, similarity_dir=None) -> Path:
-    results_dir, out = Path(results_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the report into a staging folder that then replaces ``out_dir`` whole (no stale table or figure of
+    an earlier report stays beside the new ones; a failure leaves the previous report). A non-empty folder that
+    is not a report of ours (no report.json) is refused, so nothing of the user's is replaced."""
+    from alignclip.files import stage_output
+
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+        raise FileExistsError(f"{out} is not empty and holds no report.json: choose an empty or new folder for the report")
+    with stage_output(out, "report", allowed=None) as staging:
+        _build_report(Path(results_dir), staging, prepared_dir, similarity_dir)
+    return out / artifacts.REPORT_PAGE
+
+
+def _build_report(results_dir: Path, out: Path, prepared_dir=None, similarity_dir=None) -> Path:
     results = collect(results_dir)
     if results.empty:
         raise FileNotFoundError(f"no metrics.json below {results_dir}: run `alignclip evaluate` first")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,69 +59,71 @@ def provenance_tags() -> dict[str, str]:
 
 
 class Tracker:
-    """A thin run handle: no-op when disabled, MLflow when enabled."""
+    """A thin run handle: no-op when disabled, MLflow when enabled. It decides what is logged; the transport
+    (``alignclip.tracking_transport``) sends it in the background and keeps on disk what the server missed."""
 
-    def __init__(self, enabled: bool, flush_every: int = 200):
+    def __init__(self, enabled: bool, flush_every: int = 200, transport=None):
         self.enabled = enabled
         self.run_id: str | None = None
         self.flush_every = flush_every
         self._pending: list = []
+        self._transport = transport
 
     def log_params(self, params: dict) -> None:
         if self.enabled:
-            import mlflow
-
             flat = {k: ("none" if v is None else v) for k, v in _flatten(params).items()}
-            mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+            self._transport.send({"op": "params", "params": {k: str(v)[:6000] for k, v in flat.items()}})
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         """Buffered: per-step metrics go to the store in batches (one request per ``flush_every`` values)."""
         if self.enabled:
             import time
 
-            from mlflow.entities import Metric
-
             now = int(time.time() * 1000)
-            self._pending.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items())
+            self._pending.extend([k, float(v), now, step or 0] for k, v in metrics.items())
             if len(self._pending) >= self.flush_every:
                 self.flush()
 
     def flush(self) -> None:
         if self.enabled and self._pending:
-            from mlflow.tracking import MlflowClient
-
-            for start in range(0, len(self._pending), 1000):  # the store's batch limit
-                MlflowClient().log_batch(self.run_id, metrics=self._pending[start : start + 1000])
+            self._transport.send({"op": "metrics", "metrics": self._pending})
             self._pending = []
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled and Path(path).exists():
-            import mlflow
-
-            if Path(path).is_dir():
-                mlflow.log_artifacts(str(path), artifact_path)
-            else:
-                mlflow.log_artifact(str(path), artifact_path)
+            self.flush()  # records leave in the order they were made
+            self._transport.send({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def set_tags(self, tags: dict) -> None:
         if self.enabled:
-            import mlflow
-
-            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+            self._transport.send({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_model(self, module, name: str, registered_name: str | None, example) -> None:
-        """Log (and register) a torch module; the pt2 format needs an input example."""
-        if self.enabled:
+        """Log (and register) a torch module; the pt2 format needs an input example. Synchronous (after what is
+        queued); skipped with a warning when the server is unreachable: the model stays on disk."""
+        if not self.enabled:
+            return
+        self.flush()
+        self._transport.drain()
+        if not self._transport.online:
+            log.warning("MLflow is unreachable: the model was not logged or registered (it is on disk)")
+            return
+        try:
+            import mlflow
             import mlflow.pytorch
 
-            # pt2 (torch.export) is the safe format; it needs the input example, which also records the signature.
-            mlflow.pytorch.log_model(
-                module,
-                name=name,
-                registered_model_name=registered_name,
-                input_example=example,
-                serialization_format="pt2",
-            )
+            mlflow.set_tracking_uri(self._transport.uri)
+            with mlflow.start_run(run_id=self.run_id):
+                # pt2 (torch.export) is the safe format; it needs the input example, which also records the signature.
+                mlflow.pytorch.log_model(
+                    module,
+                    name=name,
+                    registered_model_name=registered_name,
+                    input_example=example,
+                    serialization_format="pt2",
+                )
+        except Exception as err:  # noqa: BLE001 - the result is on disk; tracking must not cost it
+            log.warning("could not log the model to MLflow (%s): it stays on disk", str(err).splitlines()[0][:200])
 
 
 def tracking_uri(uri: str | None = None) -> str | None:
@@ -134,23 +137,62 @@ def start_run(
     uri: str | None = None,
     parent_run_id: str | None = None,
     tags: dict | None = None,
+    resume_run_id: str | None = None,
 ):
-    """Yield a Tracker inside an MLflow run (nested under ``parent_run_id`` if given); a no-op without MLflow."""
+    """Yield a Tracker inside an MLflow run (nested under ``parent_run_id`` if given); a no-op without MLflow.
+
+    ``resume_run_id`` continues an existing run (a resumed training). The run ends FINISHED, FAILED (an
+    exception) or KILLED (interrupted, preempted). An unreachable server costs a few seconds and a warning: the
+    stage runs, and the records wait on disk (see ``alignclip.tracking_transport``).
+    """
+    from alignclip import tracking_transport as transport
+
     uri = tracking_uri(uri)
     if not uri:
         yield Tracker(False)
         return
-    import mlflow
-
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
+    transport.configure_http()
     parent_run_id = parent_run_id or os.environ.get("ALIGNCLIP_PARENT_RUN_ID") or None
     all_tags = {**provenance_tags(), **(tags or {})}
-    with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, tags=all_tags) as run:
-        tracker = Tracker(True)
-        tracker.run_id = run.info.run_id
-        try:
-            yield tracker
-        finally:
-            tracker.flush()
+    header = {"experiment": experiment, "run_name": run_name, "parent_run_id": parent_run_id, "tags": all_tags,
+              "start_ms": int(time.time() * 1000)}
+    run_id = _open_run(uri, header, resume_run_id)
+    sender = transport.AsyncSender(uri, run_id, {**header, "run_id": resume_run_id})
+    tracker = Tracker(True, transport=sender)
+    tracker.run_id = run_id
+    status = "FINISHED"
+    try:
+        yield tracker
+    except KeyboardInterrupt:  # Ctrl-C: the stage was stopped, it did not fail
+        status = "KILLED"
+        raise
+    except BaseException as err:  # a preempted stage (resume.Preempted) says so itself
+        status = getattr(err, "stage_status", "FAILED")
+        raise
+    finally:
+        tracker.flush()
+        sender.close(status)
+
+
+def _open_run(uri: str, header: dict, resume_run_id: str | None) -> str | None:
+    """Create (or re-open) the run; None when the store cannot be reached (the stage then runs offline)."""
+    from alignclip import tracking_transport as transport
+
+    ok, why = transport.reachable(uri)
+    if not ok:
+        log.warning("MLflow at %s is unreachable (%s): the stage runs without it; its records are kept on disk", uri, why)
+        return None
+    try:
+        transport.sync(uri, quiet=True)  # what earlier stages could not send
+        with transport.store_lock(uri):
+            client = transport._client(uri)  # the client creates (and migrates) a sqlite store: under the lock
+            if resume_run_id:
+                client.update_run(resume_run_id, status="RUNNING")
+                return resume_run_id
+            from mlflow.tracking.context.registry import resolve_tags
+
+            return transport.create_run(client, {**header, "tags": resolve_tags(header["tags"])})
+    except Exception as err:  # noqa: BLE001 - the server answered the probe but not the request
+        log.warning("MLflow at %s failed to open the run (%s): the stage runs without it", uri, str(err).splitlines()[0][:200])
+        return None

@@ -25,12 +25,15 @@ from alignclip.bma import BetaMovingAverage
 from alignclip.classifier import encode_classes, make_visual, resolve_device
 from alignclip.data.images import ManifestImages, train_transform
 from alignclip.data.loader import AUTO, BalancedLoader, resolve_workers
+from alignclip.data.storage import StorageError
 from alignclip.data.prepare import load_prepared
+from alignclip.files import stage_output, staging_dir
 from alignclip.log import get_logger
 from alignclip.methods import MethodConfig, get_method, split_method
 from alignclip.model import AlignCLIPVisual
 from alignclip.objective import compute_loss
 from alignclip.presets import load_clip
+from alignclip.resume import CheckpointStore, Preempted, ResumeOptions, Schedule, StopRequest, rng_state, set_rng_state, store_for
 from alignclip.similarity import class_similarity_matrix, load_similarity
 
 log = get_logger(__name__)
@@ -244,8 +247,16 @@ def train(
     tracker=None,
     similarity_path: str | Path | None = None,
     callbacks: list | None = None,
+    resume: ResumeOptions | None = None,
 ) -> dict:
     """Train one (method, held-out domain, seed) and write its checkpoint, log and summary (artifacts.py).
+
+    The outputs are published together when training completes: they are written into a staging folder beside
+    ``out_dir`` that then replaces it (a rerun leaves nothing stale; a failed run leaves the previous outputs).
+    With ``resume`` (the CLI's default) a resume checkpoint is written as the run goes and at SIGTERM, and a
+    re-run of the same settings continues from it (see ``alignclip.resume``).
+
+    ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)``.
 
     ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)`` (``parts``: the
     loss's parts as device tensors).
@@ -255,7 +266,29 @@ def train(
     (data, step, BMA, logging) and ``data_wait_s`` the mean time per step spent waiting for a batch.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    store = store_for(out, resume)
+    with stage_output(out, "train", keep_staging_on_error=store is not None) as staging:
+        summary = _train(prepared_dir, staging, settings, tracker, similarity_path, callbacks, store, resume)
+        if store is not None and Path(store.location) == staging:
+            store.clear()  # the finished outputs are published without the resume files
+    if store is not None and Path(store.location) != staging_dir(out, "train"):
+        store.clear()  # after the outputs are safe: a crash in between resumes at the last step, same result
+    log.info("outputs -> %s", out)
+    return summary
+
+
+def _fingerprint(run: TrainingRun) -> str:
+    """What a resume checkpoint must agree with to be continued (not how the run is executed or shown)."""
+    settings = {k: v for k, v in asdict(run.settings).items() if k not in ("progress", "log_every", "num_workers", "stage_remote", "device")}
+    return json.dumps(
+        {"settings": settings, "method": run.method.to_dict(), "steps": run.steps, "label_space": run.label_space,
+         "train_images": run.summary["train_images"], "architecture": run.bundle.architecture,
+         "pretrained": run.bundle.pretrained},
+        sort_keys=True, default=str,
+    )
+
+
+def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callbacks, store, resume) -> dict:
     run = setup(prepared_dir, settings, similarity_path)
     settings, method, summary = run.settings, run.method, run.summary
     if tracker is not None:
@@ -268,35 +301,80 @@ def train(
         return summary
 
     visual, steps, autocast, loader = run.visual, run.steps, autocast_for(run.device), run.loader
-    window = LogWindow(out / artifacts.TRAIN_LOG, steps, settings.log_every, run.device, tracker, loader)
+    fingerprint = _fingerprint(run)
+    prefix, seconds_before = "", 0.0
+    state = store.load() if store is not None else None
+    if state is not None and state["fingerprint"] != fingerprint:
+        log.warning("%s belongs to a run with other settings: starting from step 0 (it will be replaced)", store)
+        state = None
+    if state is not None:
+        visual.load_state_dict(state["visual"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.bma is not None:
+            run.bma.load_state_dict(state["bma"])
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        prefix, seconds_before = state["log"], float(state["seconds"])
+        log.info("resuming from step %d of %d (%s)", loader.step, steps, store)
+    start = loader.step
+    schedule = Schedule(resume) if store is not None else None
+    # The log starts with the checkpoint's copy (the killed run may have logged steps past it); rows are flushed
+    # window by window, so the file is readable while the run goes.
+    window = LogWindow(out / artifacts.TRAIN_LOG, steps, settings.log_every, run.device, tracker, loader, prefix)
+
+    def checkpoint() -> None:
+        """A resume checkpoint at the steps done so far (the open log window is written first)."""
+        if window.rows:
+            window.write()
+        _save_resume(store, run, loader.step, window.text(), seconds_before + time.perf_counter() - started,
+                     fingerprint, tracker)
+
     visual.train()
     started = time.perf_counter()
     bar = tqdm(total=steps, initial=loader.step, desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
-    with window:
-        for images, targets in loader:
-            step = loader.step  # steps done, this one included
-            lr = cosine_lr(step - 1, steps, settings.lr)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            parts = train_step(method, visual, run.optimizer, images, targets, run.text, run.class_sim, autocast)
-            bma_weight = run.bma.update(visual) if run.bma is not None else 0.0
-            for callback in callbacks or []:
-                callback(step, visual, parts)
-            window.add(step, parts, lr=lr, bma_weight=bma_weight, images=len(images))
-            bar.update(1)
-            if window.closes(step):
-                means = window.write()
-                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{means['images_per_s']:.0f}")
-                log.info("step %d/%d %s", step, steps, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
+    with window, StopRequest() as stop:
+        try:
+            for images, targets in loader:
+                step = loader.step  # steps done, this one included
+                lr = cosine_lr(step - 1, steps, settings.lr)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                parts = train_step(method, visual, run.optimizer, images, targets, run.text, run.class_sim, autocast)
+                bma_weight = run.bma.update(visual) if run.bma is not None else 0.0
+                for callback in callbacks or []:
+                    callback(step, visual, parts)
+                window.add(step, parts, lr=lr, bma_weight=bma_weight, images=len(images))
+                bar.update(1)
+                if window.closes(step):
+                    means = window.write()
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{means['images_per_s']:.0f}")
+                    log.info("step %d/%d %s", step, steps, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
+                if store is not None and step < steps and (stop.requested or schedule.due(step)):
+                    try:
+                        checkpoint()
+                    except (StorageError, OSError) as err:  # insurance: failing to write one stops nothing
+                        log.warning("could not write the resume checkpoint at step %d (%s): training goes on", step, err)
+                    schedule.done()
+                if stop.requested and step < steps:
+                    raise Preempted(f"stopped at step {step}/{steps}; re-run the same command to resume from {store}")
+        except StorageError as err:
+            # The store failed past its retries. The failed batch was not counted (loader.step = whole steps
+            # done), so a checkpoint now resumes exactly; then stop with the store's one line.
+            if store is not None and loader.step > start:
+                checkpoint()
+                raise StorageError(f"{one_line(err)}; training stopped at step {loader.step}/{steps}, re-run the "
+                                   f"same command to resume from {store}") from None
+            raise StorageError(one_line(err)) from None
     bar.close()
-    elapsed = time.perf_counter() - started
+    own = time.perf_counter() - started  # this process's share (throughput); elapsed includes a resumed run's past
+    elapsed = seconds_before + own
     final = run.bma.module if run.bma is not None else visual
     skipped = sorted({p for dataset in run.datasets for p in dataset.skipped})
     write_checkpoint(out / artifacts.MODEL, run, final)
-    summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma,
-                   images_per_s=window.images / elapsed, data_wait_s=loader.data_wait_s)
+    summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma, resumed_from=start or None,
+                   images_per_s=window.images / own, data_wait_s=loader.data_wait_s)
     (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("trained %s for %d steps in %.1fs -> %s", method.name, steps, elapsed, out / artifacts.MODEL)
+    log.info("trained %s for %d steps in %.1fs", method.name, steps, elapsed)
     return summary
 
 
@@ -304,10 +382,12 @@ class LogWindow:
     """The logged values of the last ``every`` steps, kept on the device and written to ``train_log.csv`` (and the
     tracker) together: one host synchronisation per window instead of one per value per step."""
 
-    def __init__(self, path: Path, total_steps: int, every: int, device: torch.device, tracker, loader: BalancedLoader):
+    def __init__(self, path: Path, total_steps: int, every: int, device: torch.device, tracker, loader: BalancedLoader,
+                 prefix: str = ""):
         self.path, self.total_steps, self.every = path, total_steps, max(1, int(every))
+        self.prefix = prefix  # rows of a resumed run's earlier steps, header included
         self.device, self.tracker, self.loader = device, tracker, loader
-        self.columns: list[str] | None = None
+        self.columns: list[str] | None = prefix.splitlines()[0].split(",") if prefix else None
         self.rows: list[tuple[int, torch.Tensor, float, float]] = []  # (step, stacked parts, lr, bma weight)
         self.window_images = 0
         self.images = 0
@@ -315,6 +395,8 @@ class LogWindow:
 
     def __enter__(self):
         self.handle = self.path.open("w")
+        self.handle.write(self.prefix)
+        self.handle.flush()
         self.started = time.perf_counter()
         self.wait_started = self.loader.data_wait_s
         return self
@@ -328,6 +410,11 @@ class LogWindow:
             self.handle.write(",".join(self.columns) + "\n")
         self.rows.append((step, torch.stack([v.float() for v in parts.values()]), lr, bma_weight))
         self.window_images += images
+
+    def text(self) -> str:
+        """Everything written so far (what a resume checkpoint keeps)."""
+        self.handle.flush()
+        return self.path.read_text()
 
     def closes(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total_steps
@@ -355,6 +442,33 @@ class LogWindow:
         self.rows, self.window_images = [], 0
         self.started, self.wait_started = time.perf_counter(), self.loader.data_wait_s
         return means
+
+
+def one_line(err: Exception) -> str:
+    """The message of an error, also when a DataLoader worker re-raised it with the worker's traceback."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return text
+
+
+def _save_resume(store: CheckpointStore, run: TrainingRun, step: int, log_text: str, seconds, fingerprint, tracker) -> None:
+    tic = time.perf_counter()
+    state = {
+        "step": step,
+        "visual": run.visual.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "bma": run.bma.state_dict() if run.bma is not None else None,
+        "loader": run.loader.state_dict(),
+        "rng": rng_state(),
+        "log": log_text,
+        "seconds": seconds,
+        "fingerprint": fingerprint,
+    }
+    run_id = getattr(tracker, "run_id", None)
+    store.save(state, {"step": step, "steps": run.steps, "mlflow_run_id": run_id, "written": time.time()})
+    log.debug("resume checkpoint at step %d -> %s (%.2fs)", step, store, time.perf_counter() - tic)
 
 
 def variant_label(method: MethodConfig, settings: TrainSettings) -> str:

@@ -40,12 +40,23 @@ class ClusterSettings:
     s3_secret: str = "alignclip-s3"  # keys: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
     mlflow_secret: str = "alignclip-mlflow"  # keys: MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD
     shm: str = "16Gi"
+    # Bounds of every task pod (infra hardening): train/evaluate are limited to their requests; the other tasks get
+    # these requests and limits (without a request Kubernetes would reserve the whole limit); each pod is stopped
+    # after its deadline (activeDeadlineSeconds), a retry starts a new one.
+    task_cpu: str = "1"
+    task_memory: str = "4G"
+    task_cpu_limit: str = "4"
+    task_memory_limit: str = "16G"
+    gpu_task_timeout: int = 48 * 3600
+    task_timeout: int = 6 * 3600
 
 
 def _on_gpu(task, cluster: ClusterSettings, retries: int = 0):
     if cluster.gpus:
         task.set_accelerator_type(cluster.gpu_type).set_accelerator_limit(cluster.gpus)
     task.set_cpu_request(cluster.cpu).set_cpu_limit(cluster.cpu).set_memory_request(cluster.memory)
+    task.set_memory_limit(cluster.memory)
+    kubernetes.set_timeout(task, cluster.gpu_task_timeout)
     for key, value in cluster.node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for toleration in cluster.tolerations:
@@ -57,8 +68,22 @@ def _on_gpu(task, cluster: ClusterSettings, retries: int = 0):
     return task
 
 
+def _bounded(task, cluster: ClusterSettings):
+    """Every task: the label infra/'s NetworkPolicies admit to MLflow and the S3 store, the image's non-root user,
+    and requests, limits and a deadline unless _on_gpu set them."""
+    kubernetes.add_pod_label(task, "alignclip.io/pipeline-task", "true")
+    kubernetes.set_security_context(task, run_as_user=1000, run_as_group=1000, run_as_non_root=True)
+    resources = task.container_spec.resources
+    if resources is None or resources.cpu_limit is None:
+        task.set_cpu_request(cluster.task_cpu).set_memory_request(cluster.task_memory)
+        task.set_cpu_limit(cluster.task_cpu_limit).set_memory_limit(cluster.task_memory_limit)
+        kubernetes.set_timeout(task, cluster.task_timeout)
+    return task
+
+
 def _secrets(task, cluster: ClusterSettings):
     """Credentials from Secrets and the S3 endpoint from a ConfigMap (infra/README.md)."""
+    _bounded(task, cluster)
     task.set_env_variable("ALIGNCLIP_IMAGE", cluster.image)  # the image tag, as a provenance tag of MLflow runs
     kubernetes.use_secret_as_env(
         task, secret_name=cluster.s3_secret,

@@ -67,7 +67,7 @@ def state_dict_loop_update(module: torch.nn.Module, model: torch.nn.Module, rati
 
 def test_fused_update_equals_the_per_tensor_loop(tiny):
     from alignclip.methods import get_method
-    from alignclip.train import make_visual
+    from alignclip.classifier import make_visual
 
     torch.manual_seed(1)
     visual = make_visual(tiny, get_method("alignclip"))

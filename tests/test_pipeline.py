@@ -62,7 +62,8 @@ def test_gpu_requests_retries_and_scheduling(compiled):
         resources = spec["deploymentSpec"]["executors"][name]["container"]["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
         assert resources["accelerator"]["resourceCount"] == "1"
-        assert resources["resourceCpuRequest"] == "8" and resources["resourceMemoryRequest"] == "32G"
+        assert resources["resourceCpuRequest"] == "16" and resources["resourceMemoryRequest"] == "32G"
+        assert resources["resourceCpuLimit"] == "16"  # the cgroup quota that sizes the DataLoader workers (auto)
         platform = executors[name]
         assert platform["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
         assert platform["tolerations"][0]["key"] == "nvidia.com/gpu"
@@ -190,6 +191,7 @@ def test_submit_sends_the_intended_arguments_and_cluster_settings(monkeypatch, c
     accelerator = train["resources"]["accelerator"]
     assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("nvidia.com/gpu", "2")
     assert (train["resources"]["resourceCpuRequest"], train["resources"]["resourceMemoryRequest"]) == ("12", "96G")
+    assert train["resources"]["resourceCpuLimit"] == "12"
     assert executors["exec-train"]["nodeSelector"]["labels"] == {"pool": "h200"}
     assert executors["exec-train"]["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"}]
     (loop_task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]

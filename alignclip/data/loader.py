@@ -244,8 +244,10 @@ class BalancedLoader:
             yield images, targets
 
 
-def evaluation_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device | str) -> DataLoader:
-    """In-order batches of one evaluation view, read by ``num_workers`` processes, pinned for the copy on CUDA."""
+def evaluation_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device | str,
+                      collate_fn=None) -> DataLoader:
+    """In-order batches of one evaluation view, read by ``num_workers`` processes, pinned for the copy on CUDA.
+    ``collate_fn``: e.g. ``images.collate_readable``, which leaves unreadable images out of a batch."""
     options = loader_options(num_workers, device)
     options.pop("persistent_workers", None)  # one pass per view: nothing to keep alive
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **options)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, **options)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -24,7 +25,9 @@ import pandas as pd
 
 from alignclip import artifacts
 from alignclip.data import splits, storage
-from alignclip.data.registry import CLASS_NAME_CHOICES, TEMPLATE_CHOICES, clean_class_name, get_dataset
+from alignclip.data.registry import (
+    CLASS_NAME_CHOICES, DATASETS, LAYOUT_KINDS, TEMPLATE_CHOICES, clean_class_name, get_dataset,
+)
 from alignclip.log import get_logger
 from alignclip.presets import RESOURCES
 from alignclip.protocols import PROTOCOLS
@@ -49,6 +52,7 @@ class PrepareSettings:
     templates: str = "paper"  # paper: appendix A.2 | release: the released code's (CoOp's CUSTOM_TEMPLATES)
     class_names: str = "paper"  # paper: '_' and '-' -> ' ' (A.2) | release: only '_' -> ' '
     listing: str = "sorted"  # imagenet: image order within a class folder for few-shot picks (see prepare_imagenet)
+    name: str | None = None  # the dataset's name in results (default: ``dataset``); custom data under a layout kind
 
 
 class DatasetError(ValueError):
@@ -384,16 +388,35 @@ def default_protocol(dataset: str) -> str:
     return {"domainbed": "domainbed", "coop": "base2new", "imagenet": "imagenet"}[spec.protocol]
 
 
+def _dataset_name(settings: PrepareSettings) -> str:
+    """The name results carry. A custom dataset (a layout-only kind such as ``domainbed``) must not borrow a
+    registered name: the report would set the paper's numbers for that dataset beside it."""
+    name = settings.name or settings.dataset
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise DatasetError(f"--name {name!r}: expected letters, digits, '_', '.' or '-' (it names result folders and tables)")
+    if name != settings.dataset and name in DATASETS:
+        raise DatasetError(
+            f"--name {name!r} is a registered dataset with the paper's numbers: prepare it as `alignclip prepare {name} ...`,"
+            " or give your data another name"
+        )
+    if settings.dataset in LAYOUT_KINDS and not settings.name:
+        raise DatasetError(f"dataset kind {settings.dataset!r} is a folder layout: name your dataset with --name NAME")
+    return name
+
+
+def absolute_root(root: str) -> str:
+    """Local roots are stored absolute, so a prepared dataset works from any working directory."""
+    return root if storage.is_s3(root) else str(Path(root).expanduser().resolve())
+
+
 def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
     spec = get_dataset(settings.dataset)
+    name = _dataset_name(settings)
+    settings = replace(settings, root=absolute_root(settings.root))
     protocol = settings.protocol or default_protocol(settings.dataset)
     if protocol not in PROTOCOLS:
         raise DatasetError(f"unknown protocol {protocol!r}: expected one of {tuple(PROTOCOLS)}")
-    allowed = {
-        "domainbed": ("domainbed", "wild"),
-        "coop": ("base2new",),
-        "imagenet": ("imagenet", "base2new"),
-    }[spec.protocol]
+    allowed = tuple(name for name, p in PROTOCOLS.items() if spec.protocol in p.layouts)
     if protocol not in allowed:
         raise DatasetError(f"dataset {settings.dataset!r} supports protocol(s) {allowed}, not {protocol!r}")
     if not 0.0 < settings.holdout_fraction < 1.0:
@@ -424,7 +447,7 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
         raise DatasetError(f"{settings.root}: no images found")
     meta.update(
         {
-            "dataset": settings.dataset,
+            "dataset": name,
             "protocol": protocol,
             "root": settings.root,
             "template": settings.template or spec.template_for(settings.templates),
@@ -455,19 +478,36 @@ def used_settings(settings: PrepareSettings, protocol: str, layout: str) -> dict
 
 
 def write_prepared(manifest: pd.DataFrame, meta: dict, out_dir: str | Path) -> Path:
+    """Write manifest.parquet and meta.json together (both or neither; the folder may hold other things, e.g.
+    the images of a pipeline's embedded dataset). A root inside the output folder is stored relative to it, so
+    the prepared folder can move with its images."""
+    from alignclip.files import stage_output
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest.to_parquet(out / artifacts.MANIFEST, index=False)
-    (out / artifacts.META).write_text(json.dumps(meta, indent=2) + "\n")
+    root = meta.get("root")
+    if root and not storage.is_s3(root) and Path(root).is_absolute():
+        try:
+            meta = {**meta, "root": Path(root).relative_to(out.resolve()).as_posix() or "."}
+        except ValueError:
+            pass
+    with stage_output(out, "prepare", owns=(artifacts.MANIFEST, artifacts.META)) as staging:
+        manifest.to_parquet(staging / artifacts.MANIFEST, index=False)
+        (staging / artifacts.META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
 def load_prepared(prepared_dir: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The manifest and metadata; a relative root (a dataset inside the prepared folder, or a meta.json written
+    by hand) is resolved against the prepared folder, never against the working directory."""
     prepared = Path(prepared_dir)
     for name in (artifacts.MANIFEST, artifacts.META):
         if not (prepared / name).is_file():
             raise FileNotFoundError(f"{prepared / name} not found: run `alignclip prepare` first")
-    return pd.read_parquet(prepared / artifacts.MANIFEST), json.loads((prepared / artifacts.META).read_text())
+    meta = json.loads((prepared / artifacts.META).read_text())
+    root = meta.get("root")
+    if root and not storage.is_s3(root) and not Path(root).is_absolute():
+        meta["root"] = str((prepared / root).resolve())
+    return pd.read_parquet(prepared / artifacts.MANIFEST), meta
 
 
 def image_path(meta: dict, relative: str) -> str:
@@ -484,8 +524,8 @@ def validate_images(manifest: pd.DataFrame, meta: dict, workers: int = 8) -> lis
         try:
             storage.open_image(path)
             return None
-        except Exception as err:  # noqa: BLE001 - any decoder error makes the file unusable
-            return path, f"{type(err).__name__}: {err}"
+        except storage.UnreadableImage as err:  # a storage error is not the image's fault: it stops prepare
+            return path, str(err)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return [r for r in pool.map(check, manifest["path"].tolist()) if r is not None]

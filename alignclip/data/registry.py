@@ -80,10 +80,21 @@ DATASETS: dict[str, DatasetSpec] = {
     "imagenet": DatasetSpec("imagenet", "imagenet", image_dir="images"),
 }
 
+# Layout-only kinds: your own data in a known layout, named with `alignclip prepare <kind> ROOT OUT --name NAME`.
+# They have no paper numbers, so the report shows none beside them.
+LAYOUT_KINDS: dict[str, DatasetSpec] = {
+    "domainbed": DatasetSpec("domainbed", "domainbed"),
+}
+
 
 def get_dataset(name: str) -> DatasetSpec:
+    if name in LAYOUT_KINDS:
+        return LAYOUT_KINDS[name]
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(DATASETS))}")
+        raise ValueError(
+            f"unknown dataset {name!r}: expected one of {', '.join(sorted(DATASETS))}, or a layout kind "
+            f"({', '.join(LAYOUT_KINDS)}) with --name NAME for your own data"
+        )
     return DATASETS[name]
 
 

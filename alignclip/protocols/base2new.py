@@ -17,6 +17,7 @@ class BaseToNew(Protocol):
     headline_metric = "H"
     table_prefix = "base2new"
     paper_section = "base2new"
+    layouts = ("coop", "imagenet")
 
     def training_set(self, manifest, meta, test_domain, seed, shots=None):
         train = manifest[manifest["split"] == "train"]

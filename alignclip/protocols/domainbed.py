@@ -20,6 +20,7 @@ class DomainBed(Protocol):
     headline_metric = "test_acc"
     table_prefix = "domain_shift"
     paper_section = "domainbed"
+    layouts = ("domainbed",)
 
     def training_set(self, manifest, meta, test_domain, seed, shots=None):  # no few-shot subsets: shots unused
         train = manifest[manifest["split"] == "train"]

@@ -12,6 +12,7 @@ class ImageNetVariants(Protocol):
     headline_metric = "imagenet_acc"
     table_prefix = "imagenet"
     paper_section = "imagenet"
+    layouts = ("imagenet",)
 
     def training_set(self, manifest, meta, test_domain, seed, shots=None):
         train = manifest[manifest["split"] == "train"]

@@ -17,6 +17,7 @@ class InTheWild(Protocol):
     headline_metric = "all_acc"
     table_prefix = "wild"
     paper_section = "wild"
+    layouts = ("domainbed",)
 
     def training_set(self, manifest, meta, test_domain, seed, shots=None):  # no few-shot subsets: shots unused
         train = manifest[manifest["split"] == "train"]
