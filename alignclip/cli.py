@@ -98,7 +98,8 @@ def prepare(
     # explicit option > params file > schema default (alignclip/config.py)
     from_file = load_params_file(params_file) if params_file is not None else {}
     given = {"data_protocol": protocol, "data_holdout_fraction": holdout_fraction, "data_trial_seed": trial_seed,
-             "data_shots": shots, "train_seeds": list(seeds) if seeds else None}
+             "data_shots": shots, "train_seeds": list(seeds) if seeds else None, "data_templates": templates,
+             "data_class_names": class_names, "data_listing": listing}
     value = {name: check(name, v, f"--{BY_NAME[name].field.replace('_', '-')}: ") if v is not None else from_file.get(name, BY_NAME[name].default)
              for name, v in given.items()}
     check_template(template)
@@ -106,7 +107,7 @@ def prepare(
     settings = PrepareSettings(
         dataset, root, value["data_protocol"] or "", value["data_holdout_fraction"], value["data_trial_seed"],
         value["data_shots"], list(value["train_seeds"]), template, split_file,
-        templates=templates or "paper", class_names=class_names or "paper", listing=listing or "sorted", name=name,
+        templates=value["data_templates"], class_names=value["data_class_names"], listing=value["data_listing"], name=name,
     )
     manifest, meta = run_prepare(settings)
     if validate:

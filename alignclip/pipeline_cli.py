@@ -149,7 +149,8 @@ def dry_run(family: str, values: dict) -> str:
     lines = [f"{family}: {json.dumps({k: v for k, v in values.items()}, ensure_ascii=False)}"]
     lines.append("prepare: alignclip " + " ".join(prepare_args(
         values["data_dataset"], values["data_root"], "<prepared>", values["data_protocol"], values["data_holdout_fraction"],
-        values["data_trial_seed"], values["data_shots"], values["train_seeds"])))
+        values["data_trial_seed"], values["data_shots"], values["train_seeds"], values["data_templates"],
+        values["data_class_names"], values["data_listing"])))
     lines.append("similarity: alignclip " + " ".join(similarity_args("<prepared>", "<matrix>", values["model_name"], values["model_pretrained"])))
     for cell in grid(values):
         label = f"{cell['method']}/{cell['test_domain'] or '-'}/s{cell['seed']}"

@@ -47,6 +47,9 @@ def prepare(
     trial_seed: int,
     shots: int,
     seeds: List[int],
+    templates: str,
+    class_names: str,
+    listing: str,
     prepared: Output[Dataset],
 ):
     """List and split the dataset; `root: embedded` builds RotatedDigits into the artifact itself."""
@@ -55,7 +58,8 @@ def prepare(
     if root == "embedded":
         root = prepared.path + "/images"
         run_cli("data", "digits", root)
-    run_cli(*prepare_args(dataset, root, prepared.path, protocol, holdout_fraction, trial_seed, shots, seeds))
+    run_cli(*prepare_args(dataset, root, prepared.path, protocol, holdout_fraction, trial_seed, shots, seeds, templates,
+                          class_names, listing))
     prepared.metadata["dataset"] = dataset
 
 

@@ -116,6 +116,9 @@ def pipeline_arguments(values: dict) -> dict:
         "data_holdout_fraction": values["data_holdout_fraction"],
         "data_trial_seed": values["data_trial_seed"],
         "data_shots": values["data_shots"],
+        "data_templates": values["data_templates"],
+        "data_class_names": values["data_class_names"],
+        "data_listing": values["data_listing"],
         "data_test_split": values["data_test_split"],
         "model_name": values["model_name"],
         "model_pretrained": values["model_pretrained"],
@@ -159,6 +162,9 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
         data_holdout_fraction: float = p["data_holdout_fraction"],
         data_trial_seed: int = p["data_trial_seed"],
         data_shots: int = p["data_shots"],
+        data_templates: str = p["data_templates"],
+        data_class_names: str = p["data_class_names"],
+        data_listing: str = p["data_listing"],
         data_test_split: str = p["data_test_split"],
         model_name: str = p["model_name"],
         model_pretrained: str = p["model_pretrained"],
@@ -183,7 +189,8 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
         _secrets(parent.set_caching_options(False), cluster)
         prepared = stages.prepare(
             dataset=data_dataset, root=data_root, protocol=data_protocol, holdout_fraction=data_holdout_fraction,
-            trial_seed=data_trial_seed, shots=data_shots, seeds=train_seeds,
+            trial_seed=data_trial_seed, shots=data_shots, seeds=train_seeds, templates=data_templates,
+            class_names=data_class_names, listing=data_listing,
         ).set_display_name("prepare")
         _secrets(prepared.set_caching_options(True), cluster)
         matrix = stages.similarity(

@@ -90,8 +90,9 @@ def test_secrets_come_from_kubernetes_secrets(compiled):
 PAPER_SETTING = {
     "domain_shift": ("office_home", "domain_shift/office_home", 1e-5, 5000, 0, 36, ["Art", "Clipart", "Product", "Real World"]),
     "wild": ("office_home", "wild/office_home", 3e-6, 5000, 0, 36, ["Art", "Clipart", "Product", "Real World"]),
-    "base2new": ("oxford_pets", "base2new/oxford_pets", 5e-6, 0, 1, 36, [""]),
-    "imagenet": ("imagenet", "imagenet", 5e-6, 0, 10, 36, [""]),
+    # trainopenclass.sh:43 --epochs 1 and trainimagenet.sh:15-21 (main.py's 10), each x main.py's 500 iterations
+    "base2new": ("oxford_pets", "base2new/oxford_pets", 5e-6, 500, 0, 36, [""]),
+    "imagenet": ("imagenet", "imagenet", 5e-6, 5000, 0, 36, [""]),
 }
 
 
@@ -176,7 +177,8 @@ def test_submit_sends_the_intended_arguments_and_cluster_settings(monkeypatch, c
     domains = ["art_painting", "cartoon", "photo", "sketch"]
     assert call["arguments"] == {
         "data_dataset": "pacs", "data_root": "s3://data/pacs", "data_protocol": "domainbed", "data_holdout_fraction": 0.2,
-        "data_trial_seed": 0, "data_shots": 16, "data_test_split": "holdout", "model_name": "vit-b-16", "model_pretrained": "openai",
+        "data_trial_seed": 0, "data_shots": 16, "data_templates": "paper", "data_class_names": "paper",
+        "data_listing": "sorted", "data_test_split": "holdout", "model_name": "vit-b-16", "model_pretrained": "openai",
         "train_recipe": "domain_shift/pacs", "train_formulation": "paper",
         "train_grid": [{"method": m, "test_domain": d, "seed": s} for d in domains for m in ("zeroshot", "erm", "clipood", "alignclip") for s in (0, 1)],
         "train_seeds": [0, 1], "train_steps": 5000, "train_epochs": 0, "train_batch_size": 36, "train_lr": 5e-6, "train_hflip": True,
