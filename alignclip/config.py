@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from alignclip import protocols
+
 
 class ConfigError(ValueError):
     """A bad setting: the message is the one line the user sees."""
@@ -50,7 +52,7 @@ class Setting:
         return self.key.split(".", 1)[1]
 
 
-PROTOCOLS = ("domainbed", "wild", "base2new", "imagenet")
+PROTOCOLS = tuple(protocols.PROTOCOLS)  # the registry's names (alignclip/protocols/)
 PAPER_METHODS = ["zeroshot", "erm", "clipood", "alignclip"]
 
 SETTINGS: tuple[Setting, ...] = (
@@ -132,8 +134,7 @@ COMPOSITES: dict[str, Composite] = {
                            tuple(name for name in FAMILIES if name.startswith("backbones_"))),
 }
 
-# The benchmark's recipe for a (protocol, dataset): the first of these names that exists
-RECIPE_NAMES = {"domainbed": "domain_shift/{dataset}", "wild": "wild/{dataset}", "base2new": "base2new/{dataset}", "imagenet": "imagenet"}
+# The benchmark's recipe for a (protocol, dataset) is the protocol's ``recipe`` pattern when that recipe exists
 FALLBACK_RECIPE = "paper"
 
 
@@ -298,7 +299,7 @@ def default_protocol(dataset: str) -> str:
 def default_recipe(protocol: str, dataset: str) -> str:
     from alignclip.recipes import RECIPES
 
-    name = RECIPE_NAMES[protocol].format(dataset=dataset)
+    name = protocols.get_protocol(protocol).recipe.format(dataset=dataset)
     return name if name in RECIPES else FALLBACK_RECIPE
 
 
@@ -322,7 +323,7 @@ def derive(values: dict) -> dict:
             raise ConfigError(f"train.methods: unknown method {method!r}; expected one of {', '.join(METHODS)}, "
                               f"optionally with +{' or +'.join(FORMULATIONS)}")
     spec = dataset_spec(dataset)
-    if protocol in ("domainbed", "wild"):
+    if protocols.get_protocol(protocol).held_out_domain:
         known = list(spec.domains) if spec is not None else []
         if values["train_test_domains"] is None:
             if not known:
@@ -336,9 +337,9 @@ def derive(values: dict) -> dict:
         if values["train_test_domains"] not in (None, [""]):
             raise ConfigError(f"train.test_domains={values['train_test_domains']}: the {protocol} protocol holds out no domain; leave it unset")
         values["train_test_domains"] = [""]  # one cell per (method, seed); DVC's matrix needs a list
-    allowed = {"domainbed": ("domainbed", "wild"), "coop": ("base2new",), "imagenet": ("imagenet", "base2new")}
-    if spec is not None and protocol not in allowed[spec.protocol]:
-        raise ConfigError(f"data.protocol={protocol!r}: dataset {dataset!r} supports {' or '.join(allowed[spec.protocol])}")
+    allowed = [name for name, p in protocols.PROTOCOLS.items() if spec is not None and spec.protocol in p.layouts]
+    if spec is not None and protocol not in allowed:
+        raise ConfigError(f"data.protocol={protocol!r}: dataset {dataset!r} supports {' or '.join(allowed)}")
     return values
 
 
