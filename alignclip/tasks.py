@@ -23,8 +23,25 @@ def task_env(parent_run_file: str, experiment: str, tracking_uri: str) -> dict:
 
 
 def run_cli(*args: str, env: dict | None = None) -> None:
-    """`alignclip ARGS...` with this interpreter: the same CLI as the image's entrypoint."""
-    subprocess.run([sys.executable, "-m", "alignclip", *map(str, args)], check=True, env=env)
+    """`alignclip ARGS...` with this interpreter: the same CLI as the image's entrypoint.
+
+    SIGTERM (Kubernetes stopping the pod) is passed on to the stage, which then writes its resume checkpoint;
+    otherwise only this wrapper would hear it and the stage would be killed at the end of the grace period."""
+    import signal
+
+    command = [sys.executable, "-m", "alignclip", *map(str, args)]
+    process = subprocess.Popen(command, env=env)
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
+    except ValueError:  # not the main thread: no handler to install
+        previous = None
+    try:
+        code = process.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code:
+        raise subprocess.CalledProcessError(code, command)
 
 
 # The CLI command of each pipeline stage, built in one place: the KFP components run exactly these, and

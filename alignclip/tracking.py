@@ -241,8 +241,12 @@ def _open_run(uri: str, header: dict, resume_run_id: str | None) -> str | None:
         with transport.store_lock(uri):
             client = transport._client(uri)  # the client creates (and migrates) a sqlite store: under the lock
             if resume_run_id:
-                client.update_run(resume_run_id, status="RUNNING")
-                return resume_run_id
+                try:
+                    client.update_run(resume_run_id, status="RUNNING")
+                    return resume_run_id
+                except Exception as err:  # noqa: BLE001 - e.g. the checkpoint came from another tracking store
+                    log.warning("cannot continue MLflow run %s (%s): logging to a new run", resume_run_id,
+                                str(err).splitlines()[0][:200])
             from mlflow.tracking.context.registry import resolve_tags
 
             return transport.create_run(client, {**header, "tags": resolve_tags(header["tags"])})

@@ -10,7 +10,7 @@ from alignclip.cli import app
 runner = CliRunner()
 COMMANDS = [[], ["version"], ["data"], ["data", "digits"], ["prepare"], ["similarity"], ["train"], ["evaluate"],
             ["report"], ["recipes"], ["pipeline"], ["pipeline", "compile"], ["pipeline", "submit"], ["pipeline", "run"],
-            ["config"], ["config", "show"]]
+            ["config"], ["config", "show"], ["tracking"], ["tracking", "sync"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "root")

@@ -51,15 +51,16 @@ def test_prepare_names_a_missing_bucket_or_rejected_credentials(monkeypatch, cod
     assert "\n" not in str(caught.value) and not caught.value.transient
 
 
-def test_prepare_without_credentials_says_so(monkeypatch, tmp_path):
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(StorageError, match="no S3 credentials for s3://data"):
-        prepare(PrepareSettings("rotated_digits", "s3://data/digits"))
+def test_prepare_without_credentials_says_so(tmp_path):
+    """A fresh process (boto3's default session caches credentials it found once, so not in-process)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{free_port()}",
+               AWS_DEFAULT_REGION="us-east-1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "alignclip", "prepare", "rotated_digits", "s3://data/digits",
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "error: no S3 credentials for s3://data" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_prepare_against_an_unreachable_endpoint_is_one_line(monkeypatch, s3_env):
@@ -68,7 +69,7 @@ def test_prepare_against_an_unreachable_endpoint_is_one_line(monkeypatch, s3_env
     started = time.monotonic()
     with pytest.raises(StorageError, match=f"S3 endpoint {endpoint} unreachable") as caught:
         prepare(PrepareSettings("rotated_digits", "s3://data/digits"))
-    assert caught.value.transient and time.monotonic() - started < 60
+    assert caught.value.transient and time.monotonic() - started < 180  # botocore: 10 adaptive attempts (alignclip/s3.py)
 
 
 def test_cli_prepare_of_a_missing_bucket_exits_2_in_one_line(s3_env, tmp_path):
