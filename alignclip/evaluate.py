@@ -178,7 +178,7 @@ def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batc
     summary["headline"] = None if headline is None else {"metric": headline[0], "value": headline[1]}
     (out / artifacts.METRICS).write_text(json.dumps(summary, indent=2) + "\n")
     # DVC's metrics file: only the numbers a comparison needs, so `dvc metrics show` / `dvc exp show` stay narrow
-    (out / "scores.json").write_text(json.dumps(flat_metrics(summary), indent=2) + "\n")
+    (out / artifacts.SCORES).write_text(json.dumps(flat_metrics(summary), indent=2) + "\n")
     if prediction_frames:
         pd.concat(prediction_frames, ignore_index=True).to_parquet(out / artifacts.PREDICTIONS, index=False)
     return summary
