@@ -428,7 +428,7 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
     ):
         if value not in allowed:
             raise DatasetError(f"{field_name}={value!r}: expected one of {allowed}")
-    has_holdout = protocol in ("domainbed", "wild")
+    has_holdout = PROTOCOLS[protocol].held_out_domain  # the in/out split of the domains a run holds out
     if not has_holdout and (settings.trial_seed != 0 or settings.holdout_fraction != 0.2):
         # recorded nowhere and used nowhere: refuse rather than let a run look as if it had them
         raise DatasetError(
@@ -468,7 +468,7 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
 
 def used_settings(settings: PrepareSettings, protocol: str, layout: str) -> dict:
     """The protocol settings this preparation used, and no other (meta.json states only what was used)."""
-    if protocol in ("domainbed", "wild"):
+    if PROTOCOLS[protocol].held_out_domain:
         # wild: the trial seed seeds CLIPood's base/open in/out split (CLIPood itself always uses 0)
         return {"holdout_fraction": settings.holdout_fraction, "trial_seed": settings.trial_seed}
     used = {"shots": settings.shots, "seeds": list(settings.seeds)}
