@@ -25,6 +25,7 @@ MODEL = "model.pt"
 TRAIN_SUMMARY = "train.json"
 TRAIN_LOG = "train_log.csv"
 METRICS = "metrics.json"
+SCORES = "scores.json"  # the accuracies alone (percent): the narrow file `dvc metrics show` reads
 PREDICTIONS = "predictions.parquet"
 REPORT_PAGE = "index.html"
 REPORT_MARKDOWN = "index.md"

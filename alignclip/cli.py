@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from alignclip import __version__
-from alignclip.config import ConfigError, check, check_method_switches, check_output_dir, check_template
+from alignclip.config import COMPOSITES, ConfigError, check, check_method_switches, check_output_dir, check_template
 from alignclip.log import get_logger, setup_logging
 
 app = typer.Typer(
@@ -98,7 +98,8 @@ def prepare(
     # explicit option > params file > schema default (alignclip/config.py)
     from_file = load_params_file(params_file) if params_file is not None else {}
     given = {"data_protocol": protocol, "data_holdout_fraction": holdout_fraction, "data_trial_seed": trial_seed,
-             "data_shots": shots, "train_seeds": list(seeds) if seeds else None}
+             "data_shots": shots, "train_seeds": list(seeds) if seeds else None, "data_templates": templates,
+             "data_class_names": class_names, "data_listing": listing}
     value = {name: check(name, v, f"--{BY_NAME[name].field.replace('_', '-')}: ") if v is not None else from_file.get(name, BY_NAME[name].default)
              for name, v in given.items()}
     check_template(template)
@@ -106,7 +107,7 @@ def prepare(
     settings = PrepareSettings(
         dataset, root, value["data_protocol"] or "", value["data_holdout_fraction"], value["data_trial_seed"],
         value["data_shots"], list(value["train_seeds"]), template, split_file,
-        templates=templates or "paper", class_names=class_names or "paper", listing=listing or "sorted", name=name,
+        templates=value["data_templates"], class_names=value["data_class_names"], listing=value["data_listing"], name=name,
     )
     manifest, meta = run_prepare(settings)
     if validate:
@@ -132,8 +133,19 @@ def similarity(
     from alignclip.similarity import similarity_stage
 
     check_output_dir(out_dir)
-    with tracking.start_run(experiment, "similarity", tags={"stage": "similarity"}) as tracker:
-        meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracker)
+    parent = tracking.pipeline_run_id(experiment)
+    if parent:  # one per pipeline: the pipeline run's own artifacts
+        from mlflow import MlflowClient
+
+        meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracking.Tracker(False))
+        try:
+            for name in ("similarity.png", "similarity.csv"):
+                MlflowClient().log_artifact(parent, str(out_dir / name), "similarity")
+        except Exception as err:  # noqa: BLE001 - the matrix is on disk; tracking must not cost it
+            log.warning("could not log the similarity matrix to MLflow (%s)", str(err).splitlines()[0][:200])
+    else:
+        with tracking.start_run(experiment, "similarity", tags={"run_type": "similarity"}) as tracker:
+            meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracker)
     typer.echo(f"similarity of {len(meta['classes'])} classes -> {out_dir}")
 
 
@@ -190,11 +202,12 @@ def train(
     command resumes where it stopped (SIGTERM writes a checkpoint first)."""
     from dataclasses import asdict
 
-    from alignclip import artifacts, tracking
-    from alignclip.classifier import log_image_encoder
+    from alignclip import artifacts, runs, tracking
+    from alignclip.classifier import log_classifier
     from alignclip.config import effective_train, train_config
+    from alignclip.data.prepare import load_prepared
     from alignclip.recipes import apply_recipe
-    from alignclip.train import TrainSettings, train as run_train
+    from alignclip.train import TrainSettings, cell_tags, train as run_train
 
     switches = _parse_overrides(set_)
     check("train_seeds", [seed], "--seed: ")
@@ -226,21 +239,26 @@ def train(
     if checkpoint_every < 0 or checkpoint_minutes < 0:
         raise ConfigError(f"--checkpoint-every {checkpoint_every} / --checkpoint-minutes {checkpoint_minutes}: expected 0 or more")
     test_domain = settings.test_domain
-    run_name = f"train-{method}-{test_domain or 'all'}-s{seed}"
+    cell_key = f"train-{method}-{test_domain or 'all'}-s{seed}"  # names the resume checkpoint's place
     if checkpoint_dir is None and os.environ.get("ALIGNCLIP_CHECKPOINT_ROOT"):
         from alignclip.resume import keyed_location
 
-        checkpoint_dir = keyed_location(os.environ["ALIGNCLIP_CHECKPOINT_ROOT"], out_dir, run_name)
+        checkpoint_dir = keyed_location(os.environ["ALIGNCLIP_CHECKPOINT_ROOT"], out_dir, cell_key)
     resume_options = ResumeOptions(checkpoint_dir, checkpoint_every, checkpoint_minutes * 60, enabled=resume)
     previous_run = pending_run_id(out_dir, resume_options)  # a resumed training continues its MLflow run
+    manifest, meta = load_prepared(prepared_dir)
+    tags = cell_tags(settings, meta)
+    note = f"Grid cell: training (params, curves, model) and evaluation (accuracies) of one run. {runs.PERCENT_NOTE}"
     with tracking.start_run(
-        experiment, run_name, tags={"stage": "train", "method": method}, resume_run_id=previous_run
+        experiment, runs.cell_run_name(tags["variant"], test_domain, seed),
+        tags={**tags, **runs.data_tags(meta, manifest), "mlflow.note.content": note}, resume_run_id=previous_run,
     ) as tracker:
+        tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], runs.manifest_digest(manifest), "training")
         summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path, resume=resume_options)
         tracker.log_artifact(out_dir / artifacts.TRAIN_LOG)
         tracker.log_artifact(out_dir / artifacts.TRAIN_SUMMARY)
-        if tracker.enabled:
-            log_image_encoder(tracker, out_dir / artifacts.MODEL, f"alignclip-{summary['dataset']}-{method.replace('+', '-').replace('@', '-')}")
+        if tracker.enabled and summary["method"]["trains"]:  # zero-shot is not a trained model: nothing to register
+            log_classifier(tracker, out_dir / artifacts.MODEL, meta, tags)
     typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / artifacts.MODEL}")
 
 
@@ -258,7 +276,8 @@ def evaluate(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Top-1 accuracy on every view of the protocol (held-out domain, base/new classes, ImageNet variants)."""
-    from alignclip import artifacts, tracking
+    from alignclip import artifacts, runs, tracking
+    from alignclip.data.prepare import load_prepared
     from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
 
     if batch_size < 1:
@@ -266,12 +285,26 @@ def evaluate(
     _check_workers(num_workers)
     check("data_test_split", test_split, "--test-split: ")
     check_output_dir(out_dir)
-    run_name = f"evaluate-{checkpoint.parent.name}"
-    with tracking.start_run(experiment, run_name, tags={"stage": "evaluate"}) as tracker:
+    # The cell's training run (named in train.json) if it belongs to this pipeline run; else a new cell run.
+    trained = checkpoint.parent / artifacts.TRAIN_SUMMARY
+    info = json.loads(trained.read_text()) if trained.is_file() else {}
+    parent = tracking.pipeline_run_id(experiment)
+    resume = info.get("mlflow_run_id") if tracking.tracking_uri() and tracking.resumable(info.get("mlflow_run_id"), parent) else None
+    trained_settings = info.get("settings", {})
+    run_name = runs.cell_run_name(info.get("variant", checkpoint.parent.name), trained_settings.get("test_domain"), trained_settings.get("seed", "?"))
+    with tracking.start_run(experiment, run_name, parent_run_id=parent, resume_run_id=resume) as tracker:
         summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain or None, test_split, batch_size, num_workers,
                                device, stage_remote)
-        tracker.log_metrics(flat_metrics(summary))
-        tracker.log_artifact(out_dir / artifacts.METRICS)
+        if tracker.enabled and tracker.run_id:
+            manifest, meta = load_prepared(prepared_dir)
+            tags = runs.cell_tags(summary["dataset"], summary["protocol"], summary["method"], summary["variant"],
+                                  summary["formulation"], summary["test_domain"], summary["seed"])
+            tracker.set_tags({**tags, **runs.data_tags(meta, manifest), "test_split": summary.get("test_split") or "-"})
+            tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], runs.manifest_digest(manifest), "evaluation")
+            tracker.log_metrics({**flat_metrics(summary), **{f"{v}_images": r["total"] for v, r in summary["views"].items()}})
+            tracker.log_artifact(out_dir / artifacts.METRICS)
+            tracker.log_artifact(out_dir / artifacts.PREDICTIONS)
+            runs.describe_model_version(tracker.run_id, summary)
     typer.echo(json.dumps(flat_metrics(summary)))
 
 
@@ -284,17 +317,34 @@ def report(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Results tables beside the paper's numbers (CSV, Markdown), figures (PNG) and a results page."""
-    from alignclip import tracking
-    from alignclip.report import build_report
+    from alignclip import runs, tracking
+    from alignclip.report import build_report, collect
 
     check_output_dir(out_dir)
-    with tracking.start_run(experiment, "report", tags={"stage": "report"}) as tracker:
-        page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
-        tracker.log_artifact(out_dir, "report")
+    parent = tracking.pipeline_run_id(experiment)
+    if parent:  # the last stage: the pipeline run gets the page and the summary metrics, and ends
+        try:
+            page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
+        except BaseException:
+            runs.mark_failed(parent, "report")
+            raise
+        try:
+            runs.finish_pipeline_run(parent, collect(results_dir), out_dir)
+        except Exception as err:  # noqa: BLE001 - the page is on disk; tracking must not cost it
+            log.warning("could not end the pipeline's MLflow run %s (%s)", parent, str(err).splitlines()[0][:200])
+    else:
+        with tracking.start_run(experiment, "report", tags={"run_type": "report"}) as tracker:
+            page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
+            tracker.log_artifact(out_dir, "report")
+            if tracker.enabled:
+                results = collect(results_dir)
+                tracker.log_metrics(runs.summary_metrics(results))
+                for dataset in sorted(results["dataset"].unique()):
+                    runs.set_best_aliases(dataset)
     typer.echo(f"results page: {page}")
 
 
-FAMILY_HELP = "demo | domain_shift | imagenet | base2new | wild | all"
+FAMILY_HELP = "demo | domain_shift | imagenet | base2new | wild | backbones_<model>_<protocol> | all | backbones"
 PARAM_HELP = "setting KEY=VALUE (repeatable; `alignclip config show` lists them): train_steps=500, train_methods=erm,alignclip"
 DATASET_HELP = "dataset (registry name): its protocol's recipe and every held-out domain follow unless set"
 
@@ -420,8 +470,9 @@ def pipeline_run(
     `alignclip pipeline submit` runs it on a cluster."""
     from alignclip.pipeline_cli import dry_run as plan, run_local
 
-    if family == "all":
-        raise ConfigError("the all pipeline runs on a cluster only; run one family locally")
+    if family in COMPOSITES:
+        raise ConfigError(f"the {family} pipeline runs on a cluster only; run one of its families locally: "
+                          f"{', '.join(COMPOSITES[family].families)}")
     values = _settings(family, dataset, data_root, param, params_file)
     if dry_run:
         typer.echo(plan(family, values))
@@ -452,7 +503,7 @@ app.add_typer(config_app, name="config")
 
 @config_app.command("show")
 def config_show(
-    family: Optional[str] = typer.Argument(None, help="start from a family's defaults: " + FAMILY_HELP.replace(" | all", "")),
+    family: Optional[str] = typer.Argument(None, help="start from a family's defaults: " + FAMILY_HELP.replace(" | all | backbones", "")),
     dataset: Optional[str] = OPT_DATASET,
     data_root: Optional[str] = OPT_DATA_ROOT,
     param: List[str] = OPT_PARAM,

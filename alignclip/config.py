@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from alignclip import protocols
+
 
 class ConfigError(ValueError):
     """A bad setting: the message is the one line the user sees."""
@@ -50,7 +52,7 @@ class Setting:
         return self.key.split(".", 1)[1]
 
 
-PROTOCOLS = ("domainbed", "wild", "base2new", "imagenet")
+PROTOCOLS = tuple(protocols.PROTOCOLS)  # the registry's names (alignclip/protocols/)
 PAPER_METHODS = ["zeroshot", "erm", "clipood", "alignclip"]
 
 SETTINGS: tuple[Setting, ...] = (
@@ -58,10 +60,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("data.root", "str", "data/{dataset}", "folder or s3:// prefix with the dataset in its usual layout; {dataset} stands for data.dataset (`embedded`: build RotatedDigits in the pipeline)"),
     Setting("data.protocol", "str", None, "domainbed | wild | base2new | imagenet (not set: the dataset's own)", PROTOCOLS, optional=True),
     Setting("data.holdout_fraction", "float", 0.2, "DomainBed per-domain held-out fraction", minimum=0.01, maximum=0.99),
-    Setting("data.trial_seed", "int", 0, "DomainBed trial seed of the in/out split", minimum=0),
+    Setting("data.trial_seed", "int", 0, "trial seed of the in/out split: DomainBed's (domainbed); wild: 0 is CLIPood's split, others our extension", minimum=0),
     Setting("data.shots", "int", 16, "few-shot images per class (base2new, imagenet)", minimum=1, maximum=100000),
+    Setting("data.templates", "str", "paper", "prompt templates: paper (appendix A.2) | release (the released code's: CoOp's CUSTOM_TEMPLATES)", ("paper", "release")),
+    Setting("data.class_names", "str", "paper", "class names in prompts: paper ('_' and '-' become spaces) | release (only '_', as the released code)", ("paper", "release")),
+    Setting("data.listing", "str", "sorted", "imagenet: image order of the few-shot picks: sorted (the same everywhere) | filesystem (CoOp's os.listdir order)", ("sorted", "filesystem")),
     Setting("data.test_split", "str", "holdout", "held-out domain: holdout = its 20% split (CLIPood) | in = its 80% split (DomainBed) | full", ("holdout", "in", "full")),
-    Setting("model.name", "str", "tiny", "preset (tiny, vit-b-16, vit-b-32, vit-l-14) or open_clip architecture"),
+    Setting("model.name", "str", "tiny", "preset (tiny, vit-b-16, vit-b-32, rn50, vit-l-14) or open_clip architecture"),
     Setting("model.pretrained", "str", "default", "preset default, open_clip tag, checkpoint path, s3:// URI, or none"),
     Setting("train.recipe", "str", None, "named recipe (`alignclip recipes`); not set: the benchmark's recipe for the dataset, else `paper`", optional=True),
     Setting("train.formulation", "str", "paper", "paper | release (the authors' released code)", ("paper", "release")),
@@ -102,10 +107,34 @@ FAMILIES: dict[str, Family] = {
         **PAPER_MODEL, "data_dataset": "oxford_pets", "data_root": DATA_BUCKET, "data_protocol": "base2new"}),
     "wild": Family("in-the-wild", "domain shift and unseen classes (table 4)", {
         **PAPER_MODEL, "data_dataset": "office_home", "data_root": DATA_BUCKET, "data_protocol": "wild"}),
+    # paper fig. 5: zero-shot, CLIPood and AlignCLIP with other image encoders on Office-Home, domain shift and
+    # unseen classes (run together as the `backbones` pipeline below)
+    **{
+        f"backbones_{model.replace('-', '_')}_{label}": Family("other-backbones", f"fig. 5: {name} on Office-Home, {what}", {
+            "model_name": model, "model_pretrained": "openai", "data_dataset": "office_home", "data_root": DATA_BUCKET,
+            "data_protocol": protocol, "train_methods": ["zeroshot", "clipood", "alignclip"]})
+        for model, name in (("rn50", "CLIP-RN50"), ("vit-b-32", "CLIP ViT-B/32"))
+        for protocol, label, what in (("domainbed", "domain_shift", "domain shift"), ("wild", "wild", "unseen classes"))
+    },
 }
 
-# The benchmark's recipe for a (protocol, dataset): the first of these names that exists
-RECIPE_NAMES = {"domainbed": "domain_shift/{dataset}", "wild": "wild/{dataset}", "base2new": "base2new/{dataset}", "imagenet": "imagenet"}
+
+@dataclass(frozen=True)
+class Composite:
+    """Families run as one pipeline: one sub-pipeline each, with its own defaults."""
+
+    experiment: str
+    description: str
+    families: tuple[str, ...]
+
+
+COMPOSITES: dict[str, Composite] = {
+    "all": Composite("alignclip", "every benchmark family of the paper", ("domain_shift", "imagenet", "base2new", "wild")),
+    "backbones": Composite("other-backbones", "fig. 5: CLIP-RN50 and ViT-B/32 on Office-Home, domain shift and unseen classes",
+                           tuple(name for name in FAMILIES if name.startswith("backbones_"))),
+}
+
+# The benchmark's recipe for a (protocol, dataset) is the protocol's ``recipe`` pattern when that recipe exists
 FALLBACK_RECIPE = "paper"
 
 
@@ -270,7 +299,7 @@ def default_protocol(dataset: str) -> str:
 def default_recipe(protocol: str, dataset: str) -> str:
     from alignclip.recipes import RECIPES
 
-    name = RECIPE_NAMES[protocol].format(dataset=dataset)
+    name = protocols.get_protocol(protocol).recipe.format(dataset=dataset)
     return name if name in RECIPES else FALLBACK_RECIPE
 
 
@@ -294,7 +323,7 @@ def derive(values: dict) -> dict:
             raise ConfigError(f"train.methods: unknown method {method!r}; expected one of {', '.join(METHODS)}, "
                               f"optionally with +{' or +'.join(FORMULATIONS)}")
     spec = dataset_spec(dataset)
-    if protocol in ("domainbed", "wild"):
+    if protocols.get_protocol(protocol).held_out_domain:
         known = list(spec.domains) if spec is not None else []
         if values["train_test_domains"] is None:
             if not known:
@@ -308,9 +337,9 @@ def derive(values: dict) -> dict:
         if values["train_test_domains"] not in (None, [""]):
             raise ConfigError(f"train.test_domains={values['train_test_domains']}: the {protocol} protocol holds out no domain; leave it unset")
         values["train_test_domains"] = [""]  # one cell per (method, seed); DVC's matrix needs a list
-    allowed = {"domainbed": ("domainbed", "wild"), "coop": ("base2new",), "imagenet": ("imagenet", "base2new")}
-    if spec is not None and protocol not in allowed[spec.protocol]:
-        raise ConfigError(f"data.protocol={protocol!r}: dataset {dataset!r} supports {' or '.join(allowed[spec.protocol])}")
+    allowed = [name for name, p in protocols.PROTOCOLS.items() if spec is not None and spec.protocol in p.layouts]
+    if spec is not None and protocol not in allowed:
+        raise ConfigError(f"data.protocol={protocol!r}: dataset {dataset!r} supports {' or '.join(allowed)}")
     return values
 
 

@@ -177,13 +177,17 @@ def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batc
     headline = protocol.headline(summary)
     summary["headline"] = None if headline is None else {"metric": headline[0], "value": headline[1]}
     (out / artifacts.METRICS).write_text(json.dumps(summary, indent=2) + "\n")
+    # DVC's metrics file: only the numbers a comparison needs, so `dvc metrics show` / `dvc exp show` stay narrow
+    (out / artifacts.SCORES).write_text(json.dumps(flat_metrics(summary), indent=2) + "\n")
     if prediction_frames:
         pd.concat(prediction_frames, ignore_index=True).to_parquet(out / artifacts.PREDICTIONS, index=False)
     return summary
 
 
 def flat_metrics(summary: dict) -> dict[str, float]:
-    """{'test_acc': ..., 'base_acc': ..., 'H': ...}: every view's accuracy and the protocol's derived metrics."""
-    flat = {f"{name}_acc": v["accuracy"] for name, v in summary["views"].items()}
-    flat.update(protocols.get_protocol(summary["protocol"]).derived_metrics(summary["views"]))
+    """{'test_acc_pct': ..., 'base_acc_pct': ..., 'H_pct': ...}: every view's accuracy and the protocol's derived
+    metrics, for trackers and DVC; every value is a percentage, and the names say so."""
+    flat = {f"{name}_acc_pct": v["accuracy"] for name, v in summary["views"].items()}
+    derived = protocols.get_protocol(summary["protocol"]).derived_metrics(summary["views"])
+    flat.update({f"{name}_pct": value for name, value in derived.items()})
     return flat

@@ -49,9 +49,10 @@ def run_cli(*args: str, env: dict | None = None) -> None:
 
 
 def prepare_args(dataset: str, root: str, out: str, protocol: str, holdout_fraction: float, trial_seed: int, shots: int,
-                 seeds) -> list[str]:
+                 seeds, templates: str = "paper", class_names: str = "paper", listing: str = "sorted") -> list[str]:
     cmd = ["prepare", dataset, root, out, "--protocol", protocol, "--holdout-fraction", str(holdout_fraction),
-           "--trial-seed", str(int(trial_seed)), "--shots", str(int(shots))]
+           "--trial-seed", str(int(trial_seed)), "--shots", str(int(shots)), "--templates", templates,
+           "--class-names", class_names, "--listing", listing]
     for seed in seeds:
         cmd += ["--seed", str(int(seed))]
     return cmd

@@ -1,7 +1,8 @@
 """The one place that talks to MLflow. Without MLflow configured every call is a no-op, so the library runs alone.
 
 Tracking is on when ``MLFLOW_TRACKING_URI`` is set (a server, or ``sqlite:///mlflow.db``) or a URI is passed.
-A parent run id (``ALIGNCLIP_PARENT_RUN_ID`` or an argument) makes the run a nested child of a pipeline run.
+A parent run id (an argument, ``ALIGNCLIP_PARENT_RUN_ID``, or the open pipeline run of a ``dvc repro``) makes the
+run a nested child of a pipeline run. What is logged where is described in ``alignclip.runs``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _flatten(params: dict, prefix: str = "") -> dict:
 
 
 def provenance_tags() -> dict[str, str]:
-    """git commit, dataset version (DVC hash of data.dvc) and image tag, so every number leads back to its inputs."""
+    """git commit and image tag, so every number leads back to the code that made it."""
     tags = {}
     # The code's own checkout, not the working directory: stages may run anywhere (a KFP task's cwd, a temp dir).
     project = Path(__file__).resolve().parent.parent
@@ -44,15 +45,8 @@ def provenance_tags() -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["git_commit"] = commit
-    data_version = os.environ.get("ALIGNCLIP_DATA_VERSION")
-    dvc_file = next((p for p in (Path("data.dvc"), project / "data.dvc") if p.is_file()), None)
-    if not data_version and dvc_file is not None:
-        import yaml
-
-        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", [{}])
-        data_version = outs[0].get("md5") if outs else None
-    if data_version:
-        tags["data_version"] = str(data_version)
+    # The data version is not a property of the checkout (data.dvc) but of the data a stage read:
+    # alignclip.runs.data_tags, from the prepared dataset's root and manifest.
     if os.environ.get("ALIGNCLIP_IMAGE"):
         tags["image"] = os.environ["ALIGNCLIP_IMAGE"]
     return tags
@@ -65,6 +59,7 @@ class Tracker:
     def __init__(self, enabled: bool, flush_every: int = 200, transport=None):
         self.enabled = enabled
         self.run_id: str | None = None
+        self.parent_run_id: str | None = None
         self.flush_every = flush_every
         self._pending: list = []
         self._transport = transport
@@ -98,36 +93,90 @@ class Tracker:
         if self.enabled:
             self._transport.send({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
-    def log_model(self, module, name: str, registered_name: str | None, example) -> None:
-        """Log (and register) a torch module; the pt2 format needs an input example. Synchronous (after what is
-        queued); skipped with a warning when the server is unreachable: the model stays on disk."""
-        if not self.enabled:
+    def log_input(self, frame, name: str, source: str, digest: str, context: str) -> None:
+        """A dataset as a run input (the UI's dataset column): its rows, where it came from and its digest.
+        Synchronous, by run id; skipped with a warning when the store cannot take it (tracking never costs a result)."""
+        if not self.enabled or not self.run_id:
             return
+        try:
+            import warnings
+
+            import mlflow.data
+            from mlflow.entities import DatasetInput, InputTag
+            from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+            from alignclip import tracking_transport as transport
+
+            with warnings.catch_warnings():  # schema-inference hints about integer columns: not actionable here
+                warnings.simplefilter("ignore", UserWarning)
+                try:
+                    dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
+                except Exception:  # noqa: BLE001 - a root MLflow cannot resolve as a source is still named
+                    dataset = mlflow.data.from_pandas(frame, name=name, digest=digest)
+                entity = dataset._to_mlflow_entity()  # infers the schema (the hints above come from here too)
+            entry = DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            transport._client(self._transport.uri).log_inputs(self.run_id, datasets=[entry])
+        except Exception as err:  # noqa: BLE001 - the result is on disk; tracking must not cost it
+            log.warning("could not log the dataset input to MLflow (%s)", str(err).splitlines()[0][:200])
+
+    def log_model(self, module, name: str, registered_name: str | None, example, metadata: dict | None = None):
+        """Log (and register) a torch module; the pt2 format needs an input example. Returns the registered
+        version, or None. Synchronous (after what is queued); skipped with a warning when the server is
+        unreachable: the model stays on disk."""
+        if not self.enabled:
+            return None
         self.flush()
         self._transport.drain()
         if not self._transport.online:
             log.warning("MLflow is unreachable: the model was not logged or registered (it is on disk)")
-            return
+            return None
         try:
             import mlflow
             import mlflow.pytorch
+            import torch
 
             mlflow.set_tracking_uri(self._transport.uri)
             with mlflow.start_run(run_id=self.run_id):
                 # pt2 (torch.export) is the safe format; it needs the input example, which also records the signature.
-                mlflow.pytorch.log_model(
+                # The requirements are stated: inferring them re-imports the model in a subprocess (a minute on a CPU).
+                info = mlflow.pytorch.log_model(
                     module,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
                     name=name,
                     registered_model_name=registered_name,
                     input_example=example,
                     serialization_format="pt2",
+                    metadata=metadata,
                 )
+            return info.registered_model_version
         except Exception as err:  # noqa: BLE001 - the result is on disk; tracking must not cost it
             log.warning("could not log the model to MLflow (%s): it stays on disk", str(err).splitlines()[0][:200])
+            return None
 
 
 def tracking_uri(uri: str | None = None) -> str | None:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def pipeline_run_id(experiment: str, uri: str | None = None) -> str | None:
+    """The parent run of the pipeline this process is a stage of (KFP: ``ALIGNCLIP_PARENT_RUN_ID``; DVC: the open
+    run of this configuration, created on first use), or None (tracking off, a stage run by hand, or a store that
+    cannot answer: then a warning, and the stage runs without a parent)."""
+    uri = tracking_uri(uri)
+    if not uri:
+        return None
+    if os.environ.get("ALIGNCLIP_PARENT_RUN_ID"):
+        return os.environ["ALIGNCLIP_PARENT_RUN_ID"]
+    try:
+        import mlflow
+
+        from alignclip import runs
+
+        mlflow.set_tracking_uri(uri)
+        return runs.dvc_parent_run(experiment)
+    except Exception as err:  # noqa: BLE001 - tracking must not cost a result
+        log.warning("could not find or open the pipeline's MLflow run (%s)", str(err).splitlines()[0][:200])
+        return None
 
 
 @contextmanager
@@ -139,11 +188,13 @@ def start_run(
     tags: dict | None = None,
     resume_run_id: str | None = None,
 ):
-    """Yield a Tracker inside an MLflow run (nested under ``parent_run_id`` if given); a no-op without MLflow.
+    """Yield a Tracker inside an MLflow run (nested under the pipeline's run if there is one: ``parent_run_id``,
+    ``ALIGNCLIP_PARENT_RUN_ID``, or the open run of this ``dvc repro``); a no-op without MLflow.
 
-    ``resume_run_id`` continues an existing run (a resumed training). The run ends FINISHED, FAILED (an
-    exception) or KILLED (interrupted, preempted). An unreachable server costs a few seconds and a warning: the
-    stage runs, and the records wait on disk (see ``alignclip.tracking_transport``).
+    ``resume_run_id`` continues an existing run (evaluate logs into its cell's training run, a resumed training).
+    The run ends FINISHED, FAILED (an exception; the pipeline run is marked FAILED too) or KILLED (interrupted,
+    preempted). An unreachable server costs a few seconds and a warning: the stage runs, and the records wait on
+    disk (see ``alignclip.tracking_transport``).
     """
     from alignclip import tracking_transport as transport
 
@@ -153,7 +204,7 @@ def start_run(
         return
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     transport.configure_http()
-    parent_run_id = parent_run_id or os.environ.get("ALIGNCLIP_PARENT_RUN_ID") or None
+    parent_run_id = parent_run_id or pipeline_run_id(experiment, uri)
     all_tags = {**provenance_tags(), **(tags or {})}
     header = {"experiment": experiment, "run_name": run_name, "parent_run_id": parent_run_id, "tags": all_tags,
               "start_ms": int(time.time() * 1000)}
@@ -166,9 +217,11 @@ def start_run(
         yield tracker
     except KeyboardInterrupt:  # Ctrl-C: the stage was stopped, it did not fail
         status = "KILLED"
+        _mark_parent(parent_run_id, run_name)
         raise
     except BaseException as err:  # a preempted stage (resume.Preempted) says so itself
         status = getattr(err, "stage_status", "FAILED")
+        _mark_parent(parent_run_id, run_name)
         raise
     finally:
         tracker.flush()
@@ -200,3 +253,24 @@ def _open_run(uri: str, header: dict, resume_run_id: str | None) -> str | None:
     except Exception as err:  # noqa: BLE001 - the server answered the probe but not the request
         log.warning("MLflow at %s failed to open the run (%s): the stage runs without it", uri, str(err).splitlines()[0][:200])
         return None
+
+
+def _mark_parent(parent_run_id: str | None, stage: str) -> None:
+    if parent_run_id:
+        from alignclip import runs
+
+        runs.mark_failed(parent_run_id, stage)
+
+
+def resumable(run_id: str | None, parent_run_id: str | None) -> bool:
+    """Whether ``run_id`` (a cell's training run, from train.json) is in this store under this pipeline run."""
+    if not run_id:
+        return False
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except (MlflowException, OSError, ValueError):  # not in this store, or the store cannot answer
+        return False
+    return run.data.tags.get("mlflow.parentRunId") == parent_run_id

@@ -131,6 +131,7 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
         "protocol": meta["protocol"],
         "train_images": int(len(rows)),
         "label_space": label_space,
+        "variant": variant_label(method, settings),
         # what the encoder aligned: a CLIP ResNet has one attention layer whatever aligned_layers asks for
         "attention_layers": {"aligned": visual.aligned_layers, "dv": visual.dv_layers},
     }
@@ -291,6 +292,8 @@ def _fingerprint(run: TrainingRun) -> str:
 def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callbacks, store, resume) -> dict:
     run = setup(prepared_dir, settings, similarity_path)
     settings, method, summary = run.settings, run.method, run.summary
+    # the cell's MLflow run: `alignclip evaluate` of this checkpoint logs into the same run
+    summary["mlflow_run_id"] = tracker.run_id if getattr(tracker, "enabled", False) else None
     if tracker is not None:
         tracker.log_params({"method": method.to_dict(), "train": asdict(settings), "dataset": summary["dataset"]})
     if not method.trains:
@@ -483,3 +486,15 @@ def variant_label(method: MethodConfig, settings: TrainSettings) -> str:
     if changed:
         label += "[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
     return label
+
+
+def cell_tags(settings: TrainSettings, meta: dict) -> dict:
+    """The MLflow tags of the grid cell this training belongs to (``alignclip.runs.cell_tags``)."""
+    from alignclip import runs
+
+    name, formulation = split_method(settings.method, settings.formulation)
+    settings = replace(settings, method=name, formulation=formulation)
+    method = get_method(name, formulation, **settings.overrides)
+    return runs.cell_tags(
+        meta["dataset"], meta["protocol"], name, variant_label(method, settings), formulation, settings.test_domain, settings.seed
+    )

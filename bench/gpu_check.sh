@@ -56,7 +56,8 @@ model = json.loads((work / "model.json").read_text())
 def window_figures(run):
     log = pd.read_csv(work / run / "train_log.csv")
     # one row per window of 10 steps (the logging interval), the first (start-up, warm-up) dropped
-    windows = log[(log["step"] % 10 == 0) | (log["step"] == log["step"].max())].iloc[1:]
+    windows = log[(log["step"] % 10 == 0) | (log["step"] == log["step"].max())]
+    windows = windows.iloc[1:] if len(windows) > 1 else windows
     summary = json.loads((work / run / "train.json").read_text())
     return windows["images_per_s"].median(), windows["data_wait_s"].median(), summary["num_workers"]
 

@@ -177,6 +177,12 @@ def main() -> None:
         print(f"cores needed for {H200_IMAGES_PER_S} images/s: {H200_IMAGES_PER_S / per_core:.1f} at the measured "
               f"{per_core:.0f} images/s per core, {H200_IMAGES_PER_S / per_cpu_s:.1f} at {per_cpu_s:.0f} images per "
               "CPU-second (independent of other load on the machine)")
+        try:
+            import moto.server  # noqa: F401  (a dev dependency: the local S3 API)
+        except ImportError:
+            if not args.no_s3:
+                print("\nS3 figures skipped: moto (requirements-dev) is not installed")
+            args.no_s3 = True
         if not args.no_s3:
             workers = max(1, min(max_workers, cpus))
             s3 = s3_figures(local, root, workers, args.images)

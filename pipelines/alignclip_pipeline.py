@@ -16,7 +16,7 @@ from typing import List
 from kfp import dsl, kubernetes
 
 from alignclip import __version__
-from alignclip.config import BY_NAME, FAMILIES, check_family, effective_train, grid, resolve
+from alignclip.config import BY_NAME, COMPOSITES, FAMILIES, check_family, effective_train, grid, resolve
 from alignclip_kfp.components.stages import build_components
 
 # The default image tag follows the package version; the registry is a placeholder until an image is pushed.
@@ -116,6 +116,9 @@ def pipeline_arguments(values: dict) -> dict:
         "data_holdout_fraction": values["data_holdout_fraction"],
         "data_trial_seed": values["data_trial_seed"],
         "data_shots": values["data_shots"],
+        "data_templates": values["data_templates"],
+        "data_class_names": values["data_class_names"],
+        "data_listing": values["data_listing"],
         "data_test_split": values["data_test_split"],
         "model_name": values["model_name"],
         "model_pretrained": values["model_pretrained"],
@@ -159,6 +162,9 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
         data_holdout_fraction: float = p["data_holdout_fraction"],
         data_trial_seed: int = p["data_trial_seed"],
         data_shots: int = p["data_shots"],
+        data_templates: str = p["data_templates"],
+        data_class_names: str = p["data_class_names"],
+        data_listing: str = p["data_listing"],
         data_test_split: str = p["data_test_split"],
         model_name: str = p["model_name"],
         model_pretrained: str = p["model_pretrained"],
@@ -175,15 +181,16 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
         mlflow_experiment: str = p["mlflow_experiment"],
     ):
         parent = stages.start_run(
-            experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, run_name=f"pipeline-{family}",
-            params_json=f'{{"dataset": "{data_dataset}", "protocol": "{data_protocol}", "model": "{model_name}", "formulation": "{train_formulation}"}}',
+            experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, run_name=f"kfp {family}: {data_dataset} ({data_protocol})",
+            params_json=f'{{"dataset": "{data_dataset}", "protocol": "{data_protocol}", "model": "{model_name}", "formulation": "{train_formulation}", "test_split": "{data_test_split}", "steps": "{train_steps}"}}',
         ).set_display_name("mlflow parent run")
         # Caching: on for the pure tasks (prepare, similarity), off where a task has side effects (the MLflow parent
         # run, training and evaluation runs, the report): a cached parent would hand a resubmission an old run id.
         _secrets(parent.set_caching_options(False), cluster)
         prepared = stages.prepare(
             dataset=data_dataset, root=data_root, protocol=data_protocol, holdout_fraction=data_holdout_fraction,
-            trial_seed=data_trial_seed, shots=data_shots, seeds=train_seeds,
+            trial_seed=data_trial_seed, shots=data_shots, seeds=train_seeds, templates=data_templates,
+            class_names=data_class_names, listing=data_listing,
         ).set_display_name("prepare")
         _secrets(prepared.set_caching_options(True), cluster)
         matrix = stages.similarity(
@@ -220,17 +227,23 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
     return dsl.pipeline(name=f"alignclip-{family.replace('_', '-')}", description=f"AlignCLIP {family}: prepare, similarity, train x evaluate, report")(alignclip_pipeline)
 
 
-PAPER_FAMILIES = ("domain_shift", "imagenet", "base2new", "wild")
+PAPER_FAMILIES = COMPOSITES["all"].families
+
+
+def build_composite(name: str, cluster: ClusterSettings | None = None, tracking_uri: str = ""):
+    """One pipeline that runs several families (``alignclip.config.COMPOSITES``: ``all``, ``backbones``) with their
+    defaults, as sub-pipelines; its parameter turns tracking on for all of them."""
+    composite = COMPOSITES[name]
+    subs = {family: build_pipeline(family, cluster) for family in composite.families}
+
+    def composite_pipeline(mlflow_tracking_uri: str = tracking_uri):
+        for family, sub in subs.items():
+            sub(mlflow_tracking_uri=mlflow_tracking_uri).set_display_name(family)
+
+    composite_pipeline.__doc__ = f"AlignCLIP {name}: {composite.description}."
+    return dsl.pipeline(name=f"alignclip-{name.replace('_', '-')}", description=composite.description[:1].upper() + composite.description[1:])(composite_pipeline)
 
 
 def build_all(cluster: ClusterSettings | None = None, tracking_uri: str = ""):
-    """One pipeline that runs every benchmark family of the paper with its defaults, as sub-pipelines; its
-    parameter turns tracking on for all of them."""
-    subs = {name: build_pipeline(name, cluster) for name in PAPER_FAMILIES}
-
-    @dsl.pipeline(name="alignclip-all", description="Every benchmark family of the paper")
-    def alignclip_all(mlflow_tracking_uri: str = tracking_uri):
-        for name, sub in subs.items():
-            sub(mlflow_tracking_uri=mlflow_tracking_uri).set_display_name(name)
-
-    return alignclip_all
+    """Every benchmark family of the paper, as sub-pipelines."""
+    return build_composite("all", cluster, tracking_uri)

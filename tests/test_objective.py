@@ -120,7 +120,13 @@ def test_erm_and_clipood_losses(tiny, batch):
             logits = [(cos(image[b], T[c]) + margin * (1 - cos(T[y], T[c]))) / method.tau for c in range(CLASSES)]
             expected += -math.log(softmax(logits)[y])
         assert total.item() == pytest.approx(expected / len(TARGETS), rel=1e-4), name
-        assert set(parts) == {"cls_loss", "loss", "train_acc"}
+        assert set(parts) == {"cls_loss", "loss", "train_acc_pct"}
+        # the batch accuracy in percent: 100 x (argmax of the logits written out above == target) / batch
+        correct = sum(
+            max(range(CLASSES), key=lambda c: cos(image[b], T[c]) + (method.margin_alpha if name == "clipood" else 0.0) * (1 - cos(T[y], T[c]))) == y
+            for b, y in enumerate(TARGETS)
+        )
+        assert parts["train_acc_pct"].item() == pytest.approx(100.0 * correct / len(TARGETS)), name
 
 
 def test_released_formulation_matches_the_released_code(tiny, batch):

@@ -156,3 +156,24 @@ def test_imagenet_listing_sorted_or_filesystem(tmp_path):
         assert picks(fs_manifest) != picks(sorted_manifest)
     rows, _ = protocols.training_set(fs_manifest, fs_meta, None, seed=1)
     assert len(rows) == 3 * 4  # labels 0-2 are among the 500 base classes of the 1,000; four shots each
+
+
+def test_prompt_settings_reach_prepare_from_a_params_file_and_the_command_line(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from alignclip.cli import app
+
+    root, _ = coop_tree(tmp_path / "food")
+    (root / "split_zhou_OxfordPets.json").rename(root / "split_zhou_Food101.json")
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  templates: release\n  class_names: release\n")
+    runner = CliRunner()
+    done = runner.invoke(app, ["prepare", "food101", str(root), str(tmp_path / "a"), "--params-file", str(params)])
+    assert done.exit_code == 0, done.output
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["template"] == "a photo of {}, a type of food." and meta["prompts"] == {"templates": "release", "class_names": "release"}
+    done = runner.invoke(app, ["prepare", "food101", str(root), str(tmp_path / "b"), "--params-file", str(params), "--templates", "paper"])
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "b" / "meta.json").read_text())["template"] == "a photo of a {}, a type of food."

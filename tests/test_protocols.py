@@ -65,7 +65,7 @@ class EveryImageOnce(Protocol):
     table_prefix = "once"
     layouts = ("domainbed",)
 
-    def training_set(self, manifest, meta, test_domain, seed):
+    def training_set(self, manifest, meta, test_domain, seed, shots=None):
         return manifest[manifest["split"] == "train"], list(range(len(meta["classes"])))
 
     def evaluation_views(self, manifest, meta, test_domain, test_split):

@@ -45,6 +45,7 @@ class Protocol:
     headline_metric: str = ""  # the number a run is summed up by (a view's accuracy "<view>_acc", or a derived one)
     table_prefix: str = ""  # results table name: <table_prefix>_<dataset>
     paper_section: str = ""  # section of paper_results.json with this protocol's published numbers
+    recipe: str = "paper"  # the benchmark's recipe for a dataset (recipes.py), if it exists: "domain_shift/{dataset}"
     layouts: tuple[str, ...] = ()  # dataset layouts (data.registry: domainbed, coop, imagenet) it can be prepared from
 
     # --- theirs ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ class BaseToNew(Protocol):
     table_prefix = "base2new"
     paper_section = "base2new"
     layouts = ("coop", "imagenet")
+    recipe = "base2new/{dataset}"
 
     def training_set(self, manifest, meta, test_domain, seed, shots=None):
         train = manifest[manifest["split"] == "train"]

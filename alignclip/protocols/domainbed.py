@@ -21,6 +21,7 @@ class DomainBed(Protocol):
     table_prefix = "domain_shift"
     paper_section = "domainbed"
     layouts = ("domainbed",)
+    recipe = "domain_shift/{dataset}"
 
     def training_set(self, manifest, meta, test_domain, seed, shots=None):  # no few-shot subsets: shots unused
         train = manifest[manifest["split"] == "train"]

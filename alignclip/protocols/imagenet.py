@@ -13,6 +13,7 @@ class ImageNetVariants(Protocol):
     table_prefix = "imagenet"
     paper_section = "imagenet"
     layouts = ("imagenet",)
+    recipe = "imagenet"
 
     def training_set(self, manifest, meta, test_domain, seed, shots=None):
         train = manifest[manifest["split"] == "train"]

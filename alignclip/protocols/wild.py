@@ -18,6 +18,7 @@ class InTheWild(Protocol):
     table_prefix = "wild"
     paper_section = "wild"
     layouts = ("domainbed",)
+    recipe = "wild/{dataset}"
 
     def training_set(self, manifest, meta, test_domain, seed, shots=None):  # no few-shot subsets: shots unused
         train = manifest[manifest["split"] == "train"]
