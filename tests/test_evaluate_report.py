@@ -44,6 +44,8 @@ def test_accuracy_matches_an_independent_open_clip_computation(zeroshot_run, dig
     assert metrics["views"]["test"]["total"] == len(rows)
     assert metrics["views"]["test"]["correct"] == correct
     assert metrics["views"]["test"]["accuracy"] == pytest.approx(100.0 * correct / len(rows))
+    # DVC's metrics file beside it: the same accuracy, in percent, under a name that says so
+    assert json.loads((zeroshot_run / "scores.json").read_text())["test_acc_pct"] == pytest.approx(100.0 * correct / len(rows))
     predictions = pd.read_parquet(zeroshot_run / "predictions.parquet")
     test = predictions[predictions["view"] == "test"]
     assert (test["pred"] == test["label"]).sum() == correct
