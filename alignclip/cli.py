@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from alignclip import __version__
+from alignclip.config import ConfigError, check, check_method_switches, check_output_dir, check_template
 from alignclip.log import get_logger, setup_logging
 
 app = typer.Typer(
@@ -23,12 +24,15 @@ pipeline_app = typer.Typer(help="Compile, submit or run the Kubeflow pipelines."
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
 log = get_logger("alignclip")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @app.callback()
 def _main(
     log_level: str = typer.Option("INFO", "--log-level", envvar="ALIGNCLIP_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR"),
 ):
+    if log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level {log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
     setup_logging(log_level)
 
 
@@ -37,13 +41,13 @@ def _parse_overrides(items: list[str]) -> dict:
     overrides = {}
     for item in items or []:
         if "=" not in item:
-            raise typer.BadParameter(f"{item!r}: expected key=value")
+            raise ConfigError(f"--set {item!r}: expected key=value")
         key, value = item.split("=", 1)
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    return overrides
+    return check_method_switches(overrides)
 
 
 @app.command()
@@ -75,6 +79,7 @@ def pretrain(
     from alignclip import tracking
     from alignclip.pretrain import WEIGHTS_NAME, export
 
+    check_output_dir(out_dir)
     with tracking.start_run(experiment, "pretrain-tiny-digits", tags={"stage": "pretrain"}) as tracker:
         summary = export(out_dir, rebuild=rebuild)
         tracker.log_params({"pretrain": summary["settings"], "digest": summary["digest"]})
@@ -92,20 +97,31 @@ def prepare(
     dataset: str = typer.Argument(..., help="dataset name, e.g. rotated_digits, pacs, office_home, oxford_pets, imagenet"),
     root: str = typer.Argument(..., help="dataset folder or s3:// prefix"),
     out_dir: Path = typer.Argument(..., help="where to write manifest.parquet and meta.json"),
-    protocol: str = typer.Option("", help="domainbed | wild | base2new | imagenet (default: the dataset's own)"),
-    holdout_fraction: float = typer.Option(0.2, help="DomainBed held-out fraction per domain"),
-    trial_seed: int = typer.Option(0, help="DomainBed trial seed of the in/out splits"),
-    shots: int = typer.Option(16, help="few-shot images per class (base2new, imagenet)"),
-    seeds: List[int] = typer.Option([1, 2, 3], "--seed", help="few-shot sampling seeds (repeatable)"),
+    protocol: Optional[str] = typer.Option(None, help="domainbed | wild | base2new | imagenet (default: the dataset's own)"),
+    holdout_fraction: Optional[float] = typer.Option(None, help="DomainBed held-out fraction per domain (default 0.2)"),
+    trial_seed: Optional[int] = typer.Option(None, help="DomainBed trial seed of the in/out splits (default 0)"),
+    shots: Optional[int] = typer.Option(None, help="few-shot images per class (base2new, imagenet; default 16)"),
+    seeds: Optional[List[int]] = typer.Option(None, "--seed", help="few-shot sampling seeds (repeatable; default: train.seeds, 0 1 2)"),
+    params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for the options not given here"),
     template: Optional[str] = typer.Option(None, help="prompt template with {} for the class name"),
     split_file: Optional[str] = typer.Option(None, help="CoOp split JSON (default: the dataset's split_zhou_*.json)"),
     validate: bool = typer.Option(False, help="also decode every image (parallel) and list unreadable ones"),
 ):
     """List and split a dataset by its protocol; write a manifest (parquet) and its metadata (JSON)."""
+    from alignclip.config import BY_NAME, load_params_file
     from alignclip.data.prepare import PrepareSettings, prepare as run_prepare, validate_images, write_prepared
 
+    # explicit option > params file > schema default (alignclip/config.py)
+    from_file = load_params_file(params_file) if params_file is not None else {}
+    given = {"data_protocol": protocol, "data_holdout_fraction": holdout_fraction, "data_trial_seed": trial_seed,
+             "data_shots": shots, "train_seeds": list(seeds) if seeds else None}
+    value = {name: check(name, v, f"--{BY_NAME[name].field.replace('_', '-')}: ") if v is not None else from_file.get(name, BY_NAME[name].default)
+             for name, v in given.items()}
+    check_template(template)
+    check_output_dir(out_dir)
     settings = PrepareSettings(
-        dataset, root, protocol, holdout_fraction, trial_seed, shots, list(seeds), template, split_file
+        dataset, root, value["data_protocol"] or "", value["data_holdout_fraction"], value["data_trial_seed"],
+        value["data_shots"], list(value["train_seeds"]), template, split_file
     )
     manifest, meta = run_prepare(settings)
     if validate:
@@ -127,29 +143,12 @@ def similarity(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Class similarity matrix of the class prompts (appendix B.5), with its heatmap (fig. 6)."""
-    import pandas as pd
-
     from alignclip import tracking
-    from alignclip.data.prepare import load_prepared
-    from alignclip.presets import load_clip
-    from alignclip.report import plot_similarity
-    from alignclip.similarity import cosine_matrix, save_similarity
-    from alignclip.train import encode_classes
+    from alignclip.similarity import similarity_stage
 
-    _, meta = load_prepared(prepared_dir)
-    bundle = load_clip(model, pretrained)
-    text = encode_classes(bundle.model, bundle.tokenizer, meta["classes"], meta["template"], "cpu")
-    cosine = cosine_matrix(text)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_similarity(out_dir / "similarity.pt", cosine, meta["classes"], bundle.architecture, bundle.pretrained)
-    soft = (scale * cosine).softmax(dim=-1)
-    pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / "similarity.csv")
-    plot_similarity(soft.numpy(), meta["classes"], out_dir / "similarity.png", meta=meta, cosine=cosine.numpy(),
-                    provenance={"model": bundle.architecture, "pretrained": bundle.pretrained, "scale": scale})
+    check_output_dir(out_dir)
     with tracking.start_run(experiment, "similarity", tags={"stage": "similarity"}) as tracker:
-        tracker.log_params({"model": model, "pretrained": pretrained, "classes": len(meta["classes"]), "scale": scale})
-        tracker.log_artifact(out_dir / "similarity.png")
-        tracker.log_artifact(out_dir / "similarity.csv")
+        meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracker)
     typer.echo(f"similarity of {len(meta['classes'])} classes -> {out_dir}")
 
 
@@ -158,55 +157,68 @@ def train(
     prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
     out_dir: Path = typer.Argument(..., help="where to write model.pt, train_log.csv, train.json"),
     method: str = typer.Option("alignclip", help="zeroshot | erm | clipood | alignclip, optionally +paper or +release"),
-    formulation: str = typer.Option("paper", help="paper (default) | release (the authors' released code)"),
+    formulation: Optional[str] = typer.Option(None, help="paper (default) | release (the authors' released code)"),
     set_: List[str] = typer.Option([], "--set", help="method switch override key=value (repeatable), e.g. aal=false"),
-    recipe: Optional[str] = typer.Option(None, help="named hyper-parameter recipe (see `alignclip recipes`)"),
-    model: str = typer.Option("tiny", help="model preset or open_clip architecture"),
-    pretrained: str = typer.Option("default", help="weights: tag, file, s3:// URI, none, or the preset's default"),
+    recipe: Optional[str] = typer.Option(None, help="named recipe (`alignclip recipes`); default: the benchmark's for the prepared dataset, else paper"),
+    model: Optional[str] = typer.Option(None, help="model preset or open_clip architecture (default: tiny)"),
+    pretrained: Optional[str] = typer.Option(None, help="weights: tag, file, s3:// URI, none, or the preset's default"),
     test_domain: Optional[str] = typer.Option(None, help="held-out domain (domainbed, wild)"),
     seed: int = typer.Option(0),
-    steps: Optional[int] = typer.Option(None, help="iterations (default: recipe or 5000)"),
-    batch_size: Optional[int] = typer.Option(None, help="batch per training domain (default: recipe or 36)"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default: recipe or 5e-6)"),
+    steps: Optional[int] = typer.Option(None, help="optimiser steps (default: the recipe's)"),
+    epochs: Optional[int] = typer.Option(None, help="passes over the training set instead of steps (default: the recipe's)"),
+    batch_size: Optional[int] = typer.Option(None, help="batch per training domain (default: the recipe's)"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default: the recipe's)"),
     weight_decay: float = typer.Option(0.1),
-    hflip: bool = typer.Option(True, help="random horizontal flip"),
+    hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="random horizontal flip (default: the recipe's)"),
+    params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for what is not given here"),
     similarity_path: Optional[Path] = typer.Option(None, "--similarity", help="similarity.pt from `alignclip similarity`"),
     num_workers: int = typer.Option(0),
     device: str = typer.Option("auto"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the effective settings (JSON) and stop"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Fine-tune the image encoder with one method; the BMA model is the result."""
-    from alignclip import tracking
+    from dataclasses import asdict
+
+    from alignclip import artifacts, tracking
+    from alignclip.classifier import log_image_encoder
+    from alignclip.config import effective_train, train_config
     from alignclip.recipes import apply_recipe
     from alignclip.train import TrainSettings, train as run_train
 
+    switches = _parse_overrides(set_)
+    check("train_seeds", [seed], "--seed: ")
+    if weight_decay < 0 or num_workers < 0:
+        raise ConfigError(f"--weight-decay {weight_decay} / --num-workers {num_workers}: expected 0 or more")
+    explicit = {"model_name": model, "model_pretrained": pretrained, "train_recipe": recipe, "train_formulation": formulation,
+                "train_steps": steps, "train_epochs": epochs, "train_batch_size": batch_size, "train_lr": lr, "train_hflip": hflip}
+    meta = None
+    if recipe is None and (prepared_dir / "meta.json").is_file():
+        meta = json.loads((prepared_dir / "meta.json").read_text())
+    values = train_config(params_file, explicit, meta)
+    effective = effective_train(values)
     settings = TrainSettings(
-        method=method, formulation=formulation, overrides=_parse_overrides(set_), model=model, pretrained=pretrained,
-        test_domain=test_domain, seed=seed, weight_decay=weight_decay, hflip=hflip, num_workers=num_workers,
-        device=device, progress=progress,
+        method=method, formulation=values["train_formulation"], overrides=switches, model=values["model_name"],
+        pretrained=values["model_pretrained"], test_domain=test_domain or None, seed=seed, weight_decay=weight_decay,
+        num_workers=num_workers, device=device, progress=progress,
     )
-    settings = apply_recipe(settings, recipe, steps=steps, batch_size=batch_size, lr=lr)
+    settings = apply_recipe(settings, effective["recipe"], steps=effective["steps"], batch_size=effective["batch_size"],
+                            lr=effective["lr"], epochs=effective["epochs"], hflip=effective["hflip"])
+    if dry_run:
+        shown = {k: v for k, v in asdict(settings).items() if k not in ("progress", "device", "num_workers", "log_every")}
+        typer.echo(json.dumps(shown, sort_keys=True))
+        return
+    check_output_dir(out_dir)
+    test_domain = settings.test_domain
     run_name = f"train-{method}-{test_domain or 'all'}-s{seed}"
     with tracking.start_run(experiment, run_name, tags={"stage": "train", "method": method}) as tracker:
         summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path)
-        tracker.log_artifact(out_dir / "train_log.csv")
-        tracker.log_artifact(out_dir / "train.json")
+        tracker.log_artifact(out_dir / artifacts.TRAIN_LOG)
+        tracker.log_artifact(out_dir / artifacts.TRAIN_SUMMARY)
         if tracker.enabled:
-            _log_image_encoder(tracker, out_dir / "model.pt", f"alignclip-{summary['dataset']}-{method.replace('+', '-').replace('@', '-')}")
-    typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / 'model.pt'}")
-
-
-def _log_image_encoder(tracker, checkpoint: Path, registered_name: str) -> None:
-    """Log the trained image encoder as an MLflow model and register it (input: a batch of images)."""
-    import numpy as np
-
-    from alignclip.evaluate import load_trained
-
-    bundle, visual, _ = load_trained(checkpoint, "cpu")
-    # batch of 2: torch.export specialises a size-1 dimension, which would pin the model to batch 1
-    example = np.zeros((2, 3, bundle.image_size, bundle.image_size), dtype=np.float32)
-    tracker.log_model(visual, "image_encoder", registered_name, example)
+            log_image_encoder(tracker, out_dir / artifacts.MODEL, f"alignclip-{summary['dataset']}-{method.replace('+', '-').replace('@', '-')}")
+    typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / artifacts.MODEL}")
 
 
 @app.command()
@@ -214,7 +226,7 @@ def evaluate(
     prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
     checkpoint: Path = typer.Argument(..., help="model.pt from `alignclip train`"),
     out_dir: Path = typer.Argument(..., help="where to write metrics.json and predictions.parquet"),
-    test_domain: Optional[str] = typer.Option(None, help="held-out domain (domainbed, wild)"),
+    test_domain: Optional[str] = typer.Option(None, help="held-out domain: read from the checkpoint; if given, it must agree"),
     test_split: str = typer.Option("holdout", help="held-out domain: 20% split (holdout, CLIPood), 80% split (in, DomainBed) or all (full)"),
     batch_size: int = typer.Option(128),
     num_workers: int = typer.Option(0),
@@ -222,14 +234,18 @@ def evaluate(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Top-1 accuracy on every view of the protocol (held-out domain, base/new classes, ImageNet variants)."""
-    from alignclip import tracking
+    from alignclip import artifacts, tracking
     from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
 
+    if batch_size < 1 or num_workers < 0:
+        raise ConfigError(f"--batch-size {batch_size} / --num-workers {num_workers}: expected a batch of 1 or more, 0 or more workers")
+    check("data_test_split", test_split, "--test-split: ")
+    check_output_dir(out_dir)
     run_name = f"evaluate-{checkpoint.parent.name}"
     with tracking.start_run(experiment, run_name, tags={"stage": "evaluate"}) as tracker:
-        summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain, test_split, batch_size, num_workers, device)
+        summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain or None, test_split, batch_size, num_workers, device)
         tracker.log_metrics(flat_metrics(summary))
-        tracker.log_artifact(out_dir / "metrics.json")
+        tracker.log_artifact(out_dir / artifacts.METRICS)
     typer.echo(json.dumps(flat_metrics(summary)))
 
 
@@ -245,69 +261,168 @@ def report(
     from alignclip import tracking
     from alignclip.report import build_report
 
+    check_output_dir(out_dir)
     with tracking.start_run(experiment, "report", tags={"stage": "report"}) as tracker:
         page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
         tracker.log_artifact(out_dir, "report")
     typer.echo(f"results page: {page}")
 
 
-def _arguments(items: list[str], params_file: Path | None) -> dict:
-    from alignclip.config import pipeline_defaults
+FAMILY_HELP = "demo | domain_shift | imagenet | base2new | wild | all"
+PARAM_HELP = "setting KEY=VALUE (repeatable; `alignclip config show` lists them): train_steps=500, train_methods=erm,alignclip"
+DATASET_HELP = "dataset (registry name): its protocol's recipe and every held-out domain follow unless set"
 
-    arguments = pipeline_defaults(params_file) if params_file else {}
-    arguments.update(_parse_overrides(items))
-    return arguments
+
+def _settings(family: str, dataset: Optional[str], data_root: Optional[str], param: list[str], params_file: Optional[Path]) -> dict:
+    """Resolved settings of a pipeline command: family < params file < --dataset/--data-root < --param."""
+    from alignclip.config import parse_assignments
+    from alignclip.pipeline_cli import resolve_pipeline
+
+    overrides = {}
+    if dataset is not None:
+        overrides["data_dataset"] = dataset
+    if data_root is not None:
+        overrides["data_root"] = data_root
+    overrides.update(parse_assignments(param))
+    return resolve_pipeline(family, params_file, overrides)
+
+
+def _cluster(gpu_type, gpus, node_selector, toleration, retries, cpu, memory, image, max_parallelism):
+    from alignclip.pipeline_cli import cluster_settings
+
+    return cluster_settings(gpu_type, gpus, node_selector or None, toleration or None, retries, cpu, memory, image, max_parallelism)
+
+
+# options shared by compile, submit and run (one definition, so the three accept the same settings)
+OPT_DATASET = typer.Option(None, "--dataset", help=DATASET_HELP)
+OPT_DATA_ROOT = typer.Option(None, "--data-root", help="dataset folder or s3:// prefix (data_root)")
+OPT_PARAM = typer.Option([], "--param", help=PARAM_HELP)
+OPT_PARAMS_FILE = typer.Option(None, "--params-file", help="settings file (params.yaml layout, any subset); beats the family's defaults")
+OPT_GPU_TYPE = typer.Option("nvidia.com/gpu", "--accelerator", "--gpu-type", help="accelerator resource of train/evaluate tasks")
+OPT_GPUS = typer.Option(1, help="accelerators per train/evaluate task (0: none)")
+OPT_NODE_SELECTOR = typer.Option([], help="LABEL=VALUE for GPU tasks (repeatable; default nvidia.com/gpu.present=true)")
+OPT_TOLERATION = typer.Option([], help="KEY[=VALUE][:EFFECT] for GPU tasks (repeatable; default nvidia.com/gpu:NoSchedule)")
+OPT_CPU = typer.Option(None, help="CPU request of train/evaluate tasks (default 8)")
+OPT_MEMORY = typer.Option(None, help="memory request of train/evaluate tasks (default 32G)")
+OPT_IMAGE = typer.Option(None, envvar="ALIGNCLIP_IMAGE", help="image of every task (default: ghcr.io/alignclip/alignclip:<version>, a placeholder)")
+OPT_PARALLELISM = typer.Option(None, "--max-parallelism", help="grid cells (GPU pods) at once (default 8)")
+OPT_RETRIES = typer.Option(2, help="retries of the training task")
 
 
 @pipeline_app.command("compile")
 def pipeline_compile(
-    family: str = typer.Argument("demo", help="demo | domain_shift | imagenet | base2new | wild | all"),
+    family: str = typer.Argument("demo", help=FAMILY_HELP),
     output: Path = typer.Option(Path("alignclip-pipeline.yaml"), "--output", "-o", help="YAML package to write"),
-    gpu_type: str = typer.Option("nvidia.com/gpu", help="accelerator resource of train/evaluate tasks"),
-    gpus: int = typer.Option(1, help="accelerators per train/evaluate task"),
-    node_selector: List[str] = typer.Option([], help="label=value for GPU tasks (repeatable)"),
-    toleration: List[str] = typer.Option([], help="key[=value]:Effect for GPU tasks (repeatable)"),
-    retries: int = typer.Option(2, help="retries of the training task"),
+    dataset: Optional[str] = OPT_DATASET,
+    data_root: Optional[str] = OPT_DATA_ROOT,
+    param: List[str] = OPT_PARAM,
+    params_file: Optional[Path] = OPT_PARAMS_FILE,
+    gpu_type: str = OPT_GPU_TYPE,
+    gpus: int = OPT_GPUS,
+    node_selector: List[str] = OPT_NODE_SELECTOR,
+    toleration: List[str] = OPT_TOLERATION,
+    cpu: Optional[str] = OPT_CPU,
+    memory: Optional[str] = OPT_MEMORY,
+    image: Optional[str] = OPT_IMAGE,
+    max_parallelism: Optional[int] = OPT_PARALLELISM,
+    retries: int = OPT_RETRIES,
+    force: bool = typer.Option(False, help="replace an existing output file"),
 ):
-    """Compile a pipeline to a KFP YAML package (parameter defaults from params.yaml)."""
-    from alignclip.pipeline_cli import cluster_settings, compile_pipeline
+    """Compile a pipeline to a KFP YAML package; its parameter defaults are the resolved settings."""
+    from alignclip.pipeline_cli import compile_pipeline, is_placeholder_image
 
-    cluster = cluster_settings(gpu_type, gpus, node_selector or None, toleration or None, retries)
-    path = compile_pipeline(family, output, cluster)
+    values = _settings(family, dataset, data_root, param, params_file)
+    cluster = _cluster(gpu_type, gpus, node_selector, toleration, retries, cpu, memory, image, max_parallelism)
+    if output.exists() and not force:
+        raise ConfigError(f"{output} exists; pass --force to replace it")
+    check_output_dir(output.parent if str(output.parent) else Path("."))
+    if is_placeholder_image(cluster):
+        log.warning("image %s is the built-in placeholder: pass --image REGISTRY/alignclip:TAG (the image you pushed) "
+                    "or set ALIGNCLIP_IMAGE, or the cluster cannot pull it", cluster.image)
+    path = compile_pipeline(family, output, cluster, values)
     typer.echo(f"compiled {family} -> {path}")
 
 
 @pipeline_app.command("submit")
 def pipeline_submit(
-    family: str = typer.Argument("demo", help="demo | domain_shift | imagenet | base2new | wild | all"),
-    host: str = typer.Option(..., envvar="KFP_HOST", help="KFP API endpoint, e.g. http://localhost:8080"),
+    family: str = typer.Argument("demo", help=FAMILY_HELP),
+    host: Optional[str] = typer.Option(None, envvar="KFP_HOST", help="KFP API endpoint, e.g. http://localhost:8080"),
     experiment: Optional[str] = typer.Option(None, help="KFP experiment (default: the family's)"),
     run_name: Optional[str] = typer.Option(None, help="run name"),
-    param: List[str] = typer.Option([], "--param", help="pipeline parameter override name=value (repeatable)"),
-    params_file: Optional[Path] = typer.Option(Path("params.yaml"), help="parameters file (params.yaml)"),
+    dataset: Optional[str] = OPT_DATASET,
+    data_root: Optional[str] = OPT_DATA_ROOT,
+    param: List[str] = OPT_PARAM,
+    params_file: Optional[Path] = OPT_PARAMS_FILE,
+    gpu_type: str = OPT_GPU_TYPE,
+    gpus: int = OPT_GPUS,
+    node_selector: List[str] = OPT_NODE_SELECTOR,
+    toleration: List[str] = OPT_TOLERATION,
+    cpu: Optional[str] = OPT_CPU,
+    memory: Optional[str] = OPT_MEMORY,
+    image: Optional[str] = OPT_IMAGE,
+    max_parallelism: Optional[int] = OPT_PARALLELISM,
+    retries: int = OPT_RETRIES,
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the effective parameters of every task and stop"),
 ):
     """Submit a run to a Kubeflow Pipelines cluster and print its URL."""
-    from alignclip.pipeline_cli import submit
+    from alignclip.pipeline_cli import dry_run as plan, is_placeholder_image, submit
 
-    url = submit(family, host, experiment, run_name, _arguments(param, params_file if family != "all" else None))
-    typer.echo(url)
+    values = _settings(family, dataset, data_root, param, params_file)
+    cluster = _cluster(gpu_type, gpus, node_selector, toleration, retries, cpu, memory, image, max_parallelism)
+    if dry_run:
+        typer.echo(plan(family, values))
+        return
+    if not host:
+        raise ConfigError("--host (or KFP_HOST) is required: the KFP API endpoint, e.g. http://localhost:8080")
+    if is_placeholder_image(cluster):
+        raise ConfigError(f"image {cluster.image} is the built-in placeholder, which no cluster can pull: pass "
+                          "--image REGISTRY/alignclip:TAG (the image you built and pushed) or set ALIGNCLIP_IMAGE")
+    typer.echo(submit(family, host, experiment, run_name, values, cluster))
 
 
 @pipeline_app.command("run")
 def pipeline_run(
-    family: str = typer.Argument("demo"),
-    local: bool = typer.Option(True, "--local/--no-local", help="run with kfp's local SubprocessRunner (no cluster)"),
+    family: str = typer.Argument("demo", help=FAMILY_HELP),
     pipeline_root: Path = typer.Option(Path("outputs/kfp"), help="where the local runner keeps artifacts"),
-    param: List[str] = typer.Option([], "--param", help="pipeline parameter override name=value (repeatable)"),
-    params_file: Optional[Path] = typer.Option(Path("params.yaml"), help="parameters file (params.yaml)"),
+    dataset: Optional[str] = OPT_DATASET,
+    data_root: Optional[str] = OPT_DATA_ROOT,
+    param: List[str] = OPT_PARAM,
+    params_file: Optional[Path] = OPT_PARAMS_FILE,
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the effective parameters of every task and stop"),
 ):
-    """Run the real DAG locally: every component as a subprocess of this machine."""
-    from alignclip.pipeline_cli import run_local
+    """Run the real DAG locally: every component as a subprocess of this machine (kfp's SubprocessRunner);
+    `alignclip pipeline submit` runs it on a cluster."""
+    from alignclip.pipeline_cli import dry_run as plan, run_local
 
-    if not local:
-        raise typer.BadParameter("use `alignclip pipeline submit` for a cluster")
-    run_local(family, pipeline_root.resolve(), _arguments(param, params_file))
+    if family == "all":
+        raise ConfigError("the all pipeline runs on a cluster only; run one family locally")
+    values = _settings(family, dataset, data_root, param, params_file)
+    if dry_run:
+        typer.echo(plan(family, values))
+        return
+    check_output_dir(pipeline_root, "--pipeline-root")
+    run_local(family, pipeline_root.resolve(), values)
     typer.echo(f"pipeline {family} finished; artifacts under {pipeline_root}")
+
+
+config_app = typer.Typer(help="The settings schema: show resolved settings, write params files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    family: Optional[str] = typer.Argument(None, help="start from a family's defaults: " + FAMILY_HELP.replace(" | all", "")),
+    dataset: Optional[str] = OPT_DATASET,
+    data_root: Optional[str] = OPT_DATA_ROOT,
+    param: List[str] = OPT_PARAM,
+    params_file: Optional[Path] = OPT_PARAMS_FILE,
+):
+    """Print the resolved settings as a params file (what DVC and the pipelines would run with)."""
+    from alignclip.config import parse_assignments, render_params, resolve
+
+    overrides = {k: v for k, v in {"data_dataset": dataset, "data_root": data_root}.items() if v is not None}
+    overrides.update(parse_assignments(param))
+    typer.echo(render_params(resolve(family, params_file, overrides)), nl=False)
 
 
 @app.command()
@@ -322,7 +437,7 @@ def recipes():
 def main() -> None:
     try:
         app()
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, PermissionError) as err:
         # Bad input: one readable line naming what is wrong, no traceback (use --log-level DEBUG for one).
         get_logger("alignclip").debug("error", exc_info=True)
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

@@ -1,47 +1,447 @@
-"""params.yaml: the one configuration file, read by the CLI's pipeline commands and the KFP pipelines.
+"""The one configuration model: every setting of a benchmark run, typed, with its default and help text.
 
-Each leaf ``section.key`` maps to the pipeline parameter ``section_key`` (``train.steps`` -> ``train_steps``).
+Every runner reads it the same way: `alignclip train` (its options and ``--params-file``), `dvc repro` (``params.yaml``
+is this schema rendered for the demo, ``alignclip config show demo``), and `alignclip pipeline compile|submit|run`
+(each setting is the KFP pipeline parameter ``section_key``: ``train.steps`` -> ``train_steps``).
+
+Precedence, lowest first: method defaults < recipe < family defaults < params file < explicit CLI option/--param.
+``None`` means "not set": the recipe's (lr, batch, schedule, flip), the dataset's (protocol, held-out domains) or the
+benchmark's (recipe) value applies. It is never 0.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import string
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-SCHEMA = {
-    "data": {"dataset": str, "root": str, "protocol": str, "holdout_fraction": float, "trial_seed": int, "shots": int, "test_split": str},
-    "model": {"name": str, "pretrained": str},
-    "train": {"recipe": str, "formulation": str, "methods": list, "test_domains": list, "seeds": list,
-              "steps": int, "batch_size": int, "lr": float, "hflip": bool},
+
+class ConfigError(ValueError):
+    """A bad setting: the message is the one line the user sees."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # section.key, as in params.yaml
+    type: str  # str | int | float | bool | list[str] | list[int]
+    default: Any
+    help: str
+    choices: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    optional: bool = False  # None ("not set") is a valid value
+    kfp_only: bool = False  # a pipeline setting (MLflow of the cluster), not in params.yaml / DVC
+
+    @property
+    def name(self) -> str:
+        return self.key.replace(".", "_")
+
+    @property
+    def section(self) -> str:
+        return self.key.split(".", 1)[0]
+
+    @property
+    def field(self) -> str:
+        return self.key.split(".", 1)[1]
+
+
+PROTOCOLS = ("domainbed", "wild", "base2new", "imagenet")
+PAPER_METHODS = ["zeroshot", "erm", "clipood", "alignclip"]
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("data.dataset", "str", "rotated_digits", "registry name (`alignclip prepare --help`) or a custom dataset"),
+    Setting("data.root", "str", "data/rotated_digits", "folder or s3:// prefix with the dataset in its usual layout (`embedded`: build RotatedDigits in the pipeline)"),
+    Setting("data.protocol", "str", None, "domainbed | wild | base2new | imagenet (not set: the dataset's own)", PROTOCOLS, optional=True),
+    Setting("data.holdout_fraction", "float", 0.2, "DomainBed per-domain held-out fraction", minimum=0.01, maximum=0.99),
+    Setting("data.trial_seed", "int", 0, "DomainBed trial seed of the in/out split", minimum=0),
+    Setting("data.shots", "int", 16, "few-shot images per class (base2new, imagenet)", minimum=1, maximum=100000),
+    Setting("data.test_split", "str", "holdout", "held-out domain: holdout = its 20% split (CLIPood) | in = its 80% split (DomainBed) | full", ("holdout", "in", "full")),
+    Setting("model.name", "str", "tiny", "preset (tiny, vit-b-16, vit-b-32, vit-l-14) or open_clip architecture"),
+    Setting("model.pretrained", "str", "default", "preset default, open_clip tag, checkpoint path, s3:// URI, or none"),
+    Setting("train.recipe", "str", None, "named recipe (`alignclip recipes`); not set: the benchmark's recipe for the dataset, else `paper`", optional=True),
+    Setting("train.formulation", "str", "paper", "paper | release (the authors' released code)", ("paper", "release")),
+    Setting("train.methods", "list[str]", PAPER_METHODS, "methods of the grid; method+formulation overrides train.formulation"),
+    Setting("train.test_domains", "list[str]", None, "held-out domains of the grid (not set: every domain of the dataset; [\"\"] where none is held out)", optional=True),
+    Setting("train.seeds", "list[int]", [0, 1, 2], "seeds of the grid", minimum=0),
+    Setting("train.steps", "int", None, "optimiser steps (not set: the recipe's)", minimum=1, maximum=10_000_000, optional=True),
+    Setting("train.epochs", "int", None, "epochs instead of steps (not set: the recipe's)", minimum=1, maximum=100_000, optional=True),
+    Setting("train.batch_size", "int", None, "images per training domain and step (not set: the recipe's)", minimum=1, maximum=4096, optional=True),
+    Setting("train.lr", "float", None, "peak learning rate of the cosine schedule (not set: the recipe's)", minimum=1e-12, maximum=1.0, optional=True),
+    Setting("train.hflip", "bool", None, "random horizontal flip (not set: the recipe's)", optional=True),
+    Setting("mlflow.tracking_uri", "str", "", "MLflow server of pipeline tasks (empty: no tracking); DVC and the CLI read MLFLOW_TRACKING_URI", kfp_only=True),
+    Setting("mlflow.experiment", "str", None, "MLflow experiment of pipeline tasks (not set: the family's)", optional=True, kfp_only=True),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+BY_KEY = {s.key: s for s in SETTINGS}
+@dataclass(frozen=True)
+class Family:
+    """A benchmark family: a KFP pipeline, an MLflow experiment and the settings that differ from the schema's."""
+
+    experiment: str
+    description: str
+    defaults: dict = field(default_factory=dict)
+
+
+PAPER_MODEL = {"model_name": "vit-b-16", "model_pretrained": "openai"}
+FAMILIES: dict[str, Family] = {
+    "demo": Family("demo-domain-shift", "the embedded demo: tiny preset on RotatedDigits, CPU minutes", {
+        "data_protocol": "domainbed", "train_recipe": "demo", "train_methods": PAPER_METHODS + ["alignclip+release"],
+        "train_test_domains": ["rotated_0", "rotated_75"], "train_seeds": [0], "train_steps": 200,
+        "train_batch_size": 16, "train_lr": 0.001, "train_hflip": False}),
+    "domain_shift": Family("domain-shift", "DomainBed leave-one-domain-out (table 1)", {
+        **PAPER_MODEL, "data_dataset": "office_home", "data_root": "s3://alignclip-data/office_home", "data_protocol": "domainbed"}),
+    "imagenet": Family("imagenet-variants", "ImageNet 16 shots -> its four variants (table 3)", {
+        **PAPER_MODEL, "data_dataset": "imagenet", "data_root": "s3://alignclip-data/imagenet", "data_protocol": "imagenet"}),
+    "base2new": Family("base-to-new", "base-to-new generalisation, 16 shots (table 2)", {
+        **PAPER_MODEL, "data_dataset": "oxford_pets", "data_root": "s3://alignclip-data/oxford_pets", "data_protocol": "base2new"}),
+    "wild": Family("in-the-wild", "domain shift and unseen classes (table 4)", {
+        **PAPER_MODEL, "data_dataset": "office_home", "data_root": "s3://alignclip-data/office_home", "data_protocol": "wild"}),
 }
 
+# The benchmark's recipe for a (protocol, dataset): the first of these names that exists
+RECIPE_NAMES = {"domainbed": "domain_shift/{dataset}", "wild": "wild/{dataset}", "base2new": "base2new/{dataset}", "imagenet": "imagenet"}
+FALLBACK_RECIPE = "paper"
 
-def load_params(path: str | Path = "params.yaml") -> dict:
+
+# -- values ---------------------------------------------------------------------------------------------------------
+
+
+def lookup(name: str, where: str = "") -> Setting:
+    """A setting by pipeline name (``train_steps``) or params.yaml key (``train.steps``)."""
+    setting = BY_NAME.get(name) or BY_KEY.get(name)
+    if setting is None:
+        raise ConfigError(f"{where}unknown setting {name!r}: expected one of {', '.join(BY_NAME)}")
+    return setting
+
+
+def _scalar(setting: Setting, value, kind: str, where: str):
+    if kind == "bool":
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, bool):
+            return value
+    elif kind == "int":
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                pass
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind == "str":
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}{setting.key}={value!r}: expected {'true or false' if kind == 'bool' else 'a ' + kind}")
+
+
+def coerce(setting: Setting, value, where: str = ""):
+    """A value of the setting's type, checked against its choices and range; strings as typed on a command line.
+
+    Lists accept JSON (``["Art", "Real World"]``) and comma-separated text (``Art,Real World``)."""
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and setting.optional):
+        if not setting.optional:
+            raise ConfigError(f"{where}{setting.key} must be set ({setting.help})")
+        return None
+    if setting.type.startswith("list["):
+        kind = setting.type[5:-1]
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"{where}{setting.key}={value!r}: malformed JSON list ({err.msg})") from None
+            else:
+                value = [part.strip() for part in text.split(",")] if text else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}{setting.key}={value!r}: expected a list of {kind} (JSON or comma-separated)")
+        items = [_scalar(setting, item, kind, where) for item in value]
+        if not items:
+            raise ConfigError(f"{where}{setting.key} is an empty list; expected at least one {kind}")
+        for item in items:
+            _check_range(setting, item, where)
+        return items
+    value = _scalar(setting, value, setting.type, where)
+    if setting.choices and value not in setting.choices:
+        raise ConfigError(f"{where}{setting.key}={value!r}: expected one of {', '.join(setting.choices)}")
+    _check_range(setting, value, where)
+    return value
+
+
+def _check_range(setting: Setting, value, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if setting.minimum is not None and value < setting.minimum:
+        raise ConfigError(f"{where}{setting.key}={value!r}: expected at least {setting.minimum:g}")
+    if setting.maximum is not None and value > setting.maximum:
+        raise ConfigError(f"{where}{setting.key}={value!r}: expected at most {setting.maximum:g}")
+
+
+def parse_assignments(items: list[str] | None, where: str = "--param ") -> dict:
+    """``KEY=VALUE`` pairs (``train_steps=3`` or ``train.steps=3``) as typed values by pipeline name."""
+    values = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"{where}{item!r}: expected KEY=VALUE with KEY one of {', '.join(BY_NAME)}")
+        key, value = item.split("=", 1)
+        setting = lookup(key.strip(), where)
+        values[setting.name] = coerce(setting, value, where)
+    return values
+
+
+def load_params_file(path: str | Path) -> dict:
+    """The settings a params file sets (any subset of the schema), by pipeline name; errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (the project's parameters file)")
-    params = yaml.safe_load(path.read_text()) or {}
-    for section, keys in SCHEMA.items():
-        if section not in params:
-            raise ValueError(f"{path}: missing section {section!r}; expected keys {sorted(keys)}")
-        unknown = sorted(set(params[section]) - set(keys))
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown} in {section!r}; expected some of {sorted(keys)}")
-        for key, kind in keys.items():
-            if key not in params[section]:
-                raise ValueError(f"{path}: missing {section}.{key} ({kind.__name__})")
-            value = params[section][key]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind):
-                raise ValueError(f"{path}: {section}.{key}={value!r} should be a {kind.__name__}")
-            params[section][key] = value
-    return params
+        raise ConfigError(f"params file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected sections {sorted({s.section for s in SETTINGS})}, got {type(data).__name__}")
+    values = {}
+    for section, keys in data.items():
+        known = [s.field for s in SETTINGS if s.section == section]
+        if not known:
+            raise ConfigError(f"{path}: unknown section {section!r}; expected one of {sorted({s.section for s in SETTINGS})}")
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{path}: section {section!r} should map keys to values; expected keys {known}")
+        for key, value in keys.items():
+            setting = BY_KEY.get(f"{section}.{key}")
+            if setting is None:
+                raise ConfigError(f"{path}: unknown key {section}.{key}; expected one of {', '.join(f'{section}.{k}' for k in known)}")
+            values[setting.name] = coerce(setting, value, f"{path}: ")
+    return values
 
 
-def pipeline_defaults(path: str | Path = "params.yaml") -> dict:
-    """params.yaml flattened to pipeline parameter names; built-in demo values when the file is absent."""
-    params = load_params(path) if Path(path).is_file() else load_params(Path(__file__).parent / "resources" / "params.default.yaml")
-    flat = {f"{section}_{key}": value for section, keys in params.items() for key, value in keys.items()}
-    return flat
+# -- resolution -----------------------------------------------------------------------------------------------------
+
+
+def check_family(family: str) -> Family:
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown pipeline family {family!r}: expected one of {', '.join(FAMILIES)}")
+    return FAMILIES[family]
+
+
+def resolve(family: str | None = None, params_file: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """Every setting by pipeline name: schema < family < params file < overrides, then the derived values
+    (protocol, recipe, held-out domains) filled in and the whole checked. No work has started when it fails."""
+    values = {s.name: s.default for s in SETTINGS}
+    if family is not None:
+        values.update(check_family(family).defaults)
+        if values.get("mlflow_experiment") is None:
+            values["mlflow_experiment"] = FAMILIES[family].experiment
+    if params_file is not None:
+        values.update(load_params_file(params_file))
+    for name, value in (overrides or {}).items():
+        setting = lookup(name)
+        values[setting.name] = coerce(setting, value)
+    return derive(values)
+
+
+def dataset_spec(name: str):
+    from alignclip.data.registry import DATASETS
+
+    return DATASETS.get(name)
+
+
+def default_protocol(dataset: str) -> str:
+    spec = dataset_spec(dataset)
+    if spec is None:
+        return "domainbed"
+    return {"coop": "base2new"}.get(spec.protocol, spec.protocol)
+
+
+def default_recipe(protocol: str, dataset: str) -> str:
+    from alignclip.recipes import RECIPES
+
+    name = RECIPE_NAMES[protocol].format(dataset=dataset)
+    return name if name in RECIPES else FALLBACK_RECIPE
+
+
+def derive(values: dict) -> dict:
+    from alignclip.methods import FORMULATIONS, METHODS, split_method
+    from alignclip.recipes import RECIPES
+
+    values = dict(values)
+    dataset = values["data_dataset"]
+    if values["data_protocol"] is None:
+        values["data_protocol"] = default_protocol(dataset)
+    protocol = values["data_protocol"]
+    if values["train_recipe"] is None:
+        values["train_recipe"] = default_recipe(protocol, dataset)
+    if values["train_recipe"] not in RECIPES:
+        raise ConfigError(f"train.recipe={values['train_recipe']!r}: unknown recipe; expected one of {', '.join(RECIPES)}")
+    for method in values["train_methods"]:
+        name, formulation = split_method(method, values["train_formulation"])
+        if name not in METHODS or formulation not in FORMULATIONS:
+            raise ConfigError(f"train.methods: unknown method {method!r}; expected one of {', '.join(METHODS)}, "
+                              f"optionally with +{' or +'.join(FORMULATIONS)}")
+    spec = dataset_spec(dataset)
+    if protocol in ("domainbed", "wild"):
+        known = list(spec.domains) if spec is not None else []
+        if values["train_test_domains"] is None:
+            if not known:
+                raise ConfigError(f"train.test_domains is not set and dataset {dataset!r} lists no domains; set it")
+            values["train_test_domains"] = known
+        elif known:
+            unknown = [d for d in values["train_test_domains"] if d not in known]
+            if unknown:
+                raise ConfigError(f"train.test_domains: {dataset} has no domain {unknown[0]!r}; expected some of {known}")
+    else:
+        if values["train_test_domains"] not in (None, [""]):
+            raise ConfigError(f"train.test_domains={values['train_test_domains']}: the {protocol} protocol holds out no domain; leave it unset")
+        values["train_test_domains"] = [""]  # one cell per (method, seed); DVC's matrix needs a list
+    allowed = {"domainbed": ("domainbed", "wild"), "coop": ("base2new",), "imagenet": ("imagenet", "base2new")}
+    if spec is not None and protocol not in allowed[spec.protocol]:
+        raise ConfigError(f"data.protocol={protocol!r}: dataset {dataset!r} supports {' or '.join(allowed[spec.protocol])}")
+    return values
+
+
+def grid(values: dict) -> list[dict]:
+    """The (method, held-out domain, seed) cells of a resolved configuration; "" when no domain is held out."""
+    domains = values["train_test_domains"] or [""]
+    return [{"method": m, "test_domain": d, "seed": int(s)} for d in domains for m in values["train_methods"] for s in values["train_seeds"]]
+
+
+def effective_train(values: dict) -> dict:
+    """What a grid cell trains with: the recipe's values, then the ones set (``recipes.effective_schedule``)."""
+    from alignclip.recipes import effective_schedule
+
+    return effective_schedule(values["train_recipe"], values["train_steps"], values["train_epochs"], values["train_batch_size"],
+                          values["train_lr"], values["train_hflip"])
+
+
+TRAIN_NAMES = ("model_name", "model_pretrained", "train_recipe", "train_formulation", "train_steps", "train_epochs",
+               "train_batch_size", "train_lr", "train_hflip")
+# what `alignclip train --params-file` reads (a DVC train stage's `params:` list): not the grid's lists, so adding a
+# seed, a method or a domain adds stages and re-runs nothing else
+TRAIN_KEYS = tuple(BY_NAME[n].key for n in TRAIN_NAMES) + ("data.dataset", "data.protocol")
+
+
+def train_config(params_file: str | Path | None = None, explicit: dict | None = None, meta: dict | None = None) -> dict:
+    """The settings of one `alignclip train`: schema < params file < explicit options, by pipeline name. A recipe
+    that is not set is the benchmark's for the trained data (``meta``: the prepared dataset's meta.json), else the
+    params file's dataset."""
+    values = {name: BY_NAME[name].default for name in TRAIN_NAMES}
+    from_file = load_params_file(params_file) if params_file is not None else {}
+    values.update({k: v for k, v in from_file.items() if k in values})
+    for name, value in (explicit or {}).items():
+        if value is not None:
+            values[name] = coerce(BY_NAME[name], value, f"--{BY_NAME[name].field.replace('_', '-')}: ")
+    if values["train_recipe"] is None:
+        source = meta or {"dataset": from_file.get("data_dataset", BY_NAME["data_dataset"].default),
+                          "protocol": from_file.get("data_protocol")}
+        protocol = source.get("protocol") or default_protocol(source["dataset"])
+        values["train_recipe"] = default_recipe(protocol, source["dataset"])
+    return values
+
+
+# -- checks of single command-line values ---------------------------------------------------------------------------
+
+
+def check(name: str, value, where: str = ""):
+    """One command-line value against the schema (``--steps -5`` fails like ``train.steps: -5`` would)."""
+    return coerce(lookup(name), value, where) if value is not None else None
+
+
+def check_template(template: str | None) -> str | None:
+    """A prompt template has exactly one empty field ``{}`` for the class name and nothing else to fill."""
+    if template is None:
+        return None
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        raise ConfigError(f"--template {template!r}: {err}; expected text with one {{}} for the class name") from None
+    if fields != [""]:
+        raise ConfigError(f"--template {template!r}: expected exactly one {{}} (the class name) and no other fields, got {len(fields)} field(s) {fields}")
+    return template
+
+
+def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Fail before any work when a result could not be written: the path is a file, or not writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file; expected a folder (or a path that does not exist yet)")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"{what} {path}: {probe} is a file, so the folder cannot be created")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: {probe} is not writable")
+    return path
+
+
+def check_method_switches(overrides: dict) -> dict:
+    """``--set key=value`` switches typed by MethodConfig's fields: ``aligned_layers=abc`` fails here, not mid-run."""
+    from dataclasses import fields as dataclass_fields
+
+    from alignclip.methods import MethodConfig
+
+    kinds = {f.name: f.type for f in dataclass_fields(MethodConfig)}
+    checked = {}
+    for key, value in overrides.items():
+        if key not in kinds:
+            raise ConfigError(f"--set {key}: unknown method switch; expected one of {', '.join(sorted(kinds))}")
+        kind = str(kinds[key]).replace(" ", "")
+        optional = "None" in kind
+        if value is None and optional:
+            checked[key] = None
+        elif kind.startswith("bool"):
+            if not isinstance(value, bool):
+                raise ConfigError(f"--set {key}={value!r}: expected true or false")
+            checked[key] = value
+        elif kind.startswith("int"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"--set {key}={value!r}: expected an integer")
+            if value < 0:
+                raise ConfigError(f"--set {key}={value!r}: expected 0 or more")
+            checked[key] = value
+        elif kind.startswith("float"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"--set {key}={value!r}: expected a number")
+            checked[key] = float(value)
+        else:
+            if not isinstance(value, str):
+                raise ConfigError(f"--set {key}={value!r}: expected text")
+            checked[key] = value
+    return checked
+
+
+# -- params.yaml ----------------------------------------------------------------------------------------------------
+
+
+def render_params(values: dict) -> str:
+    """A complete params file of resolved settings, with each setting's help as a comment (``config show``)."""
+    lines = ["# alignclip settings, rendered from the schema in alignclip/config.py by `alignclip config show [FAMILY]`",
+             "# (params.yaml: `alignclip config show demo > params.yaml`). `dvc repro` reads it; `alignclip pipeline ...",
+             "# --params-file` and `alignclip train|prepare --params-file` take it (or any subset of it) too.",
+             "# null = not set: the recipe's value (train.*), the dataset's (data.protocol, train.test_domains)."]
+    section = None
+    for setting in SETTINGS:
+        if setting.kfp_only:
+            continue
+        if setting.section != section:
+            section = setting.section
+            lines.append(f"{section}:")
+        value = values.get(setting.name, setting.default)
+        text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**6).split("\n")[0]
+        lines.append(f"  {setting.field}: {text}  # {setting.help}")
+    return "\n".join(lines) + "\n"

@@ -13,30 +13,15 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from alignclip import protocols
+from alignclip import artifacts, protocols
+from alignclip.artifacts import Checkpoint
+from alignclip.classifier import encode_classes, load_trained, resolve_device
 from alignclip.data.images import ManifestImages, eval_transform
 from alignclip.data.prepare import load_prepared
 from alignclip.log import get_logger
-from alignclip.methods import MethodConfig
-from alignclip.presets import load_clip
-from alignclip.train import encode_classes, make_visual, resolve_device
+from alignclip.losses import cosine_logits
 
 log = get_logger(__name__)
-
-
-def harmonic_mean(a: float, b: float) -> float:
-    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
-
-
-def load_trained(checkpoint: str | Path, device):
-    """Rebuild the model of a ``train`` checkpoint: the base weights, then the fine-tuned image encoder."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    bundle = load_clip(state["architecture"], state["pretrained"], device=device)
-    method = MethodConfig(**state["method"])
-    visual = make_visual(bundle, method)
-    if state["visual"] is not None:
-        visual.visual.load_state_dict(state["visual"])
-    return bundle, visual.to(device).eval(), state
 
 
 @torch.no_grad()
@@ -44,8 +29,7 @@ def predict(visual, text: torch.Tensor, loader, device, topk: int = 5, tau: floa
     """Predicted class, target, dataset index, and the top-k classes with their probabilities (eq. 1, tau)."""
     preds, targets, indices, top, top_prob = [], [], [], [], []
     for images, target, index in loader:
-        features = torch.nn.functional.normalize(visual(images.to(device)).float(), dim=-1)
-        logits = features @ text.T / tau
+        logits = cosine_logits(visual(images.to(device)).float(), text, tau)  # eq. 1, as in training
         best = logits.softmax(dim=-1).topk(min(topk, logits.shape[-1]), dim=-1)
         top.append(best.indices.cpu())
         top_prob.append(best.values.cpu())
@@ -53,6 +37,24 @@ def predict(visual, text: torch.Tensor, loader, device, topk: int = 5, tau: floa
         targets.append(target)
         indices.append(index)
     return torch.cat(preds), torch.cat(targets), torch.cat(indices), torch.cat(top), torch.cat(top_prob)
+
+
+def check_consistent(path, state: Checkpoint, meta: dict, test_domain: str | None) -> str | None:
+    """The checkpoint's held-out domain, after checking that the prepared dataset and the flag agree with it."""
+    for key in ("dataset", "protocol"):
+        if getattr(state, key) != meta[key]:
+            raise ValueError(
+                f"{path}: trained on {key} {getattr(state, key)!r}, but the prepared dataset has {key} {meta[key]!r}"
+            )
+    names = [meta["classes"][g] if 0 <= g < len(meta["classes"]) else None for g in state.label_space]
+    if names != state.classes:
+        raise ValueError(f"{path}: its label space's classes differ from the prepared dataset's classes at those indices")
+    if test_domain not in (None, "") and test_domain != state.test_domain:
+        raise ValueError(
+            f"test domain {test_domain!r} contradicts {path}, trained with held-out domain {state.test_domain!r}; "
+            "leave --test-domain out (the checkpoint says it)"
+        )
+    return state.test_domain
 
 
 def evaluate(
@@ -65,11 +67,19 @@ def evaluate(
     num_workers: int = 0,
     device: str = "auto",
 ) -> dict:
+    """Score a checkpoint on every evaluation view of its protocol; write metrics.json and predictions.parquet.
+
+    The held-out domain, the method and the training label space come from the checkpoint; ``test_domain``
+    need not be given, and one that contradicts the checkpoint is refused, as is a prepared dataset that is not
+    the one the checkpoint was trained on.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     manifest, meta = load_prepared(prepared_dir)
+    protocol = protocols.get_protocol(meta["protocol"])
     dev = resolve_device(device)
     bundle, visual, state = load_trained(checkpoint, dev)
+    test_domain = check_consistent(checkpoint, state, meta, test_domain)
+    out.mkdir(parents=True, exist_ok=True)
     transform = eval_transform(bundle.image_size, bundle.mean, bundle.std)
     results: dict[str, dict] = {}
     prediction_frames = []
@@ -81,7 +91,7 @@ def evaluate(
         text = encode_classes(bundle.model, bundle.tokenizer, names, meta["template"], dev)
         dataset = ManifestImages(meta, view.rows["path"].tolist(), view.rows["label"].tolist(), view.label_space, transform)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-        pred, target, index, top, top_prob = predict(visual, text, loader, dev, tau=state["method"].get("tau", 0.01))
+        pred, target, index, top, top_prob = predict(visual, text, loader, dev, tau=state.method["tau"])
         correct = int((pred == target).sum())
         results[view.name] = {
             "accuracy": 100.0 * correct / len(target),
@@ -108,25 +118,25 @@ def evaluate(
         "dataset": meta["dataset"],
         "protocol": meta["protocol"],
         "test_domain": test_domain,
-        "test_split": test_split if meta["protocol"] == "domainbed" else None,
-        "method": state["method"]["name"],
-        "variant": state.get("variant", state["method"]["name"]),
-        "seed": state.get("seed"),
+        "test_split": test_split if protocol.uses_test_split else None,
+        "method": state.method["name"],
+        "variant": state.variant,
+        "seed": state.seed,
         "checkpoint": str(checkpoint),
-        "formulation": state.get("formulation", "paper"),
+        "formulation": state.formulation,
         "views": results,
     }
-    if meta["protocol"] == "base2new" and {"base", "new"} <= set(results):
-        summary["H"] = harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary.update(protocol.derived_metrics(results))
+    headline = protocol.headline(summary)
+    summary["headline"] = None if headline is None else {"metric": headline[0], "value": headline[1]}
+    (out / artifacts.METRICS).write_text(json.dumps(summary, indent=2) + "\n")
     if prediction_frames:
-        pd.concat(prediction_frames, ignore_index=True).to_parquet(out / "predictions.parquet", index=False)
+        pd.concat(prediction_frames, ignore_index=True).to_parquet(out / artifacts.PREDICTIONS, index=False)
     return summary
 
 
 def flat_metrics(summary: dict) -> dict[str, float]:
-    """{'test_acc': ..., 'base_acc': ..., 'H': ...} for trackers and DVC."""
+    """{'test_acc': ..., 'base_acc': ..., 'H': ...}: every view's accuracy and the protocol's derived metrics."""
     flat = {f"{name}_acc": v["accuracy"] for name, v in summary["views"].items()}
-    if "H" in summary:
-        flat["H"] = summary["H"]
+    flat.update(protocols.get_protocol(summary["protocol"]).derived_metrics(summary["views"]))
     return flat

@@ -1,6 +1,7 @@
 """Loss functions of AlignCLIP (paper formulation), CLIPood, and the authors' released formulation.
 
-Every function takes plain tensors, so tests can compare each against a formula written out independently.
+Every function takes plain tensors; objective.compute_loss assembles them for a MethodConfig, and the tests check
+that assembled loss (the one training runs) against the paper's equations written out independently.
 """
 
 from __future__ import annotations
@@ -66,28 +67,6 @@ def token_text_similarity(tokens: torch.Tensor, text: torch.Tensor, tau: float |
     if tau is not None:
         sims = sims / tau
     return sims.softmax(dim=-1)
-
-
-def attention_alignment_loss(
-    cls_attn: torch.Tensor | None,
-    token_sim: torch.Tensor | None,
-    token_sim_dv: torch.Tensor,
-    attn_weight: float = 1.0,
-    sim_weight: float = 1.0,
-) -> torch.Tensor:
-    """Eq. 6: batch mean of sum_i [A log(A / G_DV) + G log(G / G_DV)].
-
-    Inputs are [B, M] distributions over the visual tokens. G_DV is the target: it is detached here, so no
-    gradient reaches it whatever the caller passes. ``attn_weight``/``sim_weight`` switch the two terms (AL and
-    AS of fig. 3b) on and off; either input may be None when its weight is 0.
-    """
-    target = token_sim_dv.detach()
-    loss = torch.zeros((), device=target.device)
-    if attn_weight:
-        loss = loss + attn_weight * kl_divergence(cls_attn, target).mean()
-    if sim_weight:
-        loss = loss + sim_weight * kl_divergence(token_sim, target).mean()
-    return loss
 
 
 # --- the authors' released formulation (formulation: release) -------------------------------------------

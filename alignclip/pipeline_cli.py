@@ -1,83 +1,165 @@
-"""`alignclip pipeline compile|submit|run`: the KFP side of the CLI (kfp is imported only here)."""
+"""`alignclip pipeline compile|submit|run`: the KFP side of the CLI. kfp (the optional extra ``alignclip[kfp]``)
+is imported only inside these functions, from the installed ``alignclip_kfp`` package."""
 
 from __future__ import annotations
 
-import sys
+import json
+import os
+import re
 from pathlib import Path
 
+from alignclip.config import ConfigError, check_family, effective_train, grid, resolve
+from alignclip.log import get_logger
 
-def _import_pipelines():
-    # pipelines/ and components/ sit at the project root, beside the package (and in the image's /app).
-    root = Path(__file__).resolve().parent.parent
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from pipelines import alignclip_pipeline
+log = get_logger(__name__)
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
+
+def _pipelines():
+    try:
+        from alignclip_kfp.pipelines import alignclip_pipeline
+    except ModuleNotFoundError as err:
+        if err.name and err.name.split(".")[0] == "kfp":
+            raise ConfigError("the pipeline commands need kfp: pip install 'alignclip[kfp]'") from None
+        raise
     return alignclip_pipeline
 
 
-def cluster_settings(gpu_type=None, gpus=None, node_selector=None, tolerations=None, retries=None):
-    module = _import_pipelines()
+def resolve_pipeline(family: str, params_file: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """Resolved settings of a family (``all``: only the MLflow settings, shared by every sub-pipeline)."""
+    if family == "all":
+        extra = sorted(set(overrides or {}) - {"mlflow_tracking_uri"})
+        if params_file is not None or extra:
+            raise ConfigError(f"the all pipeline takes only mlflow_tracking_uri (got {extra or '--params-file'}); "
+                              "compile or submit a family to change its settings")
+        return {"mlflow_tracking_uri": (overrides or {}).get("mlflow_tracking_uri", "")}
+    check_family(family)
+    return resolve(family, params_file, overrides)
+
+
+def cluster_settings(gpu_type=None, gpus=None, node_selector=None, tolerations=None, retries=None, cpu=None,
+                     memory=None, image=None, max_parallelism=None):
+    """ClusterSettings from command-line values, each checked (a bad one is one error line, before compiling)."""
+    module = _pipelines()
     settings = module.ClusterSettings()
+    settings.image = image or os.environ.get("ALIGNCLIP_IMAGE") or module.PLACEHOLDER_IMAGE
     if gpu_type:
         settings.gpu_type = gpu_type
     if gpus is not None:
+        if gpus < 0:
+            raise ConfigError(f"--gpus {gpus}: expected 0 or more accelerators per task")
         settings.gpus = gpus
     if node_selector:
-        settings.node_selector = dict(item.split("=", 1) for item in node_selector)
+        pairs = {}
+        for item in node_selector:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"--node-selector {item!r}: expected LABEL=VALUE")
+            pairs[key] = value
+        settings.node_selector = pairs
     if tolerations:
         parsed = []
-        for item in tolerations:  # key[=value]:Effect
+        for item in tolerations:  # key[=value][:Effect]
             spec, _, effect = item.partition(":")
             key, _, value = spec.partition("=")
-            parsed.append({"key": key, "operator": "Equal" if value else "Exists", **({"value": value} if value else {}), "effect": effect or "NoSchedule"})
+            effect = effect or "NoSchedule"
+            if not key or effect not in EFFECTS:
+                raise ConfigError(f"--toleration {item!r}: expected KEY[=VALUE][:EFFECT] with EFFECT one of {', '.join(EFFECTS)}")
+            parsed.append({"key": key, "operator": "Equal" if value else "Exists", **({"value": value} if value else {}), "effect": effect})
         settings.tolerations = parsed
+    for flag, value, attribute in (("--cpu", cpu, "cpu"), ("--memory", memory, "memory")):
+        if value is not None:
+            if not QUANTITY.match(str(value)):
+                raise ConfigError(f"{flag} {value!r}: expected a Kubernetes quantity such as 8, 500m, 32G or 64Gi")
+            setattr(settings, attribute, str(value))
     if retries is not None:
+        if retries < 0:
+            raise ConfigError(f"--retries {retries}: expected 0 or more")
         settings.train_retries = retries
+    if max_parallelism is not None:
+        if max_parallelism < 1:
+            raise ConfigError(f"--max-parallelism {max_parallelism}: expected at least 1 grid cell at a time")
+        settings.max_parallelism = max_parallelism
     return settings
 
 
-def grid_arguments(arguments: dict) -> dict:
-    """params.yaml's methods / test_domains / seeds become the pipeline's ``train_grid``."""
-    arguments = dict(arguments)
-    parts = [arguments.pop(k, None) for k in ("train_methods", "train_test_domains")]
-    if any(p is not None for p in parts):
-        from alignclip.config import pipeline_defaults
-
-        defaults = pipeline_defaults()
-        methods = parts[0] if parts[0] is not None else defaults["train_methods"]
-        domains = parts[1] if parts[1] is not None else defaults["train_test_domains"]
-        seeds = arguments.get("train_seeds", defaults["train_seeds"])
-        arguments["train_grid"] = _import_pipelines().make_grid(methods, domains, seeds)
-    return arguments
+def is_placeholder_image(cluster) -> bool:
+    return cluster.image == _pipelines().PLACEHOLDER_IMAGE
 
 
-def compile_pipeline(family: str, output: str | Path, cluster=None, params: dict | None = None) -> Path:
+def pipeline_arguments(family: str, values: dict) -> dict:
+    if family == "all":
+        return dict(values)
+    return _pipelines().pipeline_arguments(values)
+
+
+def _build(family: str, cluster, values: dict):
+    module = _pipelines()
+    if family == "all":
+        return module.build_all(cluster, values.get("mlflow_tracking_uri", ""))
+    return module.build_pipeline(family, cluster, values)
+
+
+def compile_pipeline(family: str, output: str | Path, cluster=None, values: dict | None = None) -> Path:
+    """The family's YAML package; its parameter defaults are ``values`` (resolved settings)."""
     from kfp import compiler
 
-    module = _import_pipelines()
-    func = module.build_all(cluster) if family == "all" else module.build_pipeline(family, cluster, params)
-    compiler.Compiler().compile(func, str(output))
+    values = values if values is not None else resolve_pipeline(family)
+    compiler.Compiler().compile(_build(family, cluster, values), str(output))
     return Path(output)
 
 
-def submit(family: str, host: str, experiment: str | None, run_name: str | None, arguments: dict, cluster=None) -> str:
+def submit(family: str, host: str, experiment: str | None, run_name: str | None, values: dict, cluster=None) -> str:
+    """Create a run on a KFP cluster with every parameter explicit (what `--dry-run` prints)."""
     import kfp
 
-    module = _import_pipelines()
-    func = module.build_all(cluster) if family == "all" else module.build_pipeline(family, cluster)
     client = kfp.Client(host=host)
+    arguments = pipeline_arguments(family, values)
+    default_experiment = values.get("mlflow_experiment") or ("alignclip" if family == "all" else check_family(family).experiment)
     result = client.create_run_from_pipeline_func(
-        func, arguments=grid_arguments(arguments), experiment_name=experiment or module.FAMILIES.get(family, ("alignclip",))[0], run_name=run_name
+        _build(family, cluster, values), arguments=arguments, experiment_name=experiment or default_experiment, run_name=run_name
     )
     return f"{host.rstrip('/')}/#/runs/details/{result.run_id}"
 
 
-def run_local(family: str, pipeline_root: str | Path, arguments: dict):
+def run_local(family: str, pipeline_root: str | Path, values: dict):
     from kfp import local
 
-    module = _import_pipelines()
+    module = _pipelines()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     # Locally a failure is a bug to see at once: no retries with minute-long back-offs.
-    func = module.build_pipeline(family, module.ClusterSettings(train_retries=0))
-    return func(**grid_arguments(arguments))
+    func = module.build_pipeline(family, module.ClusterSettings(train_retries=0), values)
+    return func(**module.pipeline_arguments(values))
+
+
+def dry_run(family: str, values: dict) -> str:
+    """The effective parameters of every task of the run, one line each: the pipeline's arguments and the exact
+    `alignclip` command each task runs (artifact paths shown as <placeholders>)."""
+    from alignclip.tasks import evaluate_args, prepare_args, similarity_args, train_args
+
+    if family == "all":
+        return "all: " + json.dumps(values) + "\n" + "\n".join(dry_run(name, resolve(name, None, values)) for name in
+                                                               ("domain_shift", "imagenet", "base2new", "wild"))
+    train = effective_train(values)
+    a = {"steps": int(train["steps"] or 0), "epochs": int(train["epochs"] or 0), "batch_size": train["batch_size"],
+         "lr": train["lr"], "hflip": train["hflip"]}
+    lines = [f"{family}: {json.dumps({k: v for k, v in values.items()}, ensure_ascii=False)}"]
+    lines.append("prepare: alignclip " + " ".join(prepare_args(
+        values["data_dataset"], values["data_root"], "<prepared>", values["data_protocol"], values["data_holdout_fraction"],
+        values["data_trial_seed"], values["data_shots"], values["train_seeds"])))
+    lines.append("similarity: alignclip " + " ".join(similarity_args("<prepared>", "<matrix>", values["model_name"], values["model_pretrained"])))
+    for cell in grid(values):
+        label = f"{cell['method']}/{cell['test_domain'] or '-'}/s{cell['seed']}"
+        lines.append(f"train {label}: alignclip " + " ".join(_quote(x) for x in train_args(
+            "<prepared>", "<model>", cell, values["train_formulation"], values["train_recipe"], a["steps"], a["epochs"],
+            a["batch_size"], a["lr"], a["hflip"], values["model_name"], values["model_pretrained"], "<matrix>/similarity.pt")))
+        lines.append(f"evaluate {label}: alignclip " + " ".join(_quote(x) for x in evaluate_args(
+            "<prepared>", "<model>/model.pt", "<results>", values["data_test_split"])))
+    return "\n".join(lines)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return arg if arg.startswith("<") else shlex.quote(arg)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from alignclip import s3
 from alignclip.log import get_logger
 
 log = get_logger(__name__)
@@ -65,45 +66,6 @@ def _register_tiny() -> None:
         _TINY_REGISTERED = True
 
 
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key/with/slashes`` -> (bucket, key); anything else is a ValueError naming the URI."""
-    if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    rest = uri[len("s3://") :]
-    bucket, _, key = rest.partition("/")
-    if not bucket or not key or key.endswith("/"):
-        raise ValueError(f"bad S3 URI {uri!r}: expected s3://<bucket>/<key> naming one object")
-    return bucket, key
-
-
-def s3_client():
-    """A boto3 S3 client; honours ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for S3-compatible stores."""
-    import boto3
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint) if endpoint else boto3.client("s3")
-
-
-def fetch_s3_object(uri: str, cache_dir: str | Path | None = None) -> Path:
-    """Download one S3 object to the local cache (once) and return its path."""
-    bucket, key = parse_s3_uri(uri)
-    cache = Path(cache_dir or os.environ.get("ALIGNCLIP_CACHE", Path.home() / ".cache" / "alignclip"))
-    target = cache / "s3" / bucket / key
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    partial = target.with_suffix(target.suffix + ".partial")
-    try:
-        s3_client().download_file(bucket, key, str(partial))
-    except (ClientError, BotoCoreError) as err:
-        partial.unlink(missing_ok=True)
-        raise FileNotFoundError(f"cannot fetch {uri}: {err}") from err
-    partial.rename(target)
-    return target
-
-
 def resolve_weights(pretrained: str | None) -> str | None:
     """Turn a weights source into what open_clip accepts: a tag, a local file path, or None."""
     if pretrained is None or str(pretrained).lower() in ("", "none", "random"):
@@ -115,8 +77,8 @@ def resolve_weights(pretrained: str | None) -> str | None:
         if source != pretrain.SOURCE:
             raise ValueError(f"unknown project weights {source!r}: expected {pretrain.SOURCE!r}")
         return str(pretrain.cached_weights())
-    if source.startswith("s3://"):
-        return str(fetch_s3_object(source))
+    if s3.is_s3(source):
+        return str(s3.fetch_object(source))
     looks_like_path = os.sep in source or source.endswith((".pt", ".pth", ".bin", ".safetensors"))
     if looks_like_path and not Path(source).is_file():
         raise FileNotFoundError(f"checkpoint file not found: {source} (model.pretrained)")

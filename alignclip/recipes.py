@@ -1,7 +1,7 @@
 """Named hyper-parameter recipes, each with its source: the paper's defaults (A.1) and the released scripts'.
 
-Precedence: a value given on the command line (or in params.yaml's train section) beats the recipe, which beats
-the library defaults. Epoch-based recipes turn into steps at training time: epochs x iterations per epoch
+Precedence (alignclip/config.py): method defaults < recipe < family defaults < params file < command line; a
+value that is not set (None) leaves the recipe's. Epoch-based recipes turn into steps at training time: epochs x iterations per epoch
 (500 for the DomainBed scripts; one pass over the few-shot set for base-to-new).
 """
 
@@ -62,29 +62,56 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+# Without a recipe: TrainSettings' defaults (alignclip/train.py; tests/test_config.py keeps the two equal). Written
+# out here so that resolving settings (pipeline commands, --dry-run) does not import torch.
+NO_RECIPE = Recipe("library defaults", 5e-6, 36, 5000)
+
+
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}: expected one of {', '.join(RECIPES)}")
     return RECIPES[name]
 
 
-def apply_recipe(settings, name: str | None, steps=None, batch_size=None, lr=None):
-    """TrainSettings with the recipe's values, then the explicit ones (which win)."""
+def effective_schedule(name: str | None, steps=None, epochs=None, batch_size=None, lr=None, hflip=None) -> dict:
+    """The effective training settings: the recipe's values (the library's defaults without one), then the ones set.
+
+    ``None`` is "not set" (never 0). The length is ``steps`` whenever it is known before the data is (steps, or
+    epochs x iterations per epoch); else ``epochs`` passes over the training set. An explicit ``steps`` beats the
+    recipe's epochs and an explicit ``epochs`` its steps."""
+    base = NO_RECIPE
+    effective = {"recipe": name, "lr": base.lr, "batch_size": base.batch_size, "steps": base.steps, "epochs": base.epochs,
+                 "iters_per_epoch": base.iters_per_epoch, "hflip": base.hflip, "method_switches": {}}
     if name:
         recipe = get_recipe(name)
-        overrides = {**recipe.method, **settings.overrides}
-        settings = replace(
-            settings,
-            lr=recipe.lr,
-            batch_size=recipe.batch_size,
-            steps=recipe.steps,
-            epochs=recipe.epochs,
-            iters_per_epoch=recipe.iters_per_epoch,
-            hflip=settings.hflip and recipe.hflip,
-            overrides=overrides,
-            recipe=name,
-        )
-    updates = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr}.items() if v is not None}
-    if "steps" in updates:
-        updates["epochs"] = None
-    return replace(settings, **updates)
+        effective.update(lr=recipe.lr, batch_size=recipe.batch_size, steps=recipe.steps, epochs=recipe.epochs,
+                         iters_per_epoch=recipe.iters_per_epoch, hflip=recipe.hflip, method_switches=dict(recipe.method))
+    if steps is not None:
+        effective.update(steps=steps, epochs=None, iters_per_epoch=None)
+    elif epochs is not None:
+        effective.update(steps=None, epochs=epochs)
+    if not effective["steps"] and effective["epochs"] and effective["iters_per_epoch"]:
+        effective["steps"] = effective["epochs"] * effective["iters_per_epoch"]
+    if effective["steps"]:
+        effective.update(epochs=None, iters_per_epoch=None)
+    for key, value in (("batch_size", batch_size), ("lr", lr), ("hflip", hflip)):
+        if value is not None:
+            effective[key] = value
+    return effective
+
+
+def apply_recipe(settings, name: str | None, steps=None, batch_size=None, lr=None, epochs=None, hflip=None):
+    """TrainSettings with the recipe's values, then the explicit ones (which win); the recipe's method switches
+    sit under the switches already set (``--set``)."""
+    effective = effective_schedule(name, steps, epochs, batch_size, lr, hflip)
+    return replace(
+        settings,
+        lr=effective["lr"],
+        batch_size=effective["batch_size"],
+        steps=effective["steps"],
+        epochs=effective["epochs"],
+        iters_per_epoch=effective["iters_per_epoch"],
+        hflip=effective["hflip"],
+        overrides={**effective["method_switches"], **settings.overrides},
+        recipe=name,
+    )

@@ -9,7 +9,6 @@ without SLS (fig. 4).
 
 from __future__ import annotations
 
-import functools
 import html
 import json
 import math
@@ -23,16 +22,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from alignclip import artifacts, protocols  # noqa: E402
 from alignclip.log import get_logger  # noqa: E402
 
 log = get_logger(__name__)
-PAPER_RESULTS = Path(__file__).parent / "resources" / "paper_results.json"
-METHOD_ORDER = ["zeroshot", "erm", "clipood", "alignclip"]
-
-
-@functools.lru_cache(maxsize=1)
-def paper_results() -> dict:
-    return json.loads(PAPER_RESULTS.read_text())
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -41,8 +34,10 @@ def paper_results() -> dict:
 def collect(results_dir: str | Path) -> pd.DataFrame:
     """One row per (run, view) from every metrics.json below ``results_dir``."""
     rows = []
-    for path in sorted(Path(results_dir).rglob("metrics.json")):
+    for path in sorted(Path(results_dir).rglob(artifacts.METRICS)):
         summary = json.loads(path.read_text())
+        if summary.get("protocol") not in protocols.PROTOCOLS:
+            raise ValueError(f"{path}: unknown protocol {summary.get('protocol')!r}: expected one of {', '.join(protocols.PROTOCOLS)}")
         for view, value in summary["views"].items():
             rows.append(
                 {
@@ -73,12 +68,6 @@ def _fmt(mean: float | None, std: float | None = None) -> str:
     return f"{mean:.1f} ± {std:.1f}" if std is not None and not np.isnan(std) else f"{mean:.1f}"
 
 
-def _paper_value(entry) -> float | None:
-    if entry is None:
-        return None
-    return float(entry[0] if isinstance(entry, list) else entry)
-
-
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds of every (dataset, protocol, method, formulation, held-out domain, view)."""
     keys = ["dataset", "protocol", "method", "variant", "formulation", "test_domain", "test_split", "view"]
@@ -87,104 +76,15 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _order(methods) -> list[str]:
-    return sorted(methods, key=lambda m: (METHOD_ORDER.index(m.split(" ")[0]) if m.split(" ")[0] in METHOD_ORDER else 99, m))
-
-
 def build_tables(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Tables keyed by name, each with ``ours`` and ``paper`` and ``diff`` columns where the paper has a number."""
-    paper = paper_results()
+    """Tables keyed by name, each with ``ours`` and ``paper`` and ``diff`` columns where the paper has a number;
+    each protocol shapes its own (protocols/<name>.py)."""
     tables: dict[str, pd.DataFrame] = {}
-    for (dataset, protocol), part in summary.groupby(["dataset", "protocol"]):
-        part = part.assign(label=part["variant"])
-        rows = []
-        if protocol == "domainbed":
-            # Table 1 / 6: accuracy on each held-out domain, and the average over domains.
-            test = part[part["view"] == "test"]
-            pub = paper["domainbed"].get(dataset, {})
-            for label in _order(test["label"].unique()):
-                mine = test[test["label"] == label]
-                method = mine["method"].iloc[0]
-                ablation = _ablation_row(dataset, label)
-                # the paper's method numbers stand beside the method under either formulation, not beside ablations
-                comparable = label in (method, f"{method}+release")
-                for _, r in mine.sort_values("test_domain").iterrows():
-                    published = _paper_value(pub.get("domains", {}).get(r["test_domain"], {}).get(method)) if comparable else None
-                    if ablation is not None:
-                        published = _paper_value(ablation.get(r["test_domain"]))
-                    rows.append(_row(label, r["test_domain"], r["mean"], r["std"], published, r["seeds"]))
-                published = _paper_value(pub.get("avg", {}).get(method)) if comparable else None
-                if ablation is not None:
-                    published = _paper_value(ablation.get("avg"))
-                rows.append(_row(label, "Avg", mine["mean"].mean(), None, published, int(mine["seeds"].min())))
-            name = f"domain_shift_{dataset}"
-        elif protocol == "wild":
-            # Table 4: all classes of the held-out domain (base and new), plus base / new separately.
-            pub = paper["wild"].get(dataset, {})
-            for label in _order(part["label"].unique()):
-                mine = part[part["label"] == label]
-                method = mine["method"].iloc[0]
-                for domain in sorted(mine["test_domain"].unique()):
-                    for view in ("all", "base", "new"):
-                        r = mine[(mine["test_domain"] == domain) & (mine["view"] == view)]
-                        if r.empty:
-                            continue
-                        published = _paper_value(pub.get(method, {}).get(domain)) if view == "all" else None
-                        rows.append(_row(label, f"{domain} ({view})", r["mean"].iloc[0], r["std"].iloc[0], published, r["seeds"].iloc[0]))
-            name = f"wild_{dataset}"
-        elif protocol == "base2new":
-            # Table 3 / 5: base, new and their harmonic mean H.
-            pub = paper["base2new"].get(dataset, {})
-            for label in _order(part["label"].unique()):
-                mine = part[part["label"] == label]
-                method = mine["method"].iloc[0]
-                base = mine[mine["view"] == "base"]["mean"]
-                new = mine[mine["view"] == "new"]["mean"]
-                for view, series in (("base", base), ("new", new)):
-                    if not series.empty:
-                        std = mine[mine["view"] == view]["std"].iloc[0]
-                        rows.append(_row(label, view, series.iloc[0], std, _paper_value(pub.get(method, {}).get(view)), mine["seeds"].iloc[0]))
-                if not base.empty and not new.empty:
-                    h = 2 * base.iloc[0] * new.iloc[0] / max(base.iloc[0] + new.iloc[0], 1e-9)
-                    rows.append(_row(label, "H", h, None, _paper_value(pub.get(method, {}).get("H")), mine["seeds"].iloc[0]))
-            name = f"base2new_{dataset}"
-        else:
-            # Table 2: ImageNet and its shifted variants, and the average over the variants.
-            pub = paper["imagenet"]
-            for label in _order(part["label"].unique()):
-                mine = part[part["label"] == label]
-                method = mine["method"].iloc[0]
-                for _, r in mine.sort_values("view").iterrows():
-                    rows.append(_row(label, r["view"], r["mean"], r["std"], _paper_value(pub.get(method, {}).get(r["view"])), r["seeds"]))
-                ood = mine[mine["view"] != "imagenet"]["mean"]
-                if not ood.empty:
-                    rows.append(_row(label, "ood_avg", ood.mean(), None, _paper_value(pub.get(method, {}).get("ood_avg")), int(mine["seeds"].min())))
-            name = f"imagenet_{dataset}"
-        tables[name] = pd.DataFrame(rows)
+    for (dataset, protocol_name), part in summary.groupby(["dataset", "protocol"]):
+        protocol = protocols.get_protocol(protocol_name)
+        rows = protocol.table_rows(dataset, part.assign(label=part["variant"]))
+        tables[f"{protocol.table_prefix}_{dataset}"] = pd.DataFrame(rows)
     return tables
-
-
-def _ablation_row(dataset: str, label: str) -> dict | None:
-    """The paper's ablation numbers (VLCS) for a variant label: table 9 (pooling) and table 10 (D-V vs V-V-V)."""
-    if dataset != "vlcs":
-        return None
-    tables = paper_results()["ablations"]
-    return {
-        "erm[pooling=avg]": tables["table9_pooling_vlcs"]["avg"],
-        "alignclip[branch=vvv]": tables["table10_branch_vlcs"]["vvv"],
-    }.get(label)
-
-
-def _row(method, column, mean, std, published, seeds) -> dict:
-    return {
-        "method": method,
-        "split": column,
-        "ours_mean": round(float(mean), 2),
-        "ours_std": None if std is None or np.isnan(std) else round(float(std), 2),
-        "seeds": int(seeds),
-        "paper": published,
-        "diff": None if published is None else round(float(mean) - published, 2),
-    }
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -299,8 +199,8 @@ def find_runs(results_dir: str | Path) -> list[RunRecord]:
 
     results_dir = Path(results_dir)
     trained = {}
-    for train_json in sorted(results_dir.rglob("train.json")):
-        if not (train_json.parent / "model.pt").exists():
+    for train_json in sorted(results_dir.rglob(artifacts.TRAIN_SUMMARY)):
+        if not (train_json.parent / artifacts.MODEL).exists():
             continue
         info = json.loads(train_json.read_text())
         settings = info.get("settings", {})
@@ -309,16 +209,16 @@ def find_runs(results_dir: str | Path) -> list[RunRecord]:
         except (TypeError, KeyError, ValueError):
             continue
         key = (variant, settings.get("formulation", "paper"), settings.get("test_domain") or "", settings.get("seed"))
-        trained.setdefault(key, train_json.parent / "model.pt")
+        trained.setdefault(key, train_json.parent / artifacts.MODEL)
     runs = []
-    for path in sorted(results_dir.rglob("metrics.json")):
+    for path in sorted(results_dir.rglob(artifacts.METRICS)):
         summary = json.loads(path.read_text())
         formulation = summary.get("formulation", "paper")
         variant = summary.get("variant") or summary["method"]
         domain = summary.get("test_domain") or ""
-        beside = path.parent / "model.pt"
+        beside = path.parent / artifacts.MODEL
         checkpoint = beside if beside.exists() else trained.get((variant, formulation, domain, summary.get("seed")))
-        predictions = path.parent / "predictions.parquet"
+        predictions = path.parent / artifacts.PREDICTIONS
         runs.append(RunRecord(str(path.parent.relative_to(results_dir)), summary["method"], formulation, variant, domain,
                               summary.get("seed"), path, predictions if predictions.exists() else None, checkpoint))
     return runs
@@ -394,15 +294,13 @@ def attention_maps(runs: list[RunRecord], prepared_dir: Path, path: Path, count:
     the AlignCLIP run beside them, so every column is computed the same way (or the paper's defaults, if none)."""
     import torch
 
-    from alignclip import losses, protocols
+    from alignclip import losses
     from alignclip.data.images import ManifestImages, eval_transform
     from alignclip.data.prepare import load_prepared
     from alignclip.data.storage import open_image
-    from alignclip.evaluate import load_trained
+    from alignclip.classifier import encode_classes, load_trained
     from alignclip.methods import MethodConfig
     from alignclip.model import AlignCLIPVisual
-
-    from alignclip.train import encode_classes
 
     if not runs:
         return None
@@ -417,10 +315,10 @@ def attention_maps(runs: list[RunRecord], prepared_dir: Path, path: Path, count:
     present = sorted(firsts["label"].tolist(), key=lambda c: rank.get(c, c))
     rows = firsts.set_index("label").loc[_spread(present, count)].reset_index()
     loaded = [(run, *load_trained(run.checkpoint, "cpu")) for run in runs]
-    reference = next((state["method"] for _, _, _, state in loaded if state["method"].get("aal")), None)
+    reference = next((state.method for _, _, _, state in loaded if state.method.get("aal")), None)
     panels = []
     for run, bundle, _, state in loaded:
-        own = state["method"]
+        own = state.method
         settings = MethodConfig(**(own if own.get("aal") else (reference or MethodConfig().to_dict())))
         wrapped = AlignCLIPVisual(bundle.model.visual, aligned_layers=settings.aligned_layers, dv_layers=settings.dv_layers,
                                   branch=settings.branch, cls_attn_norm=settings.cls_attn_norm).eval()
@@ -565,16 +463,16 @@ def build_report(results_dir, out_dir, prepared_dir=None, similarity_dir=None) -
         captions[name] = table_caption(results[(results["dataset"] == dataset) & (results["protocol"] == protocol)])
         sections.append(f"## {name}\n\n{markdown}\n{captions[name]}\n")
     figures = []  # (title, file, caption)
-    meta = json.loads((Path(prepared_dir) / "meta.json").read_text()) if prepared_dir else None
-    if similarity_dir and (Path(similarity_dir) / "similarity.png").exists():
-        target = out / "similarity.png"
-        target.write_bytes((Path(similarity_dir) / "similarity.png").read_bytes())
+    meta = json.loads((Path(prepared_dir) / artifacts.META).read_text()) if prepared_dir else None
+    if similarity_dir and (Path(similarity_dir) / artifacts.SIMILARITY_HEATMAP).exists():
+        target = out / artifacts.SIMILARITY_HEATMAP
+        target.write_bytes((Path(similarity_dir) / artifacts.SIMILARITY_HEATMAP).read_bytes())
         how = figure_provenance(target).get("class_order", "label order")
         figures.append(("Class similarity matrix (fig. 6)", target.name, f"Classes in {how}."))
     runs = find_runs(results_dir)
     by_folder = {r.run: r for r in runs}
     logs = {}
-    for log_path in sorted(results_dir.rglob("train_log.csv")):
+    for log_path in sorted(results_dir.rglob(artifacts.TRAIN_LOG)):
         frame = pd.read_csv(log_path)
         if len(frame):
             logs[str(log_path.parent.relative_to(results_dir))] = frame
@@ -612,11 +510,11 @@ def build_report(results_dir, out_dir, prepared_dir=None, similarity_dir=None) -
     for title, name, caption in figures:
         sections.append(f"## {title}\n\n![{title}]({name})\n\n{caption}\n")
     page = "\n".join(sections)
-    (out / "index.md").write_text(page)
-    (out / "index.html").write_text(_html(intro, tables, captions, figures))
+    (out / artifacts.REPORT_MARKDOWN).write_text(page)
+    (out / artifacts.REPORT_PAGE).write_text(_html(intro, tables, captions, figures))
     (out / "report.json").write_text(json.dumps({"tables": list(tables), "captions": captions, "figures": [f for _, f, _ in figures]}, indent=2) + "\n")
-    log.info("report: %d tables, %d figures -> %s", len(tables), len(figures), out / "index.html")
-    return out / "index.html"
+    log.info("report: %d tables, %d figures -> %s", len(tables), len(figures), out / artifacts.REPORT_PAGE)
+    return out / artifacts.REPORT_PAGE
 
 
 def _run_list(runs: list[dict]) -> str:

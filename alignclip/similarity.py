@@ -14,7 +14,12 @@ def class_similarity_matrix(text_features: torch.Tensor, scale: float = 1.0) -> 
     """
     if text_features.dim() != 2:
         raise ValueError(f"text_features must be [C, D], got shape {tuple(text_features.shape)}")
-    return (scale * cosine_matrix(text_features)).softmax(dim=-1)
+    return row_softmax(cosine_matrix(text_features), scale)
+
+
+def row_softmax(cosine: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Row i: softmax_j(scale * cosine[i, j]), the smoothing target of class i (the one place it is computed)."""
+    return (scale * cosine).softmax(dim=-1)
 
 
 def save_similarity(path, cosine: torch.Tensor, classes: list[str], architecture: str, pretrained: str | None) -> None:
@@ -38,9 +43,39 @@ def load_similarity(path, architecture: str, label_space: list[int], scale: floa
     index = torch.as_tensor(label_space)
     if int(index.max()) >= state["cosine"].shape[0]:
         raise ValueError(f"{path}: {state['cosine'].shape[0]} classes, label space needs index {int(index.max())}")
-    return (scale * state["cosine"][index][:, index]).softmax(dim=-1)
+    return row_softmax(state["cosine"][index][:, index], scale)
 
 
 def cosine_matrix(text_features: torch.Tensor) -> torch.Tensor:
     normed = F.normalize(text_features.float(), dim=-1)
     return normed @ normed.T
+
+
+def similarity_stage(prepared_dir, out_dir, model: str, pretrained: str | None, scale: float, tracker) -> dict:
+    """`alignclip similarity`: the raw cosine matrix of every class prompt (similarity.pt), its row softmax at
+    ``scale`` (similarity.csv) and the heatmap (similarity.png, fig. 6). Returns the prepared dataset's meta."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from alignclip import artifacts
+    from alignclip.classifier import encode_classes
+    from alignclip.data.prepare import load_prepared
+    from alignclip.presets import load_clip
+    from alignclip.report import plot_similarity
+
+    out_dir = Path(out_dir)
+    _, meta = load_prepared(prepared_dir)
+    bundle = load_clip(model, pretrained)
+    text = encode_classes(bundle.model, bundle.tokenizer, meta["classes"], meta["template"], "cpu")
+    cosine = cosine_matrix(text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_similarity(out_dir / artifacts.SIMILARITY_MATRIX, cosine, meta["classes"], bundle.architecture, bundle.pretrained)
+    soft = row_softmax(cosine, scale)
+    pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / artifacts.SIMILARITY_CSV)
+    plot_similarity(soft.numpy(), meta["classes"], out_dir / artifacts.SIMILARITY_HEATMAP, meta=meta, cosine=cosine.numpy(),
+                    provenance={"model": bundle.architecture, "pretrained": bundle.pretrained, "scale": scale})
+    tracker.log_params({"model": model, "pretrained": pretrained, "classes": len(meta["classes"]), "scale": scale})
+    tracker.log_artifact(out_dir / artifacts.SIMILARITY_HEATMAP)
+    tracker.log_artifact(out_dir / artifacts.SIMILARITY_CSV)
+    return meta

@@ -25,3 +25,44 @@ def task_env(parent_run_file: str, experiment: str, tracking_uri: str) -> dict:
 def run_cli(*args: str, env: dict | None = None) -> None:
     """`alignclip ARGS...` with this interpreter: the same CLI as the image's entrypoint."""
     subprocess.run([sys.executable, "-m", "alignclip", *map(str, args)], check=True, env=env)
+
+
+# The CLI command of each pipeline stage, built in one place: the KFP components run exactly these, and
+# `alignclip pipeline submit|run --dry-run` prints them.
+
+
+def prepare_args(dataset: str, root: str, out: str, protocol: str, holdout_fraction: float, trial_seed: int, shots: int,
+                 seeds) -> list[str]:
+    cmd = ["prepare", dataset, root, out, "--protocol", protocol, "--holdout-fraction", str(holdout_fraction),
+           "--trial-seed", str(int(trial_seed)), "--shots", str(int(shots))]
+    for seed in seeds:
+        cmd += ["--seed", str(int(seed))]
+    return cmd
+
+
+def similarity_args(prepared: str, out: str, model_name: str, pretrained: str) -> list[str]:
+    return ["similarity", prepared, out, "--model", model_name, "--pretrained", pretrained]
+
+
+def train_args(prepared: str, out: str, cell: dict, formulation: str, recipe: str, steps: int, epochs: int,
+               batch_size: int, lr: float, hflip: bool, model_name: str, pretrained: str, similarity: str) -> list[str]:
+    """Every training setting explicit (resolved before submission): the pipeline's parameters are what runs.
+    The length is ``steps``, or ``epochs`` passes over the training set when steps is 0 (known only from the data)."""
+    cmd = ["train", prepared, out, "--method", cell["method"], "--seed", str(int(cell["seed"])),
+           "--formulation", formulation, "--model", model_name, "--pretrained", pretrained, "--no-progress",
+           "--similarity", similarity, "--recipe", recipe, "--batch-size", str(int(batch_size)), "--lr", repr(float(lr)),
+           "--hflip" if hflip else "--no-hflip"]
+    if int(steps) > 0:
+        cmd += ["--steps", str(int(steps))]
+    elif int(epochs) > 0:
+        cmd += ["--epochs", str(int(epochs))]
+    else:
+        raise ValueError(f"train_steps={steps} and train_epochs={epochs}: one of them must be positive")
+    if cell["test_domain"]:
+        cmd += ["--test-domain", cell["test_domain"]]
+    return cmd
+
+
+def evaluate_args(prepared: str, checkpoint: str, out: str, test_split: str) -> list[str]:
+    """The held-out domain is the checkpoint's own (evaluate reads it from there)."""
+    return ["evaluate", prepared, checkpoint, out, "--test-split", test_split]

@@ -1,7 +1,10 @@
 """`alignclip train`: fine-tune the image encoder of a CLIP model with one method of the registry.
 
-The loop in ``train`` is the whole algorithm (Algorithm 1): text features are computed once with the frozen
-text encoder; each step samples a batch (``batch_size`` images per training domain for multi-domain data, as
+Three parts, read in one sitting: ``setup`` builds everything a run needs (settings, training rows, model,
+frozen text features, similarity targets, data streams, optimiser, BMA); ``train_step`` is one optimiser step of
+the method's loss (``bench/`` times it); ``write_checkpoint`` writes the result. The loop in ``train`` is the
+whole algorithm (Algorithm 1): text features are computed once with the frozen text encoder; each step samples a
+batch (``batch_size`` images per training domain for multi-domain data, as
 CLIPood), computes the method's loss, takes an AdamW step on a cosine schedule and folds the new weights into
 the Beta Moving Average. The averaged model is the result.
 """
@@ -18,11 +21,11 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from alignclip import protocols
+from alignclip import artifacts, protocols
 from alignclip.bma import BetaMovingAverage
+from alignclip.classifier import encode_classes, make_visual, resolve_device
 from alignclip.data.images import ManifestImages, train_transform
 from alignclip.data.prepare import load_prepared
-from alignclip.data.registry import prompt
 from alignclip.log import get_logger
 from alignclip.methods import MethodConfig, get_method, split_method
 from alignclip.model import AlignCLIPVisual
@@ -49,29 +52,12 @@ class TrainSettings:
     batch_size: int = 36  # per training domain for multi-domain protocols
     lr: float = 5e-6
     weight_decay: float = 0.1
-    warmup_steps: int = 0
     hflip: bool = True
     crop_scale: tuple[float, float] = (0.7, 1.0)
     num_workers: int = 0
     device: str = "auto"
     log_every: int = 10
     progress: bool = True
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-@torch.no_grad()
-def encode_classes(model, tokenizer, class_names: list[str], template: str, device) -> torch.Tensor:
-    """Frozen, L2-normalised text features of the class prompts [C, D]."""
-    tokens = tokenizer([prompt(template, name) for name in class_names]).to(device)
-    features = []
-    for chunk in tokens.split(256):
-        features.append(model.encode_text(chunk).float())
-    return torch.nn.functional.normalize(torch.cat(features), dim=-1)
 
 
 def total_steps(settings: TrainSettings, train_images: int, domains: int) -> int:
@@ -83,10 +69,9 @@ def total_steps(settings: TrainSettings, train_images: int, domains: int) -> int
     return int(settings.epochs * per_epoch)
 
 
-def cosine_lr(step: int, total: int, base_lr: float, warmup: int = 0) -> float:
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+def cosine_lr(step: int, total: int, base_lr: float) -> float:
+    """Cosine decay from ``base_lr`` at step 0 towards 0 at ``total``, no warm-up (CLIPood)."""
+    progress = step / max(1, total)
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
@@ -104,31 +89,28 @@ def infinite_batches(dataset, batch_size: int, generator: torch.Generator, num_w
         yield from loader
 
 
-def make_visual(bundle, method: MethodConfig) -> AlignCLIPVisual:
-    return AlignCLIPVisual(
-        bundle.model.visual,
-        aligned_layers=method.aligned_layers if method.aal else 0,
-        dv_layers=method.dv_layers if method.aal else 0,
-        branch=method.branch,
-        pooling=method.pooling,
-        cls_attn_norm=method.cls_attn_norm,
-    )
+@dataclass
+class TrainingRun:
+    """Everything ``setup`` builds for one (method, held-out domain, seed): read by the loop and the checkpoint."""
+
+    settings: TrainSettings
+    method: MethodConfig
+    bundle: object  # presets.CLIPBundle
+    visual: AlignCLIPVisual
+    text: torch.Tensor  # frozen class text features of the training label space [C, D]
+    class_sim: torch.Tensor  # SLS targets over the training label space [C, C]
+    label_space: list[int]
+    classes: list[str]  # names of the label space's classes
+    summary: dict  # what train.json records
+    device: torch.device
+    steps: int = 0
+    streams: list = field(default_factory=list)  # (dataset, endless batches) per balanced group
+    optimizer: torch.optim.Optimizer | None = None
+    bma: BetaMovingAverage | None = None
 
 
-def train(
-    prepared_dir: str | Path,
-    out_dir: str | Path,
-    settings: TrainSettings,
-    tracker=None,
-    similarity_path: str | Path | None = None,
-    callbacks: list | None = None,
-) -> dict:
-    """Train one (method, held-out domain, seed) and write ``model.pt``, ``train_log.csv`` and ``train.json``.
-
-    ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)``.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: str | Path | None = None) -> TrainingRun:
+    """Settings, training rows and label space, model, text features, similarity targets, data streams, optimiser."""
     method_name, formulation = split_method(settings.method, settings.formulation)
     settings = replace(settings, method=method_name, formulation=formulation)
     method = get_method(settings.method, settings.formulation, **settings.overrides)
@@ -158,60 +140,127 @@ def train(
         "train_images": int(len(rows)),
         "label_space": label_space,
     }
-    if tracker is not None:
-        tracker.log_params({"method": method.to_dict(), "train": asdict(settings), "dataset": meta["dataset"]})
+    run = TrainingRun(settings, method, bundle, visual, text, class_sim, label_space, class_names, summary, device)
     if not method.trains:
-        torch.save({"visual": None, **_checkpoint_info(bundle, method, settings, label_space)}, out / "model.pt")
-        (out / "train.json").write_text(json.dumps({**summary, "steps": 0}, indent=2) + "\n")
-        (out / "train_log.csv").write_text("step,loss\n")
-        log.info("zero-shot: nothing to train")
-        return summary
+        return run
 
     # Data: one stream per training domain for multi-domain protocols (CLIPood), else one stream.
     transform = train_transform(bundle.image_size, bundle.mean, bundle.std, settings.hflip, settings.crop_scale)
-    group_key = "domain" if meta["protocol"] in ("domainbed", "wild") else None
+    group_key = protocols.get_protocol(meta["protocol"]).group_key
     groups = [g for _, g in rows.groupby(group_key, sort=True)] if group_key else [rows]
     generator = torch.Generator().manual_seed(settings.seed)
-    steps = total_steps(settings, len(rows), len(groups))
-    streams = []
+    run.steps = total_steps(settings, len(rows), len(groups))
     for group in groups:
         dataset = ManifestImages(meta, group["path"].tolist(), group["label"].tolist(), label_space, transform)
-        streams.append((dataset, infinite_batches(dataset, settings.batch_size, generator, settings.num_workers)))
+        run.streams.append((dataset, infinite_batches(dataset, settings.batch_size, generator, settings.num_workers)))
+    run.optimizer = make_optimizer(bundle, visual, settings.lr, settings.weight_decay)
+    run.bma = BetaMovingAverage(visual, run.steps, method.bma_beta) if method.bma else None
+    return run
 
-    # Only the image encoder trains; the text encoder is frozen (text features are precomputed above).
+
+def make_optimizer(bundle, visual: AlignCLIPVisual, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the image encoder only (the text encoder is frozen; its features are precomputed); no weight
+    decay on biases, norms and embeddings."""
     for p in bundle.model.parameters():
         p.requires_grad_(False)
     for p in visual.parameters():
         p.requires_grad_(True)
     decay = [p for n, p in visual.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in visual.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr,
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )
-    bma = BetaMovingAverage(visual, steps, method.bma_beta) if method.bma else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    log_path = out / "train_log.csv"
+
+def autocast_for(device: torch.device):
+    """bfloat16 autocast on a GPU; full precision on the CPU (bit-for-bit reproducible runs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def train_step(
+    method: MethodConfig,
+    visual: AlignCLIPVisual,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    text: torch.Tensor,
+    class_sim: torch.Tensor,
+    autocast,
+) -> dict[str, float]:
+    """One optimiser step of the method's loss; returns the loss's logged parts (bench/ times exactly this)."""
+    with autocast:
+        loss, parts = compute_loss(method, visual, images, targets, text, class_sim)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return parts
+
+
+def write_checkpoint(path: str | Path, run: TrainingRun, visual: AlignCLIPVisual | None) -> Path:
+    """The run's checkpoint (``visual=None``: the pre-trained image encoder, zero-shot), schema in artifacts.py."""
+    settings, bundle = run.settings, run.bundle
+    checkpoint = artifacts.Checkpoint(
+        visual=None if visual is None else visual.visual.state_dict(),
+        method=run.method.to_dict(),
+        variant=variant_label(run.method, settings),
+        architecture=bundle.architecture,
+        pretrained=bundle.pretrained,
+        model=settings.model,
+        formulation=settings.formulation,
+        seed=settings.seed,
+        recipe=settings.recipe,
+        dataset=run.summary["dataset"],
+        protocol=run.summary["protocol"],
+        test_domain=settings.test_domain,
+        label_space=run.label_space,
+        classes=run.classes,
+    )
+    return artifacts.save_checkpoint(path, checkpoint)
+
+
+def train(
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    settings: TrainSettings,
+    tracker=None,
+    similarity_path: str | Path | None = None,
+    callbacks: list | None = None,
+) -> dict:
+    """Train one (method, held-out domain, seed) and write its checkpoint, log and summary (artifacts.py).
+
+    ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = setup(prepared_dir, settings, similarity_path)
+    settings, method, summary = run.settings, run.method, run.summary
+    if tracker is not None:
+        tracker.log_params({"method": method.to_dict(), "train": asdict(settings), "dataset": summary["dataset"]})
+    if not method.trains:
+        write_checkpoint(out / artifacts.MODEL, run, None)
+        (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps({**summary, "steps": 0}, indent=2) + "\n")
+        (out / artifacts.TRAIN_LOG).write_text("step,loss\n")
+        log.info("zero-shot: nothing to train")
+        return summary
+
+    visual, steps, autocast = run.visual, run.steps, autocast_for(run.device)
     columns = None
     visual.train()
     started = time.perf_counter()
     bar = tqdm(range(steps), desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
-    with log_path.open("w") as log_file:
+    with (out / artifacts.TRAIN_LOG).open("w") as log_file:
         for step in bar:
-            lr = cosine_lr(step, steps, settings.lr, settings.warmup_steps)
-            for group in optimizer.param_groups:
+            lr = cosine_lr(step, steps, settings.lr)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            batches = [next(stream) for _, stream in streams]
-            images = torch.cat([b[0] for b in batches]).to(device, non_blocking=True)
-            targets = torch.cat([b[1] for b in batches]).to(device, non_blocking=True)
+            batches = [next(stream) for _, stream in run.streams]
+            images = torch.cat([b[0] for b in batches]).to(run.device, non_blocking=True)
+            targets = torch.cat([b[1] for b in batches]).to(run.device, non_blocking=True)
             tic = time.perf_counter()
-            with autocast:
-                loss, parts = compute_loss(method, visual, images, targets, text, class_sim)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bma_weight = bma.update(visual) if bma is not None else 0.0
+            parts = train_step(method, visual, run.optimizer, images, targets, run.text, run.class_sim, autocast)
+            bma_weight = run.bma.update(visual) if run.bma is not None else 0.0
             for callback in callbacks or []:
                 callback(step + 1, visual, parts)
             parts.update(lr=lr, bma_weight=bma_weight, images_per_s=len(images) / (time.perf_counter() - tic))
@@ -225,14 +274,12 @@ def train(
             if (step + 1) % settings.log_every == 0 or step + 1 == steps:
                 log.info("step %d/%d %s", step + 1, steps, " ".join(f"{k}={v:.4g}" for k, v in parts.items()))
     elapsed = time.perf_counter() - started
-    final = bma.module if bma is not None else visual
-    skipped = sorted({p for dataset, _ in streams for p in dataset.skipped})
-    torch.save(
-        {"visual": final.visual.state_dict(), **_checkpoint_info(bundle, method, settings, label_space)}, out / "model.pt"
-    )
+    final = run.bma.module if run.bma is not None else visual
+    skipped = sorted({p for dataset, _ in run.streams for p in dataset.skipped})
+    write_checkpoint(out / artifacts.MODEL, run, final)
     summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma)
-    (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("trained %s for %d steps in %.1fs -> %s", method.name, steps, elapsed, out / "model.pt")
+    (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("trained %s for %d steps in %.1fs -> %s", method.name, steps, elapsed, out / artifacts.MODEL)
     return summary
 
 
@@ -248,18 +295,3 @@ def variant_label(method: MethodConfig, settings: TrainSettings) -> str:
     if changed:
         label += "[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
     return label
-
-
-def _checkpoint_info(bundle, method: MethodConfig, settings: TrainSettings, label_space) -> dict:
-    return {
-        "variant": variant_label(method, settings),
-        "architecture": bundle.architecture,
-        "pretrained": bundle.pretrained,
-        "model": settings.model,
-        "formulation": settings.formulation,
-        "seed": settings.seed,
-        "recipe": settings.recipe,
-        "test_domain": settings.test_domain,
-        "method": method.to_dict(),
-        "label_space": label_space,
-    }

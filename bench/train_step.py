@@ -27,18 +27,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def setup(model_name: str, method_name: str, batch: int, device: str):
     from alignclip.methods import get_method
     from alignclip.presets import load_clip
+    from alignclip.classifier import make_visual
     from alignclip.similarity import class_similarity_matrix
-    from alignclip.train import make_visual
+    from alignclip.train import make_optimizer
 
     torch.manual_seed(0)
     bundle = load_clip(model_name, "none", device=device)
     method = get_method(method_name)
     visual = make_visual(bundle, method).to(device).train()
-    for p in bundle.model.parameters():
-        p.requires_grad_(False)
-    for p in visual.parameters():
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(visual.parameters(), lr=1e-6)
+    optimizer = make_optimizer(bundle, visual, lr=1e-6, weight_decay=0.1)
     dim = bundle.model.text_projection.shape[1] if bundle.model.text_projection is not None else 512
     text = torch.nn.functional.normalize(torch.randn(10, dim, device=device), dim=-1)
     sim = class_similarity_matrix(text)
@@ -48,15 +45,11 @@ def setup(model_name: str, method_name: str, batch: int, device: str):
 
 
 def step(state, device):
-    from alignclip.objective import compute_loss
+    """The training loop's own step (alignclip.train.train_step), so the figures measure what training runs."""
+    from alignclip.train import autocast_for, train_step
 
     method, visual, optimizer, text, sim, images, targets = state
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    with autocast:
-        loss, _ = compute_loss(method, visual, images, targets, text, sim)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    train_step(method, visual, optimizer, images, targets, text, sim, autocast_for(torch.device(device)))
     if device == "cuda":
         torch.cuda.synchronize()
 

@@ -2,27 +2,22 @@
 
 They are lightweight components on the project's image with ``install_kfp_package=False``: the same definition
 runs in kfp's local SubprocessRunner (tests, `alignclip pipeline run --local`) and on a cluster, where the image
-(built from the Dockerfile) already holds alignclip and kfp. Artifacts are typed (Dataset, Model, Metrics,
+(built from the Dockerfile) already holds alignclip and kfp. The image is a compile-time choice:
+``build_components(image)`` makes the set for one image. Each task's command line comes from alignclip.tasks, which
+`alignclip pipeline ... --dry-run` prints too. Artifacts are typed (Dataset, Model, Metrics,
 HTML, Markdown); nothing passes paths in strings. (No `from __future__ import annotations`: kfp reads the
 annotations as types.)
 """
 
 
 
-import os
+from types import SimpleNamespace
 from typing import List
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-IMAGE = os.environ.get("ALIGNCLIP_IMAGE", "ghcr.io/alignclip/alignclip:0.1.0")
 
-
-def component(func):
-    return dsl.component(base_image=IMAGE, install_kfp_package=False)(func)
-
-
-@component
 def start_run(experiment: str, tracking_uri: str, run_name: str, params_json: str, run: Output[Artifact]):
     """Open the pipeline's parent MLflow run; tasks log nested runs under it.
 
@@ -47,7 +42,6 @@ def start_run(experiment: str, tracking_uri: str, run_name: str, params_json: st
     run.metadata["run_id"] = run_id
 
 
-@component
 def prepare(
     dataset: str,
     root: str,
@@ -59,20 +53,15 @@ def prepare(
     prepared: Output[Dataset],
 ):
     """List and split the dataset; `root: embedded` builds RotatedDigits into the artifact itself."""
-    from alignclip.tasks import run_cli, task_env
+    from alignclip.tasks import prepare_args, run_cli
 
     if root == "embedded":
         root = prepared.path + "/images"
         run_cli("data", "digits", root)
-    cmd = ["prepare", dataset, root, prepared.path, "--protocol", protocol,
-           "--holdout-fraction", str(holdout_fraction), "--trial-seed", str(trial_seed), "--shots", str(shots)]
-    for seed in seeds:
-        cmd += ["--seed", str(int(seed))]
-    run_cli(*cmd)
+    run_cli(*prepare_args(dataset, root, prepared.path, protocol, holdout_fraction, trial_seed, shots, seeds))
     prepared.metadata["dataset"] = dataset
 
 
-@component
 def similarity(
     prepared: Input[Dataset],
     model_name: str,
@@ -84,17 +73,18 @@ def similarity(
     heatmap: Output[Markdown],
 ):
     """Class similarity matrix of the class prompts and its heatmap."""
-    from alignclip.tasks import run_cli, task_env
+    from alignclip import artifacts
+    from alignclip.tasks import run_cli, similarity_args, task_env
     import base64
+    import os
 
     env = task_env(parent_run.path, experiment, tracking_uri)
-    run_cli("similarity", prepared.path, matrix.path, "--model", model_name, "--pretrained", pretrained, env=env)
-    image = base64.b64encode(open(matrix.path + "/similarity.png", "rb").read()).decode()
+    run_cli(*similarity_args(prepared.path, matrix.path, model_name, pretrained), env=env)
+    image = base64.b64encode(open(os.path.join(matrix.path, artifacts.SIMILARITY_HEATMAP), "rb").read()).decode()
     with open(heatmap.path, "w") as handle:
         handle.write(f"# Class similarity\n\n![similarity](data:image/png;base64,{image})\n")
 
 
-@component
 def train(
     prepared: Input[Dataset],
     matrix: Input[Artifact],
@@ -102,6 +92,7 @@ def train(
     formulation: str,
     recipe: str,
     steps: int,
+    epochs: int,
     batch_size: int,
     lr: float,
     hflip: bool,
@@ -113,28 +104,20 @@ def train(
     model: Output[Model],
 ):
     """Fine-tune one (method, held-out domain, seed); a nested MLflow run under the pipeline's run."""
-    from alignclip.tasks import run_cli, task_env
+    from alignclip import artifacts
+    from alignclip.tasks import run_cli, task_env, train_args
+    import os
 
     env = task_env(parent_run.path, experiment, tracking_uri)
-    cmd = ["train", prepared.path, model.path, "--method", cell["method"], "--seed", str(int(cell["seed"])),
-           "--formulation", formulation, "--model", model_name, "--pretrained", pretrained, "--no-progress",
-           "--similarity", matrix.path + "/similarity.pt", "--hflip" if hflip else "--no-hflip"]
-    if cell["test_domain"]:
-        cmd += ["--test-domain", cell["test_domain"]]
-    if recipe:
-        cmd += ["--recipe", recipe]
-    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--lr", lr)):
-        if value:
-            cmd += [flag, str(value)]
+    cmd = train_args(prepared.path, model.path, cell, formulation, recipe, steps, epochs, batch_size, lr, hflip,
+                     model_name, pretrained, os.path.join(matrix.path, artifacts.SIMILARITY_MATRIX))
     run_cli(*cmd, env=env)
     model.metadata.update({k: str(v) for k, v in cell.items()})
 
 
-@component
 def evaluate(
     prepared: Input[Dataset],
     model: Input[Model],
-    cell: dict,
     test_split: str,
     experiment: str,
     tracking_uri: str,
@@ -142,30 +125,28 @@ def evaluate(
     metrics: Output[Metrics],
     results: Output[Artifact],
 ) -> float:
-    """Top-1 accuracy on each view; returns the headline accuracy (held-out domain, or H, or ImageNet)."""
-    from alignclip.tasks import run_cli, task_env
+    """Top-1 accuracy on each view; returns the protocol's headline metric (held-out domain, H, ImageNet...)."""
+    from alignclip import artifacts
+    from alignclip.tasks import evaluate_args, run_cli, task_env
     import json
     import os
     import shutil
 
     env = task_env(parent_run.path, experiment, tracking_uri)
-    cmd = ["evaluate", prepared.path, model.path + "/model.pt", results.path, "--test-split", test_split]
-    if cell["test_domain"]:
-        cmd += ["--test-domain", cell["test_domain"]]
-    run_cli(*cmd, env=env)
-    for name in ("train.json", "train_log.csv"):  # small files the report reads beside metrics.json
+    # the held-out domain is the checkpoint's own: evaluate reads it from there
+    run_cli(*evaluate_args(prepared.path, os.path.join(model.path, artifacts.MODEL), results.path, test_split), env=env)
+    for name in (artifacts.TRAIN_SUMMARY, artifacts.TRAIN_LOG):  # small files the report reads beside the metrics
         shutil.copy(os.path.join(model.path, name), os.path.join(results.path, name))
-    summary = json.load(open(os.path.join(results.path, "metrics.json")))
+    summary = json.load(open(os.path.join(results.path, artifacts.METRICS)))
     for view, value in summary["views"].items():
         metrics.log_metric(f"{view}_acc", value["accuracy"])
-    if "H" in summary:
-        metrics.log_metric("H", summary["H"])
-        return float(summary["H"])
-    first = "test" if "test" in summary["views"] else ("all" if "all" in summary["views"] else next(iter(summary["views"])))
-    return float(summary["views"][first]["accuracy"])
+    headline = summary["headline"]  # the protocol's own headline metric; null when its view had no images
+    if headline is None:
+        return float("nan")
+    metrics.log_metric(headline["metric"], headline["value"])
+    return float(headline["value"])
 
 
-@component
 def report(
     results: Input[List[Artifact]],
     models: Input[List[Model]],
@@ -180,6 +161,7 @@ def report(
     bundle: Output[Artifact],
 ):
     """Fan-in: tables, figures and the results page over every evaluation."""
+    from alignclip import artifacts
     from alignclip.tasks import run_cli, task_env
     import base64
     import os
@@ -195,16 +177,24 @@ def report(
     for index, item in enumerate(models):
         target = f"{collected}/models/{index:03d}"
         os.makedirs(target)
-        os.symlink(os.path.join(item.path, "model.pt"), os.path.join(target, "model.pt"))
-        shutil.copy(os.path.join(item.path, "train.json"), target)
+        os.symlink(os.path.join(item.path, artifacts.MODEL), os.path.join(target, artifacts.MODEL))
+        shutil.copy(os.path.join(item.path, artifacts.TRAIN_SUMMARY), target)
     env = task_env(parent_run.path, experiment, tracking_uri)
     out = bundle.path + "/report"
     run_cli("report", collected, out, "--prepared-dir", prepared.path, "--similarity-dir", matrix.path, env=env)
-    text = open(out + "/index.html").read()
+    text = open(os.path.join(out, artifacts.REPORT_PAGE)).read()
     # inline the figures so the KFP UI shows the page on its own
     for name in re.findall(r"src='([^']+\.png)'", text):
         data = base64.b64encode(open(os.path.join(out, name), "rb").read()).decode()
         text = text.replace(f"src='{name}'", f"src='data:image/png;base64,{data}'")
     open(page.path, "w").write(text)
-    shutil.copy(out + "/index.md", tables.path)
+    shutil.copy(os.path.join(out, artifacts.REPORT_MARKDOWN), tables.path)
     bundle.metadata["mean_accuracy"] = sum(float(a) for a in accuracies) / max(len(accuracies), 1)
+
+
+FUNCTIONS = (start_run, prepare, similarity, train, evaluate, report)
+
+
+def build_components(image: str) -> SimpleNamespace:
+    """The stage components on one image, by function name (``components.train``...)."""
+    return SimpleNamespace(**{f.__name__: dsl.component(base_image=image, install_kfp_package=False)(f) for f in FUNCTIONS})

@@ -1,10 +1,11 @@
 """The AlignCLIP DAGs: prepare -> similarity -> ParallelFor(method x held-out domain x seed)[train -> evaluate]
 -> dsl.Collected -> report, inside a parent MLflow run.
 
-One factory builds every benchmark family; the families differ in their default parameters (dataset,
-protocol, domains, recipe), which mirror params.yaml 1:1 (``section_key``). Kubernetes settings (GPU type,
-node selector, tolerations, resources, secrets) are compile-time options of the factory: kfp applies them
-on a cluster and ignores them in the local runner.
+One factory builds every benchmark family. Its parameters are the resolved settings of alignclip/config.py
+(``section_key``), so a compiled package's defaults are exactly what a run of it gets; the families and their
+defaults are data in that module. Kubernetes settings (accelerator, node selector, tolerations, resources, image,
+parallelism, secrets) are compile-time options (``ClusterSettings``): kfp applies them on a cluster and ignores
+them in the local runner.
 """
 
 
@@ -14,29 +15,17 @@ from typing import List
 
 from kfp import dsl, kubernetes
 
-from components import stages
+from alignclip import __version__
+from alignclip.config import BY_NAME, FAMILIES, check_family, effective_train, grid, resolve
+from alignclip_kfp.components.stages import build_components
 
-FAMILIES = {
-    # family: (experiment, defaults overriding params.yaml)
-    "demo": ("demo-domain-shift", {}),
-    "domain_shift": ("domain-shift", {"data_dataset": "office_home", "data_root": "s3://alignclip-data/office_home",
-                                      "data_protocol": "domainbed", "train_test_domains": ["Art", "Clipart", "Product", "Real World"],
-                                      "train_recipe": "domain_shift/office_home", "model_name": "vit-b-16", "train_seeds": [0, 1, 2]}),
-    "imagenet": ("imagenet-variants", {"data_dataset": "imagenet", "data_root": "s3://alignclip-data/imagenet",
-                                       "data_protocol": "imagenet", "train_test_domains": [""], "train_recipe": "imagenet",
-                                       "model_name": "vit-b-16", "train_seeds": [1, 2, 3]}),
-    "base2new": ("base-to-new", {"data_dataset": "oxford_pets", "data_root": "s3://alignclip-data/oxford_pets",
-                                 "data_protocol": "base2new", "train_test_domains": [""], "train_recipe": "base2new/oxford_pets",
-                                 "model_name": "vit-b-16", "train_seeds": [0, 1, 2]}),
-    "wild": ("in-the-wild", {"data_dataset": "office_home", "data_root": "s3://alignclip-data/office_home",
-                             "data_protocol": "wild", "train_test_domains": ["Art", "Clipart", "Product", "Real World"],
-                             "train_recipe": "wild/office_home", "model_name": "vit-b-16", "train_seeds": [0, 1, 2]}),
-}
+# The default image tag follows the package version; the registry is a placeholder until an image is pushed.
+PLACEHOLDER_IMAGE = f"ghcr.io/alignclip/alignclip:{__version__}"
 
 
 @dataclass
 class ClusterSettings:
-    """How train/evaluate tasks run on Kubernetes (ignored by the local runner)."""
+    """How tasks run on Kubernetes (ignored by the local runner)."""
 
     gpu_type: str = "nvidia.com/gpu"
     gpus: int = 1
@@ -44,6 +33,9 @@ class ClusterSettings:
     tolerations: list = field(default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
     cpu: str = "8"
     memory: str = "32G"
+    image: str = PLACEHOLDER_IMAGE
+    max_parallelism: int = 8  # grid cells (GPU pods) at once
+    env_config_map: str = "alignclip-pipeline-env"  # key: AWS_ENDPOINT_URL_S3 (infra/README.md)
     train_retries: int = 2
     s3_secret: str = "alignclip-s3"  # keys: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
     mlflow_secret: str = "alignclip-mlflow"  # keys: MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD
@@ -51,7 +43,8 @@ class ClusterSettings:
 
 
 def _on_gpu(task, cluster: ClusterSettings, retries: int = 0):
-    task.set_accelerator_type(cluster.gpu_type).set_accelerator_limit(cluster.gpus)
+    if cluster.gpus:
+        task.set_accelerator_type(cluster.gpu_type).set_accelerator_limit(cluster.gpus)
     task.set_cpu_request(cluster.cpu).set_memory_request(cluster.memory)
     for key, value in cluster.node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
@@ -65,7 +58,8 @@ def _on_gpu(task, cluster: ClusterSettings, retries: int = 0):
 
 
 def _secrets(task, cluster: ClusterSettings):
-    task.set_env_variable("ALIGNCLIP_IMAGE", stages.IMAGE)  # the image tag, as a provenance tag of MLflow runs
+    """Credentials from Secrets and the S3 endpoint from a ConfigMap (infra/README.md)."""
+    task.set_env_variable("ALIGNCLIP_IMAGE", cluster.image)  # the image tag, as a provenance tag of MLflow runs
     kubernetes.use_secret_as_env(
         task, secret_name=cluster.s3_secret,
         secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
@@ -76,29 +70,63 @@ def _secrets(task, cluster: ClusterSettings):
         secret_key_to_env={"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
         optional=True,
     )
+    # boto3 (and so every s3:// read and write of the CLI) takes its endpoint from AWS_ENDPOINT_URL_S3; without the
+    # ConfigMap (AWS S3 itself) the variable stays unset.
+    kubernetes.use_config_map_as_env(
+        task, config_map_name=cluster.env_config_map, config_map_key_to_env={"AWS_ENDPOINT_URL_S3": "AWS_ENDPOINT_URL_S3"},
+        optional=True,
+    )
     return task
 
 
-def make_grid(methods, test_domains, seeds) -> list[dict]:
-    """The (method, held-out domain, seed) cells the ParallelFor fans out over (``train_grid``).
+def pipeline_arguments(values: dict) -> dict:
+    """Resolved settings (``alignclip.config.resolve``) as the pipeline's parameters: the grid's lists become
+    ``train_grid``, and the training settings are the effective ones (recipe applied), so nothing is left to a
+    default inside a task. ``train_steps`` is 0 only when the length is ``train_epochs`` passes over the data."""
+    train = effective_train(values)
+    return {
+        "data_dataset": values["data_dataset"],
+        "data_root": values["data_root"],
+        "data_protocol": values["data_protocol"],
+        "data_holdout_fraction": values["data_holdout_fraction"],
+        "data_trial_seed": values["data_trial_seed"],
+        "data_shots": values["data_shots"],
+        "data_test_split": values["data_test_split"],
+        "model_name": values["model_name"],
+        "model_pretrained": values["model_pretrained"],
+        "train_recipe": values["train_recipe"],
+        "train_formulation": values["train_formulation"],
+        "train_grid": grid(values),
+        "train_seeds": [int(s) for s in values["train_seeds"]],
+        "train_steps": int(train["steps"] or 0),
+        "train_epochs": int(train["epochs"] or 0),
+        "train_batch_size": int(train["batch_size"]),
+        "train_lr": float(train["lr"]),
+        "train_hflip": bool(train["hflip"]),
+        "mlflow_tracking_uri": values["mlflow_tracking_uri"],
+        "mlflow_experiment": values["mlflow_experiment"],
+    }
 
-    A pipeline parameter rather than a task output: kfp 2.17's local runner resolves parameter outputs of
-    other tasks inside a loop over a task output to the loop item.
-    """
-    return [{"method": m, "test_domain": d, "seed": int(s)} for d in test_domains for m in methods for s in seeds]
+
+PARAMETER_HELP = {
+    **{name: setting.help for name, setting in BY_NAME.items()},
+    "train_grid": "(method, test_domain, seed) cells: train.methods x train.test_domains x train.seeds",
+    "train_seeds": "seeds of the grid; also the few-shot sampling seeds of prepare",
+    "train_steps": "optimiser steps (the recipe's unless set); 0: the length is train_epochs passes over the data",
+    "train_epochs": "passes over the training set when train_steps is 0",
+    "train_batch_size": "images per training domain and step (the recipe's unless set)",
+    "train_lr": "peak learning rate (the recipe's unless set)",
+    "train_hflip": "random horizontal flip (the recipe's unless set)",
+}
 
 
-def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None, defaults: dict | None = None):
-    """The pipeline function of one benchmark family; parameter defaults come from params.yaml + the family."""
-    from alignclip.config import pipeline_defaults
-
-    if family not in FAMILIES:
-        raise ValueError(f"unknown pipeline family {family!r}: expected one of {', '.join(FAMILIES)}")
+def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None, values: dict | None = None):
+    """The pipeline function of one benchmark family; ``values``: resolved settings (default: the family's)."""
+    check_family(family)
     cluster = cluster or ClusterSettings()
-    experiment, family_defaults = FAMILIES[family]
-    p = {**pipeline_defaults(), **family_defaults, **(defaults or {})}
+    stages = build_components(cluster.image)
+    p = pipeline_arguments(values if values is not None else resolve(family))
 
-    @dsl.pipeline(name=f"alignclip-{family.replace('_', '-')}", description=f"AlignCLIP {family}: prepare, similarity, train x evaluate, report")
     def alignclip_pipeline(
         data_dataset: str = p["data_dataset"],
         data_root: str = p["data_root"],
@@ -111,61 +139,73 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
         model_pretrained: str = p["model_pretrained"],
         train_recipe: str = p["train_recipe"],
         train_formulation: str = p["train_formulation"],
-        train_grid: List[dict] = make_grid(p["train_methods"], p["train_test_domains"], p["train_seeds"]),
+        train_grid: List[dict] = p["train_grid"],
         train_seeds: List[int] = p["train_seeds"],
         train_steps: int = p["train_steps"],
+        train_epochs: int = p["train_epochs"],
         train_batch_size: int = p["train_batch_size"],
         train_lr: float = p["train_lr"],
         train_hflip: bool = p["train_hflip"],
-        mlflow_tracking_uri: str = p.get("mlflow_tracking_uri", ""),
-        mlflow_experiment: str = experiment,
+        mlflow_tracking_uri: str = p["mlflow_tracking_uri"],
+        mlflow_experiment: str = p["mlflow_experiment"],
     ):
         parent = stages.start_run(
             experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, run_name=f"pipeline-{family}",
             params_json=f'{{"dataset": "{data_dataset}", "protocol": "{data_protocol}", "model": "{model_name}", "formulation": "{train_formulation}"}}',
         ).set_display_name("mlflow parent run")
-        _secrets(parent, cluster)
+        # Caching: on for the pure tasks (prepare, similarity), off where a task has side effects (the MLflow parent
+        # run, training and evaluation runs, the report): a cached parent would hand a resubmission an old run id.
+        _secrets(parent.set_caching_options(False), cluster)
         prepared = stages.prepare(
             dataset=data_dataset, root=data_root, protocol=data_protocol, holdout_fraction=data_holdout_fraction,
             trial_seed=data_trial_seed, shots=data_shots, seeds=train_seeds,
         ).set_display_name("prepare")
-        _secrets(prepared, cluster)
+        _secrets(prepared.set_caching_options(True), cluster)
         matrix = stages.similarity(
             prepared=prepared.outputs["prepared"], model_name=model_name, pretrained=model_pretrained,
             experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
         )
-        _secrets(matrix.set_display_name("similarity matrix"), cluster)
-        with dsl.ParallelFor(items=train_grid, name="method-domain-seed") as cell:
+        _secrets(matrix.set_display_name("similarity matrix").set_caching_options(True), cluster)
+        with dsl.ParallelFor(items=train_grid, name="method-domain-seed", parallelism=cluster.max_parallelism) as cell:
             trained = stages.train(
                 prepared=prepared.outputs["prepared"], matrix=matrix.outputs["matrix"], cell=cell,
-                formulation=train_formulation, recipe=train_recipe, steps=train_steps, batch_size=train_batch_size,
-                lr=train_lr, hflip=train_hflip, model_name=model_name, pretrained=model_pretrained,
-                experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
+                formulation=train_formulation, recipe=train_recipe, steps=train_steps, epochs=train_epochs,
+                batch_size=train_batch_size, lr=train_lr, hflip=train_hflip, model_name=model_name,
+                pretrained=model_pretrained, experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri,
+                parent_run=parent.outputs["run"],
             ).set_display_name("train")
-            _secrets(_on_gpu(trained, cluster, retries=cluster.train_retries), cluster)
+            _secrets(_on_gpu(trained.set_caching_options(False), cluster, retries=cluster.train_retries), cluster)
             scored = stages.evaluate(
-                prepared=prepared.outputs["prepared"], model=trained.outputs["model"], cell=cell, test_split=data_test_split,
+                prepared=prepared.outputs["prepared"], model=trained.outputs["model"], test_split=data_test_split,
                 experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
             ).set_display_name("evaluate")
-            _secrets(_on_gpu(scored, cluster), cluster)
+            _secrets(_on_gpu(scored.set_caching_options(False), cluster), cluster)
         final = stages.report(
             results=dsl.Collected(scored.outputs["results"]), models=dsl.Collected(trained.outputs["model"]),
             accuracies=dsl.Collected(scored.outputs["Output"]),
             prepared=prepared.outputs["prepared"], matrix=matrix.outputs["matrix"], experiment=mlflow_experiment,
             tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
         ).set_display_name("report")
-        _secrets(final, cluster)
+        _secrets(final.set_caching_options(False), cluster)
 
-    return alignclip_pipeline
+    # the docstring's Args become the parameters' descriptions in the compiled package
+    alignclip_pipeline.__doc__ = f"AlignCLIP {family}: {FAMILIES[family].description}.\n\nArgs:\n" + "\n".join(
+        f"    {name}: {PARAMETER_HELP[name]}" for name in p
+    )
+    return dsl.pipeline(name=f"alignclip-{family.replace('_', '-')}", description=f"AlignCLIP {family}: prepare, similarity, train x evaluate, report")(alignclip_pipeline)
 
 
-def build_all(cluster: ClusterSettings | None = None):
-    """One pipeline that runs every benchmark family with its defaults, as sub-pipelines."""
-    subs = {name: build_pipeline(name, cluster) for name in ("domain_shift", "imagenet", "base2new", "wild")}
+PAPER_FAMILIES = ("domain_shift", "imagenet", "base2new", "wild")
+
+
+def build_all(cluster: ClusterSettings | None = None, tracking_uri: str = ""):
+    """One pipeline that runs every benchmark family of the paper with its defaults, as sub-pipelines; its
+    parameter turns tracking on for all of them."""
+    subs = {name: build_pipeline(name, cluster) for name in PAPER_FAMILIES}
 
     @dsl.pipeline(name="alignclip-all", description="Every benchmark family of the paper")
-    def alignclip_all():
+    def alignclip_all(mlflow_tracking_uri: str = tracking_uri):
         for name, sub in subs.items():
-            sub().set_display_name(name)
+            sub(mlflow_tracking_uri=mlflow_tracking_uri).set_display_name(name)
 
     return alignclip_all

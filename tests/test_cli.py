@@ -9,7 +9,8 @@ from alignclip.cli import app
 
 runner = CliRunner()
 COMMANDS = [[], ["version"], ["data"], ["data", "digits"], ["prepare"], ["similarity"], ["train"], ["evaluate"],
-            ["report"], ["recipes"], ["pipeline"], ["pipeline", "compile"], ["pipeline", "submit"], ["pipeline", "run"]]
+            ["report"], ["recipes"], ["pipeline"], ["pipeline", "compile"], ["pipeline", "submit"], ["pipeline", "run"],
+            ["config"], ["config", "show"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "root")

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignclip.evaluate import evaluate, harmonic_mean
-from alignclip.report import build_report, build_tables, collect, paper_results, summarise
+from alignclip.evaluate import evaluate
+from alignclip.protocols import harmonic_mean, paper_results
+from alignclip.report import build_report, build_tables, collect, summarise
 from alignclip.train import TrainSettings, train
 
 
@@ -109,11 +110,20 @@ def test_report_renders_on_a_digits_run(zeroshot_run, digits_prepared, tmp_path)
     page = build_report(zeroshot_run, tmp_path / "report", digits_prepared)
     assert page.exists() and "<table" in page.read_text()
     assert (tmp_path / "report" / "domain_shift_rotated_digits.md").read_text().startswith("| method | split | ours | paper |")
+    # the table's number is the evaluation's, and the average over the one held-out domain is the same number
+    accuracy = json.loads((zeroshot_run / "metrics.json").read_text())["views"]["test"]["accuracy"]
+    table = pd.read_csv(tmp_path / "report" / "domain_shift_rotated_digits.csv").set_index(["method", "split"])
+    assert table.loc[("zeroshot", "rotated_30"), "ours_mean"] == pytest.approx(round(accuracy, 2))
+    assert table.loc[("zeroshot", "Avg"), "ours_mean"] == pytest.approx(round(accuracy, 2))
     figures = json.loads((tmp_path / "report" / "report.json").read_text())["figures"]
     assert "attention_maps.png" in figures
     from PIL import Image
 
-    assert Image.open(tmp_path / "report" / "attention_maps.png").size[0] > 200
+    # 5 images of 5 classes x (image, A_c, G and G_DV of the one model): 1.9-inch panels, plus a 1.2-inch strip for
+    # the colour bars, at 110 dpi
+    image = Image.open(tmp_path / "report" / "attention_maps.png")
+    assert image.size == (round(4 * 1.9 * 110), round((5 * 1.9 + 1.2) * 110))
+    assert len(set(image.convert("L").getdata())) > 50  # drawn maps, not a blank canvas
 
 
 def test_top5_figure_draws_probabilities(zeroshot_run, digits_prepared, tmp_path):
@@ -125,7 +135,13 @@ def test_top5_figure_draws_probabilities(zeroshot_run, digits_prepared, tmp_path
     _, meta = load_prepared(digits_prepared)
     predictions = pd.read_parquet(zeroshot_run / "predictions.parquet")
     assert top5_figure(predictions, predictions, meta["classes"], tmp_path / "top5.png")
-    assert Image.open(tmp_path / "top5.png").size[1] > 200
+    # four images of four classes, one row each (2 inches, plus 0.6 for the legend), two panels (without / with SLS)
+    # on 10 inches, at 110 dpi
+    assert Image.open(tmp_path / "top5.png").size == (10 * 110, round((4 * 2.0 + 0.6) * 110))
+    # the bars are the stored probabilities: each image's top-5 sums to at most 1 and is sorted
+    for row in predictions["top5_prob"].head(4):
+        probs = [float(p) for p in row.split(",")]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-3
 
 
 def test_report_without_results_is_a_clear_error(tmp_path):

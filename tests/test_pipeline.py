@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     path = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
-    cluster = cluster_settings("nvidia.com/gpu", 1, ["cloud.google.com/gke-accelerator=nvidia-h100-80gb"], ["nvidia.com/gpu:NoSchedule"], 3)
+    cluster = cluster_settings("nvidia.com/gpu", 1, ["cloud.google.com/gke-accelerator=nvidia-h100-80gb"], ["nvidia.com/gpu:NoSchedule"], 3,
+                               image="registry.example/alignclip:1.2.3", max_parallelism=3)
     compile_pipeline("demo", path, cluster)
     spec, platform = list(yaml.safe_load_all(path.read_text()))
     return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"], path.read_text()
@@ -25,9 +26,11 @@ def compiled(tmp_path_factory):
 def test_tasks_and_edges(compiled):
     spec, _, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"start-run", "prepare", "similarity", "for-loop-1", "report"}
+    # the loop's task name is kfp's to choose: find it by what it is, the one task iterating over a parameter
+    (loop_name,) = [name for name, task in tasks.items() if "parameterIterator" in task]
+    assert set(tasks) == {"start-run", "prepare", "similarity", loop_name, "report"}
     assert "prepare" in tasks["similarity"]["dependentTasks"]
-    loop = tasks["for-loop-1"]
+    loop = tasks[loop_name]
     assert loop["parameterIterator"]["items"]["inputParameter"].endswith("train_grid")
     inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
     assert set(inner) == {"train", "evaluate"}
@@ -36,20 +39,21 @@ def test_tasks_and_edges(compiled):
     assert inner["evaluate"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "train"
     # fan-in: the report collects every evaluation of the loop
     report = tasks["report"]["inputs"]
-    assert report["artifacts"]["results"]["taskOutputArtifact"]["producerTask"] == "for-loop-1"
-    assert report["artifacts"]["models"]["taskOutputArtifact"]["producerTask"] == "for-loop-1"
-    assert report["parameters"]["accuracies"]["taskOutputParameter"]["producerTask"] == "for-loop-1"
+    assert report["artifacts"]["results"]["taskOutputArtifact"]["producerTask"] == loop_name
+    assert report["artifacts"]["models"]["taskOutputArtifact"]["producerTask"] == loop_name
+    assert report["parameters"]["accuracies"]["taskOutputParameter"]["producerTask"] == loop_name
 
 
-def test_parameters_mirror_params_yaml(compiled):
-    from alignclip.config import load_params
+def test_parameters_are_the_resolved_settings(compiled):
+    from alignclip.config import resolve
+    from alignclip_kfp.pipelines.alignclip_pipeline import pipeline_arguments
 
     spec, _, _ = compiled
-    names = set(spec["root"]["inputDefinitions"]["parameters"])
-    params = load_params(os.path.join(ROOT, "params.yaml"))
-    expected = {f"{s}_{k}" for s, keys in params.items() for k in keys} - {"train_methods", "train_test_domains"}
-    assert expected <= names
-    assert "train_grid" in names  # methods x test_domains x seeds
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    defaults = {name: p.get("defaultValue") for name, p in parameters.items()}
+    assert defaults == pipeline_arguments(resolve("demo"))  # the compiled defaults are what a run gets
+    assert "train_grid" in defaults  # methods x test_domains x seeds
+    assert "optimiser steps" in parameters["train_steps"]["description"]  # the schema's help text
 
 
 def test_gpu_requests_retries_and_scheduling(compiled):
@@ -64,7 +68,8 @@ def test_gpu_requests_retries_and_scheduling(compiled):
         assert platform["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert platform["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
         assert platform["emptyDirMounts"][0]["medium"] == "Memory"
-    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    (loop_task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    loop = spec["components"][loop_task["componentRef"]["name"]]["dag"]["tasks"]
     assert loop["train"]["retryPolicy"]["maxRetryCount"] == 3
     assert "retryPolicy" not in loop["evaluate"]
     assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-prepare"]["container"].get("resources", {})
@@ -79,10 +84,144 @@ def test_secrets_come_from_kubernetes_secrets(compiled):
     assert "testing" not in text and "password:" not in text.lower()
 
 
-def test_every_family_compiles(tmp_path):
-    for family in ("domain_shift", "imagenet", "base2new", "wild", "all"):
-        path = compile_pipeline(family, tmp_path / f"{family}.yaml")
-        assert "pipelineInfo" in path.read_text()
+# The paper's setting per family (model, recipe, lr, length, batch per domain, held-out domains, seeds), written out
+# from the paper (A.1) and the released scripts' values that recipes.py cites
+PAPER_SETTING = {
+    "domain_shift": ("office_home", "domain_shift/office_home", 1e-5, 5000, 0, 36, ["Art", "Clipart", "Product", "Real World"]),
+    "wild": ("office_home", "wild/office_home", 3e-6, 5000, 0, 36, ["Art", "Clipart", "Product", "Real World"]),
+    "base2new": ("oxford_pets", "base2new/oxford_pets", 5e-6, 0, 1, 36, [""]),
+    "imagenet": ("imagenet", "imagenet", 5e-6, 0, 10, 36, [""]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(PAPER_SETTING))
+def test_each_family_compiles_with_the_papers_setting(family, tmp_path):
+    dataset, recipe, lr, steps, epochs, batch, domains = PAPER_SETTING[family]
+    path = compile_pipeline(family, tmp_path / f"{family}.yaml")
+    spec = next(yaml.safe_load_all(path.read_text()))
+    d = {name: p.get("defaultValue") for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert (d["data_dataset"], d["model_name"], d["model_pretrained"], d["train_recipe"]) == (dataset, "vit-b-16", "openai", recipe)
+    assert (d["train_lr"], d["train_steps"], d["train_epochs"], d["train_batch_size"]) == (lr, steps, epochs, batch)
+    cells = {(c["method"], c["test_domain"], int(c["seed"])) for c in d["train_grid"]}
+    assert cells == {(m, dom, s) for m in ("zeroshot", "erm", "clipood", "alignclip") for dom in domains for s in (0, 1, 2)}
+    assert d["mlflow_experiment"] == {"domain_shift": "domain-shift", "wild": "in-the-wild", "base2new": "base-to-new", "imagenet": "imagenet-variants"}[family]
+
+
+def test_the_all_pipeline_can_turn_tracking_on(tmp_path):
+    path = compile_pipeline("all", tmp_path / "all.yaml", values={"mlflow_tracking_uri": "http://mlflow.alignclip:5000"})
+    spec = next(yaml.safe_load_all(path.read_text()))
+    assert spec["root"]["inputDefinitions"]["parameters"]["mlflow_tracking_uri"]["defaultValue"] == "http://mlflow.alignclip:5000"
+    tasks = spec["root"]["dag"]["tasks"]
+    assert len(tasks) == 4
+    for task in tasks.values():
+        assert task["inputs"]["parameters"]["mlflow_tracking_uri"]["componentInputParameter"] == "mlflow_tracking_uri"
+
+
+def test_caching_parallelism_image_and_s3_endpoint(compiled):
+    spec, executors, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    (loop_name,) = [name for name, task in tasks.items() if "parameterIterator" in task]
+    caching = {name: task.get("cachingOptions", {}).get("enableCache", False) for name, task in tasks.items() if name != loop_name}
+    assert caching == {"start-run": False, "prepare": True, "similarity": True, "report": False}
+    loop = spec["components"][tasks[loop_name]["componentRef"]["name"]]["dag"]["tasks"]
+    assert not loop["train"].get("cachingOptions", {}).get("enableCache") and not loop["evaluate"].get("cachingOptions", {}).get("enableCache")
+    assert tasks[loop_name]["iteratorPolicy"]["parallelismLimit"] == 3
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        assert executor["container"]["image"] == "registry.example/alignclip:1.2.3", name
+        platform = executors[name]
+        assert platform["configMapAsEnv"][0]["configMapName"] == "alignclip-pipeline-env"
+        assert platform["configMapAsEnv"][0]["keyToEnv"][0]["envVar"] == "AWS_ENDPOINT_URL_S3"
+
+
+class StubClient:
+    """kfp.Client as `submit` uses it: records what it is given and compiles the pipeline it receives."""
+
+    calls = []
+
+    def __init__(self, host=None, **kwargs):
+        self.host = host
+
+    def create_run_from_pipeline_func(self, func, arguments, experiment_name=None, run_name=None, **kwargs):
+        import tempfile
+
+        from kfp import compiler
+
+        with tempfile.TemporaryDirectory() as scratch:
+            compiler.Compiler().compile(func, f"{scratch}/p.yaml")
+            docs = list(yaml.safe_load_all(open(f"{scratch}/p.yaml").read()))
+        StubClient.calls.append({"host": self.host, "arguments": arguments, "experiment": experiment_name, "run_name": run_name, "docs": docs})
+        return type("Run", (), {"run_id": "run-123"})()
+
+
+def test_submit_sends_the_intended_arguments_and_cluster_settings(monkeypatch, capsys):
+    import kfp
+
+    from alignclip.cli import main
+
+    monkeypatch.setattr(kfp, "Client", StubClient)
+    StubClient.calls.clear()
+    monkeypatch.setattr(sys, "argv", [
+        "alignclip", "pipeline", "submit", "domain_shift", "--host", "http://kfp.example:8080", "--dataset", "pacs",
+        "--data-root", "s3://data/pacs", "--param", "train_seeds=0,1", "--param", "mlflow_tracking_uri=http://mlflow.alignclip:5000",
+        "--image", "registry.example/alignclip:0.1.0", "--accelerator", "nvidia.com/gpu", "--gpus", "2",
+        "--node-selector", "pool=h200", "--toleration", "dedicated=ml:NoExecute", "--cpu", "12", "--memory", "96G",
+        "--max-parallelism", "4", "--run-name", "pacs-check"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == "http://kfp.example:8080/#/runs/details/run-123"
+    (call,) = StubClient.calls
+    assert (call["host"], call["experiment"], call["run_name"]) == ("http://kfp.example:8080", "domain-shift", "pacs-check")
+    domains = ["art_painting", "cartoon", "photo", "sketch"]
+    assert call["arguments"] == {
+        "data_dataset": "pacs", "data_root": "s3://data/pacs", "data_protocol": "domainbed", "data_holdout_fraction": 0.2,
+        "data_trial_seed": 0, "data_shots": 16, "data_test_split": "holdout", "model_name": "vit-b-16", "model_pretrained": "openai",
+        "train_recipe": "domain_shift/pacs", "train_formulation": "paper",
+        "train_grid": [{"method": m, "test_domain": d, "seed": s} for d in domains for m in ("zeroshot", "erm", "clipood", "alignclip") for s in (0, 1)],
+        "train_seeds": [0, 1], "train_steps": 5000, "train_epochs": 0, "train_batch_size": 36, "train_lr": 5e-6, "train_hflip": True,
+        "mlflow_tracking_uri": "http://mlflow.alignclip:5000", "mlflow_experiment": "domain-shift",
+    }
+    spec, platform = call["docs"]
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+    assert train["image"] == "registry.example/alignclip:0.1.0"
+    accelerator = train["resources"]["accelerator"]
+    assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("nvidia.com/gpu", "2")
+    assert (train["resources"]["resourceCpuRequest"], train["resources"]["resourceMemoryRequest"]) == ("12", "96G")
+    assert executors["exec-train"]["nodeSelector"]["labels"] == {"pool": "h200"}
+    assert executors["exec-train"]["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"}]
+    (loop_task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    assert loop_task["iteratorPolicy"]["parallelismLimit"] == 4
+
+
+def test_dry_run_prints_every_task(capsys):
+    from alignclip.cli import main
+
+    sys_argv = ["alignclip", "pipeline", "run", "wild", "--dry-run", "--param", "train_methods=alignclip", "--param", "train_seeds=0"]
+    old, sys.argv = sys.argv, sys_argv
+    try:
+        with pytest.raises(SystemExit):
+            main()
+    finally:
+        sys.argv = old
+    lines = capsys.readouterr().out.splitlines()
+    trains = [line for line in lines if line.startswith("train ")]
+    assert len(trains) == 4 and "--test-domain 'Real World'" in trains[-1] and "--lr 3e-06" in trains[-1]
+    assert sum(line.startswith("evaluate ") for line in lines) == 4 and lines[1].startswith("prepare: alignclip prepare office_home")
+
+
+def test_every_family_compiles_with_its_protocol(tmp_path):
+    from alignclip.protocols import PROTOCOLS
+
+    expected = {"domain_shift": "domainbed", "imagenet": "imagenet", "base2new": "base2new", "wild": "wild"}
+    for family, protocol in expected.items():
+        spec = yaml.safe_load_all(compile_pipeline(family, tmp_path / f"{family}.yaml").read_text()).__next__()
+        assert spec["pipelineInfo"]["name"] == f"alignclip-{family.replace('_', '-')}"
+        defaults = spec["root"]["inputDefinitions"]["parameters"]
+        assert defaults["data_protocol"]["defaultValue"] == protocol and protocol in PROTOCOLS
+        assert {"prepare", "similarity", "report"} <= set(spec["root"]["dag"]["tasks"])
+    spec = yaml.safe_load_all(compile_pipeline("all", tmp_path / "all.yaml").read_text()).__next__()
+    assert len(spec["root"]["dag"]["tasks"]) == len(expected)  # one sub-pipeline per family
 
 
 def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from alignclip.presets import PRESETS, load_clip, parse_s3_uri
+from alignclip.presets import PRESETS, load_clip
+from alignclip.s3 import parse_uri
 
 
 def test_tiny_builds_and_encodes(tiny):
@@ -34,7 +35,15 @@ def test_bad_s3_uri_is_a_clear_error(uri):
 
 
 def test_parse_s3_uri():
-    assert parse_s3_uri("s3://models/clip/ViT-B-16.pt") == ("models", "clip/ViT-B-16.pt")
+    assert parse_uri("s3://models/clip/ViT-B-16.pt") == ("models", "clip/ViT-B-16.pt")
+    # dataset folders: the prefix of every key below it, or the whole bucket
+    assert parse_uri("s3://data/pacs", prefix=True) == ("data", "pacs/")
+    assert parse_uri("s3://data/pacs/art/", prefix=True) == ("data", "pacs/art/")
+    assert parse_uri("s3://data", prefix=True) == ("data", "")
+    with pytest.raises(ValueError, match="bad S3 prefix"):
+        parse_uri("s3:///pacs", prefix=True)
+    with pytest.raises(ValueError, match="not an s3:// URI: '/models/a.pt'"):
+        parse_uri("/models/a.pt")
 
 
 def test_unknown_model_lists_presets():

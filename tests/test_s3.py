@@ -1,5 +1,6 @@
 """s3:// for real: a checkpoint and a dataset prefix served by a local S3 API (moto) on 127.0.0.1."""
 
+import pandas as pd
 import pytest
 import torch
 
@@ -43,7 +44,8 @@ def test_dataset_prefix_on_s3_matches_the_local_folder(s3, tmp_path):
             s3.upload_file(str(path), "bucket", f"datasets/pacs/{path.relative_to(root).as_posix()}")
     local, _ = prepare(PrepareSettings("pacs", str(root)))
     remote, meta = prepare(PrepareSettings("pacs", "s3://bucket/datasets/pacs"))
-    assert remote.drop(columns=[]).equals(local)
+    pd.testing.assert_frame_equal(remote, local)  # every column: paths, labels, domains, splits, subsets
+    assert len(remote) == len(list(root.rglob("*.png")))  # every image, and README.txt left out
     rows = remote.head(3)
     data = ManifestImages(meta, rows["path"].tolist(), rows["label"].tolist(), [0, 1, 2, 3], eval_transform(8, (0.5,) * 3, (0.5,) * 3))
     assert data[0][0].shape == (3, 8, 8) and data.paths[0].startswith("s3://bucket/datasets/pacs/")

@@ -21,15 +21,14 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from alignclip import artifacts
 from alignclip.data import splits, storage
 from alignclip.data.registry import DEFAULT_TEMPLATE, clean_class_name, get_dataset
 from alignclip.log import get_logger
 from alignclip.presets import RESOURCES
+from alignclip.protocols import PROTOCOLS
 
 log = get_logger(__name__)
-
-PROTOCOLS = ("domainbed", "wild", "base2new", "imagenet")
-COLUMNS = ["path", "label", "class_name", "domain", "split", "subset"]
 
 
 @dataclass
@@ -360,7 +359,7 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
     spec = get_dataset(settings.dataset)
     protocol = settings.protocol or default_protocol(settings.dataset)
     if protocol not in PROTOCOLS:
-        raise DatasetError(f"unknown protocol {protocol!r}: expected one of {PROTOCOLS}")
+        raise DatasetError(f"unknown protocol {protocol!r}: expected one of {tuple(PROTOCOLS)}")
     allowed = {
         "domainbed": ("domainbed", "wild"),
         "coop": ("base2new",),
@@ -388,7 +387,9 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
                 "holdout_fraction": settings.holdout_fraction,
                 "trial_seed": settings.trial_seed,
                 "shots": settings.shots,
-                "seeds": list(settings.seeds),
+                # only few-shot protocols sample per seed; elsewhere the seeds change nothing, so they are not
+                # recorded (a DVC grid that adds a seed then leaves the prepared data, and every other cell, as is)
+                "seeds": list(settings.seeds) if protocol in ("base2new", "imagenet") else [],
             },
             "counts": {
                 "images": int(len(manifest)),
@@ -403,17 +404,17 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
 def write_prepared(manifest: pd.DataFrame, meta: dict, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest.to_parquet(out / "manifest.parquet", index=False)
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    manifest.to_parquet(out / artifacts.MANIFEST, index=False)
+    (out / artifacts.META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
 def load_prepared(prepared_dir: str | Path) -> tuple[pd.DataFrame, dict]:
     prepared = Path(prepared_dir)
-    for name in ("manifest.parquet", "meta.json"):
+    for name in (artifacts.MANIFEST, artifacts.META):
         if not (prepared / name).is_file():
             raise FileNotFoundError(f"{prepared / name} not found: run `alignclip prepare` first")
-    return pd.read_parquet(prepared / "manifest.parquet"), json.loads((prepared / "meta.json").read_text())
+    return pd.read_parquet(prepared / artifacts.MANIFEST), json.loads((prepared / artifacts.META).read_text())
 
 
 def image_path(meta: dict, relative: str) -> str:

@@ -50,8 +50,6 @@ DATASETS: dict[str, DatasetSpec] = {
     "imagenet": DatasetSpec("imagenet", "imagenet", image_dir="images"),
 }
 
-COOP_DATASETS = tuple(n for n, s in DATASETS.items() if s.protocol == "coop") + ("imagenet",)
-
 
 def get_dataset(name: str) -> DatasetSpec:
     if name not in DATASETS:

@@ -8,13 +8,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from alignclip.presets import s3_client
+from alignclip import s3
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
 
-def is_s3(root: str) -> bool:
-    return str(root).startswith("s3://")
+is_s3 = s3.is_s3
 
 
 def join(root: str, relative: str) -> str:
@@ -50,8 +49,8 @@ def list_files(root: str, suffixes: tuple[str, ...] | None = IMG_EXTENSIONS) -> 
 def list_dirs(root: str) -> list[str]:
     """Immediate sub-folders of ``root``, sorted (DomainBed's environment and class order)."""
     if is_s3(root):
-        bucket, prefix = _split(root)
-        paginator = s3_client().get_paginator("list_objects_v2")
+        bucket, prefix = s3.parse_uri(root, prefix=True)
+        paginator = s3.client().get_paginator("list_objects_v2")
         names = set()
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
             for common in page.get("CommonPrefixes", []):
@@ -62,18 +61,9 @@ def list_dirs(root: str) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=True))
 
 
-def _split(root: str) -> tuple[str, str]:
-    rest = root[len("s3://") :]
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise ValueError(f"bad S3 prefix {root!r}: expected s3://<bucket>/<prefix>")
-    prefix = prefix.strip("/")
-    return bucket, (prefix + "/" if prefix else "")
-
-
 def _list_s3(root: str, suffixes) -> list[str]:
-    bucket, prefix = _split(root)
-    paginator = s3_client().get_paginator("list_objects_v2")
+    bucket, prefix = s3.parse_uri(root, prefix=True)
+    paginator = s3.client().get_paginator("list_objects_v2")
     found = []
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
@@ -88,8 +78,8 @@ def _list_s3(root: str, suffixes) -> list[str]:
 
 def read_bytes(path: str) -> bytes:
     if is_s3(path):
-        bucket, key = path[len("s3://") :].split("/", 1)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        bucket, key = s3.parse_uri(path)
+        return s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     with open(path, "rb") as handle:
         return handle.read()
 
@@ -100,11 +90,11 @@ def read_text(path: str) -> str:
 
 def exists(path: str) -> bool:
     if is_s3(path):
-        bucket, key = path[len("s3://") :].split("/", 1)
+        bucket, key = s3.parse_uri(path)
         from botocore.exceptions import ClientError
 
         try:
-            s3_client().head_object(Bucket=bucket, Key=key)
+            s3.client().head_object(Bucket=bucket, Key=key)
             return True
         except ClientError:
             return False

@@ -1,0 +1,83 @@
+"""What each stage writes and the next one reads: file names and the checkpoint schema, defined once.
+
+    prepare     -> MANIFEST, META                          (alignclip.data.prepare)
+    similarity  -> SIMILARITY_MATRIX, SIMILARITY_CSV, SIMILARITY_HEATMAP
+    train       -> MODEL (a Checkpoint), TRAIN_SUMMARY, TRAIN_LOG
+    evaluate    -> METRICS, PREDICTIONS                    (reads MODEL: held-out domain, method, label space)
+    report      -> REPORT_PAGE, REPORT_MARKDOWN, tables and figures
+
+DVC (dvc.yaml) and the KFP components name the same files; tests/test_artifacts.py checks dvc.yaml against this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+MANIFEST = "manifest.parquet"
+META = "meta.json"
+SIMILARITY_MATRIX = "similarity.pt"
+SIMILARITY_CSV = "similarity.csv"
+SIMILARITY_HEATMAP = "similarity.png"
+MODEL = "model.pt"
+TRAIN_SUMMARY = "train.json"
+TRAIN_LOG = "train_log.csv"
+METRICS = "metrics.json"
+PREDICTIONS = "predictions.parquet"
+REPORT_PAGE = "index.html"
+REPORT_MARKDOWN = "index.md"
+
+CHECKPOINT_SCHEMA = 1
+
+
+@dataclass
+class Checkpoint:
+    """The content of ``model.pt``: the fine-tuned image encoder and everything needed to rebuild and score it.
+
+    Plain tensors and Python values only, so it loads with ``torch.load(weights_only=True)``.
+    """
+
+    visual: dict | None  # state dict of the image encoder; None: the pre-trained one (zero-shot)
+    method: dict  # MethodConfig.to_dict()
+    variant: str  # row label of reports: method, formulation and changed switches
+    architecture: str
+    pretrained: str | None
+    model: str  # preset name or open_clip architecture asked for
+    formulation: str
+    seed: int
+    recipe: str | None
+    dataset: str
+    protocol: str
+    test_domain: str | None  # held-out domain (domainbed, wild); None otherwise
+    label_space: list[int]  # global classes the training classifier scored against
+    classes: list[str]  # their names, so evaluation can refuse a prepared dataset with other classes
+    schema: int = CHECKPOINT_SCHEMA
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
+    """Written to a temporary file and renamed: a killed process never leaves a half-written checkpoint."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(asdict(checkpoint), partial)
+    partial.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint; a file that is not one of ours is a ValueError naming it and what is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (the {MODEL} of `alignclip train`)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling error means the file is not a checkpoint of ours
+        raise ValueError(f"{path}: not a readable alignclip checkpoint ({type(err).__name__}: {err})") from err
+    expected = {f.name for f in fields(Checkpoint)}
+    if not isinstance(state, dict) or expected - set(state):
+        missing = sorted(expected - set(state)) if isinstance(state, dict) else sorted(expected)
+        raise ValueError(f"{path}: not an alignclip checkpoint of schema {CHECKPOINT_SCHEMA} (missing {missing}); re-run `alignclip train`")
+    if state["schema"] != CHECKPOINT_SCHEMA:
+        raise ValueError(f"{path}: checkpoint schema {state['schema']}, expected {CHECKPOINT_SCHEMA}; re-run `alignclip train`")
+    return Checkpoint(**{k: state[k] for k in expected})

@@ -1,0 +1,59 @@
+"""S3 (and S3-compatible stores): the one URI parser, the client, and the local cache of fetched objects.
+
+Model weights (presets) and dataset images (data.storage) both read through here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SCHEME = "s3://"
+
+
+def is_s3(path) -> bool:
+    return str(path).startswith(SCHEME)
+
+
+def parse_uri(uri: str, prefix: bool = False) -> tuple[str, str]:
+    """``s3://bucket/key/with/slashes`` -> (bucket, key) naming one object; anything else is a ValueError naming
+    the URI. ``prefix=True``: a folder, ``s3://bucket[/some/prefix[/]]`` -> (bucket, ``some/prefix/`` or ``""``)."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len(SCHEME) :].partition("/")
+    if prefix:
+        if not bucket:
+            raise ValueError(f"bad S3 prefix {uri!r}: expected s3://<bucket>/<prefix>")
+        key = key.strip("/")
+        return bucket, (key + "/" if key else "")
+    if not bucket or not key or key.endswith("/"):
+        raise ValueError(f"bad S3 URI {uri!r}: expected s3://<bucket>/<key> naming one object")
+    return bucket, key
+
+
+def client():
+    """A boto3 S3 client; honours ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for S3-compatible stores."""
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint) if endpoint else boto3.client("s3")
+
+
+def fetch_object(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """Download one S3 object to the local cache (once) and return its path."""
+    bucket, key = parse_uri(uri)
+    cache = Path(cache_dir or os.environ.get("ALIGNCLIP_CACHE", Path.home() / ".cache" / "alignclip"))
+    target = cache / "s3" / bucket / key
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    partial = target.with_suffix(target.suffix + ".partial")
+    try:
+        client().download_file(bucket, key, str(partial))
+    except (ClientError, BotoCoreError) as err:
+        partial.unlink(missing_ok=True)
+        raise FileNotFoundError(f"cannot fetch {uri}: {err}") from err
+    partial.rename(target)
+    return target

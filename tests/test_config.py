@@ -1,0 +1,299 @@
+"""The one configuration model: params.yaml is the schema rendered, one precedence rule, bad settings end in one
+line and exit 2 before any work, and a grid cell trains with the same settings via the CLI, DVC and KFP."""
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from alignclip.config import (
+    BY_NAME, FAMILIES, TRAIN_KEYS, ConfigError, effective_train, grid, parse_assignments, render_params, resolve,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(args, capsys, cwd=None):
+    """`alignclip ARGS` in this process through the entry point (`main`, the one that turns errors into a line)."""
+    from alignclip.cli import main
+
+    old_argv, old_cwd = sys.argv, os.getcwd()
+    sys.argv = ["alignclip", *map(str, args)]
+    try:
+        if cwd:
+            os.chdir(cwd)
+        try:
+            main()
+            code = 0
+        except SystemExit as done:
+            code = done.code or 0
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- the schema and params.yaml -------------------------------------------------------------------------------------
+
+
+def test_params_yaml_is_the_schema_rendered_for_the_demo():
+    assert (ROOT / "params.yaml").read_text() == render_params(resolve("demo"))
+
+
+def test_params_yaml_reads_back_as_the_demo_settings():
+    from alignclip.config import load_params_file
+
+    values = resolve("demo")
+    assert load_params_file(ROOT / "params.yaml") == {k: v for k, v in values.items() if not BY_NAME[k].kfp_only}
+
+
+def test_lists_accept_json_and_comma_separated_forms():
+    assert parse_assignments(["train_methods=erm"])["train_methods"] == ["erm"]  # not the letters e, r, m
+    assert parse_assignments(['train.test_domains=["Art", "Real World"]']) == parse_assignments(["train_test_domains=Art,Real World"])
+    assert parse_assignments(["train_seeds=[0, 1]"])["train_seeds"] == parse_assignments(["train_seeds=0,1"])["train_seeds"] == [0, 1]
+    with pytest.raises(ConfigError, match="malformed JSON list"):
+        parse_assignments(["train_seeds=[0, 1"])
+    with pytest.raises(ConfigError, match="expected a int"):
+        parse_assignments(["train_seeds=0,x"])
+
+
+# -- precedence: method defaults < recipe < family < params file < explicit -----------------------------------------
+
+
+def test_family_defaults_are_the_papers_setting_for_the_dataset():
+    values = resolve("domain_shift")
+    # domain_shift/office_home of the released scripts: lr 1e-5, 10 epochs x 500 iterations, 36 images per domain
+    assert effective_train(values) == {"recipe": "domain_shift/office_home", "lr": 1e-5, "batch_size": 36, "steps": 5000,
+                                       "epochs": None, "iters_per_epoch": None, "hflip": True,
+                                       "method_switches": {"margin_alpha": 0.3, "bma_beta": 0.5}}
+    assert values["model_name"] == "vit-b-16" and values["model_pretrained"] == "openai"
+    assert values["train_methods"] == ["zeroshot", "erm", "clipood", "alignclip"] and values["train_seeds"] == [0, 1, 2]
+    assert values["train_test_domains"] == ["Art", "Clipart", "Product", "Real World"]
+
+
+def test_choosing_a_dataset_brings_its_domains_and_recipe():
+    values = resolve("domain_shift", overrides={"data_dataset": "pacs", "data_root": "s3://bucket/pacs"})
+    assert values["train_recipe"] == "domain_shift/pacs"
+    assert values["train_test_domains"] == ["art_painting", "cartoon", "photo", "sketch"]
+    assert len(grid(values)) == 4 * 4 * 3
+    wild = resolve("wild", overrides={"data_dataset": "domain_net"})
+    assert wild["train_recipe"] == "wild/domain_net" and len(wild["train_test_domains"]) == 6
+    pets = resolve(None, overrides={"data_dataset": "eurosat"})
+    assert pets["data_protocol"] == "base2new" and pets["train_recipe"] == "base2new/eurosat" and pets["train_test_domains"] == [""]
+
+
+def test_params_file_beats_the_family_and_explicit_values_beat_the_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  lr: 2.0e-5\n  steps: 300\nmodel:\n  name: vit-b-32\n")
+    values = resolve("domain_shift", path)
+    train = effective_train(values)
+    assert (train["lr"], train["steps"], train["batch_size"], values["model_name"]) == (2e-5, 300, 36, "vit-b-32")
+    values = resolve("domain_shift", path, {"train_lr": "3e-5"})
+    assert effective_train(values)["lr"] == 3e-5 and effective_train(values)["steps"] == 300
+
+
+def test_unset_is_not_zero():
+    assert effective_train(resolve("wild"))["steps"] == 5000  # unset: the recipe's 10 x 500
+    with pytest.raises(ConfigError, match="train.steps=0: expected at least 1"):
+        resolve("wild", overrides={"train_steps": 0})
+    base2new = effective_train(resolve("base2new"))
+    assert (base2new["steps"], base2new["epochs"], base2new["iters_per_epoch"]) == (None, 1, None)  # one pass, known from data
+    assert effective_train(resolve("base2new", overrides={"train_steps": 40}))["epochs"] is None
+
+
+def test_params_file_errors_name_the_file_and_the_valid_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key train.stepz; expected one of train.recipe, "):
+        resolve("demo", bad)
+    bad.write_text("train:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: train.steps='many': expected a int"):
+        resolve("demo", bad)
+    bad.write_text("trainer:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="unknown section 'trainer'"):
+        resolve("demo", bad)
+
+
+# -- bad input: one line, exit 2, before any work ---------------------------------------------------------------------
+
+
+BAD = [
+    (["train", "{prep}", "{tmp}/o", "--steps", "-5", "--dry-run"], "train.steps=-5: expected at least 1"),
+    (["train", "{prep}", "{tmp}/o", "--batch-size", "100000", "--dry-run"], "train.batch_size=100000: expected at most 4096"),
+    (["train", "{prep}", "{tmp}/o", "--set", "aligned_layers=abc", "--dry-run"], "--set aligned_layers='abc': expected an integer"),
+    (["train", "{prep}", "{tmp}/o", "--set", "nosuch=1", "--dry-run"], "--set nosuch: unknown method switch"),
+    (["prepare", "rotated_digits", "{tmp}", "{tmp}/p", "--template", "{0} {1}"], "expected exactly one {}"),
+    (["prepare", "rotated_digits", "{tmp}", "{tmp}/p", "--template", "a photo"], "expected exactly one {}"),
+    (["prepare", "rotated_digits", "{tmp}", "{tmp}/p", "--shots", "0"], "data.shots=0: expected at least 1"),
+    (["prepare", "rotated_digits", "{tmp}", "{tmp}/afile"], "output folder {tmp}/afile is a file"),
+    (["evaluate", "{prep}", "{tmp}/m.pt", "{tmp}/afile/sub"], "{tmp}/afile is a file, so the folder cannot be created"),
+    (["pipeline", "compile", "domain_shift", "--param", "train_steps=-5"], "train.steps=-5: expected at least 1"),
+    (["pipeline", "compile", "domain_shift", "--param", "train_methods=erm,alignclip+reelase"], "unknown method 'alignclip+reelase'"),
+    (["pipeline", "compile", "domain_shift", "--param", "train_recipe=domain_shift/mnist"], "unknown recipe; expected one of paper, "),
+    (["pipeline", "compile", "domain_shift", "--param", "train_batch_size=0"], "train.batch_size=0: expected at least 1"),
+    (["pipeline", "compile", "domain_shift", "--param", "train_test_domains=Art,Mars"], "office_home has no domain 'Mars'"),
+    (["pipeline", "compile", "nosuch"], "unknown pipeline family 'nosuch'"),
+    (["pipeline", "submit", "demo", "--param", "train_stepz=3"], "unknown setting 'train_stepz': expected one of data_dataset"),
+    (["pipeline", "submit", "demo", "--params-file", "{tmp}/missing.yaml"], "params file {tmp}/missing.yaml not found"),
+    (["pipeline", "submit", "domain_shift", "--host", "http://kfp:8080"], "is the built-in placeholder"),
+    (["pipeline", "compile", "demo", "--toleration", "gpu:Sometimes"], "expected KEY[=VALUE][:EFFECT]"),
+    (["pipeline", "compile", "demo", "--memory", "lots"], "--memory 'lots': expected a Kubernetes quantity"),
+    (["--log-level", "verbose", "version"], "--log-level 'verbose': expected one of DEBUG"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a[:3]) + " " + m[:30] for a, m in BAD])
+def test_bad_settings_end_in_one_line_and_exit_2(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ALIGNCLIP_IMAGE", raising=False)
+    (tmp_path / "afile").write_text("not a folder")
+    fill = lambda text: text.replace("{tmp}", str(tmp_path)).replace("{prep}", str(tmp_path / "prep"))  # noqa: E731
+    code, out, err = run_cli([fill(a) for a in args], capsys, cwd=tmp_path)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and fill(message) in lines[0], lines[0]
+    assert not (tmp_path / "alignclip-pipeline.yaml").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; run as a user to check this")
+def test_read_only_output_folder_is_refused_up_front(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    code, _, err = run_cli(["prepare", "rotated_digits", tmp_path, locked / "out"], capsys)
+    assert code == 2 and f"{locked} is not writable" in err
+
+
+def test_an_existing_package_is_not_overwritten_silently(tmp_path, capsys):
+    (tmp_path / "p.yaml").write_text("mine")
+    code, _, err = run_cli(["pipeline", "compile", "demo", "-o", tmp_path / "p.yaml"], capsys)
+    assert code == 2 and "pass --force" in err and (tmp_path / "p.yaml").read_text() == "mine"
+
+
+# -- one grid cell, three runners ------------------------------------------------------------------------------------
+
+# What each recipe trains with, from the released scripts (recipes.py cites them) and the paper's A.1
+EXPECTED = {
+    "demo": {"recipe": "demo", "lr": 0.001, "batch_size": 16, "steps": 200, "epochs": None, "hflip": False, "model": "tiny"},
+    "domain_shift": {"recipe": "domain_shift/office_home", "lr": 1e-5, "batch_size": 36, "steps": 5000, "epochs": None, "hflip": True, "model": "vit-b-16"},
+    "wild": {"recipe": "wild/office_home", "lr": 3e-6, "batch_size": 36, "steps": 5000, "epochs": None, "hflip": True, "model": "vit-b-16"},
+    "base2new": {"recipe": "base2new/oxford_pets", "lr": 5e-6, "batch_size": 36, "steps": None, "epochs": 1, "hflip": True, "model": "vit-b-16"},
+}
+
+
+def _cli_command(values, cell):
+    """What a user types: the cell and each setting the family chose, as options."""
+    flags = {"model_name": "--model", "model_pretrained": "--pretrained", "train_recipe": "--recipe", "train_formulation": "--formulation",
+             "train_steps": "--steps", "train_epochs": "--epochs", "train_batch_size": "--batch-size", "train_lr": "--lr"}
+    cmd = ["train", "<prepared>", "<out>", "--method", cell["method"], "--seed", str(cell["seed"])]
+    if cell["test_domain"]:
+        cmd += ["--test-domain", cell["test_domain"]]
+    for name, flag in flags.items():
+        if values[name] is not None:
+            cmd += [flag, str(values[name])]
+    if values["train_hflip"] is not None:
+        cmd.append("--hflip" if values["train_hflip"] else "--no-hflip")
+    return cmd
+
+
+def _dvc_command(values, cell, project):
+    """The train stage command of the cell as DVC renders it from dvc.yaml and the family's params.yaml."""
+    from dvc.repo import Repo
+
+    for name in ("dvc.yaml",):
+        (project / name).write_text((ROOT / name).read_text())
+    (project / "params.yaml").write_text(render_params(values))
+    (project / ".dvc").mkdir(exist_ok=True)
+    (project / ".dvc" / "config").write_text("[core]\n    no_scm = True\n")
+    stages = {s.name: s for s in Repo(str(project)).index.stages}
+    stage = stages[f"train@{cell['method']}-{cell['test_domain']}-{int(cell['seed'])}"]
+    argv = shlex.split(stage.cmd)
+    assert argv[0] == "alignclip"
+    return argv[1:]
+
+
+def _kfp_command(family, values, tmp_path, monkeypatch):
+    """The command the compiled package's train task runs: its inputs wired from the package's parameter defaults
+    into the component function (the code the task executes), with the CLI call captured."""
+    import alignclip.tasks
+    from alignclip.pipeline_cli import cluster_settings, compile_pipeline
+    from alignclip_kfp.components import stages
+
+    path = compile_pipeline(family, tmp_path / "p.yaml", cluster_settings(image="registry.example/alignclip:test"), values)
+    spec = next(yaml.safe_load_all(path.read_text()))
+    defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    (loop_task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    loop = spec["components"][loop_task["componentRef"]["name"]]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    (tmp_path / "run").write_text("")
+    arguments = {}
+    for name, source in loop.items():
+        if "componentInputParameter" in source:
+            channel = source["componentInputParameter"].replace("pipelinechannel--", "")
+            arguments[name] = defaults[channel] if not channel.endswith("-loop-item") else None
+    arguments["cell"] = next(c for c in defaults["train_grid"] if c["method"] == "alignclip")
+    artifact = lambda p: SimpleNamespace(path=str(p), metadata={})  # noqa: E731
+    captured = []
+    monkeypatch.setattr(alignclip.tasks, "run_cli", lambda *args, env=None: captured.append(list(args)))
+    stages.train(prepared=artifact("<prepared>"), matrix=artifact("<matrix>"), parent_run=artifact(tmp_path / "run"),
+                 model=artifact("<model>"), **arguments)
+    return captured[0], arguments["cell"], defaults
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_a_grid_cell_trains_with_the_same_settings_via_cli_dvc_and_kfp(family, tmp_path, capsys, monkeypatch):
+    values = resolve(family)
+    kfp_cmd, cell, defaults = _kfp_command(family, values, tmp_path, monkeypatch)
+    dvc_cmd = _dvc_command(values, cell, tmp_path)
+    cli_cmd = _cli_command(values, cell)
+    shown = {}
+    for runner, cmd in (("cli", cli_cmd), ("dvc", dvc_cmd), ("kfp", kfp_cmd)):
+        code, out, err = run_cli([*cmd, "--dry-run"], capsys, cwd=tmp_path)
+        assert code == 0, (runner, err)
+        shown[runner] = json.loads(out.strip().splitlines()[-1])
+    assert shown["cli"] == shown["dvc"] == shown["kfp"]
+    expected = EXPECTED[family]
+    settings = shown["kfp"]
+    assert {k: settings[k] for k in ("recipe", "lr", "batch_size", "steps", "epochs", "hflip", "model")} == expected
+    assert (settings["method"], settings["seed"], settings["test_domain"] or "") == (cell["method"], cell["seed"], cell["test_domain"])
+    # the compiled package's defaults are those settings too
+    assert (defaults["train_lr"], defaults["train_batch_size"], defaults["train_steps"], defaults["train_epochs"]) == (
+        expected["lr"], expected["batch_size"], expected["steps"] or 0, expected["epochs"] or 0)
+
+
+def test_dvc_stages_list_exactly_the_settings_they_read():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert sorted(stages["train"]["params"]) == sorted(TRAIN_KEYS)
+    # the grid's lists are not among them: a new seed/method/domain only adds cells
+    assert not {"train.seeds", "train.methods", "train.test_domains"} & set(stages["train"]["params"])
+    used = {m for m in __import__("re").findall(r"\$\{((?:data|model|train)\.[a-z_]+)\}", stages["prepare"]["cmd"])}
+    assert used | {"train.seeds"} == set(stages["prepare"]["params"])
+    assert set(stages["similarity"]["params"]) == {"model.name", "model.pretrained"}
+
+
+def test_no_recipe_means_the_training_defaults():
+    from alignclip.recipes import NO_RECIPE, effective_schedule
+    from alignclip.train import TrainSettings
+
+    base = TrainSettings()
+    assert effective_schedule(None) == {"recipe": None, "lr": base.lr, "batch_size": base.batch_size, "steps": base.steps,
+                                        "epochs": base.epochs, "iters_per_epoch": base.iters_per_epoch, "hflip": base.hflip,
+                                        "method_switches": {}}
+    assert NO_RECIPE.method == {}
+
+
+def test_families_are_data():
+    for name, family in FAMILIES.items():
+        assert set(family.defaults) <= set(BY_NAME), name
+        resolve(name)  # each resolves to a valid configuration
+
+
+def test_the_schemas_protocols_are_the_registry():
+    from alignclip.config import PROTOCOLS
+    from alignclip.protocols import PROTOCOLS as REGISTRY
+
+    assert set(PROTOCOLS) == set(REGISTRY)

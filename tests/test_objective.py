@@ -1,0 +1,172 @@
+"""The loss that training runs, checked against the paper's equations written out independently.
+
+Every test calls ``objective.compute_loss`` with a real ``MethodConfig`` (from the method registry) and a real
+``AlignCLIPVisual`` on the tiny CLIP, exactly as ``train.train_step`` does, and recomputes each term from the
+model's outputs with plain Python loops (no shared helpers):
+
+    logits   eq. 1   cos(I, T_c) / tau
+    G, G_DV  eq. 4   softmax_m(cos(token_m, T_y) / tau)       (main and D-V branch)
+    L_AAL    eq. 6   mean_b sum_m [A log(A / G_DV) + G log(G / G_DV)]
+    L_SLS    eq. 8-9 mean_b (1 - eps) CE + eps * (-sum_j S[y, j] log p_j)
+    L        sec 3   aal_weight * L_AAL + lambda * L_SLS
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignclip.classifier import make_visual
+from alignclip.methods import get_method
+from alignclip.objective import compute_loss
+from alignclip.similarity import class_similarity_matrix
+
+TARGETS = [0, 3, 1, 3]
+CLASSES = 5
+
+
+def rows(t):
+    return t.detach().double().tolist()
+
+
+def cos(a, b):
+    return sum(x * y for x, y in zip(a, b)) / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def softmax(values):
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+@pytest.fixture()
+def batch(tiny):
+    torch.manual_seed(1)
+    images = torch.randn(len(TARGETS), 3, tiny.image_size, tiny.image_size)
+    text = F.normalize(torch.randn(CLASSES, tiny.model.text_projection.shape[1]), dim=-1)
+    return images, torch.tensor(TARGETS), text
+
+
+def paper_terms(method, out, text, class_sim):
+    """(L_SLS, AL, AS) of the paper's formulation from the model's outputs, by hand."""
+    T = rows(text)
+    sls = al = as_ = 0.0
+    for b, y in enumerate(TARGETS):
+        logits = [cos(rows(out.embedding)[b], T[c]) / method.tau for c in range(CLASSES)]
+        logp = [math.log(p) for p in softmax(logits)]
+        S = rows(class_sim)[y]
+        sls += (1 - method.eps) * -logp[y] + method.eps * -sum(S[j] * logp[j] for j in range(CLASSES))
+        tokens, dv_tokens = rows(out.tokens[b]), rows(out.dv_tokens[b])
+        g = softmax([cos(t, T[y]) / method.aal_tau for t in tokens])
+        g_dv = softmax([cos(t, T[y]) / method.aal_tau for t in dv_tokens])
+        al += kl(rows(out.cls_attn[b]), g_dv)
+        as_ += kl(g, g_dv)
+    n = len(TARGETS)
+    return sls / n, al / n, as_ / n
+
+
+@pytest.mark.parametrize("switches", [{}, {"eps": 0.3, "aal_weight": 2.5, "sls_weight": 0.7}])
+def test_alignclip_loss_is_the_papers_equations(tiny, batch, switches):
+    images, targets, text = batch
+    method = get_method("alignclip", **switches)
+    visual = make_visual(tiny, method)
+    class_sim = class_similarity_matrix(text, method.sls_scale)
+    total, parts = compute_loss(method, visual, images, targets, text, class_sim)
+    with torch.no_grad():
+        out = visual(images, align=True)
+    sls, al, as_ = paper_terms(method, out, text, class_sim)
+    assert parts["cls_loss"] == pytest.approx(sls, rel=1e-4)
+    assert parts["aal_attn"] == pytest.approx(al, rel=1e-4, abs=1e-6)
+    assert parts["aal_sim"] == pytest.approx(as_, rel=1e-4, abs=1e-6)
+    expected = method.aal_weight * (al + as_) + method.sls_weight * sls
+    assert total.item() == pytest.approx(expected, rel=1e-4)
+    assert parts["loss"] == pytest.approx(expected, rel=1e-4)
+    assert al > 1e-3 and as_ > 1e-3  # both terms are live on this batch, so dropping either shows
+
+
+@pytest.mark.parametrize("term", ["attn_term", "sim_term"])
+def test_each_alignment_term_switches_off_alone(tiny, batch, term):
+    images, targets, text = batch
+    method = get_method("alignclip", **{term: False})
+    visual = make_visual(tiny, method)
+    class_sim = class_similarity_matrix(text)
+    total, parts = compute_loss(method, visual, images, targets, text, class_sim)
+    with torch.no_grad():
+        out = visual(images, align=True)
+    sls, al, as_ = paper_terms(method, out, text, class_sim)
+    kept = as_ if term == "attn_term" else al
+    assert ("aal_attn" in parts) is (term != "attn_term") and ("aal_sim" in parts) is (term != "sim_term")
+    assert total.item() == pytest.approx(kept + sls, rel=1e-4)
+
+
+def test_erm_and_clipood_losses(tiny, batch):
+    images, targets, text = batch
+    T = rows(text)
+    for name in ("erm", "clipood"):
+        method = get_method(name)
+        visual = make_visual(tiny, method)
+        total, parts = compute_loss(method, visual, images, targets, text, class_similarity_matrix(text))
+        with torch.no_grad():
+            image = rows(visual(images))
+        expected = 0.0
+        for b, y in enumerate(TARGETS):
+            # CLIPood's margin metric softmax: cos(I, T_c) + alpha (1 - cos(T_y, T_c)), over tau
+            margin = method.margin_alpha if name == "clipood" else 0.0
+            logits = [(cos(image[b], T[c]) + margin * (1 - cos(T[y], T[c]))) / method.tau for c in range(CLASSES)]
+            expected += -math.log(softmax(logits)[y])
+        assert total.item() == pytest.approx(expected / len(TARGETS), rel=1e-4), name
+        assert set(parts) == {"cls_loss", "loss", "train_acc"}
+
+
+def test_released_formulation_matches_the_released_code(tiny, batch):
+    """The authors' released engine.py, written with torch.nn.functional.kl_div: margin logits x 100, SLS
+    against softmax(35 cos) with 0.9 on the target, and 10 x (KL(G_DV || A) + KL(G_DV || G) over every class),
+    G without temperature."""
+    images, targets, text = batch
+    method = get_method("alignclip", "release")
+    visual = make_visual(tiny, method)
+    s35 = class_similarity_matrix(text, method.sls_scale)
+    total, parts = compute_loss(method, visual, images, targets, text, s35)
+    with torch.no_grad():
+        out = visual(images, align=True)
+    norm = lambda x: F.normalize(x, dim=-1)  # noqa: E731
+    b = len(TARGETS)
+    g_dv_y = torch.einsum("bmd,bd->bm", norm(out.dv_tokens), text[targets]).softmax(-1)
+    term1 = F.kl_div(out.cls_attn.log(), g_dv_y, reduction="batchmean")
+    g = torch.einsum("bmd,cd->bcm", norm(out.tokens), text).softmax(-1)
+    g_dv = torch.einsum("bmd,cd->bcm", norm(out.dv_tokens), text).softmax(-1)
+    term2 = F.kl_div(g.log(), g_dv, reduction="sum") / b
+    logits = (norm(out.embedding) - 0.3 * text[targets]) @ text.T * 100
+    one_hot = F.one_hot(targets, CLASSES).float()
+    soft_target = 0.9 * one_hot + (1 - one_hot) * (35 * text @ text.T).softmax(-1)[targets]
+    sls = -(soft_target * logits.log_softmax(-1)).sum(-1).mean()
+    assert parts["aal_attn"] == pytest.approx(term1.item(), rel=1e-4)
+    assert parts["aal_sim"] == pytest.approx(term2.item(), rel=1e-4)
+    assert parts["cls_loss"] == pytest.approx(sls.item(), rel=1e-4)
+    assert total.item() == pytest.approx(sls.item() + 10 * (term1.item() + term2.item()), rel=1e-4)
+
+
+def test_gradients_are_finite_and_the_dv_target_gets_none(tiny, batch):
+    images, targets, text = batch
+    method = get_method("alignclip")
+    visual = make_visual(tiny, method)
+    before = {n: p.requires_grad for n, p in visual.named_parameters()}
+    try:
+        for p in visual.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        out = visual(images, align=True)
+        assert out.tokens.requires_grad and not out.dv_tokens.requires_grad  # G_DV is a target
+        total, _ = compute_loss(method, visual, images, targets, text, class_similarity_matrix(text))
+        total.backward()
+        grads = [p.grad for p in visual.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+    finally:
+        for name, p in visual.named_parameters():
+            p.grad = None
+            p.requires_grad_(before[name])
