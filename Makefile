@@ -1,5 +1,6 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Both create .venv from the lock file if missing.
 SHELL := /bin/bash
+, := ,
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,13 +11,15 @@ export HF_HUB_OFFLINE ?= 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test bench lock clean-demo help
+.PHONY: demo test bench lock clean-demo help image mlflow-image
 
 help:
 	@echo "make demo   - set up .venv and run the pipeline (dvc repro) on the embedded RotatedDigits"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make bench  - print the benchmark figures (bench/)"
 	@echo "make lock   - re-resolve requirements*.lock from requirements*.in (needs uv)"
+	@echo "make image  - build the image (IMAGE=..., BASE_IMAGE=..., PIP_CONF=..., DOCKER_BUILD_FLAGS=...)"
+	@echo "make mlflow-image - build infra/'s MLflow server image (MLFLOW_IMAGE=..., same options)"
 
 # The lock pins every package; --no-deps installs exactly that set, so pip never backtracks.
 $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
@@ -34,7 +37,36 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/listing.py
+	$(BIN)/python bench/input_pipeline.py
 
 lock:
 	uv pip compile requirements.in -o requirements.lock --python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(UV_INDEXES)
 	uv pip compile requirements-dev.in -o requirements-dev.lock --python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(UV_INDEXES)
+
+# The image: BuildKit (RUN --mount). The first docker client that builds with BuildKit: a client with buildx, or
+# one with BuildKit built in (docker 20.10-22); a client without either only has the legacy builder.
+DOCKER ?= $(firstword $(foreach d,$(shell which -a docker 2>/dev/null),$(shell DOCKER_BUILDKIT=1 $(d) build --help >/dev/null 2>&1 && echo $(d))) docker)
+IMAGE ?= ghcr.io/alignclip/alignclip:0.1.0
+BASE_IMAGE ?= python:3.11.14-slim-bookworm
+# provenance: the commit (marked -dirty when tracked files differ from it) and the DVC hash of data.dvc
+GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)
+DATA_VERSION ?= $(shell awk '/md5:/ {print $$NF; exit}' data.dvc)
+# The package index settings of the build machine, as BuildKit secrets (never in a layer): a pip config file
+# (index URLs, credentials) and the CA bundle the index needs. Both optional.
+PIP_CONF ?=
+PIP_CA ?= $(or $(PIP_CERT),$(SSL_CERT_FILE))
+BUILD_SECRETS = $(if $(PIP_CONF),--secret id=pip.conf$(,)src=$(PIP_CONF)) $(if $(PIP_CA),--secret id=ca.crt$(,)src=$(PIP_CA))
+DOCKER_BUILD_FLAGS ?=
+MLFLOW_IMAGE ?= ghcr.io/alignclip/mlflow-server:3.17.2
+
+image:
+	DOCKER_BUILDKIT=1 $(DOCKER) build $(DOCKER_BUILD_FLAGS) $(BUILD_SECRETS) \
+	  --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg IMAGE=$(IMAGE) \
+	  --build-arg GIT_COMMIT=$(GIT_COMMIT) --build-arg DATA_VERSION=$(DATA_VERSION) \
+	  -t $(IMAGE) .
+	@$(DOCKER) image inspect --format 'built $(IMAGE): {{.Size}} bytes' $(IMAGE)
+
+mlflow-image:
+	DOCKER_BUILDKIT=1 $(DOCKER) build $(DOCKER_BUILD_FLAGS) $(BUILD_SECRETS) \
+	  --build-arg BASE_IMAGE=$(BASE_IMAGE) -f infra/mlflow/Dockerfile -t $(MLFLOW_IMAGE) .
+	@$(DOCKER) image inspect --format 'built $(MLFLOW_IMAGE): {{.Size}} bytes' $(MLFLOW_IMAGE)

@@ -25,6 +25,7 @@ MODEL = "model.pt"
 TRAIN_SUMMARY = "train.json"
 TRAIN_LOG = "train_log.csv"
 METRICS = "metrics.json"
+SCORES = "scores.json"  # the accuracies alone (percent): the narrow file `dvc metrics show` reads
 PREDICTIONS = "predictions.parquet"
 REPORT_PAGE = "index.html"
 REPORT_MARKDOWN = "index.md"
@@ -70,10 +71,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (the {MODEL} of `alignclip train`)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling error means the file is not a checkpoint of ours
-        raise ValueError(f"{path}: not a readable alignclip checkpoint ({type(err).__name__}: {err})") from err
+    from alignclip.files import load_torch
+
+    # weights_only: a pickle that would run code is refused; any other bad file is one line naming it
+    state = load_torch(path, "model checkpoint")
     expected = {f.name for f in fields(Checkpoint)}
     if not isinstance(state, dict) or expected - set(state):
         missing = sorted(expected - set(state)) if isinstance(state, dict) else sorted(expected)

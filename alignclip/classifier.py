@@ -57,12 +57,55 @@ def load_trained(checkpoint: str | Path, device) -> tuple[object, AlignCLIPVisua
     return bundle, visual.to(device).eval(), state
 
 
-def log_image_encoder(tracker, checkpoint: str | Path, registered_name: str) -> None:
-    """Log the trained image encoder of a checkpoint as an MLflow model and register it (input: a batch of
-    images), through the tracker."""
-    import numpy as np
+class ClassProbabilities(torch.nn.Module):
+    """The deployable classifier (eq. 1): the image encoder against frozen class text features,
+    softmax(cos(image, class) / tau) over the label space, [N, C]: the registered MLflow model. The same
+    logits as evaluation (``cosine_logits``), which tests/test_pipeline.py checks on the logged model."""
 
-    bundle, visual, _ = load_trained(checkpoint, "cpu")
+    def __init__(self, visual: torch.nn.Module, text: torch.Tensor, tau: float):
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("text", text.detach().float().clone())
+        self.tau = float(tau)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from alignclip.losses import cosine_logits
+
+        return cosine_logits(self.visual(images).float(), self.text, self.tau).softmax(dim=-1)
+
+
+def log_classifier(tracker, checkpoint: str | Path, meta: dict, tags: dict) -> None:
+    """Log the trained model of a checkpoint as an MLflow model that returns class probabilities over its
+    training label space (``ClassProbabilities``), register it as ``alignclip-<dataset>-<variant>`` and tag it
+    (``tags``: the cell's tags, ``alignclip.runs.cell_tags``)."""
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from alignclip import runs
+
+    bundle, visual, state = load_trained(checkpoint, "cpu")
+    classes = [meta["classes"][g] for g in state.label_space]
+    text = encode_classes(bundle.model, bundle.tokenizer, classes, meta["template"], "cpu")
+    classifier = ClassProbabilities(visual, text, state.method.get("tau", 0.01)).eval()
     # batch of 2: torch.export specialises a size-1 dimension, which would pin the model to batch 1
     example = np.zeros((2, 3, bundle.image_size, bundle.image_size), dtype=np.float32)
-    tracker.log_model(visual, "image_encoder", registered_name, example)
+    name = runs.registered_name(tags["dataset"], tags["variant"])
+    metadata = {"classes": classes, "label_space": state.label_space, "output": "class probabilities [N, C]"}
+    version = tracker.log_model(classifier, "classifier", name, example, metadata=metadata)
+    client = MlflowClient()
+    model_tags = {k: tags[k] for k in ("dataset", "protocol", "method", "variant", "formulation")}
+    for key, value in model_tags.items():
+        client.set_registered_model_tag(name, key, value)
+    client.update_registered_model(
+        name,
+        description=(
+            f"{tags['variant']} (formulation: {tags['formulation']}) fine-tuned on {tags['dataset']} "
+            f"({tags['protocol']}). One version per grid cell (held-out domain, seed); the alias "
+            "`best-<held-out domain>-<split>` marks the most accurate. Input: float32 images [N, 3, H, W]; "
+            "output: class probabilities [N, C] over the version's `classes`."
+        ),
+    )
+    if version is not None:
+        version_tags = {**model_tags, "held_out_domain": tags["held_out_domain"], "seed": tags["seed"], "classes": ",".join(classes)}
+        for key, value in version_tags.items():
+            client.set_model_version_tag(name, str(version), key, str(value)[:5000])

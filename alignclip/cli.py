@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -10,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from alignclip import __version__
-from alignclip.config import ConfigError, check, check_method_switches, check_output_dir, check_template
+from alignclip.config import COMPOSITES, ConfigError, check, check_method_switches, check_output_dir, check_template
 from alignclip.log import get_logger, setup_logging
 
 app = typer.Typer(
@@ -23,6 +24,8 @@ data_app = typer.Typer(help="Build the embedded datasets.", no_args_is_help=True
 pipeline_app = typer.Typer(help="Compile, submit or run the Kubeflow pipelines.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
+tracking_app = typer.Typer(help="MLflow records kept on disk while the tracking server was unreachable.", no_args_is_help=True)
+app.add_typer(tracking_app, name="tracking")
 log = get_logger("alignclip")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -94,18 +97,22 @@ def pretrain(
 
 @app.command()
 def prepare(
-    dataset: str = typer.Argument(..., help="dataset name, e.g. rotated_digits, pacs, office_home, oxford_pets, imagenet"),
+    dataset: str = typer.Argument(..., help="dataset name, e.g. rotated_digits, pacs, office_home, oxford_pets, imagenet; or domainbed (any DomainBed-layout folder, with --name)"),
     root: str = typer.Argument(..., help="dataset folder or s3:// prefix"),
     out_dir: Path = typer.Argument(..., help="where to write manifest.parquet and meta.json"),
     protocol: Optional[str] = typer.Option(None, help="domainbed | wild | base2new | imagenet (default: the dataset's own)"),
     holdout_fraction: Optional[float] = typer.Option(None, help="DomainBed held-out fraction per domain (default 0.2)"),
-    trial_seed: Optional[int] = typer.Option(None, help="DomainBed trial seed of the in/out splits (default 0)"),
+    trial_seed: Optional[int] = typer.Option(None, help="trial seed of the in/out splits (default 0): DomainBed's; wild: CLIPood's split uses 0, others are our extension"),
     shots: Optional[int] = typer.Option(None, help="few-shot images per class (base2new, imagenet; default 16)"),
     seeds: Optional[List[int]] = typer.Option(None, "--seed", help="few-shot sampling seeds (repeatable; default: train.seeds, 0 1 2)"),
     params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for the options not given here"),
     template: Optional[str] = typer.Option(None, help="prompt template with {} for the class name"),
     split_file: Optional[str] = typer.Option(None, help="CoOp split JSON (default: the dataset's split_zhou_*.json)"),
+    templates: Optional[str] = typer.Option(None, help="prompt templates: paper (appendix A.2, default) | release (the released code's, CoOp's)"),
+    class_names: Optional[str] = typer.Option(None, help="class names: paper ('_' and '-' become spaces, default) | release (only '_')"),
+    listing: Optional[str] = typer.Option(None, help="imagenet: image order for few-shot picks: sorted (reproducible, default) | filesystem (CoOp's os.listdir order)"),
     validate: bool = typer.Option(False, help="also decode every image (parallel) and list unreadable ones"),
+    name: Optional[str] = typer.Option(None, help="your dataset's name in results; needed with a layout kind (domainbed)"),
 ):
     """List and split a dataset by its protocol; write a manifest (parquet) and its metadata (JSON)."""
     from alignclip.config import BY_NAME, load_params_file
@@ -114,14 +121,16 @@ def prepare(
     # explicit option > params file > schema default (alignclip/config.py)
     from_file = load_params_file(params_file) if params_file is not None else {}
     given = {"data_protocol": protocol, "data_holdout_fraction": holdout_fraction, "data_trial_seed": trial_seed,
-             "data_shots": shots, "train_seeds": list(seeds) if seeds else None}
+             "data_shots": shots, "train_seeds": list(seeds) if seeds else None, "data_templates": templates,
+             "data_class_names": class_names, "data_listing": listing}
     value = {name: check(name, v, f"--{BY_NAME[name].field.replace('_', '-')}: ") if v is not None else from_file.get(name, BY_NAME[name].default)
              for name, v in given.items()}
     check_template(template)
     check_output_dir(out_dir)
     settings = PrepareSettings(
         dataset, root, value["data_protocol"] or "", value["data_holdout_fraction"], value["data_trial_seed"],
-        value["data_shots"], list(value["train_seeds"]), template, split_file
+        value["data_shots"], list(value["train_seeds"]), template, split_file,
+        templates=value["data_templates"], class_names=value["data_class_names"], listing=value["data_listing"], name=name,
     )
     manifest, meta = run_prepare(settings)
     if validate:
@@ -147,9 +156,34 @@ def similarity(
     from alignclip.similarity import similarity_stage
 
     check_output_dir(out_dir)
-    with tracking.start_run(experiment, "similarity", tags={"stage": "similarity"}) as tracker:
-        meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracker)
+    parent = tracking.pipeline_run_id(experiment)
+    if parent:  # one per pipeline: the pipeline run's own artifacts
+        from mlflow import MlflowClient
+
+        meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracking.Tracker(False))
+        try:
+            for name in ("similarity.png", "similarity.csv"):
+                MlflowClient().log_artifact(parent, str(out_dir / name), "similarity")
+        except Exception as err:  # noqa: BLE001 - the matrix is on disk; tracking must not cost it
+            log.warning("could not log the similarity matrix to MLflow (%s)", str(err).splitlines()[0][:200])
+    else:
+        with tracking.start_run(experiment, "similarity", tags={"run_type": "similarity"}) as tracker:
+            meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracker)
     typer.echo(f"similarity of {len(meta['classes'])} classes -> {out_dir}")
+
+
+WORKERS_HELP = ("DataLoader worker processes, or auto: the CPUs this process may use (affinity, cgroup quota) less "
+                "one, none with two CPUs or fewer")
+STAGE_HELP = "copy s3:// images into the local cache (ALIGNCLIP_CACHE) first, with parallel GETs; else one GET per image"
+
+
+def _check_workers(value: str) -> None:
+    from alignclip.data.loader import resolve_workers
+
+    try:
+        resolve_workers(value)
+    except ValueError as err:
+        raise ConfigError(f"--num-workers {value!r}: expected a count >= 0 or 'auto'") from err
 
 
 @app.command()
@@ -172,52 +206,82 @@ def train(
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="random horizontal flip (default: the recipe's)"),
     params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for what is not given here"),
     similarity_path: Optional[Path] = typer.Option(None, "--similarity", help="similarity.pt from `alignclip similarity`"),
-    num_workers: int = typer.Option(0),
+    num_workers: str = typer.Option("auto", help=WORKERS_HELP),
+    stage_remote: bool = typer.Option(True, help=STAGE_HELP),
     device: str = typer.Option("auto"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the effective settings (JSON) and stop"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
+    checkpoint_dir: Optional[str] = typer.Option(
+        None, envvar="ALIGNCLIP_CHECKPOINT_DIR",
+        help="folder or s3:// prefix for the resume checkpoint (default: under ALIGNCLIP_CHECKPOINT_ROOT keyed by "
+        "output path and cell if set, else .<out_dir>.train.partial beside the outputs)",
+    ),
+    checkpoint_every: int = typer.Option(0, help="also write a resume checkpoint every N steps (0: by time only)"),
+    checkpoint_minutes: float = typer.Option(10.0, help="write a resume checkpoint at least this often (0: by steps only)"),
+    resume: bool = typer.Option(True, help="continue from a resume checkpoint of the same settings if there is one"),
 ):
-    """Fine-tune the image encoder with one method; the BMA model is the result."""
+    """Fine-tune the image encoder with one method; the BMA model is the result. Killed or preempted, the same
+    command resumes where it stopped (SIGTERM writes a checkpoint first)."""
     from dataclasses import asdict
 
-    from alignclip import artifacts, tracking
-    from alignclip.classifier import log_image_encoder
+    from alignclip import artifacts, runs, tracking
+    from alignclip.classifier import log_classifier
     from alignclip.config import effective_train, train_config
+    from alignclip.data.prepare import load_prepared
     from alignclip.recipes import apply_recipe
-    from alignclip.train import TrainSettings, train as run_train
+    from alignclip.train import TrainSettings, cell_tags, train as run_train
 
     switches = _parse_overrides(set_)
     check("train_seeds", [seed], "--seed: ")
-    if weight_decay < 0 or num_workers < 0:
-        raise ConfigError(f"--weight-decay {weight_decay} / --num-workers {num_workers}: expected 0 or more")
+    if weight_decay < 0:
+        raise ConfigError(f"--weight-decay {weight_decay}: expected 0 or more")
+    _check_workers(num_workers)
     explicit = {"model_name": model, "model_pretrained": pretrained, "train_recipe": recipe, "train_formulation": formulation,
                 "train_steps": steps, "train_epochs": epochs, "train_batch_size": batch_size, "train_lr": lr, "train_hflip": hflip}
     meta = None
     if recipe is None and (prepared_dir / "meta.json").is_file():
         meta = json.loads((prepared_dir / "meta.json").read_text())
     values = train_config(params_file, explicit, meta)
-    effective = effective_train(values)
+    effective = effective_train(values, test_domain or None)
     settings = TrainSettings(
         method=method, formulation=values["train_formulation"], overrides=switches, model=values["model_name"],
         pretrained=values["model_pretrained"], test_domain=test_domain or None, seed=seed, weight_decay=weight_decay,
-        num_workers=num_workers, device=device, progress=progress,
+        num_workers=num_workers, stage_remote=stage_remote, device=device, progress=progress,
     )
     settings = apply_recipe(settings, effective["recipe"], steps=effective["steps"], batch_size=effective["batch_size"],
                             lr=effective["lr"], epochs=effective["epochs"], hflip=effective["hflip"])
     if dry_run:
-        shown = {k: v for k, v in asdict(settings).items() if k not in ("progress", "device", "num_workers", "log_every")}
+        shown = {k: v for k, v in asdict(settings).items()
+                 if k not in ("progress", "device", "num_workers", "stage_remote", "log_every")}
         typer.echo(json.dumps(shown, sort_keys=True))
         return
     check_output_dir(out_dir)
+    from alignclip.resume import ResumeOptions, pending_run_id
+
+    if checkpoint_every < 0 or checkpoint_minutes < 0:
+        raise ConfigError(f"--checkpoint-every {checkpoint_every} / --checkpoint-minutes {checkpoint_minutes}: expected 0 or more")
     test_domain = settings.test_domain
-    run_name = f"train-{method}-{test_domain or 'all'}-s{seed}"
-    with tracking.start_run(experiment, run_name, tags={"stage": "train", "method": method}) as tracker:
-        summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path)
+    cell_key = f"train-{method}-{test_domain or 'all'}-s{seed}"  # names the resume checkpoint's place
+    if checkpoint_dir is None and os.environ.get("ALIGNCLIP_CHECKPOINT_ROOT"):
+        from alignclip.resume import keyed_location
+
+        checkpoint_dir = keyed_location(os.environ["ALIGNCLIP_CHECKPOINT_ROOT"], out_dir, cell_key)
+    resume_options = ResumeOptions(checkpoint_dir, checkpoint_every, checkpoint_minutes * 60, enabled=resume)
+    previous_run = pending_run_id(out_dir, resume_options)  # a resumed training continues its MLflow run
+    manifest, meta = load_prepared(prepared_dir)
+    tags = cell_tags(settings, meta)
+    note = f"Grid cell: training (params, curves, model) and evaluation (accuracies) of one run. {runs.PERCENT_NOTE}"
+    with tracking.start_run(
+        experiment, runs.cell_run_name(tags["variant"], test_domain, seed),
+        tags={**tags, **runs.data_tags(meta, manifest), "mlflow.note.content": note}, resume_run_id=previous_run,
+    ) as tracker:
+        tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], runs.manifest_digest(manifest), "training")
+        summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path, resume=resume_options)
         tracker.log_artifact(out_dir / artifacts.TRAIN_LOG)
         tracker.log_artifact(out_dir / artifacts.TRAIN_SUMMARY)
-        if tracker.enabled:
-            log_image_encoder(tracker, out_dir / artifacts.MODEL, f"alignclip-{summary['dataset']}-{method.replace('+', '-').replace('@', '-')}")
+        if tracker.enabled and summary["method"]["trains"]:  # zero-shot is not a trained model: nothing to register
+            log_classifier(tracker, out_dir / artifacts.MODEL, meta, tags)
     typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / artifacts.MODEL}")
 
 
@@ -228,24 +292,42 @@ def evaluate(
     out_dir: Path = typer.Argument(..., help="where to write metrics.json and predictions.parquet"),
     test_domain: Optional[str] = typer.Option(None, help="held-out domain: read from the checkpoint; if given, it must agree"),
     test_split: str = typer.Option("holdout", help="held-out domain: 20% split (holdout, CLIPood), 80% split (in, DomainBed) or all (full)"),
-    batch_size: int = typer.Option(128),
-    num_workers: int = typer.Option(0),
+    batch_size: int = typer.Option(512),
+    num_workers: str = typer.Option("auto", help=WORKERS_HELP),
+    stage_remote: bool = typer.Option(True, help=STAGE_HELP),
     device: str = typer.Option("auto"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Top-1 accuracy on every view of the protocol (held-out domain, base/new classes, ImageNet variants)."""
-    from alignclip import artifacts, tracking
+    from alignclip import artifacts, runs, tracking
+    from alignclip.data.prepare import load_prepared
     from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
 
-    if batch_size < 1 or num_workers < 0:
-        raise ConfigError(f"--batch-size {batch_size} / --num-workers {num_workers}: expected a batch of 1 or more, 0 or more workers")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: expected a batch of 1 or more")
+    _check_workers(num_workers)
     check("data_test_split", test_split, "--test-split: ")
     check_output_dir(out_dir)
-    run_name = f"evaluate-{checkpoint.parent.name}"
-    with tracking.start_run(experiment, run_name, tags={"stage": "evaluate"}) as tracker:
-        summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain or None, test_split, batch_size, num_workers, device)
-        tracker.log_metrics(flat_metrics(summary))
-        tracker.log_artifact(out_dir / artifacts.METRICS)
+    # The cell's training run (named in train.json) if it belongs to this pipeline run; else a new cell run.
+    trained = checkpoint.parent / artifacts.TRAIN_SUMMARY
+    info = json.loads(trained.read_text()) if trained.is_file() else {}
+    parent = tracking.pipeline_run_id(experiment)
+    resume = info.get("mlflow_run_id") if tracking.tracking_uri() and tracking.resumable(info.get("mlflow_run_id"), parent) else None
+    trained_settings = info.get("settings", {})
+    run_name = runs.cell_run_name(info.get("variant", checkpoint.parent.name), trained_settings.get("test_domain"), trained_settings.get("seed", "?"))
+    with tracking.start_run(experiment, run_name, parent_run_id=parent, resume_run_id=resume) as tracker:
+        summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain or None, test_split, batch_size, num_workers,
+                               device, stage_remote)
+        if tracker.enabled and tracker.run_id:
+            manifest, meta = load_prepared(prepared_dir)
+            tags = runs.cell_tags(summary["dataset"], summary["protocol"], summary["method"], summary["variant"],
+                                  summary["formulation"], summary["test_domain"], summary["seed"])
+            tracker.set_tags({**tags, **runs.data_tags(meta, manifest), "test_split": summary.get("test_split") or "-"})
+            tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], runs.manifest_digest(manifest), "evaluation")
+            tracker.log_metrics({**flat_metrics(summary), **{f"{v}_images": r["total"] for v, r in summary["views"].items()}})
+            tracker.log_artifact(out_dir / artifacts.METRICS)
+            tracker.log_artifact(out_dir / artifacts.PREDICTIONS)
+            runs.describe_model_version(tracker.run_id, summary)
     typer.echo(json.dumps(flat_metrics(summary)))
 
 
@@ -258,17 +340,34 @@ def report(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Results tables beside the paper's numbers (CSV, Markdown), figures (PNG) and a results page."""
-    from alignclip import tracking
-    from alignclip.report import build_report
+    from alignclip import runs, tracking
+    from alignclip.report import build_report, collect
 
     check_output_dir(out_dir)
-    with tracking.start_run(experiment, "report", tags={"stage": "report"}) as tracker:
-        page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
-        tracker.log_artifact(out_dir, "report")
+    parent = tracking.pipeline_run_id(experiment)
+    if parent:  # the last stage: the pipeline run gets the page and the summary metrics, and ends
+        try:
+            page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
+        except BaseException:
+            runs.mark_failed(parent, "report")
+            raise
+        try:
+            runs.finish_pipeline_run(parent, collect(results_dir), out_dir)
+        except Exception as err:  # noqa: BLE001 - the page is on disk; tracking must not cost it
+            log.warning("could not end the pipeline's MLflow run %s (%s)", parent, str(err).splitlines()[0][:200])
+    else:
+        with tracking.start_run(experiment, "report", tags={"run_type": "report"}) as tracker:
+            page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
+            tracker.log_artifact(out_dir, "report")
+            if tracker.enabled:
+                results = collect(results_dir)
+                tracker.log_metrics(runs.summary_metrics(results))
+                for dataset in sorted(results["dataset"].unique()):
+                    runs.set_best_aliases(dataset)
     typer.echo(f"results page: {page}")
 
 
-FAMILY_HELP = "demo | domain_shift | imagenet | base2new | wild | all"
+FAMILY_HELP = "demo | domain_shift | imagenet | base2new | wild | backbones_<model>_<protocol> | all | backbones"
 PARAM_HELP = "setting KEY=VALUE (repeatable; `alignclip config show` lists them): train_steps=500, train_methods=erm,alignclip"
 DATASET_HELP = "dataset (registry name): its protocol's recipe and every held-out domain follow unless set"
 
@@ -302,7 +401,7 @@ OPT_GPU_TYPE = typer.Option("nvidia.com/gpu", "--accelerator", "--gpu-type", hel
 OPT_GPUS = typer.Option(1, help="accelerators per train/evaluate task (0: none)")
 OPT_NODE_SELECTOR = typer.Option([], help="LABEL=VALUE for GPU tasks (repeatable; default nvidia.com/gpu.present=true)")
 OPT_TOLERATION = typer.Option([], help="KEY[=VALUE][:EFFECT] for GPU tasks (repeatable; default nvidia.com/gpu:NoSchedule)")
-OPT_CPU = typer.Option(None, help="CPU request of train/evaluate tasks (default 8)")
+OPT_CPU = typer.Option(None, help="CPU request and limit of train/evaluate tasks (default 16; the limit sizes --num-workers auto)")
 OPT_MEMORY = typer.Option(None, help="memory request of train/evaluate tasks (default 32G)")
 OPT_IMAGE = typer.Option(None, envvar="ALIGNCLIP_IMAGE", help="image of every task (default: ghcr.io/alignclip/alignclip:<version>, a placeholder)")
 OPT_PARALLELISM = typer.Option(None, "--max-parallelism", help="grid cells (GPU pods) at once (default 8)")
@@ -394,8 +493,9 @@ def pipeline_run(
     `alignclip pipeline submit` runs it on a cluster."""
     from alignclip.pipeline_cli import dry_run as plan, run_local
 
-    if family == "all":
-        raise ConfigError("the all pipeline runs on a cluster only; run one family locally")
+    if family in COMPOSITES:
+        raise ConfigError(f"the {family} pipeline runs on a cluster only; run one of its families locally: "
+                          f"{', '.join(COMPOSITES[family].families)}")
     values = _settings(family, dataset, data_root, param, params_file)
     if dry_run:
         typer.echo(plan(family, values))
@@ -405,13 +505,28 @@ def pipeline_run(
     typer.echo(f"pipeline {family} finished; artifacts under {pipeline_root}")
 
 
+@tracking_app.command("sync")
+def tracking_sync(
+    uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="only records for this tracking URI (default: all)"),
+):
+    """Send the spooled records (ALIGNCLIP_TRACKING_SPOOL) to their MLflow server; each file goes once it is through."""
+    from alignclip.tracking_transport import pending_spools, spool_dir, sync
+
+    pending = pending_spools(uri)
+    if not pending:
+        typer.echo(f"nothing to replay in {spool_dir()}")
+        return
+    done = sync(uri)
+    typer.echo(f"replayed {len(done)} of {len(pending)} spooled run(s) from {spool_dir()}")
+
+
 config_app = typer.Typer(help="The settings schema: show resolved settings, write params files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 
 @config_app.command("show")
 def config_show(
-    family: Optional[str] = typer.Argument(None, help="start from a family's defaults: " + FAMILY_HELP.replace(" | all", "")),
+    family: Optional[str] = typer.Argument(None, help="start from a family's defaults: " + FAMILY_HELP.replace(" | all | backbones", "")),
     dataset: Optional[str] = OPT_DATASET,
     data_root: Optional[str] = OPT_DATA_ROOT,
     param: List[str] = OPT_PARAM,
@@ -435,8 +550,13 @@ def recipes():
 
 
 def main() -> None:
+    from alignclip.resume import Preempted
+
     try:
         app()
+    except Preempted as err:
+        typer.secho(f"stopped: {err}", fg=typer.colors.YELLOW, err=True)
+        sys.exit(143)  # 128 + SIGTERM, what the orchestrator expects of a terminated task
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, PermissionError) as err:
         # Bad input: one readable line naming what is wrong, no traceback (use --log-level DEBUG for one).
         get_logger("alignclip").debug("error", exc_info=True)

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from alignclip import protocols
+
 
 class ConfigError(ValueError):
     """A bad setting: the message is the one line the user sees."""
@@ -50,18 +52,21 @@ class Setting:
         return self.key.split(".", 1)[1]
 
 
-PROTOCOLS = ("domainbed", "wild", "base2new", "imagenet")
+PROTOCOLS = tuple(protocols.PROTOCOLS)  # the registry's names (alignclip/protocols/)
 PAPER_METHODS = ["zeroshot", "erm", "clipood", "alignclip"]
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("data.dataset", "str", "rotated_digits", "registry name (`alignclip prepare --help`) or a custom dataset"),
-    Setting("data.root", "str", "data/rotated_digits", "folder or s3:// prefix with the dataset in its usual layout (`embedded`: build RotatedDigits in the pipeline)"),
+    Setting("data.root", "str", "data/{dataset}", "folder or s3:// prefix with the dataset in its usual layout; {dataset} stands for data.dataset (`embedded`: build RotatedDigits in the pipeline)"),
     Setting("data.protocol", "str", None, "domainbed | wild | base2new | imagenet (not set: the dataset's own)", PROTOCOLS, optional=True),
     Setting("data.holdout_fraction", "float", 0.2, "DomainBed per-domain held-out fraction", minimum=0.01, maximum=0.99),
-    Setting("data.trial_seed", "int", 0, "DomainBed trial seed of the in/out split", minimum=0),
+    Setting("data.trial_seed", "int", 0, "trial seed of the in/out split: DomainBed's (domainbed); wild: 0 is CLIPood's split, others our extension", minimum=0),
     Setting("data.shots", "int", 16, "few-shot images per class (base2new, imagenet)", minimum=1, maximum=100000),
+    Setting("data.templates", "str", "paper", "prompt templates: paper (appendix A.2) | release (the released code's: CoOp's CUSTOM_TEMPLATES)", ("paper", "release")),
+    Setting("data.class_names", "str", "paper", "class names in prompts: paper ('_' and '-' become spaces) | release (only '_', as the released code)", ("paper", "release")),
+    Setting("data.listing", "str", "sorted", "imagenet: image order of the few-shot picks: sorted (the same everywhere) | filesystem (CoOp's os.listdir order)", ("sorted", "filesystem")),
     Setting("data.test_split", "str", "holdout", "held-out domain: holdout = its 20% split (CLIPood) | in = its 80% split (DomainBed) | full", ("holdout", "in", "full")),
-    Setting("model.name", "str", "tiny", "preset (tiny, vit-b-16, vit-b-32, vit-l-14) or open_clip architecture"),
+    Setting("model.name", "str", "tiny", "preset (tiny, vit-b-16, vit-b-32, rn50, vit-l-14) or open_clip architecture"),
     Setting("model.pretrained", "str", "default", "preset default, open_clip tag, checkpoint path, s3:// URI, or none"),
     Setting("train.recipe", "str", None, "named recipe (`alignclip recipes`); not set: the benchmark's recipe for the dataset, else `paper`", optional=True),
     Setting("train.formulation", "str", "paper", "paper | release (the authors' released code)", ("paper", "release")),
@@ -88,23 +93,48 @@ class Family:
 
 
 PAPER_MODEL = {"model_name": "vit-b-16", "model_pretrained": "openai"}
+DATA_BUCKET = "s3://alignclip-data/{dataset}"  # the bucket infra/ creates, one prefix per dataset
 FAMILIES: dict[str, Family] = {
     "demo": Family("demo-domain-shift", "the embedded demo: tiny preset on RotatedDigits, CPU minutes", {
         "data_protocol": "domainbed", "train_recipe": "demo", "train_methods": PAPER_METHODS + ["alignclip+release"],
         "train_test_domains": ["rotated_0", "rotated_75"], "train_seeds": [0], "train_steps": 200,
         "train_batch_size": 16, "train_lr": 0.001, "train_hflip": False}),
     "domain_shift": Family("domain-shift", "DomainBed leave-one-domain-out (table 1)", {
-        **PAPER_MODEL, "data_dataset": "office_home", "data_root": "s3://alignclip-data/office_home", "data_protocol": "domainbed"}),
+        **PAPER_MODEL, "data_dataset": "office_home", "data_root": DATA_BUCKET, "data_protocol": "domainbed"}),
     "imagenet": Family("imagenet-variants", "ImageNet 16 shots -> its four variants (table 3)", {
-        **PAPER_MODEL, "data_dataset": "imagenet", "data_root": "s3://alignclip-data/imagenet", "data_protocol": "imagenet"}),
+        **PAPER_MODEL, "data_dataset": "imagenet", "data_root": DATA_BUCKET, "data_protocol": "imagenet"}),
     "base2new": Family("base-to-new", "base-to-new generalisation, 16 shots (table 2)", {
-        **PAPER_MODEL, "data_dataset": "oxford_pets", "data_root": "s3://alignclip-data/oxford_pets", "data_protocol": "base2new"}),
+        **PAPER_MODEL, "data_dataset": "oxford_pets", "data_root": DATA_BUCKET, "data_protocol": "base2new"}),
     "wild": Family("in-the-wild", "domain shift and unseen classes (table 4)", {
-        **PAPER_MODEL, "data_dataset": "office_home", "data_root": "s3://alignclip-data/office_home", "data_protocol": "wild"}),
+        **PAPER_MODEL, "data_dataset": "office_home", "data_root": DATA_BUCKET, "data_protocol": "wild"}),
+    # paper fig. 5: zero-shot, CLIPood and AlignCLIP with other image encoders on Office-Home, domain shift and
+    # unseen classes (run together as the `backbones` pipeline below)
+    **{
+        f"backbones_{model.replace('-', '_')}_{label}": Family("other-backbones", f"fig. 5: {name} on Office-Home, {what}", {
+            "model_name": model, "model_pretrained": "openai", "data_dataset": "office_home", "data_root": DATA_BUCKET,
+            "data_protocol": protocol, "train_methods": ["zeroshot", "clipood", "alignclip"]})
+        for model, name in (("rn50", "CLIP-RN50"), ("vit-b-32", "CLIP ViT-B/32"))
+        for protocol, label, what in (("domainbed", "domain_shift", "domain shift"), ("wild", "wild", "unseen classes"))
+    },
 }
 
-# The benchmark's recipe for a (protocol, dataset): the first of these names that exists
-RECIPE_NAMES = {"domainbed": "domain_shift/{dataset}", "wild": "wild/{dataset}", "base2new": "base2new/{dataset}", "imagenet": "imagenet"}
+
+@dataclass(frozen=True)
+class Composite:
+    """Families run as one pipeline: one sub-pipeline each, with its own defaults."""
+
+    experiment: str
+    description: str
+    families: tuple[str, ...]
+
+
+COMPOSITES: dict[str, Composite] = {
+    "all": Composite("alignclip", "every benchmark family of the paper", ("domain_shift", "imagenet", "base2new", "wild")),
+    "backbones": Composite("other-backbones", "fig. 5: CLIP-RN50 and ViT-B/32 on Office-Home, domain shift and unseen classes",
+                           tuple(name for name in FAMILIES if name.startswith("backbones_"))),
+}
+
+# The benchmark's recipe for a (protocol, dataset) is the protocol's ``recipe`` pattern when that recipe exists
 FALLBACK_RECIPE = "paper"
 
 
@@ -269,7 +299,7 @@ def default_protocol(dataset: str) -> str:
 def default_recipe(protocol: str, dataset: str) -> str:
     from alignclip.recipes import RECIPES
 
-    name = RECIPE_NAMES[protocol].format(dataset=dataset)
+    name = protocols.get_protocol(protocol).recipe.format(dataset=dataset)
     return name if name in RECIPES else FALLBACK_RECIPE
 
 
@@ -279,6 +309,7 @@ def derive(values: dict) -> dict:
 
     values = dict(values)
     dataset = values["data_dataset"]
+    values["data_root"] = values["data_root"].replace("{dataset}", dataset)
     if values["data_protocol"] is None:
         values["data_protocol"] = default_protocol(dataset)
     protocol = values["data_protocol"]
@@ -292,7 +323,7 @@ def derive(values: dict) -> dict:
             raise ConfigError(f"train.methods: unknown method {method!r}; expected one of {', '.join(METHODS)}, "
                               f"optionally with +{' or +'.join(FORMULATIONS)}")
     spec = dataset_spec(dataset)
-    if protocol in ("domainbed", "wild"):
+    if protocols.get_protocol(protocol).held_out_domain:
         known = list(spec.domains) if spec is not None else []
         if values["train_test_domains"] is None:
             if not known:
@@ -306,24 +337,34 @@ def derive(values: dict) -> dict:
         if values["train_test_domains"] not in (None, [""]):
             raise ConfigError(f"train.test_domains={values['train_test_domains']}: the {protocol} protocol holds out no domain; leave it unset")
         values["train_test_domains"] = [""]  # one cell per (method, seed); DVC's matrix needs a list
-    allowed = {"domainbed": ("domainbed", "wild"), "coop": ("base2new",), "imagenet": ("imagenet", "base2new")}
-    if spec is not None and protocol not in allowed[spec.protocol]:
-        raise ConfigError(f"data.protocol={protocol!r}: dataset {dataset!r} supports {' or '.join(allowed[spec.protocol])}")
+    allowed = [name for name, p in protocols.PROTOCOLS.items() if spec is not None and spec.protocol in p.layouts]
+    if spec is not None and protocol not in allowed:
+        raise ConfigError(f"data.protocol={protocol!r}: dataset {dataset!r} supports {' or '.join(allowed)}")
     return values
 
 
 def grid(values: dict) -> list[dict]:
-    """The (method, held-out domain, seed) cells of a resolved configuration; "" when no domain is held out."""
+    """The (method, held-out domain, seed) cells of a resolved configuration; "" when no domain is held out.
+
+    Where the recipe's length differs per held-out domain (``wild/domain_net``) and no length is set, each cell
+    carries its own ``steps``."""
+    from alignclip.recipes import get_recipe
+
     domains = values["train_test_domains"] or [""]
-    return [{"method": m, "test_domain": d, "seed": int(s)} for d in domains for m in values["train_methods"] for s in values["train_seeds"]]
+    cells = [{"method": m, "test_domain": d, "seed": int(s)} for d in domains for m in values["train_methods"] for s in values["train_seeds"]]
+    if values["train_steps"] is None and values["train_epochs"] is None and get_recipe(values["train_recipe"]).epochs_by_domain:
+        for cell in cells:
+            cell["steps"] = int(effective_train(values, cell["test_domain"] or None)["steps"])
+    return cells
 
 
-def effective_train(values: dict) -> dict:
-    """What a grid cell trains with: the recipe's values, then the ones set (``recipes.effective_schedule``)."""
+def effective_train(values: dict, test_domain: str | None = None) -> dict:
+    """What a grid cell trains with: the recipe's values, then the ones set (``recipes.effective_schedule``);
+    ``test_domain``: the cell's held-out domain, for recipes whose length depends on it."""
     from alignclip.recipes import effective_schedule
 
     return effective_schedule(values["train_recipe"], values["train_steps"], values["train_epochs"], values["train_batch_size"],
-                          values["train_lr"], values["train_hflip"])
+                          values["train_lr"], values["train_hflip"], test_domain)
 
 
 TRAIN_NAMES = ("model_name", "model_pretrained", "train_recipe", "train_formulation", "train_steps", "train_epochs",

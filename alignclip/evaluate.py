@@ -6,37 +6,59 @@ Inference is plain CLIP: the image embedding against the class prompt embeddings
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from alignclip import artifacts, protocols
 from alignclip.artifacts import Checkpoint
 from alignclip.classifier import encode_classes, load_trained, resolve_device
-from alignclip.data.images import ManifestImages, eval_transform
+from alignclip.data.images import ManifestImages, collate_readable, eval_transform
+from alignclip.data.loader import AUTO, evaluation_loader, resolve_workers
 from alignclip.data.prepare import load_prepared
+from alignclip.files import stage_output
 from alignclip.log import get_logger
 from alignclip.losses import cosine_logits
 
 log = get_logger(__name__)
 
 
-@torch.no_grad()
-def predict(visual, text: torch.Tensor, loader, device, topk: int = 5, tau: float = 0.01):
-    """Predicted class, target, dataset index, and the top-k classes with their probabilities (eq. 1, tau)."""
+def inference_autocast(device: torch.device):
+    """bfloat16 on a GPU, as training runs; full precision on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.inference_mode()
+def predict(visual, text: torch.Tensor, loader, device, tau: float, topk: int = 5):
+    """Predicted class, target, dataset index, and the top-k classes with their probabilities (eq. 1, tau).
+
+    Results stay on the device until the view is done: no host synchronisation per batch.
+    """
+    device = torch.device(device)
     preds, targets, indices, top, top_prob = [], [], [], [], []
-    for images, target, index in loader:
-        logits = cosine_logits(visual(images.to(device)).float(), text, tau)  # eq. 1, as in training
+    for batch in loader:
+        if batch is None:  # every image of this batch was unreadable (collate_readable)
+            continue
+        images, target, index = batch
+        with inference_autocast(device):
+            embedding = visual(images.to(device, non_blocking=device.type == "cuda"))
+        logits = cosine_logits(embedding.float(), text, tau)  # eq. 1, as in training
         best = logits.softmax(dim=-1).topk(min(topk, logits.shape[-1]), dim=-1)
-        top.append(best.indices.cpu())
-        top_prob.append(best.values.cpu())
-        preds.append(logits.argmax(dim=-1).cpu())
+        top.append(best.indices)
+        top_prob.append(best.values)
+        preds.append(logits.argmax(dim=-1))
         targets.append(target)
         indices.append(index)
-    return torch.cat(preds), torch.cat(targets), torch.cat(indices), torch.cat(top), torch.cat(top_prob)
+    if not preds:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, empty, torch.zeros(0, topk, dtype=torch.long), torch.zeros(0, topk)
+    return (torch.cat(preds).cpu(), torch.cat(targets), torch.cat(indices), torch.cat(top).cpu(),
+            torch.cat(top_prob).cpu())
 
 
 def check_consistent(path, state: Checkpoint, meta: dict, test_domain: str | None) -> str | None:
@@ -63,24 +85,35 @@ def evaluate(
     out_dir: str | Path,
     test_domain: str | None = None,
     test_split: str = "holdout",
-    batch_size: int = 128,
-    num_workers: int = 0,
+    batch_size: int = 512,
+    num_workers: int | str = AUTO,
     device: str = "auto",
+    stage_remote: bool = True,
 ) -> dict:
     """Score a checkpoint on every evaluation view of its protocol; write metrics.json and predictions.parquet.
 
     The held-out domain, the method and the training label space come from the checkpoint; ``test_domain``
     need not be given, and one that contradicts the checkpoint is refused, as is a prepared dataset that is not
-    the one the checkpoint was trained on.
+    the one the checkpoint was trained on. ``metrics.json`` also records ``images_per_s``, end to end (decode
+    included), and the number of DataLoader workers (``num_workers``: a count or ``auto``). metrics.json and
+    predictions.parquet are replaced together, only when the evaluation completes; the folder may be shared with
+    `train`'s outputs, so only these two names are touched.
     """
-    out = Path(out_dir)
+    with stage_output(out_dir, "evaluate", owns=(artifacts.METRICS, artifacts.PREDICTIONS)) as staging:
+        return _evaluate(prepared_dir, checkpoint, staging, test_domain, test_split, batch_size, num_workers, device,
+                         stage_remote)
+
+
+def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batch_size, num_workers, device,
+              stage_remote) -> dict:
     manifest, meta = load_prepared(prepared_dir)
     protocol = protocols.get_protocol(meta["protocol"])
     dev = resolve_device(device)
     bundle, visual, state = load_trained(checkpoint, dev)
     test_domain = check_consistent(checkpoint, state, meta, test_domain)
-    out.mkdir(parents=True, exist_ok=True)
     transform = eval_transform(bundle.image_size, bundle.mean, bundle.std)
+    workers = resolve_workers(num_workers)
+    images, seconds = 0, 0.0
     results: dict[str, dict] = {}
     prediction_frames = []
     for view in protocols.evaluation_views(manifest, meta, test_domain, test_split):
@@ -89,16 +122,28 @@ def evaluate(
             continue
         names = [meta["classes"][g] for g in view.label_space]
         text = encode_classes(bundle.model, bundle.tokenizer, names, meta["template"], dev)
-        dataset = ManifestImages(meta, view.rows["path"].tolist(), view.rows["label"].tolist(), view.label_space, transform)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-        pred, target, index, top, top_prob = predict(visual, text, loader, dev, tau=state.method["tau"])
+        # unreadable images are left out and counted (never replaced by another image)
+        dataset = ManifestImages(meta, view.rows["path"].tolist(), view.rows["label"].tolist(), view.label_space, transform,
+                                 skip_unreadable=True)
+        if stage_remote:
+            dataset.stage()
+        loader = evaluation_loader(dataset, batch_size, workers, dev, collate_fn=collate_readable)
+        tic = time.perf_counter()
+        pred, target, index, top, top_prob = predict(visual, text, loader, dev, state.method["tau"])
+        seconds += time.perf_counter() - tic
+        images += len(target)
         correct = int((pred == target).sum())
+        # read from the indices that came back, so the count is right with DataLoader workers too
+        unreadable = sorted(set(range(len(dataset))) - set(index.tolist()))
+        if not len(target):
+            raise ValueError(f"view {view.name}: none of its {len(dataset)} images is readable (first: {dataset.paths[0]})")
         results[view.name] = {
             "accuracy": 100.0 * correct / len(target),
             "correct": correct,
             "total": int(len(target)),
             "classes": len(view.label_space),
-            "skipped_images": dataset.skipped,
+            "unreadable": len(unreadable),
+            "skipped_images": [dataset.paths[i] for i in unreadable],
         }
         space = np.asarray(view.label_space)
         prediction_frames.append(
@@ -125,18 +170,24 @@ def evaluate(
         "checkpoint": str(checkpoint),
         "formulation": state.formulation,
         "views": results,
+        "num_workers": workers,
+        "images_per_s": images / seconds if seconds else None,
     }
     summary.update(protocol.derived_metrics(results))
     headline = protocol.headline(summary)
     summary["headline"] = None if headline is None else {"metric": headline[0], "value": headline[1]}
     (out / artifacts.METRICS).write_text(json.dumps(summary, indent=2) + "\n")
+    # DVC's metrics file: only the numbers a comparison needs, so `dvc metrics show` / `dvc exp show` stay narrow
+    (out / artifacts.SCORES).write_text(json.dumps(flat_metrics(summary), indent=2) + "\n")
     if prediction_frames:
         pd.concat(prediction_frames, ignore_index=True).to_parquet(out / artifacts.PREDICTIONS, index=False)
     return summary
 
 
 def flat_metrics(summary: dict) -> dict[str, float]:
-    """{'test_acc': ..., 'base_acc': ..., 'H': ...}: every view's accuracy and the protocol's derived metrics."""
-    flat = {f"{name}_acc": v["accuracy"] for name, v in summary["views"].items()}
-    flat.update(protocols.get_protocol(summary["protocol"]).derived_metrics(summary["views"]))
+    """{'test_acc_pct': ..., 'base_acc_pct': ..., 'H_pct': ...}: every view's accuracy and the protocol's derived
+    metrics, for trackers and DVC; every value is a percentage, and the names say so."""
+    flat = {f"{name}_acc_pct": v["accuracy"] for name, v in summary["views"].items()}
+    derived = protocols.get_protocol(summary["protocol"]).derived_metrics(summary["views"])
+    flat.update({f"{name}_pct": value for name, value in derived.items()})
     return flat

@@ -42,6 +42,9 @@ class MethodConfig:
     # weight averaging
     bma: bool = False
     bma_beta: float = 0.5
+    # optimiser: AdamW's weight decay on every encoder parameter (released: AdamW(visual.parameters(), wd)) or
+    # on weight matrices only (ours: biases, norms and embeddings exempt; the paper names no decay at all)
+    weight_decay_scope: str = "matrices"
 
     def validate(self) -> "MethodConfig":
         choices = {
@@ -52,6 +55,7 @@ class MethodConfig:
             "kl_direction": ("forward", "reverse"),
             "sim_classes": ("target", "all"),
             "pooling": ("cls", "avg"),
+            "weight_decay_scope": ("matrices", "all"),
         }
         for field, allowed in choices.items():
             value = getattr(self, field)
@@ -85,6 +89,7 @@ RELEASE_OVERRIDES = {
     "kl_direction": "reverse",
     "aal_tau": None,
     "sim_classes": "all",
+    "weight_decay_scope": "all",
 }
 
 FORMULATIONS = ("paper", "release")

@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from alignclip.config import ConfigError, check_family, effective_train, grid, resolve
+from alignclip.config import COMPOSITES, ConfigError, check_family, effective_train, grid, resolve
 from alignclip.log import get_logger
 
 log = get_logger(__name__)
@@ -27,11 +27,12 @@ def _pipelines():
 
 
 def resolve_pipeline(family: str, params_file: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """Resolved settings of a family (``all``: only the MLflow settings, shared by every sub-pipeline)."""
-    if family == "all":
+    """Resolved settings of a family (a composite such as ``all``: only the MLflow settings, shared by every
+    sub-pipeline)."""
+    if family in COMPOSITES:
         extra = sorted(set(overrides or {}) - {"mlflow_tracking_uri"})
         if params_file is not None or extra:
-            raise ConfigError(f"the all pipeline takes only mlflow_tracking_uri (got {extra or '--params-file'}); "
+            raise ConfigError(f"the {family} pipeline takes only mlflow_tracking_uri (got {extra or '--params-file'}); "
                               "compile or submit a family to change its settings")
         return {"mlflow_tracking_uri": (overrides or {}).get("mlflow_tracking_uri", "")}
     check_family(family)
@@ -89,15 +90,15 @@ def is_placeholder_image(cluster) -> bool:
 
 
 def pipeline_arguments(family: str, values: dict) -> dict:
-    if family == "all":
+    if family in COMPOSITES:
         return dict(values)
     return _pipelines().pipeline_arguments(values)
 
 
 def _build(family: str, cluster, values: dict):
     module = _pipelines()
-    if family == "all":
-        return module.build_all(cluster, values.get("mlflow_tracking_uri", ""))
+    if family in COMPOSITES:
+        return module.build_composite(family, cluster, values.get("mlflow_tracking_uri", ""))
     return module.build_pipeline(family, cluster, values)
 
 
@@ -116,7 +117,8 @@ def submit(family: str, host: str, experiment: str | None, run_name: str | None,
 
     client = kfp.Client(host=host)
     arguments = pipeline_arguments(family, values)
-    default_experiment = values.get("mlflow_experiment") or ("alignclip" if family == "all" else check_family(family).experiment)
+    default_experiment = values.get("mlflow_experiment") or (
+        COMPOSITES[family].experiment if family in COMPOSITES else check_family(family).experiment)
     result = client.create_run_from_pipeline_func(
         _build(family, cluster, values), arguments=arguments, experiment_name=experiment or default_experiment, run_name=run_name
     )
@@ -138,16 +140,17 @@ def dry_run(family: str, values: dict) -> str:
     `alignclip` command each task runs (artifact paths shown as <placeholders>)."""
     from alignclip.tasks import evaluate_args, prepare_args, similarity_args, train_args
 
-    if family == "all":
-        return "all: " + json.dumps(values) + "\n" + "\n".join(dry_run(name, resolve(name, None, values)) for name in
-                                                               ("domain_shift", "imagenet", "base2new", "wild"))
+    if family in COMPOSITES:
+        return f"{family}: " + json.dumps(values) + "\n" + "\n".join(dry_run(name, resolve(name, None, values)) for name in
+                                                                     COMPOSITES[family].families)
     train = effective_train(values)
     a = {"steps": int(train["steps"] or 0), "epochs": int(train["epochs"] or 0), "batch_size": train["batch_size"],
          "lr": train["lr"], "hflip": train["hflip"]}
     lines = [f"{family}: {json.dumps({k: v for k, v in values.items()}, ensure_ascii=False)}"]
     lines.append("prepare: alignclip " + " ".join(prepare_args(
         values["data_dataset"], values["data_root"], "<prepared>", values["data_protocol"], values["data_holdout_fraction"],
-        values["data_trial_seed"], values["data_shots"], values["train_seeds"])))
+        values["data_trial_seed"], values["data_shots"], values["train_seeds"], values["data_templates"],
+        values["data_class_names"], values["data_listing"])))
     lines.append("similarity: alignclip " + " ".join(similarity_args("<prepared>", "<matrix>", values["model_name"], values["model_pretrained"])))
     for cell in grid(values):
         label = f"{cell['method']}/{cell['test_domain'] or '-'}/s{cell['seed']}"

@@ -12,6 +12,7 @@ A preset is data, as in open_clip: an architecture name plus a default ``pretrai
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,6 +42,9 @@ PRESETS: dict[str, Preset] = {
     "vit-b-16": Preset("ViT-B-16", "openai", "the paper's backbone: OpenAI CLIP ViT-B/16"),
     "vit-b-32": Preset("ViT-B-32", "openai", "OpenAI CLIP ViT-B/32 (appendix B.3 backbones)"),
     "vit-l-14": Preset("ViT-L-14", "openai", "OpenAI CLIP ViT-L/14"),
+    "rn50": Preset("RN50", "openai", "OpenAI CLIP-RN50 (paper fig. 5): ResNet-50 trunk, attention-pool head"),
+    "tiny-rn50": Preset("alignclip-tiny-rn50", None, "CLIP-RN50-shaped ResNet (96px, attention pool), random weights; CPU tests"),
+    "tiny-vit-b-32": Preset("alignclip-tiny-vit-b-32", None, "ViT with B/32's 32px patches (128px, 4 blocks), random weights; CPU tests"),
 }
 
 
@@ -109,6 +113,9 @@ def load_clip(name: str = "tiny", pretrained: str | None = "default", device: st
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = open_clip.create_model(architecture, pretrained=weights, device=device)
+    except (pickle.UnpicklingError, EOFError) as err:
+        # open_clip reads checkpoint files with weights_only=True: a pickle with code in it ends here.
+        raise ValueError(f"{weights}: refused or unreadable weights file for {architecture} ({str(err).splitlines()[0]})") from None
     except RuntimeError as err:
         if weights is not None and not Path(weights).is_file():
             raise RuntimeError(

@@ -1,20 +1,27 @@
 """Named hyper-parameter recipes, each with its source: the paper's defaults (A.1) and the released scripts'.
 
 Precedence (alignclip/config.py): method defaults < recipe < family defaults < params file < command line; a
-value that is not set (None) leaves the recipe's. Epoch-based recipes turn into steps at training time: epochs x iterations per epoch
-(500 for the DomainBed scripts; one pass over the few-shot set for base-to-new).
+value that is not set (None) leaves the recipe's. Epoch-based recipes turn into steps: epochs x iterations per
+epoch (500 in every released script: both code bases' main.py default ``-i 500``, which no script overrides), with
+the held-out domain's own epochs where the scripts differ per target (``epochs_by_domain``).
+Every released recipe cites the script and line each of its values comes from (docs/fidelity.md, Recipes).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-RELEASE = "released AlignCLIP scripts (CLIPood fork)"
+RELEASE = "zhyhan/AlignCLIP"  # the authors' released code (a CLIPood fork): scripts/*.sh over main.py's defaults
+CLIPOOD = "thuml/CLIPood"  # CLIPood's scripts.sh
+# main.py's argparse defaults that a released script does not override (zhyhan/AlignCLIP main.py, line):
+# --n-shot 0 (118: no few-shot sampling), -b 36 (124), --lr 5e-6 (127), --wd 0.1 (129), --epochs 10 (133),
+# -i 500 iterations per epoch (135), --alpha 0.3 (146), --beta 0.5 (147).
+RELEASE_DEFAULTS = "main.py:118,124,127,133,135,146,147 defaults"
 
 
 @dataclass(frozen=True)
 class Recipe:
-    source: str
+    source: str  # the script and line(s) each value comes from
     lr: float = 5e-6
     batch_size: int = 36
     steps: int | None = None
@@ -22,43 +29,92 @@ class Recipe:
     iters_per_epoch: int | None = None  # None: one pass over the training set per epoch
     method: dict = field(default_factory=dict)  # method switches: margin_alpha, bma_beta
     hflip: bool = True
+    shots: int | None = None  # few-shot protocols: images per class trained on (the prepared subset); 0: all
+    epochs_by_domain: dict = field(default_factory=dict)  # held-out domain -> epochs, where scripts differ per target
 
     def describe(self) -> str:
         length = f"{self.steps} steps" if self.steps else f"{self.epochs} epochs x {self.iters_per_epoch or 'one pass'}"
+        if self.epochs_by_domain:
+            length += " (" + ", ".join(f"{d}: {e} epochs" for d, e in self.epochs_by_domain.items()) + ")"
+        if self.shots is not None:
+            length += f", {self.shots or 'all'} shots"
         switches = " ".join(f"{k}={v}" for k, v in self.method.items())
         return f"lr={self.lr:g} batch={self.batch_size} {length} {switches} [{self.source}]"
 
+    def epochs_for(self, test_domain: str | None) -> int | None:
+        return self.epochs_by_domain.get(test_domain, self.epochs) if test_domain else self.epochs
 
-def _domain_shift(lr=5e-6, epochs=10, alpha=0.3):
-    return Recipe(RELEASE + ", domain shift", lr, 36, None, epochs, 500, {"margin_alpha": alpha, "bma_beta": 0.5})
+
+def _domain_shift(script: str, lr=5e-6, epochs=10, alpha=0.3):
+    return Recipe(f"{RELEASE} {script}; {RELEASE_DEFAULTS}", lr, 36, None, epochs, 500, {"margin_alpha": alpha, "bma_beta": 0.5})
 
 
-def _base2new(epochs):
-    return Recipe(RELEASE + ", base-to-new (16 shots)", 5e-6, 36, None, epochs, None, {"bma_beta": 0.1})
+# Base-to-new, the authors' form: scripts/trainopenclass.sh passes --epochs and --beta 0.1 only (line of --epochs
+# of each dataset's first run below), so main.py's defaults give all base-class training images (--n-shot 0),
+# 500 iterations per epoch and lr 5e-6.
+BASE2NEW_EPOCHS = {  # dataset: (epochs, trainopenclass.sh line)
+    "imagenet": (10, 269), "caltech101": (1, 18), "oxford_pets": (1, 43), "stanford_cars": (5, 68),
+    "flowers102": (1, 93), "food101": (1, 118), "fgvc_aircraft": (10, 143), "sun397": (5, 168), "dtd": (1, 193),
+    "eurosat": (1, 218), "ucf101": (2, 244),
+}
+# CLIPood's form: scripts.sh lines 30-40 pass --n-shot 16 -b 36 --lr 5e-6 --epochs E --lam 0.3 --beta 0.1; its
+# main.py defaults to -i 500 (line 129).
+CLIPOOD_BASE2NEW_LINES = {
+    "imagenet": 30, "caltech101": 31, "oxford_pets": 32, "stanford_cars": 33, "flowers102": 34, "food101": 35,
+    "fgvc_aircraft": 36, "sun397": 37, "dtd": 38, "eurosat": 39, "ucf101": 40,
+}
+
+
+def _base2new(name: str) -> Recipe:
+    epochs, line = BASE2NEW_EPOCHS[name]
+    source = f"{RELEASE} scripts/trainopenclass.sh:{line} (--epochs), --beta 0.1; {RELEASE_DEFAULTS}"
+    return Recipe(source, 5e-6, 36, None, epochs, 500, {"margin_alpha": 0.3, "bma_beta": 0.1}, shots=0)
+
+
+def _base2new_clipood(name: str) -> Recipe:
+    epochs, _ = BASE2NEW_EPOCHS[name]  # the same epochs in both script sets
+    source = f"{CLIPOOD} scripts.sh:{CLIPOOD_BASE2NEW_LINES[name]}; main.py:129 (-i 500)"
+    return Recipe(source, 5e-6, 36, None, epochs, 500, {"margin_alpha": 0.3, "bma_beta": 0.1}, shots=16)
 
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe("paper appendix A.1", 5e-6, 36, 5000, method={"bma_beta": 0.5}),
     "demo": Recipe("ours: tiny preset on RotatedDigits, CPU minutes", 1e-4, 8, 30, method={"bma_beta": 0.5}, hflip=False),
     # domain shift (DomainBed leave-one-domain-out)
-    "domain_shift/pacs": _domain_shift(),
-    "domain_shift/vlcs": _domain_shift(),
-    "domain_shift/terra_incognita": _domain_shift(),
-    "domain_shift/office_home": _domain_shift(lr=1e-5),
-    "domain_shift/domain_net": _domain_shift(lr=1e-5, epochs=20, alpha=0.1),
+    "domain_shift/pacs": _domain_shift("scripts/trainpacs.sh:14-97"),
+    "domain_shift/vlcs": _domain_shift("scripts/trainvlcs.sh:14-97"),
+    "domain_shift/terra_incognita": _domain_shift("scripts/trainTerraIncognita.sh:14-97"),
+    "domain_shift/office_home": _domain_shift("scripts/trainhome.sh:17 (--lr 1e-5)", lr=1e-5),
+    "domain_shift/domain_net": _domain_shift(
+        "scripts/traindomainnet-1.sh:17,21,22 and -2.sh:18,22,23 (--lr 1e-5 --epochs 20 --alpha 0.1)", lr=1e-5, epochs=20, alpha=0.1
+    ),
     # domain shift + unseen classes (CLIPood in the wild)
-    "wild/office_home": Recipe(RELEASE + ", in the wild", 3e-6, 36, None, 10, 500, {"margin_alpha": 0.1, "bma_beta": 0.1}),
-    "wild/domain_net": Recipe(RELEASE + ", in the wild", 5e-6, 36, None, 20, 500, {"margin_alpha": 0.1, "bma_beta": 0.5}),
-    # base-to-new: epochs per dataset
-    **{
-        f"base2new/{name}": _base2new(epochs)
-        for name, epochs in {
-            "imagenet": 10, "caltech101": 1, "oxford_pets": 1, "stanford_cars": 5, "flowers102": 1, "food101": 1,
-            "fgvc_aircraft": 10, "sun397": 5, "dtd": 1, "eurosat": 1, "ucf101": 2,
-        }.items()
-    },
-    # ImageNet -> variants: the ImageNet-trained BMA model is evaluated on the variants, no training on them
-    "imagenet": Recipe(RELEASE + ", ImageNet 16-shot", 5e-6, 36, None, 10, None, {"bma_beta": 0.5}),
+    "wild/office_home": Recipe(
+        f"{RELEASE} scripts/trainhome-wilds.sh:21-24 (--epochs 10 --lr 3e-6 --alpha 0.1 --beta 0.1); main.py:135 (-i 500)",
+        3e-6, 36, None, 10, 500, {"margin_alpha": 0.1, "bma_beta": 0.1},
+    ),
+    # targets 0-2 (clipart, infograph, painting: DomainBed's sorted folders) 20 epochs, targets 3-5 10 epochs;
+    # no --alpha, --lr or --beta: main.py's 0.3, 5e-6, 0.5
+    "wild/domain_net": Recipe(
+        f"{RELEASE} scripts/traindomainnet-wilds-1.sh:21,30,39 (targets 0-2: --epochs 20), "
+        f"traindomainnet-wilds-2.sh:21,30,39 (targets 3-5: --epochs 10); {RELEASE_DEFAULTS}",
+        5e-6, 36, None, 20, 500, {"margin_alpha": 0.3, "bma_beta": 0.5},
+        epochs_by_domain={"quickdraw": 10, "real": 10, "sketch": 10},
+    ),
+    "wild-clipood/domain_net": Recipe(
+        f"{CLIPOOD} scripts.sh:48-53 (-b 12 --lr 5e-6 --epochs 20 --lam 0.1 --beta 0.5); main.py:129 (-i 500)",
+        5e-6, 12, None, 20, 500, {"margin_alpha": 0.1, "bma_beta": 0.5},
+    ),
+    # base-to-new, both released forms
+    **{f"base2new/{name}": _base2new(name) for name in BASE2NEW_EPOCHS},
+    **{f"base2new-clipood/{name}": _base2new_clipood(name) for name in BASE2NEW_EPOCHS},
+    # ImageNet -> variants: the ImageNet-trained BMA model is evaluated on the variants, no training on them.
+    # 16 shots: paper A.2.1 (CoCoOp's protocol). The released ImageNet run (scripts/trainimagenet.sh:15-21) is
+    # commented out and passes no --n-shot/--epochs/--beta: main.py's 10 epochs x 500 iterations, beta 0.5.
+    "imagenet": Recipe(
+        f"paper A.2.1 (16 shots); {RELEASE} scripts/trainimagenet.sh:15-21 with {RELEASE_DEFAULTS}",
+        5e-6, 36, None, 10, 500, {"bma_beta": 0.5}, shots=16,
+    ),
 }
 
 
@@ -73,19 +129,23 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def effective_schedule(name: str | None, steps=None, epochs=None, batch_size=None, lr=None, hflip=None) -> dict:
+def effective_schedule(
+    name: str | None, steps=None, epochs=None, batch_size=None, lr=None, hflip=None, test_domain: str | None = None
+) -> dict:
     """The effective training settings: the recipe's values (the library's defaults without one), then the ones set.
+    ``test_domain``: the held-out domain, for recipes whose epochs differ per target (``wild/domain_net``).
 
     ``None`` is "not set" (never 0). The length is ``steps`` whenever it is known before the data is (steps, or
     epochs x iterations per epoch); else ``epochs`` passes over the training set. An explicit ``steps`` beats the
     recipe's epochs and an explicit ``epochs`` its steps."""
     base = NO_RECIPE
     effective = {"recipe": name, "lr": base.lr, "batch_size": base.batch_size, "steps": base.steps, "epochs": base.epochs,
-                 "iters_per_epoch": base.iters_per_epoch, "hflip": base.hflip, "method_switches": {}}
+                 "iters_per_epoch": base.iters_per_epoch, "hflip": base.hflip, "method_switches": {}, "shots": None}
     if name:
         recipe = get_recipe(name)
-        effective.update(lr=recipe.lr, batch_size=recipe.batch_size, steps=recipe.steps, epochs=recipe.epochs,
-                         iters_per_epoch=recipe.iters_per_epoch, hflip=recipe.hflip, method_switches=dict(recipe.method))
+        effective.update(lr=recipe.lr, batch_size=recipe.batch_size, steps=recipe.steps, epochs=recipe.epochs_for(test_domain),
+                         iters_per_epoch=recipe.iters_per_epoch, hflip=recipe.hflip, method_switches=dict(recipe.method),
+                         shots=recipe.shots)
     if steps is not None:
         effective.update(steps=steps, epochs=None, iters_per_epoch=None)
     elif epochs is not None:
@@ -102,8 +162,9 @@ def effective_schedule(name: str | None, steps=None, epochs=None, batch_size=Non
 
 def apply_recipe(settings, name: str | None, steps=None, batch_size=None, lr=None, epochs=None, hflip=None):
     """TrainSettings with the recipe's values, then the explicit ones (which win); the recipe's method switches
-    sit under the switches already set (``--set``)."""
-    effective = effective_schedule(name, steps, epochs, batch_size, lr, hflip)
+    sit under the switches already set (``--set``). The recipe's length is the held-out domain's
+    (``settings.test_domain``) and its ``shots`` choose the few-shot protocols' training images."""
+    effective = effective_schedule(name, steps, epochs, batch_size, lr, hflip, settings.test_domain)
     return replace(
         settings,
         lr=effective["lr"],
@@ -114,4 +175,5 @@ def apply_recipe(settings, name: str | None, steps=None, batch_size=None, lr=Non
         hflip=effective["hflip"],
         overrides={**effective["method_switches"], **settings.overrides},
         recipe=name,
+        shots=effective["shots"],
     )

@@ -300,7 +300,7 @@ def attention_maps(runs: list[RunRecord], prepared_dir: Path, path: Path, count:
     from alignclip.data.storage import open_image
     from alignclip.classifier import encode_classes, load_trained
     from alignclip.methods import MethodConfig
-    from alignclip.model import AlignCLIPVisual
+    from alignclip.model import AlignCLIPVisual, attention_depth
 
     if not runs:
         return None
@@ -320,7 +320,11 @@ def attention_maps(runs: list[RunRecord], prepared_dir: Path, path: Path, count:
     for run, bundle, _, state in loaded:
         own = state.method
         settings = MethodConfig(**(own if own.get("aal") else (reference or MethodConfig().to_dict())))
-        wrapped = AlignCLIPVisual(bundle.model.visual, aligned_layers=settings.aligned_layers, dv_layers=settings.dv_layers,
+        depth = attention_depth(bundle.model.visual)
+        # borrowed settings may ask for more layers than this model has (a CLIP ResNet has one attention pool)
+        aligned = settings.aligned_layers if own.get("aal") else min(settings.aligned_layers, depth)
+        dv_layers = settings.dv_layers if own.get("aal") or settings.dv_layers is None else min(settings.dv_layers, depth)
+        wrapped = AlignCLIPVisual(bundle.model.visual, aligned_layers=aligned, dv_layers=dv_layers,
                                   branch=settings.branch, cls_attn_norm=settings.cls_attn_norm).eval()
         # the fine-tuned image encoder: load_trained put its weights into bundle.model.visual
         space = view.label_space
@@ -332,7 +336,7 @@ def attention_maps(runs: list[RunRecord], prepared_dir: Path, path: Path, count:
             out = wrapped(images, align=True)
             g = losses.token_text_similarity(out.tokens, text[targets], settings.aal_tau)
             g_dv = losses.token_text_similarity(out.dv_tokens, text[targets], settings.aal_tau)
-        attention = {"aligned_layers": settings.aligned_layers, "cls_attn_norm": settings.cls_attn_norm,
+        attention = {"aligned_layers": wrapped.aligned_layers, "cls_attn_norm": settings.cls_attn_norm,
                      "dv_layers": wrapped.dv_layers, "branch": settings.branch, "aal_tau": settings.aal_tau,
                      "from": "own checkpoint" if own.get("aal") else ("AlignCLIP run beside it" if reference else "paper defaults")}
         panels.append((run, attention, {"A_c": out.cls_attn, "G": g, "G_DV": g_dv}))
@@ -443,8 +447,20 @@ def table_caption(results: pd.DataFrame) -> str:
 
 
 def build_report(results_dir, out_dir, prepared_dir=None, similarity_dir=None) -> Path:
-    results_dir, out = Path(results_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the report into a staging folder that then replaces ``out_dir`` whole (no stale table or figure of
+    an earlier report stays beside the new ones; a failure leaves the previous report). A non-empty folder that
+    is not a report of ours (no report.json) is refused, so nothing of the user's is replaced."""
+    from alignclip.files import stage_output
+
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+        raise FileExistsError(f"{out} is not empty and holds no report.json: choose an empty or new folder for the report")
+    with stage_output(out, "report", allowed=None) as staging:
+        _build_report(Path(results_dir), staging, prepared_dir, similarity_dir)
+    return out / artifacts.REPORT_PAGE
+
+
+def _build_report(results_dir: Path, out: Path, prepared_dir=None, similarity_dir=None) -> Path:
     results = collect(results_dir)
     if results.empty:
         raise FileNotFoundError(f"no metrics.json below {results_dir}: run `alignclip evaluate` first")

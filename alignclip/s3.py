@@ -6,6 +6,7 @@ Model weights (presets) and dataset images (data.storage) both read through here
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 SCHEME = "s3://"
@@ -31,19 +32,43 @@ def parse_uri(uri: str, prefix: bool = False) -> tuple[str, str]:
     return bucket, key
 
 
-def client():
-    """A boto3 S3 client; honours ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for S3-compatible stores."""
-    import boto3
+# Retries with exponential back-off and client-side rate limiting when the store throttles (botocore's "adaptive"
+# mode); a connection pool large enough for the threads that stage a dataset (data.storage.stage).
+RETRY_ATTEMPTS = 10
+POOL_CONNECTIONS = 64
+_clients: dict = {}
+_clients_lock = threading.Lock()
 
+
+def client():
+    """This process's boto3 S3 client: made once per process (a forked DataLoader worker makes its own) and per
+    endpoint/credentials; honours ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for S3-compatible stores. Errors
+    left after the retries are raised as botocore exceptions, for the caller to classify."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint) if endpoint else boto3.client("s3")
+    key = (os.getpid(), endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    made = _clients.get(key)
+    if made is None:
+        with _clients_lock:  # boto3's default session is not thread-safe while it builds a client
+            made = _clients.get(key)
+            if made is None:
+                import boto3
+                from botocore.config import Config
+
+                config = Config(retries={"max_attempts": RETRY_ATTEMPTS, "mode": "adaptive"},
+                                max_pool_connections=POOL_CONNECTIONS)
+                made = _clients[key] = boto3.client("s3", endpoint_url=endpoint, config=config)
+    return made
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The local cache of fetched objects: ``cache_dir``, else ``ALIGNCLIP_CACHE``, else ~/.cache/alignclip."""
+    return Path(cache_dir or os.environ.get("ALIGNCLIP_CACHE", Path.home() / ".cache" / "alignclip"))
 
 
 def fetch_object(uri: str, cache_dir: str | Path | None = None) -> Path:
     """Download one S3 object to the local cache (once) and return its path."""
     bucket, key = parse_uri(uri)
-    cache = Path(cache_dir or os.environ.get("ALIGNCLIP_CACHE", Path.home() / ".cache" / "alignclip"))
-    target = cache / "s3" / bucket / key
+    target = cache_root(cache_dir) / "s3" / bucket / key
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,12 @@ def load_similarity(path, architecture: str, label_space: list[int], scale: floa
     The softmax is taken over the label space's own columns, exactly as ``class_similarity_matrix`` of those
     classes' text features would.
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    from alignclip.files import load_torch
+
+    state = load_torch(path, "similarity matrix")
+    missing = [k for k in ("cosine", "architecture") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path}: not a similarity matrix of `alignclip similarity` (missing {', '.join(missing)})")
     if state["architecture"] != architecture:
         raise ValueError(
             f"{path}: similarity matrix was computed with {state['architecture']}, but training uses {architecture}"
@@ -64,17 +69,20 @@ def similarity_stage(prepared_dir, out_dir, model: str, pretrained: str | None, 
     from alignclip.presets import load_clip
     from alignclip.report import plot_similarity
 
+    from alignclip.files import stage_output
+
     out_dir = Path(out_dir)
     _, meta = load_prepared(prepared_dir)
     bundle = load_clip(model, pretrained)
     text = encode_classes(bundle.model, bundle.tokenizer, meta["classes"], meta["template"], "cpu")
     cosine = cosine_matrix(text)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_similarity(out_dir / artifacts.SIMILARITY_MATRIX, cosine, meta["classes"], bundle.architecture, bundle.pretrained)
-    soft = row_softmax(cosine, scale)
-    pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(out_dir / artifacts.SIMILARITY_CSV)
-    plot_similarity(soft.numpy(), meta["classes"], out_dir / artifacts.SIMILARITY_HEATMAP, meta=meta, cosine=cosine.numpy(),
-                    provenance={"model": bundle.architecture, "pretrained": bundle.pretrained, "scale": scale})
+    # the three files are published together, replacing the folder (a transaction: no stale heatmap on failure)
+    with stage_output(out_dir, "similarity") as staging:
+        save_similarity(staging / artifacts.SIMILARITY_MATRIX, cosine, meta["classes"], bundle.architecture, bundle.pretrained)
+        soft = row_softmax(cosine, scale)
+        pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(staging / artifacts.SIMILARITY_CSV)
+        plot_similarity(soft.numpy(), meta["classes"], staging / artifacts.SIMILARITY_HEATMAP, meta=meta, cosine=cosine.numpy(),
+                        provenance={"model": bundle.architecture, "pretrained": bundle.pretrained, "scale": scale})
     tracker.log_params({"model": model, "pretrained": pretrained, "classes": len(meta["classes"]), "scale": scale})
     tracker.log_artifact(out_dir / artifacts.SIMILARITY_HEATMAP)
     tracker.log_artifact(out_dir / artifacts.SIMILARITY_CSV)

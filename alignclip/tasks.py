@@ -23,8 +23,25 @@ def task_env(parent_run_file: str, experiment: str, tracking_uri: str) -> dict:
 
 
 def run_cli(*args: str, env: dict | None = None) -> None:
-    """`alignclip ARGS...` with this interpreter: the same CLI as the image's entrypoint."""
-    subprocess.run([sys.executable, "-m", "alignclip", *map(str, args)], check=True, env=env)
+    """`alignclip ARGS...` with this interpreter: the same CLI as the image's entrypoint.
+
+    SIGTERM (Kubernetes stopping the pod) is passed on to the stage, which then writes its resume checkpoint;
+    otherwise only this wrapper would hear it and the stage would be killed at the end of the grace period."""
+    import signal
+
+    command = [sys.executable, "-m", "alignclip", *map(str, args)]
+    process = subprocess.Popen(command, env=env)
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
+    except ValueError:  # not the main thread: no handler to install
+        previous = None
+    try:
+        code = process.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code:
+        raise subprocess.CalledProcessError(code, command)
 
 
 # The CLI command of each pipeline stage, built in one place: the KFP components run exactly these, and
@@ -32,9 +49,10 @@ def run_cli(*args: str, env: dict | None = None) -> None:
 
 
 def prepare_args(dataset: str, root: str, out: str, protocol: str, holdout_fraction: float, trial_seed: int, shots: int,
-                 seeds) -> list[str]:
+                 seeds, templates: str = "paper", class_names: str = "paper", listing: str = "sorted") -> list[str]:
     cmd = ["prepare", dataset, root, out, "--protocol", protocol, "--holdout-fraction", str(holdout_fraction),
-           "--trial-seed", str(int(trial_seed)), "--shots", str(int(shots))]
+           "--trial-seed", str(int(trial_seed)), "--shots", str(int(shots)), "--templates", templates,
+           "--class-names", class_names, "--listing", listing]
     for seed in seeds:
         cmd += ["--seed", str(int(seed))]
     return cmd
@@ -51,7 +69,8 @@ def train_args(prepared: str, out: str, cell: dict, formulation: str, recipe: st
     cmd = ["train", prepared, out, "--method", cell["method"], "--seed", str(int(cell["seed"])),
            "--formulation", formulation, "--model", model_name, "--pretrained", pretrained, "--no-progress",
            "--similarity", similarity, "--recipe", recipe, "--batch-size", str(int(batch_size)), "--lr", repr(float(lr)),
-           "--hflip" if hflip else "--no-hflip"]
+           "--hflip" if hflip else "--no-hflip", "--num-workers", "auto"]  # the pod's CPU limit sizes the workers
+    steps = cell.get("steps", steps)  # a recipe whose length depends on the held-out domain: the cell's own
     if int(steps) > 0:
         cmd += ["--steps", str(int(steps))]
     elif int(epochs) > 0:
@@ -65,4 +84,4 @@ def train_args(prepared: str, out: str, cell: dict, formulation: str, recipe: st
 
 def evaluate_args(prepared: str, checkpoint: str, out: str, test_split: str) -> list[str]:
     """The held-out domain is the checkpoint's own (evaluate reads it from there)."""
-    return ["evaluate", prepared, checkpoint, out, "--test-split", test_split]
+    return ["evaluate", prepared, checkpoint, out, "--test-split", test_split, "--num-workers", "auto"]

@@ -1,13 +1,15 @@
 """The one place that talks to MLflow. Without MLflow configured every call is a no-op, so the library runs alone.
 
 Tracking is on when ``MLFLOW_TRACKING_URI`` is set (a server, or ``sqlite:///mlflow.db``) or a URI is passed.
-A parent run id (``ALIGNCLIP_PARENT_RUN_ID`` or an argument) makes the run a nested child of a pipeline run.
+A parent run id (an argument, ``ALIGNCLIP_PARENT_RUN_ID``, or the open pipeline run of a ``dvc repro``) makes the
+run a nested child of a pipeline run. What is logged where is described in ``alignclip.runs``.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +30,7 @@ def _flatten(params: dict, prefix: str = "") -> dict:
 
 
 def provenance_tags() -> dict[str, str]:
-    """git commit, dataset version (DVC hash of data.dvc) and image tag, so every number leads back to its inputs."""
+    """git commit and image tag, so every number leads back to the code that made it."""
     tags = {}
     # The code's own checkout, not the working directory: stages may run anywhere (a KFP task's cwd, a temp dir).
     project = Path(__file__).resolve().parent.parent
@@ -43,88 +45,138 @@ def provenance_tags() -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["git_commit"] = commit
-    data_version = os.environ.get("ALIGNCLIP_DATA_VERSION")
-    dvc_file = next((p for p in (Path("data.dvc"), project / "data.dvc") if p.is_file()), None)
-    if not data_version and dvc_file is not None:
-        import yaml
-
-        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", [{}])
-        data_version = outs[0].get("md5") if outs else None
-    if data_version:
-        tags["data_version"] = str(data_version)
+    # The data version is not a property of the checkout (data.dvc) but of the data a stage read:
+    # alignclip.runs.data_tags, from the prepared dataset's root and manifest.
     if os.environ.get("ALIGNCLIP_IMAGE"):
         tags["image"] = os.environ["ALIGNCLIP_IMAGE"]
     return tags
 
 
 class Tracker:
-    """A thin run handle: no-op when disabled, MLflow when enabled."""
+    """A thin run handle: no-op when disabled, MLflow when enabled. It decides what is logged; the transport
+    (``alignclip.tracking_transport``) sends it in the background and keeps on disk what the server missed."""
 
-    def __init__(self, enabled: bool, flush_every: int = 200):
+    def __init__(self, enabled: bool, flush_every: int = 200, transport=None):
         self.enabled = enabled
         self.run_id: str | None = None
+        self.parent_run_id: str | None = None
         self.flush_every = flush_every
         self._pending: list = []
+        self._transport = transport
 
     def log_params(self, params: dict) -> None:
         if self.enabled:
-            import mlflow
-
             flat = {k: ("none" if v is None else v) for k, v in _flatten(params).items()}
-            mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+            self._transport.send({"op": "params", "params": {k: str(v)[:6000] for k, v in flat.items()}})
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         """Buffered: per-step metrics go to the store in batches (one request per ``flush_every`` values)."""
         if self.enabled:
             import time
 
-            from mlflow.entities import Metric
-
             now = int(time.time() * 1000)
-            self._pending.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items())
+            self._pending.extend([k, float(v), now, step or 0] for k, v in metrics.items())
             if len(self._pending) >= self.flush_every:
                 self.flush()
 
     def flush(self) -> None:
         if self.enabled and self._pending:
-            from mlflow.tracking import MlflowClient
-
-            for start in range(0, len(self._pending), 1000):  # the store's batch limit
-                MlflowClient().log_batch(self.run_id, metrics=self._pending[start : start + 1000])
+            self._transport.send({"op": "metrics", "metrics": self._pending})
             self._pending = []
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled and Path(path).exists():
-            import mlflow
-
-            if Path(path).is_dir():
-                mlflow.log_artifacts(str(path), artifact_path)
-            else:
-                mlflow.log_artifact(str(path), artifact_path)
+            self.flush()  # records leave in the order they were made
+            self._transport.send({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def set_tags(self, tags: dict) -> None:
         if self.enabled:
+            self._transport.send({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_input(self, frame, name: str, source: str, digest: str, context: str) -> None:
+        """A dataset as a run input (the UI's dataset column): its rows, where it came from and its digest.
+        Synchronous, by run id; skipped with a warning when the store cannot take it (tracking never costs a result)."""
+        if not self.enabled or not self.run_id:
+            return
+        try:
+            import warnings
+
+            import mlflow.data
+            from mlflow.entities import DatasetInput, InputTag
+            from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+            from alignclip import tracking_transport as transport
+
+            with warnings.catch_warnings():  # schema-inference hints about integer columns: not actionable here
+                warnings.simplefilter("ignore", UserWarning)
+                try:
+                    dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
+                except Exception:  # noqa: BLE001 - a root MLflow cannot resolve as a source is still named
+                    dataset = mlflow.data.from_pandas(frame, name=name, digest=digest)
+                entity = dataset._to_mlflow_entity()  # infers the schema (the hints above come from here too)
+            entry = DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            transport._client(self._transport.uri).log_inputs(self.run_id, datasets=[entry])
+        except Exception as err:  # noqa: BLE001 - the result is on disk; tracking must not cost it
+            log.warning("could not log the dataset input to MLflow (%s)", str(err).splitlines()[0][:200])
+
+    def log_model(self, module, name: str, registered_name: str | None, example, metadata: dict | None = None):
+        """Log (and register) a torch module; the pt2 format needs an input example. Returns the registered
+        version, or None. Synchronous (after what is queued); skipped with a warning when the server is
+        unreachable: the model stays on disk."""
+        if not self.enabled:
+            return None
+        self.flush()
+        self._transport.drain()
+        if not self._transport.online:
+            log.warning("MLflow is unreachable: the model was not logged or registered (it is on disk)")
+            return None
+        try:
             import mlflow
-
-            mlflow.set_tags({k: str(v) for k, v in tags.items()})
-
-    def log_model(self, module, name: str, registered_name: str | None, example) -> None:
-        """Log (and register) a torch module; the pt2 format needs an input example."""
-        if self.enabled:
             import mlflow.pytorch
+            import torch
 
-            # pt2 (torch.export) is the safe format; it needs the input example, which also records the signature.
-            mlflow.pytorch.log_model(
-                module,
-                name=name,
-                registered_model_name=registered_name,
-                input_example=example,
-                serialization_format="pt2",
-            )
+            mlflow.set_tracking_uri(self._transport.uri)
+            with mlflow.start_run(run_id=self.run_id):
+                # pt2 (torch.export) is the safe format; it needs the input example, which also records the signature.
+                # The requirements are stated: inferring them re-imports the model in a subprocess (a minute on a CPU).
+                info = mlflow.pytorch.log_model(
+                    module,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+                    name=name,
+                    registered_model_name=registered_name,
+                    input_example=example,
+                    serialization_format="pt2",
+                    metadata=metadata,
+                )
+            return info.registered_model_version
+        except Exception as err:  # noqa: BLE001 - the result is on disk; tracking must not cost it
+            log.warning("could not log the model to MLflow (%s): it stays on disk", str(err).splitlines()[0][:200])
+            return None
 
 
 def tracking_uri(uri: str | None = None) -> str | None:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def pipeline_run_id(experiment: str, uri: str | None = None) -> str | None:
+    """The parent run of the pipeline this process is a stage of (KFP: ``ALIGNCLIP_PARENT_RUN_ID``; DVC: the open
+    run of this configuration, created on first use), or None (tracking off, a stage run by hand, or a store that
+    cannot answer: then a warning, and the stage runs without a parent)."""
+    uri = tracking_uri(uri)
+    if not uri:
+        return None
+    if os.environ.get("ALIGNCLIP_PARENT_RUN_ID"):
+        return os.environ["ALIGNCLIP_PARENT_RUN_ID"]
+    try:
+        import mlflow
+
+        from alignclip import runs
+
+        mlflow.set_tracking_uri(uri)
+        return runs.dvc_parent_run(experiment)
+    except Exception as err:  # noqa: BLE001 - tracking must not cost a result
+        log.warning("could not find or open the pipeline's MLflow run (%s)", str(err).splitlines()[0][:200])
+        return None
 
 
 @contextmanager
@@ -134,23 +186,91 @@ def start_run(
     uri: str | None = None,
     parent_run_id: str | None = None,
     tags: dict | None = None,
+    resume_run_id: str | None = None,
 ):
-    """Yield a Tracker inside an MLflow run (nested under ``parent_run_id`` if given); a no-op without MLflow."""
+    """Yield a Tracker inside an MLflow run (nested under the pipeline's run if there is one: ``parent_run_id``,
+    ``ALIGNCLIP_PARENT_RUN_ID``, or the open run of this ``dvc repro``); a no-op without MLflow.
+
+    ``resume_run_id`` continues an existing run (evaluate logs into its cell's training run, a resumed training).
+    The run ends FINISHED, FAILED (an exception; the pipeline run is marked FAILED too) or KILLED (interrupted,
+    preempted). An unreachable server costs a few seconds and a warning: the stage runs, and the records wait on
+    disk (see ``alignclip.tracking_transport``).
+    """
+    from alignclip import tracking_transport as transport
+
     uri = tracking_uri(uri)
     if not uri:
         yield Tracker(False)
         return
-    import mlflow
-
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
-    parent_run_id = parent_run_id or os.environ.get("ALIGNCLIP_PARENT_RUN_ID") or None
+    transport.configure_http()
+    parent_run_id = parent_run_id or pipeline_run_id(experiment, uri)
     all_tags = {**provenance_tags(), **(tags or {})}
-    with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, tags=all_tags) as run:
-        tracker = Tracker(True)
-        tracker.run_id = run.info.run_id
-        try:
-            yield tracker
-        finally:
-            tracker.flush()
+    header = {"experiment": experiment, "run_name": run_name, "parent_run_id": parent_run_id, "tags": all_tags,
+              "start_ms": int(time.time() * 1000)}
+    run_id = _open_run(uri, header, resume_run_id)
+    sender = transport.AsyncSender(uri, run_id, {**header, "run_id": resume_run_id})
+    tracker = Tracker(True, transport=sender)
+    tracker.run_id = run_id
+    status = "FINISHED"
+    try:
+        yield tracker
+    except KeyboardInterrupt:  # Ctrl-C: the stage was stopped, it did not fail
+        status = "KILLED"
+        _mark_parent(parent_run_id, run_name)
+        raise
+    except BaseException as err:  # a preempted stage (resume.Preempted) says so itself
+        status = getattr(err, "stage_status", "FAILED")
+        _mark_parent(parent_run_id, run_name)
+        raise
+    finally:
+        tracker.flush()
+        sender.close(status)
+
+
+def _open_run(uri: str, header: dict, resume_run_id: str | None) -> str | None:
+    """Create (or re-open) the run; None when the store cannot be reached (the stage then runs offline)."""
+    from alignclip import tracking_transport as transport
+
+    ok, why = transport.reachable(uri)
+    if not ok:
+        log.warning("MLflow at %s is unreachable (%s): the stage runs without it; its records are kept on disk", uri, why)
+        return None
+    try:
+        transport.sync(uri, quiet=True)  # what earlier stages could not send
+        with transport.store_lock(uri):
+            client = transport._client(uri)  # the client creates (and migrates) a sqlite store: under the lock
+            if resume_run_id:
+                try:
+                    client.update_run(resume_run_id, status="RUNNING")
+                    return resume_run_id
+                except Exception as err:  # noqa: BLE001 - e.g. the checkpoint came from another tracking store
+                    log.warning("cannot continue MLflow run %s (%s): logging to a new run", resume_run_id,
+                                str(err).splitlines()[0][:200])
+            from mlflow.tracking.context.registry import resolve_tags
+
+            return transport.create_run(client, {**header, "tags": resolve_tags(header["tags"])})
+    except Exception as err:  # noqa: BLE001 - the server answered the probe but not the request
+        log.warning("MLflow at %s failed to open the run (%s): the stage runs without it", uri, str(err).splitlines()[0][:200])
+        return None
+
+
+def _mark_parent(parent_run_id: str | None, stage: str) -> None:
+    if parent_run_id:
+        from alignclip import runs
+
+        runs.mark_failed(parent_run_id, stage)
+
+
+def resumable(run_id: str | None, parent_run_id: str | None) -> bool:
+    """Whether ``run_id`` (a cell's training run, from train.json) is in this store under this pipeline run."""
+    if not run_id:
+        return False
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except (MlflowException, OSError, ValueError):  # not in this store, or the store cannot answer
+        return False
+    return run.data.tags.get("mlflow.parentRunId") == parent_run_id

@@ -1,7 +1,7 @@
 """`alignclip train`: fine-tune the image encoder of a CLIP model with one method of the registry.
 
 Three parts, read in one sitting: ``setup`` builds everything a run needs (settings, training rows, model,
-frozen text features, similarity targets, data streams, optimiser, BMA); ``train_step`` is one optimiser step of
+frozen text features, similarity targets, the data loader, optimiser, BMA); ``train_step`` is one optimiser step of
 the method's loss (``bench/`` times it); ``write_checkpoint`` writes the result. The loop in ``train`` is the
 whole algorithm (Algorithm 1): text features are computed once with the frozen text encoder; each step samples a
 batch (``batch_size`` images per training domain for multi-domain data, as
@@ -18,19 +18,22 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from alignclip import artifacts, protocols
 from alignclip.bma import BetaMovingAverage
 from alignclip.classifier import encode_classes, make_visual, resolve_device
 from alignclip.data.images import ManifestImages, train_transform
+from alignclip.data.loader import AUTO, BalancedLoader, resolve_workers
+from alignclip.data.storage import StorageError
 from alignclip.data.prepare import load_prepared
+from alignclip.files import stage_output, staging_dir
 from alignclip.log import get_logger
 from alignclip.methods import MethodConfig, get_method, split_method
 from alignclip.model import AlignCLIPVisual
 from alignclip.objective import compute_loss
 from alignclip.presets import load_clip
+from alignclip.resume import CheckpointStore, Preempted, ResumeOptions, Schedule, StopRequest, rng_state, set_rng_state, store_for
 from alignclip.similarity import class_similarity_matrix, load_similarity
 
 log = get_logger(__name__)
@@ -49,14 +52,16 @@ class TrainSettings:
     steps: int | None = 5000  # None: epochs x iters_per_epoch
     epochs: int | None = None
     iters_per_epoch: int | None = None  # None: one pass over the training set
+    shots: int | None = None  # few-shot protocols: None/16 the prepared few-shot subset, 0 all training images
     batch_size: int = 36  # per training domain for multi-domain protocols
     lr: float = 5e-6
     weight_decay: float = 0.1
     hflip: bool = True
     crop_scale: tuple[float, float] = (0.7, 1.0)
-    num_workers: int = 0
+    num_workers: int | str = AUTO  # DataLoader worker processes, or "auto" (from the CPUs this process may use)
+    stage_remote: bool = True  # copy s3:// images to the local cache once before training (storage.stage)
     device: str = "auto"
-    log_every: int = 10
+    log_every: int = 10  # logged values are read from the device (one sync) and written every this many steps
     progress: bool = True
 
 
@@ -75,20 +80,6 @@ def cosine_lr(step: int, total: int, base_lr: float) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
-def infinite_batches(dataset, batch_size: int, generator: torch.Generator, num_workers: int):
-    """Endless shuffled batches of one dataset (reshuffled each pass, seeded)."""
-    loader = DataLoader(
-        dataset,
-        batch_size=min(batch_size, len(dataset)),
-        sampler=RandomSampler(dataset, generator=generator),
-        drop_last=True,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-    )
-    while True:
-        yield from loader
-
-
 @dataclass
 class TrainingRun:
     """Everything ``setup`` builds for one (method, held-out domain, seed): read by the loop and the checkpoint."""
@@ -104,18 +95,19 @@ class TrainingRun:
     summary: dict  # what train.json records
     device: torch.device
     steps: int = 0
-    streams: list = field(default_factory=list)  # (dataset, endless batches) per balanced group
+    datasets: list = field(default_factory=list)  # ManifestImages per balanced group (training domain)
+    loader: BalancedLoader | None = None  # balanced batches of all groups; its state_dict() is {seed, step, ...}
     optimizer: torch.optim.Optimizer | None = None
     bma: BetaMovingAverage | None = None
 
 
 def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: str | Path | None = None) -> TrainingRun:
-    """Settings, training rows and label space, model, text features, similarity targets, data streams, optimiser."""
+    """Settings, training rows and label space, model, text features, similarity targets, the data loader, optimiser."""
     method_name, formulation = split_method(settings.method, settings.formulation)
     settings = replace(settings, method=method_name, formulation=formulation)
     method = get_method(settings.method, settings.formulation, **settings.overrides)
     manifest, meta = load_prepared(prepared_dir)
-    rows, label_space = protocols.training_set(manifest, meta, settings.test_domain, settings.seed)
+    rows, label_space = protocols.training_set(manifest, meta, settings.test_domain, settings.seed, settings.shots)
     if rows.empty:
         raise ValueError(f"no training images for test domain {settings.test_domain!r} / seed {settings.seed}")
     device = resolve_device(settings.device)
@@ -139,36 +131,64 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
         "protocol": meta["protocol"],
         "train_images": int(len(rows)),
         "label_space": label_space,
+        "variant": variant_label(method, settings),
+        # what the encoder aligned: a CLIP ResNet has one attention layer whatever aligned_layers asks for
+        "attention_layers": {"aligned": visual.aligned_layers, "dv": visual.dv_layers},
     }
     run = TrainingRun(settings, method, bundle, visual, text, class_sim, label_space, class_names, summary, device)
     if not method.trains:
         return run
 
-    # Data: one stream per training domain for multi-domain protocols (CLIPood), else one stream.
+    # Data: batch_size images of every training domain per step for multi-domain protocols (CLIPood), else
+    # batch_size images of the one group; all groups are read by one loader (one worker pool).
     transform = train_transform(bundle.image_size, bundle.mean, bundle.std, settings.hflip, settings.crop_scale)
     group_key = protocols.get_protocol(meta["protocol"]).group_key
     groups = [g for _, g in rows.groupby(group_key, sort=True)] if group_key else [rows]
-    generator = torch.Generator().manual_seed(settings.seed)
     run.steps = total_steps(settings, len(rows), len(groups))
+    smallest = min(len(g) for g in groups)
+    if settings.batch_size > smallest:  # refused, not clamped: train.json would report a batch that never ran
+        raise ValueError(f"batch_size={settings.batch_size} is larger than the smallest training stream ({smallest} images); "
+                         f"expected at most {smallest}")
     for group in groups:
         dataset = ManifestImages(meta, group["path"].tolist(), group["label"].tolist(), label_space, transform)
-        run.streams.append((dataset, infinite_batches(dataset, settings.batch_size, generator, settings.num_workers)))
-    run.optimizer = make_optimizer(bundle, visual, settings.lr, settings.weight_decay)
+        if settings.stage_remote:
+            dataset.stage()
+        run.datasets.append(dataset)
+    workers = resolve_workers(settings.num_workers)
+    run.loader = BalancedLoader(run.datasets, settings.batch_size, settings.seed, run.steps, workers, device)
+    summary["num_workers"] = workers
+    run.optimizer = make_optimizer(
+        bundle, visual, settings.lr, settings.weight_decay, method.weight_decay_scope, fused=device.type == "cuda"
+    )
     run.bma = BetaMovingAverage(visual, run.steps, method.bma_beta) if method.bma else None
     return run
 
 
-def make_optimizer(bundle, visual: AlignCLIPVisual, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the image encoder only (the text encoder is frozen; its features are precomputed); no weight
-    decay on biases, norms and embeddings."""
+def make_optimizer(
+    bundle, visual: AlignCLIPVisual, lr: float, weight_decay: float, scope: str = "matrices", fused: bool = False
+) -> torch.optim.AdamW:
+    """AdamW over the image encoder only (the text encoder is frozen; its features are precomputed).
+
+    ``scope`` (method switch ``weight_decay_scope``): ``matrices`` exempts biases, norms and embeddings from weight
+    decay; ``all`` decays every parameter, as the released code's ``AdamW(classifier.parameters(), wd)``.
+    ``fused``: one CUDA kernel for the whole update (GPU only).
+    """
     for p in bundle.model.parameters():
         p.requires_grad_(False)
     for p in visual.parameters():
         p.requires_grad_(True)
+    if scope == "all":
+        return torch.optim.AdamW(
+            [{"params": list(visual.parameters()), "weight_decay": weight_decay}], lr=lr, fused=fused or None
+        )
+    if scope != "matrices":
+        raise ValueError(f"weight_decay_scope={scope!r}: expected 'matrices' or 'all'")
     decay = [p for n, p in visual.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in visual.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        fused=fused or None,
     )
 
 
@@ -188,8 +208,9 @@ def train_step(
     text: torch.Tensor,
     class_sim: torch.Tensor,
     autocast,
-) -> dict[str, float]:
-    """One optimiser step of the method's loss; returns the loss's logged parts (bench/ times exactly this)."""
+) -> dict[str, torch.Tensor]:
+    """One optimiser step of the method's loss; returns the loss's logged parts as detached device tensors
+    (reading them is a host sync: the loop does it every ``log_every`` steps). bench/ times exactly this."""
     with autocast:
         loss, parts = compute_loss(method, visual, images, targets, text, class_sim)
     optimizer.zero_grad(set_to_none=True)
@@ -227,15 +248,52 @@ def train(
     tracker=None,
     similarity_path: str | Path | None = None,
     callbacks: list | None = None,
+    resume: ResumeOptions | None = None,
 ) -> dict:
     """Train one (method, held-out domain, seed) and write its checkpoint, log and summary (artifacts.py).
 
+    The outputs are published together when training completes: they are written into a staging folder beside
+    ``out_dir`` that then replaces it (a rerun leaves nothing stale; a failed run leaves the previous outputs).
+    With ``resume`` (the CLI's default) a resume checkpoint is written as the run goes and at SIGTERM, and a
+    re-run of the same settings continues from it (see ``alignclip.resume``).
+
     ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)``.
+
+    ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)`` (``parts``: the
+    loss's parts as device tensors).
+
+    ``train_log.csv`` has a row per step; its values are kept on the device and read every ``log_every`` steps
+    (one host sync per window, not one per value per step). ``images_per_s`` is end to end over the window
+    (data, step, BMA, logging) and ``data_wait_s`` the mean time per step spent waiting for a batch.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    store = store_for(out, resume)
+    with stage_output(out, "train", keep_staging_on_error=store is not None) as staging:
+        summary = _train(prepared_dir, staging, settings, tracker, similarity_path, callbacks, store, resume)
+        if store is not None and Path(store.location) == staging:
+            store.clear()  # the finished outputs are published without the resume files
+    if store is not None and Path(store.location) != staging_dir(out, "train"):
+        store.clear()  # after the outputs are safe: a crash in between resumes at the last step, same result
+    log.info("outputs -> %s", out)
+    return summary
+
+
+def _fingerprint(run: TrainingRun) -> str:
+    """What a resume checkpoint must agree with to be continued (not how the run is executed or shown)."""
+    settings = {k: v for k, v in asdict(run.settings).items() if k not in ("progress", "log_every", "num_workers", "stage_remote", "device")}
+    return json.dumps(
+        {"settings": settings, "method": run.method.to_dict(), "steps": run.steps, "label_space": run.label_space,
+         "train_images": run.summary["train_images"], "architecture": run.bundle.architecture,
+         "pretrained": run.bundle.pretrained},
+        sort_keys=True, default=str,
+    )
+
+
+def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callbacks, store, resume) -> dict:
     run = setup(prepared_dir, settings, similarity_path)
     settings, method, summary = run.settings, run.method, run.summary
+    # the cell's MLflow run: `alignclip evaluate` of this checkpoint logs into the same run
+    summary["mlflow_run_id"] = tracker.run_id if getattr(tracker, "enabled", False) else None
     if tracker is not None:
         tracker.log_params({"method": method.to_dict(), "train": asdict(settings), "dataset": summary["dataset"]})
     if not method.trains:
@@ -245,42 +303,175 @@ def train(
         log.info("zero-shot: nothing to train")
         return summary
 
-    visual, steps, autocast = run.visual, run.steps, autocast_for(run.device)
-    columns = None
+    visual, steps, autocast, loader = run.visual, run.steps, autocast_for(run.device), run.loader
+    fingerprint = _fingerprint(run)
+    prefix, seconds_before = "", 0.0
+    state = store.load() if store is not None else None
+    if state is not None and state["fingerprint"] != fingerprint:
+        log.warning("%s belongs to a run with other settings: starting from step 0 (it will be replaced)", store)
+        state = None
+    if state is not None:
+        visual.load_state_dict(state["visual"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.bma is not None:
+            run.bma.load_state_dict(state["bma"])
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        prefix, seconds_before = state["log"], float(state["seconds"])
+        log.info("resuming from step %d of %d (%s)", loader.step, steps, store)
+    start = loader.step
+    schedule = Schedule(resume) if store is not None else None
+    # The log starts with the checkpoint's copy (the killed run may have logged steps past it); rows are flushed
+    # window by window, so the file is readable while the run goes.
+    window = LogWindow(out / artifacts.TRAIN_LOG, steps, settings.log_every, run.device, tracker, loader, prefix)
+
+    def checkpoint() -> None:
+        """A resume checkpoint at the steps done so far (the open log window is written first)."""
+        if window.rows:
+            window.write()
+        _save_resume(store, run, loader.step, window.text(), seconds_before + time.perf_counter() - started,
+                     fingerprint, tracker)
+
     visual.train()
     started = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
-    with (out / artifacts.TRAIN_LOG).open("w") as log_file:
-        for step in bar:
-            lr = cosine_lr(step, steps, settings.lr)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            batches = [next(stream) for _, stream in run.streams]
-            images = torch.cat([b[0] for b in batches]).to(run.device, non_blocking=True)
-            targets = torch.cat([b[1] for b in batches]).to(run.device, non_blocking=True)
-            tic = time.perf_counter()
-            parts = train_step(method, visual, run.optimizer, images, targets, run.text, run.class_sim, autocast)
-            bma_weight = run.bma.update(visual) if run.bma is not None else 0.0
-            for callback in callbacks or []:
-                callback(step + 1, visual, parts)
-            parts.update(lr=lr, bma_weight=bma_weight, images_per_s=len(images) / (time.perf_counter() - tic))
-            if columns is None:
-                columns = ["step", *parts]
-                log_file.write(",".join(columns) + "\n")
-            log_file.write(",".join([str(step + 1), *(f"{parts[c]:.6g}" for c in columns[1:])]) + "\n")
-            bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}")
-            if tracker is not None:
-                tracker.log_metrics(parts, step=step + 1)
-            if (step + 1) % settings.log_every == 0 or step + 1 == steps:
-                log.info("step %d/%d %s", step + 1, steps, " ".join(f"{k}={v:.4g}" for k, v in parts.items()))
-    elapsed = time.perf_counter() - started
+    bar = tqdm(total=steps, initial=loader.step, desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
+    with window, StopRequest() as stop:
+        try:
+            for images, targets in loader:
+                step = loader.step  # steps done, this one included
+                lr = cosine_lr(step - 1, steps, settings.lr)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                parts = train_step(method, visual, run.optimizer, images, targets, run.text, run.class_sim, autocast)
+                bma_weight = run.bma.update(visual) if run.bma is not None else 0.0
+                for callback in callbacks or []:
+                    callback(step, visual, parts)
+                window.add(step, parts, lr=lr, bma_weight=bma_weight, images=len(images))
+                bar.update(1)
+                if window.closes(step):
+                    means = window.write()
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{means['images_per_s']:.0f}")
+                    log.info("step %d/%d %s", step, steps, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
+                if store is not None and step < steps and (stop.requested or schedule.due(step)):
+                    try:
+                        checkpoint()
+                    except (StorageError, OSError) as err:  # insurance: failing to write one stops nothing
+                        log.warning("could not write the resume checkpoint at step %d (%s): training goes on", step, err)
+                    schedule.done()
+                if stop.requested and step < steps:
+                    raise Preempted(f"stopped at step {step}/{steps}; re-run the same command to resume from {store}")
+        except StorageError as err:
+            # The store failed past its retries. The failed batch was not counted (loader.step = whole steps
+            # done), so a checkpoint now resumes exactly; then stop with the store's one line.
+            if store is not None and loader.step > start:
+                checkpoint()
+                raise StorageError(f"{one_line(err)}; training stopped at step {loader.step}/{steps}, re-run the "
+                                   f"same command to resume from {store}") from None
+            raise StorageError(one_line(err)) from None
+    bar.close()
+    own = time.perf_counter() - started  # this process's share (throughput); elapsed includes a resumed run's past
+    elapsed = seconds_before + own
     final = run.bma.module if run.bma is not None else visual
-    skipped = sorted({p for dataset, _ in run.streams for p in dataset.skipped})
+    skipped = sorted({p for dataset in run.datasets for p in dataset.skipped})
     write_checkpoint(out / artifacts.MODEL, run, final)
-    summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma)
+    summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma, resumed_from=start or None,
+                   images_per_s=window.images / own, data_wait_s=loader.data_wait_s)
     (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("trained %s for %d steps in %.1fs -> %s", method.name, steps, elapsed, out / artifacts.MODEL)
+    log.info("trained %s for %d steps in %.1fs", method.name, steps, elapsed)
     return summary
+
+
+class LogWindow:
+    """The logged values of the last ``every`` steps, kept on the device and written to ``train_log.csv`` (and the
+    tracker) together: one host synchronisation per window instead of one per value per step."""
+
+    def __init__(self, path: Path, total_steps: int, every: int, device: torch.device, tracker, loader: BalancedLoader,
+                 prefix: str = ""):
+        self.path, self.total_steps, self.every = path, total_steps, max(1, int(every))
+        self.prefix = prefix  # rows of a resumed run's earlier steps, header included
+        self.device, self.tracker, self.loader = device, tracker, loader
+        self.columns: list[str] | None = prefix.splitlines()[0].split(",") if prefix else None
+        self.rows: list[tuple[int, torch.Tensor, float, float]] = []  # (step, stacked parts, lr, bma weight)
+        self.window_images = 0
+        self.images = 0
+        self.handle = None
+
+    def __enter__(self):
+        self.handle = self.path.open("w")
+        self.handle.write(self.prefix)
+        self.handle.flush()
+        self.started = time.perf_counter()
+        self.wait_started = self.loader.data_wait_s
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+    def add(self, step: int, parts: dict[str, torch.Tensor], lr: float, bma_weight: float, images: int) -> None:
+        if self.columns is None:
+            self.columns = ["step", *parts, "lr", "bma_weight", "images_per_s", "data_wait_s"]
+            self.handle.write(",".join(self.columns) + "\n")
+        self.rows.append((step, torch.stack([v.float() for v in parts.values()]), lr, bma_weight))
+        self.window_images += images
+
+    def text(self) -> str:
+        """Everything written so far (what a resume checkpoint keeps)."""
+        self.handle.flush()
+        return self.path.read_text()
+
+    def closes(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total_steps
+
+    def write(self) -> dict[str, float]:
+        """Read the window from the device, write its rows, return its means (with the throughput figures)."""
+        values = torch.stack([row[1] for row in self.rows]).cpu()  # the one synchronisation of the window
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the window's time includes its last optimiser step and BMA
+        now = time.perf_counter()
+        steps = len(self.rows)
+        throughput = {
+            "images_per_s": self.window_images / (now - self.started),
+            "data_wait_s": (self.loader.data_wait_s - self.wait_started) / steps,
+        }
+        names = self.columns[1 : 1 + values.shape[1]]
+        for (step, _, lr, bma_weight), row in zip(self.rows, values.tolist()):
+            record = {**dict(zip(names, row)), "lr": lr, "bma_weight": bma_weight, **throughput}
+            self.handle.write(",".join([str(step), *(f"{record[c]:.6g}" for c in self.columns[1:])]) + "\n")
+            if self.tracker is not None:
+                self.tracker.log_metrics(record, step=step)
+        self.handle.flush()
+        means = {**dict(zip(names, values.mean(dim=0).tolist())), **throughput}
+        self.images += self.window_images
+        self.rows, self.window_images = [], 0
+        self.started, self.wait_started = time.perf_counter(), self.loader.data_wait_s
+        return means
+
+
+def one_line(err: Exception) -> str:
+    """The message of an error, also when a DataLoader worker re-raised it with the worker's traceback."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return text
+
+
+def _save_resume(store: CheckpointStore, run: TrainingRun, step: int, log_text: str, seconds, fingerprint, tracker) -> None:
+    tic = time.perf_counter()
+    state = {
+        "step": step,
+        "visual": run.visual.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "bma": run.bma.state_dict() if run.bma is not None else None,
+        "loader": run.loader.state_dict(),
+        "rng": rng_state(),
+        "log": log_text,
+        "seconds": seconds,
+        "fingerprint": fingerprint,
+    }
+    run_id = getattr(tracker, "run_id", None)
+    store.save(state, {"step": step, "steps": run.steps, "mlflow_run_id": run_id, "written": time.time()})
+    log.debug("resume checkpoint at step %d -> %s (%.2fs)", step, store, time.perf_counter() - tic)
 
 
 def variant_label(method: MethodConfig, settings: TrainSettings) -> str:
@@ -295,3 +486,15 @@ def variant_label(method: MethodConfig, settings: TrainSettings) -> str:
     if changed:
         label += "[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
     return label
+
+
+def cell_tags(settings: TrainSettings, meta: dict) -> dict:
+    """The MLflow tags of the grid cell this training belongs to (``alignclip.runs.cell_tags``)."""
+    from alignclip import runs
+
+    name, formulation = split_method(settings.method, settings.formulation)
+    settings = replace(settings, method=name, formulation=formulation)
+    method = get_method(name, formulation, **settings.overrides)
+    return runs.cell_tags(
+        meta["dataset"], meta["protocol"], name, variant_label(method, settings), formulation, settings.test_domain, settings.seed
+    )

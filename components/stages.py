@@ -19,7 +19,7 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Ou
 
 
 def start_run(experiment: str, tracking_uri: str, run_name: str, params_json: str, run: Output[Artifact]):
-    """Open the pipeline's parent MLflow run; tasks log nested runs under it.
+    """Open the pipeline's parent MLflow run, left RUNNING: cells log nested runs under it, the report ends it.
 
     The run id travels as a small artifact (a text file): kfp 2.17's local runner resolves *parameter*
     outputs of upstream tasks inside a ParallelFor to the loop item, while artifacts resolve correctly.
@@ -30,13 +30,10 @@ def start_run(experiment: str, tracking_uri: str, run_name: str, params_json: st
     if tracking_uri:
         import mlflow
 
-        from alignclip.tracking import provenance_tags
+        from alignclip.runs import open_pipeline_run
 
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name=run_name, tags={**provenance_tags(), "stage": "pipeline"}) as active:
-            mlflow.log_params({k: str(v) for k, v in json.loads(params_json).items()})
-            run_id = active.info.run_id
+        run_id = open_pipeline_run(experiment, run_name, json.loads(params_json), tags={"orchestrator": "kfp"})
     with open(run.path, "w") as handle:
         handle.write(run_id)
     run.metadata["run_id"] = run_id
@@ -50,6 +47,9 @@ def prepare(
     trial_seed: int,
     shots: int,
     seeds: List[int],
+    templates: str,
+    class_names: str,
+    listing: str,
     prepared: Output[Dataset],
 ):
     """List and split the dataset; `root: embedded` builds RotatedDigits into the artifact itself."""
@@ -58,7 +58,8 @@ def prepare(
     if root == "embedded":
         root = prepared.path + "/images"
         run_cli("data", "digits", root)
-    run_cli(*prepare_args(dataset, root, prepared.path, protocol, holdout_fraction, trial_seed, shots, seeds))
+    run_cli(*prepare_args(dataset, root, prepared.path, protocol, holdout_fraction, trial_seed, shots, seeds, templates,
+                          class_names, listing))
     prepared.metadata["dataset"] = dataset
 
 
@@ -137,13 +138,14 @@ def evaluate(
     run_cli(*evaluate_args(prepared.path, os.path.join(model.path, artifacts.MODEL), results.path, test_split), env=env)
     for name in (artifacts.TRAIN_SUMMARY, artifacts.TRAIN_LOG):  # small files the report reads beside the metrics
         shutil.copy(os.path.join(model.path, name), os.path.join(results.path, name))
+    from alignclip.evaluate import flat_metrics
+
     summary = json.load(open(os.path.join(results.path, artifacts.METRICS)))
-    for view, value in summary["views"].items():
-        metrics.log_metric(f"{view}_acc", value["accuracy"])
+    for name, value in flat_metrics(summary).items():  # percentages, named so: test_acc_pct, H_pct, ...
+        metrics.log_metric(name, value)
     headline = summary["headline"]  # the protocol's own headline metric; null when its view had no images
     if headline is None:
         return float("nan")
-    metrics.log_metric(headline["metric"], headline["value"])
     return float(headline["value"])
 
 

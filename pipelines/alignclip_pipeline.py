@@ -16,7 +16,7 @@ from typing import List
 from kfp import dsl, kubernetes
 
 from alignclip import __version__
-from alignclip.config import BY_NAME, FAMILIES, check_family, effective_train, grid, resolve
+from alignclip.config import BY_NAME, COMPOSITES, FAMILIES, check_family, effective_train, grid, resolve
 from alignclip_kfp.components.stages import build_components
 
 # The default image tag follows the package version; the registry is a placeholder until an image is pushed.
@@ -31,7 +31,7 @@ class ClusterSettings:
     gpus: int = 1
     node_selector: dict = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
     tolerations: list = field(default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
-    cpu: str = "8"
+    cpu: str = "16"  # request = limit: the cgroup quota sizes the DataLoader workers (--num-workers auto: cpu - 1)
     memory: str = "32G"
     image: str = PLACEHOLDER_IMAGE
     max_parallelism: int = 8  # grid cells (GPU pods) at once
@@ -40,12 +40,23 @@ class ClusterSettings:
     s3_secret: str = "alignclip-s3"  # keys: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
     mlflow_secret: str = "alignclip-mlflow"  # keys: MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD
     shm: str = "16Gi"
+    # Bounds of every task pod (infra hardening): train/evaluate are limited to their requests; the other tasks get
+    # these requests and limits (without a request Kubernetes would reserve the whole limit); each pod is stopped
+    # after its deadline (activeDeadlineSeconds), a retry starts a new one.
+    task_cpu: str = "1"
+    task_memory: str = "4G"
+    task_cpu_limit: str = "4"
+    task_memory_limit: str = "16G"
+    gpu_task_timeout: int = 48 * 3600
+    task_timeout: int = 6 * 3600
 
 
 def _on_gpu(task, cluster: ClusterSettings, retries: int = 0):
     if cluster.gpus:
         task.set_accelerator_type(cluster.gpu_type).set_accelerator_limit(cluster.gpus)
-    task.set_cpu_request(cluster.cpu).set_memory_request(cluster.memory)
+    task.set_cpu_request(cluster.cpu).set_cpu_limit(cluster.cpu).set_memory_request(cluster.memory)
+    task.set_memory_limit(cluster.memory)
+    kubernetes.set_timeout(task, cluster.gpu_task_timeout)
     for key, value in cluster.node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for toleration in cluster.tolerations:
@@ -57,8 +68,22 @@ def _on_gpu(task, cluster: ClusterSettings, retries: int = 0):
     return task
 
 
+def _bounded(task, cluster: ClusterSettings):
+    """Every task: the label infra/'s NetworkPolicies admit to MLflow and the S3 store, the image's non-root user,
+    and requests, limits and a deadline unless _on_gpu set them."""
+    kubernetes.add_pod_label(task, "alignclip.io/pipeline-task", "true")
+    kubernetes.set_security_context(task, run_as_user=1000, run_as_group=1000, run_as_non_root=True)
+    resources = task.container_spec.resources
+    if resources is None or resources.cpu_limit is None:
+        task.set_cpu_request(cluster.task_cpu).set_memory_request(cluster.task_memory)
+        task.set_cpu_limit(cluster.task_cpu_limit).set_memory_limit(cluster.task_memory_limit)
+        kubernetes.set_timeout(task, cluster.task_timeout)
+    return task
+
+
 def _secrets(task, cluster: ClusterSettings):
     """Credentials from Secrets and the S3 endpoint from a ConfigMap (infra/README.md)."""
+    _bounded(task, cluster)
     task.set_env_variable("ALIGNCLIP_IMAGE", cluster.image)  # the image tag, as a provenance tag of MLflow runs
     kubernetes.use_secret_as_env(
         task, secret_name=cluster.s3_secret,
@@ -91,6 +116,9 @@ def pipeline_arguments(values: dict) -> dict:
         "data_holdout_fraction": values["data_holdout_fraction"],
         "data_trial_seed": values["data_trial_seed"],
         "data_shots": values["data_shots"],
+        "data_templates": values["data_templates"],
+        "data_class_names": values["data_class_names"],
+        "data_listing": values["data_listing"],
         "data_test_split": values["data_test_split"],
         "model_name": values["model_name"],
         "model_pretrained": values["model_pretrained"],
@@ -134,6 +162,9 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
         data_holdout_fraction: float = p["data_holdout_fraction"],
         data_trial_seed: int = p["data_trial_seed"],
         data_shots: int = p["data_shots"],
+        data_templates: str = p["data_templates"],
+        data_class_names: str = p["data_class_names"],
+        data_listing: str = p["data_listing"],
         data_test_split: str = p["data_test_split"],
         model_name: str = p["model_name"],
         model_pretrained: str = p["model_pretrained"],
@@ -150,15 +181,16 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
         mlflow_experiment: str = p["mlflow_experiment"],
     ):
         parent = stages.start_run(
-            experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, run_name=f"pipeline-{family}",
-            params_json=f'{{"dataset": "{data_dataset}", "protocol": "{data_protocol}", "model": "{model_name}", "formulation": "{train_formulation}"}}',
+            experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, run_name=f"kfp {family}: {data_dataset} ({data_protocol})",
+            params_json=f'{{"dataset": "{data_dataset}", "protocol": "{data_protocol}", "model": "{model_name}", "formulation": "{train_formulation}", "test_split": "{data_test_split}", "steps": "{train_steps}"}}',
         ).set_display_name("mlflow parent run")
         # Caching: on for the pure tasks (prepare, similarity), off where a task has side effects (the MLflow parent
         # run, training and evaluation runs, the report): a cached parent would hand a resubmission an old run id.
         _secrets(parent.set_caching_options(False), cluster)
         prepared = stages.prepare(
             dataset=data_dataset, root=data_root, protocol=data_protocol, holdout_fraction=data_holdout_fraction,
-            trial_seed=data_trial_seed, shots=data_shots, seeds=train_seeds,
+            trial_seed=data_trial_seed, shots=data_shots, seeds=train_seeds, templates=data_templates,
+            class_names=data_class_names, listing=data_listing,
         ).set_display_name("prepare")
         _secrets(prepared.set_caching_options(True), cluster)
         matrix = stages.similarity(
@@ -195,17 +227,23 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
     return dsl.pipeline(name=f"alignclip-{family.replace('_', '-')}", description=f"AlignCLIP {family}: prepare, similarity, train x evaluate, report")(alignclip_pipeline)
 
 
-PAPER_FAMILIES = ("domain_shift", "imagenet", "base2new", "wild")
+PAPER_FAMILIES = COMPOSITES["all"].families
+
+
+def build_composite(name: str, cluster: ClusterSettings | None = None, tracking_uri: str = ""):
+    """One pipeline that runs several families (``alignclip.config.COMPOSITES``: ``all``, ``backbones``) with their
+    defaults, as sub-pipelines; its parameter turns tracking on for all of them."""
+    composite = COMPOSITES[name]
+    subs = {family: build_pipeline(family, cluster) for family in composite.families}
+
+    def composite_pipeline(mlflow_tracking_uri: str = tracking_uri):
+        for family, sub in subs.items():
+            sub(mlflow_tracking_uri=mlflow_tracking_uri).set_display_name(family)
+
+    composite_pipeline.__doc__ = f"AlignCLIP {name}: {composite.description}."
+    return dsl.pipeline(name=f"alignclip-{name.replace('_', '-')}", description=composite.description[:1].upper() + composite.description[1:])(composite_pipeline)
 
 
 def build_all(cluster: ClusterSettings | None = None, tracking_uri: str = ""):
-    """One pipeline that runs every benchmark family of the paper with its defaults, as sub-pipelines; its
-    parameter turns tracking on for all of them."""
-    subs = {name: build_pipeline(name, cluster) for name in PAPER_FAMILIES}
-
-    @dsl.pipeline(name="alignclip-all", description="Every benchmark family of the paper")
-    def alignclip_all(mlflow_tracking_uri: str = tracking_uri):
-        for name, sub in subs.items():
-            sub(mlflow_tracking_uri=mlflow_tracking_uri).set_display_name(name)
-
-    return alignclip_all
+    """Every benchmark family of the paper, as sub-pipelines."""
+    return build_composite("all", cluster, tracking_uri)

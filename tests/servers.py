@@ -112,3 +112,31 @@ def mlflow_server(backend_uri: str, s3_endpoint: str, bucket: str):
         yield url
     finally:
         stop_group(process)
+
+
+@contextmanager
+def mlflow_local_server(folder: Path, port: int | None = None):
+    """`mlflow server` on a sqlite store and a local artifact folder under ``folder``; yields (url, process).
+    Restartable on the same port and store: tests stop it mid-run and bring it back."""
+    port = port or free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        shutil.which("mlflow") or str(Path(os.sys.executable).parent / "mlflow"), "server",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
+        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
+    ]
+    log = open(folder / f"server-{port}.log", "ab")
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_http(url + "/health", timeout=180, process=process)
+        except TimeoutError as err:
+            raise RuntimeError(f"{err}\n{(folder / f'server-{port}.log').read_text()[-3000:]}") from err
+        yield url, process
+    finally:
+        stop_group(process)
+        log.close()

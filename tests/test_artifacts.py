@@ -25,10 +25,10 @@ def zeroshot_checkpoint(digits_prepared, tmp_path_factory):
 def test_dvc_pipeline_names_the_files_the_stages_write():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     train_outs = [next(iter(o)) if isinstance(o, dict) else o for o in stages["train"]["outs"]]
-    assert sorted(Path(o).name for o in train_outs) == sorted([artifacts.MODEL, artifacts.TRAIN_SUMMARY])
-    assert [Path(next(iter(p))).name for p in stages["train"]["plots"]] == [artifacts.TRAIN_LOG]
-    assert [Path(next(iter(m))).name for m in stages["evaluate"]["metrics"]] == [artifacts.METRICS]
-    assert [Path(o).name for o in stages["evaluate"]["outs"]] == [artifacts.PREDICTIONS]
+    assert sorted(Path(o).name for o in train_outs) == sorted([artifacts.MODEL, artifacts.TRAIN_SUMMARY, artifacts.TRAIN_LOG])
+    assert [Path(next(iter(m))).name for m in stages["evaluate"]["metrics"]] == [artifacts.SCORES]
+    evaluate_outs = [next(iter(o)) if isinstance(o, dict) else o for o in stages["evaluate"]["outs"]]
+    assert sorted(Path(o).name for o in evaluate_outs) == sorted([artifacts.PREDICTIONS, artifacts.METRICS])
     assert f"/{artifacts.SIMILARITY_MATRIX}" in stages["train"]["cmd"]
 
 
@@ -77,3 +77,14 @@ def test_evaluate_refuses_a_contradicting_flag_and_a_foreign_dataset(zeroshot_ch
     (other / artifacts.MANIFEST).write_bytes((digits_prepared / artifacts.MANIFEST).read_bytes())
     with pytest.raises(ValueError, match="classes differ"):
         evaluate(other, zeroshot_checkpoint, tmp_path / "ev2")
+
+
+def test_cli_contradicting_test_domain_is_one_line_and_exit_2(zeroshot_checkpoint, digits_prepared, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "alignclip", "evaluate", str(digits_prepared), str(zeroshot_checkpoint),
+                           str(tmp_path / "ev"), "--test-domain", "rotated_0"], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "error: test domain 'rotated_0' contradicts" in done.stderr and "'rotated_45'" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "ev").exists()

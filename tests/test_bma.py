@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -52,3 +53,34 @@ def test_state_dict_round_trip():
         assert torch.equal(a, b)
     # the averaged copy is independent of the live model and takes no gradient
     assert all(not p.requires_grad for p in bma.module.parameters())
+
+
+def state_dict_loop_update(module: torch.nn.Module, model: torch.nn.Module, ratio: float) -> None:
+    """The previous update, written out: one lerp/copy per state_dict entry."""
+    current = model.state_dict()
+    for name, avg in module.state_dict().items():
+        if avg.is_floating_point():
+            avg.lerp_(current[name].to(avg.dtype), ratio)
+        else:
+            avg.copy_(current[name])
+
+
+def test_fused_update_equals_the_per_tensor_loop(tiny):
+    from alignclip.methods import get_method
+    from alignclip.classifier import make_visual
+
+    torch.manual_seed(1)
+    visual = make_visual(tiny, get_method("alignclip"))
+    bma = BetaMovingAverage(visual, total_steps=6, beta=0.5)
+    reference = copy.deepcopy(bma.module)
+    total = bma.total_weight
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in visual.parameters():
+                p.add_(torch.randn_like(p), alpha=0.1)
+        w = bma.update(visual)
+        state_dict_loop_update(reference, visual, w / (total + w))
+        total += w
+    for (name, a), b in zip(bma.module.state_dict().items(), reference.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), name
+    assert not torch.equal(bma.module.state_dict()["visual.proj"], visual.state_dict()["visual.proj"])

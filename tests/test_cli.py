@@ -10,7 +10,7 @@ from alignclip.cli import app
 runner = CliRunner()
 COMMANDS = [[], ["version"], ["data"], ["data", "digits"], ["prepare"], ["similarity"], ["train"], ["evaluate"],
             ["report"], ["recipes"], ["pipeline"], ["pipeline", "compile"], ["pipeline", "submit"], ["pipeline", "run"],
-            ["config"], ["config", "show"]]
+            ["config"], ["config", "show"], ["tracking"], ["tracking", "sync"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "root")
@@ -34,5 +34,15 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path):
 
 def test_recipes_list_sources():
     result = runner.invoke(app, ["recipes"])
-    assert "domain_shift/domain_net" in result.output and "released AlignCLIP scripts" in result.output
+    assert "domain_shift/domain_net" in result.output and "zhyhan/AlignCLIP scripts/traindomainnet-1.sh:17" in result.output
     assert "paper appendix A.1" in result.output
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_bad_worker_count_is_one_clear_line_and_exit_2(tmp_path, command):
+    args = [str(tmp_path), str(tmp_path / "o")] if command == "train" else [str(tmp_path), str(tmp_path / "m.pt"), str(tmp_path / "o")]
+    done = subprocess.run([sys.executable, "-m", "alignclip", command, *args, "--num-workers", "lots"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "--num-workers 'lots': expected a count >= 0 or 'auto'" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "o").exists()

@@ -55,6 +55,18 @@ def test_accuracy_matches_an_independent_open_clip_computation(zeroshot_run, dig
     assert first[0] == pytest.approx(probs[0].max().item(), abs=1e-4)
 
 
+def test_evaluation_with_workers_and_small_batches_gives_the_same_predictions(zeroshot_run, digits_prepared, tmp_path):
+    summary = evaluate(digits_prepared, zeroshot_run / "model.pt", tmp_path, test_domain="rotated_30", batch_size=7,
+                       num_workers=2)
+    assert summary["num_workers"] == 2 and summary["images_per_s"] > 0
+    reference = pd.read_parquet(zeroshot_run / "predictions.parquet")
+    mine = pd.read_parquet(tmp_path / "predictions.parquet")
+    # same rows in the same order, same predictions; probabilities equal up to the batch size's float rounding
+    pd.testing.assert_frame_equal(mine.drop(columns="top5_prob"), reference.drop(columns="top5_prob"))
+    probabilities = [np.array([[float(p) for p in row.split(",")] for row in f["top5_prob"]]) for f in (mine, reference)]
+    np.testing.assert_allclose(probabilities[0], probabilities[1], atol=2e-4)
+
+
 def test_harmonic_mean():
     assert harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)
     assert harmonic_mean(0.0, 0.0) == 0.0

@@ -80,12 +80,12 @@ def test_alignclip_loss_is_the_papers_equations(tiny, batch, switches):
     with torch.no_grad():
         out = visual(images, align=True)
     sls, al, as_ = paper_terms(method, out, text, class_sim)
-    assert parts["cls_loss"] == pytest.approx(sls, rel=1e-4)
-    assert parts["aal_attn"] == pytest.approx(al, rel=1e-4, abs=1e-6)
-    assert parts["aal_sim"] == pytest.approx(as_, rel=1e-4, abs=1e-6)
+    assert float(parts["cls_loss"]) == pytest.approx(sls, rel=1e-4)
+    assert float(parts["aal_attn"]) == pytest.approx(al, rel=1e-4, abs=1e-6)
+    assert float(parts["aal_sim"]) == pytest.approx(as_, rel=1e-4, abs=1e-6)
     expected = method.aal_weight * (al + as_) + method.sls_weight * sls
     assert total.item() == pytest.approx(expected, rel=1e-4)
-    assert parts["loss"] == pytest.approx(expected, rel=1e-4)
+    assert float(parts["loss"]) == pytest.approx(expected, rel=1e-4)
     assert al > 1e-3 and as_ > 1e-3  # both terms are live on this batch, so dropping either shows
 
 
@@ -120,7 +120,13 @@ def test_erm_and_clipood_losses(tiny, batch):
             logits = [(cos(image[b], T[c]) + margin * (1 - cos(T[y], T[c]))) / method.tau for c in range(CLASSES)]
             expected += -math.log(softmax(logits)[y])
         assert total.item() == pytest.approx(expected / len(TARGETS), rel=1e-4), name
-        assert set(parts) == {"cls_loss", "loss", "train_acc"}
+        assert set(parts) == {"cls_loss", "loss", "train_acc_pct"}
+        # the batch accuracy in percent: 100 x (argmax of the logits written out above == target) / batch
+        correct = sum(
+            max(range(CLASSES), key=lambda c: cos(image[b], T[c]) + (method.margin_alpha if name == "clipood" else 0.0) * (1 - cos(T[y], T[c]))) == y
+            for b, y in enumerate(TARGETS)
+        )
+        assert parts["train_acc_pct"].item() == pytest.approx(100.0 * correct / len(TARGETS)), name
 
 
 def test_released_formulation_matches_the_released_code(tiny, batch):
@@ -145,9 +151,9 @@ def test_released_formulation_matches_the_released_code(tiny, batch):
     one_hot = F.one_hot(targets, CLASSES).float()
     soft_target = 0.9 * one_hot + (1 - one_hot) * (35 * text @ text.T).softmax(-1)[targets]
     sls = -(soft_target * logits.log_softmax(-1)).sum(-1).mean()
-    assert parts["aal_attn"] == pytest.approx(term1.item(), rel=1e-4)
-    assert parts["aal_sim"] == pytest.approx(term2.item(), rel=1e-4)
-    assert parts["cls_loss"] == pytest.approx(sls.item(), rel=1e-4)
+    assert float(parts["aal_attn"]) == pytest.approx(term1.item(), rel=1e-4)
+    assert float(parts["aal_sim"]) == pytest.approx(term2.item(), rel=1e-4)
+    assert float(parts["cls_loss"]) == pytest.approx(sls.item(), rel=1e-4)
     assert total.item() == pytest.approx(sls.item() + 10 * (term1.item() + term2.item()), rel=1e-4)
 
 
@@ -170,3 +176,11 @@ def test_gradients_are_finite_and_the_dv_target_gets_none(tiny, batch):
         for name, p in visual.named_parameters():
             p.grad = None
             p.requires_grad_(before[name])
+
+
+def test_the_papers_hyper_parameters_are_the_defaults():
+    """Sec. 4 / A.1: tau = 0.01 (CLIP's), lambda = 1, eps = 0.1; eq. 4's G uses the same temperature; BMA on."""
+    method = get_method("alignclip")
+    assert (method.tau, method.sls_weight, method.eps, method.aal_tau) == (0.01, 1.0, 0.1, 0.01)
+    assert (method.aal_weight, method.smoothing, method.kl_direction, method.bma) == (1.0, "sls", "forward", True)
+    assert (method.attn_term, method.sim_term, method.sim_classes) == (True, True, "target")

@@ -62,7 +62,8 @@ def test_gpu_requests_retries_and_scheduling(compiled):
         resources = spec["deploymentSpec"]["executors"][name]["container"]["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
         assert resources["accelerator"]["resourceCount"] == "1"
-        assert resources["resourceCpuRequest"] == "8" and resources["resourceMemoryRequest"] == "32G"
+        assert resources["resourceCpuRequest"] == "16" and resources["resourceMemoryRequest"] == "32G"
+        assert resources["resourceCpuLimit"] == "16"  # the cgroup quota that sizes the DataLoader workers (auto)
         platform = executors[name]
         assert platform["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
         assert platform["tolerations"][0]["key"] == "nvidia.com/gpu"
@@ -89,8 +90,9 @@ def test_secrets_come_from_kubernetes_secrets(compiled):
 PAPER_SETTING = {
     "domain_shift": ("office_home", "domain_shift/office_home", 1e-5, 5000, 0, 36, ["Art", "Clipart", "Product", "Real World"]),
     "wild": ("office_home", "wild/office_home", 3e-6, 5000, 0, 36, ["Art", "Clipart", "Product", "Real World"]),
-    "base2new": ("oxford_pets", "base2new/oxford_pets", 5e-6, 0, 1, 36, [""]),
-    "imagenet": ("imagenet", "imagenet", 5e-6, 0, 10, 36, [""]),
+    # trainopenclass.sh:43 --epochs 1 and trainimagenet.sh:15-21 (main.py's 10), each x main.py's 500 iterations
+    "base2new": ("oxford_pets", "base2new/oxford_pets", 5e-6, 500, 0, 36, [""]),
+    "imagenet": ("imagenet", "imagenet", 5e-6, 5000, 0, 36, [""]),
 }
 
 
@@ -175,7 +177,8 @@ def test_submit_sends_the_intended_arguments_and_cluster_settings(monkeypatch, c
     domains = ["art_painting", "cartoon", "photo", "sketch"]
     assert call["arguments"] == {
         "data_dataset": "pacs", "data_root": "s3://data/pacs", "data_protocol": "domainbed", "data_holdout_fraction": 0.2,
-        "data_trial_seed": 0, "data_shots": 16, "data_test_split": "holdout", "model_name": "vit-b-16", "model_pretrained": "openai",
+        "data_trial_seed": 0, "data_shots": 16, "data_templates": "paper", "data_class_names": "paper",
+        "data_listing": "sorted", "data_test_split": "holdout", "model_name": "vit-b-16", "model_pretrained": "openai",
         "train_recipe": "domain_shift/pacs", "train_formulation": "paper",
         "train_grid": [{"method": m, "test_domain": d, "seed": s} for d in domains for m in ("zeroshot", "erm", "clipood", "alignclip") for s in (0, 1)],
         "train_seeds": [0, 1], "train_steps": 5000, "train_epochs": 0, "train_batch_size": 36, "train_lr": 5e-6, "train_hflip": True,
@@ -188,6 +191,7 @@ def test_submit_sends_the_intended_arguments_and_cluster_settings(monkeypatch, c
     accelerator = train["resources"]["accelerator"]
     assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("nvidia.com/gpu", "2")
     assert (train["resources"]["resourceCpuRequest"], train["resources"]["resourceMemoryRequest"]) == ("12", "96G")
+    assert train["resources"]["resourceCpuLimit"] == "12"
     assert executors["exec-train"]["nodeSelector"]["labels"] == {"pool": "h200"}
     assert executors["exec-train"]["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"}]
     (loop_task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
@@ -237,34 +241,105 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
     import mlflow
+    import numpy as np
+    import pandas as pd
     from mlflow import MlflowClient
+
+    from alignclip.runs import manifest_digest
 
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     client = MlflowClient()
     experiment = client.get_experiment_by_name("demo-domain-shift")
     runs = client.search_runs([experiment.experiment_id], max_results=200)
-    parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
-    assert len(parents) == 1
-    parent = parents[0].info.run_id
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
-    stages = sorted(r.data.tags["stage"] for r in children)
-    assert stages.count("train") == 10 and stages.count("evaluate") == 10 and stages.count("report") == 1
-    train = next(r for r in children if r.data.tags["stage"] == "train" and r.data.tags["method"] == "alignclip")
-    release = next(r for r in children if r.data.tags["stage"] == "train" and r.data.tags["method"] == "alignclip+release")
+    # one pipeline run, ended by the report after every cell, with its status
+    parents = [r for r in runs if r.data.tags.get("run_type") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs if r is not parent)
+    cells = [r for r in runs if r.data.tags.get("run_type") == "cell"]
+    assert len(cells) == len(runs) - 1 == 10  # the similarity matrix and the report are the parent's artifacts
+    assert parent.info.start_time <= min(r.info.start_time for r in cells)
+    assert parent.info.end_time >= max(r.info.end_time for r in cells)
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report", "similarity"} <= parent_files
+    assert "report/index.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    # one cell run per (variant, held-out domain, seed), training and evaluation together
+    grid = sorted((r.data.tags["variant"], r.data.tags["held_out_domain"], r.data.tags["seed"]) for r in cells)
+    assert grid == sorted((v, d, "0") for v in ("zeroshot", "erm", "clipood", "alignclip", "alignclip+release") for d in ("rotated_0", "rotated_75"))
+    prepared = next((tmp_path / "kfp").rglob("prepare/prepared/manifest.parquet"))
+    digest = manifest_digest(pd.read_parquet(prepared))
+    metrics = {}
+    for path in (tmp_path / "kfp").rglob("evaluate/results/metrics.json"):
+        m = json.loads(path.read_text())
+        metrics[(m["variant"], m["test_domain"])] = (m, path.parent)
+    for cell in cells:
+        tags = cell.data.tags
+        assert cell.info.run_name == f"{tags['variant']} | {tags['held_out_domain']} | seed 0"
+        assert tags["dataset"] == "rotated_digits" and tags["protocol"] == "domainbed" and tags["test_split"] == "holdout"
+        assert tags["formulation"] == ("release" if tags["variant"] == "alignclip+release" else "paper")
+        assert tags["method"] == tags["variant"].split("+")[0]
+        assert cell.data.params["train.test_domain"] == tags["held_out_domain"]
+        # accuracies in percent: the held-out accuracy is 100 * correct / total of the evaluation's own counts
+        m, _ = metrics[(tags["variant"], tags["held_out_domain"])]
+        assert cell.data.metrics["test_acc_pct"] == pytest.approx(100.0 * m["views"]["test"]["correct"] / m["views"]["test"]["total"])
+        assert cell.data.metrics["test_images"] == m["views"]["test"]["total"]
+        # the data came from the embedded build inside the prepare artifact, not from data.dvc: the tag says so
+        assert tags["data_version"] == f"manifest:{digest}" and tags["data_source"].endswith("/images")
+        assert [i.dataset.digest for i in cell.inputs.dataset_inputs] == [digest]
+    alignclip = next(r for r in cells if r.data.tags["variant"] == "alignclip" and r.data.tags["held_out_domain"] == "rotated_0")
+    release = next(r for r in cells if r.data.tags["variant"] == "alignclip+release")
     assert release.data.params["method.kl_direction"] == "reverse"
-    history = client.get_metric_history(train.info.run_id, "loss")
-    assert [m.step for m in history] == [1, 2, 3, 4]
-    assert train.data.params["method.aal"] == "True"
-    # provenance: the checkout's commit and the DVC hash of data.dvc, although the task ran outside the repo
-    assert train.data.tags["git_commit"] == subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert train.data.tags["data_version"] == yaml.safe_load(open(os.path.join(ROOT, "data.dvc")))["outs"][0]["md5"]
-    evaluation = next(r for r in children if r.data.tags["stage"] == "evaluate")
-    assert 0.0 <= evaluation.data.metrics["test_acc"] <= 100.0
-    report = next(r for r in children if r.data.tags["stage"] == "report")
-    files = [a.path for a in client.list_artifacts(report.info.run_id, "report")]
-    assert "report/index.html" in files and "report/domain_shift_rotated_digits.csv" in files
-    names = {m.name for m in client.search_registered_models()}
-    assert {"alignclip-rotated_digits-erm", "alignclip-rotated_digits-alignclip"} <= names
+    assert alignclip.data.params["method.aal"] == "True"
+    assert [m.step for m in client.get_metric_history(alignclip.info.run_id, "loss")] == [1, 2, 3, 4]
+    # train accuracy in percent: batches of 16 images from each of 5 training domains, so multiples of 100/80
+    train_acc = [m.value for m in client.get_metric_history(alignclip.info.run_id, "train_acc_pct")]
+    assert all(0.0 <= v <= 100.0 and abs(v / 1.25 - round(v / 1.25)) < 1e-4 for v in train_acc) and max(train_acc) > 1.0
+    assert {"train_log.csv", "train.json", "metrics.json", "predictions.parquet"} <= {
+        a.path for a in client.list_artifacts(alignclip.info.run_id)}
+    assert alignclip.data.tags["git_commit"] == subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # the pipeline run's summary: mean (and std over the one seed) per method and held-out domain
+    for cell in cells:
+        key = f"test_acc_pct/{cell.data.tags['variant'].replace('+', '-')}/{cell.data.tags['held_out_domain']}"
+        assert parent.data.metrics[f"{key}/mean"] == pytest.approx(cell.data.metrics["test_acc_pct"])
+        assert parent.data.metrics[f"{key}/std"] == 0.0
+    # registered models: only the trained methods, tagged, described, the best version aliased
+    models = {m.name: m for m in client.search_registered_models()}
+    assert set(models) == {f"alignclip-rotated_digits-{v}" for v in ("erm", "clipood", "alignclip", "alignclip-release")}
+    for model in models.values():
+        assert model.tags["dataset"] == "rotated_digits" and model.tags["variant"] in model.name.replace("-release", "+release")
+        versions = client.search_model_versions(f"name = '{model.name}'")
+        assert sorted(v.tags["held_out_domain"] for v in versions) == ["rotated_0", "rotated_75"]
+        for version in versions:
+            run = client.get_run(version.run_id)
+            assert run.data.tags["run_type"] == "cell" and float(version.tags["test_acc_pct"]) == pytest.approx(run.data.metrics["test_acc_pct"], abs=0.01)
+            assert f"{run.data.metrics['test_acc_pct']:.1f}%" in version.description
+            assert version.tags["formulation"] == run.data.tags["formulation"]
+        for domain in ("rotated_0", "rotated_75"):
+            best = client.get_model_version_by_alias(model.name, f"best-{domain}-holdout")
+            assert float(best.tags["test_acc_pct"]) == max(float(v.tags["test_acc_pct"]) for v in versions if v.tags["held_out_domain"] == domain)
+    # the registered model returns class probabilities over its label space: the evaluation's own top-5
+    from alignclip.data.images import ManifestImages, eval_transform
+
+    version = client.get_model_version_by_alias("alignclip-rotated_digits-alignclip", "best-rotated_0-holdout")
+    model = mlflow.pyfunc.load_model("models:/alignclip-rotated_digits-alignclip@best-rotated_0-holdout")
+    classes = model.metadata.metadata["classes"]
+    assert model.metadata.get_output_schema().inputs[0].shape == (-1, len(classes))
+    m, folder = metrics[("alignclip", "rotated_0")]
+    predictions = pd.read_parquet(folder / "predictions.parquet").query("view == 'test'").head(6)
+    meta = json.loads((prepared.parent / "meta.json").read_text())
+    import open_clip
+
+    size = model.metadata.get_input_schema().inputs[0].shape[-1]  # the model's own signature: [-1, 3, H, W]
+    transform = eval_transform(size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    images = ManifestImages(meta, predictions["path"].tolist(), predictions["label"].tolist(), list(range(len(classes))), transform)
+    batch = np.stack([images[i][0].numpy() for i in range(len(images))])
+    probabilities = np.asarray(model.predict(batch))
+    assert probabilities.shape == (6, len(classes)) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    for row, (_, expected) in zip(probabilities, predictions.iterrows()):
+        top = np.argsort(-row)[:5]
+        assert ",".join(map(str, top)) == expected["top5"]
+        assert np.allclose(row[top], [float(p) for p in expected["top5_prob"].split(",")], atol=1e-3)
+    assert version.tags["classes"] == ",".join(classes)
     # the KFP report artifact holds the same table
     tables = list((tmp_path / "kfp").rglob("domain_shift_rotated_digits.csv"))
     assert tables and "alignclip" in tables[0].read_text()
@@ -277,3 +352,22 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
         [(m, "paper", d) for m in ("zeroshot", "erm", "clipood", "alignclip") for d in ("rotated_0", "rotated_75")]
         + [("alignclip", "release", d) for d in ("rotated_0", "rotated_75")]
     )
+
+
+def test_backbones_runs_fig5_as_one_pipeline(tmp_path):
+    """Paper fig. 5: zero-shot, CLIPood and AlignCLIP with CLIP-RN50 and ViT-B/32 on Office-Home, domain shift and
+    unseen classes: one package, one sub-pipeline per (backbone, protocol), each compiled with its own defaults."""
+    from alignclip.config import COMPOSITES
+
+    spec = next(yaml.safe_load_all(compile_pipeline("backbones", tmp_path / "backbones.yaml").read_text()))
+    assert spec["pipelineInfo"]["name"] == "alignclip-backbones"
+    assert len(spec["root"]["dag"]["tasks"]) == 4
+    seen = set()
+    for family in COMPOSITES["backbones"].families:
+        sub = next(yaml.safe_load_all(compile_pipeline(family, tmp_path / f"{family}.yaml").read_text()))
+        d = {name: p.get("defaultValue") for name, p in sub["root"]["inputDefinitions"]["parameters"].items()}
+        seen.add((d["model_name"], d["data_protocol"]))
+        assert (d["data_dataset"], d["model_pretrained"], d["mlflow_experiment"]) == ("office_home", "openai", "other-backbones")
+        assert d["train_recipe"] == {"domainbed": "domain_shift/office_home", "wild": "wild/office_home"}[d["data_protocol"]]
+        assert {c["method"] for c in d["train_grid"]} == {"zeroshot", "clipood", "alignclip"}
+    assert seen == {(m, p) for m in ("rn50", "vit-b-32") for p in ("domainbed", "wild")}

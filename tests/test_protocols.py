@@ -63,8 +63,9 @@ class EveryImageOnce(Protocol):
     name = "every_image_once"
     headline_metric = "rest_acc"
     table_prefix = "once"
+    layouts = ("domainbed",)
 
-    def training_set(self, manifest, meta, test_domain, seed):
+    def training_set(self, manifest, meta, test_domain, seed, shots=None):
         return manifest[manifest["split"] == "train"], list(range(len(meta["classes"])))
 
     def evaluation_views(self, manifest, meta, test_domain, test_split):
@@ -74,8 +75,14 @@ class EveryImageOnce(Protocol):
         return [table_row(r["label"], r["view"], r["mean"], r["std"], None, r["seeds"]) for _, r in part.iterrows()]
 
 
-def test_a_new_protocol_needs_only_its_class_and_registration(monkeypatch, tmp_path):
+def test_a_new_protocol_needs_only_its_class_and_registration(monkeypatch, tmp_path, digits_root):
+    from alignclip.data.prepare import PrepareSettings, prepare
+
     monkeypatch.setitem(protocols.PROTOCOLS, EveryImageOnce.name, EveryImageOnce())
+    prepared, prepared_meta = prepare(PrepareSettings("rotated_digits", str(digits_root), protocol="every_image_once"))
+    assert prepared_meta["protocol"] == "every_image_once"
+    rows, _ = protocols.training_set(prepared, prepared_meta, None, seed=0)
+    assert len(rows) == (prepared["split"] == "train").sum() > 0
     manifest = pd.DataFrame({"path": ["a", "b", "c"], "label": [0, 1, 0], "split": ["train", "val", "val"], "domain": ["d"] * 3})
     meta = {"protocol": "every_image_once", "classes": ["x", "y"], "dataset": "toy"}
     rows, space = protocols.training_set(manifest, meta, None, seed=0)

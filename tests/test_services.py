@@ -1,7 +1,9 @@
 """MLflow against a real server (PostgreSQL backend store, S3 artifacts), DVC's S3 remote, the infra manifests and
 the Dockerfiles: each against the real tool, on 127.0.0.1 only."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,12 +40,14 @@ def test_mlflow_server_with_postgres_and_s3_artifacts(digits_prepared, tmp_path)
             mlflow.set_tracking_uri(url)
             client = MlflowClient()
             experiment = client.get_experiment_by_name("server-test")
-            runs = {r.data.tags["stage"]: r for r in client.search_runs([experiment.experiment_id])}
-            assert [m.step for m in client.get_metric_history(runs["train"].info.run_id, "aal")] == [1, 2, 3]
-            assert "test_acc" in runs["evaluate"].data.metrics
-            artifacts = {a.path for a in client.list_artifacts(runs["train"].info.run_id)}
-            assert "train_log.csv" in artifacts
-            local = client.download_artifacts(runs["train"].info.run_id, "train_log.csv", str(tmp_path / "dl"))
+            # by hand, without a pipeline: train and evaluate of the cell still share one run
+            (cell,) = client.search_runs([experiment.experiment_id])
+            assert cell.data.tags["run_type"] == "cell" and "mlflow.parentRunId" not in cell.data.tags
+            assert [m.step for m in client.get_metric_history(cell.info.run_id, "aal")] == [1, 2, 3]
+            assert "test_acc_pct" in cell.data.metrics and cell.data.params["train.steps"] == "3"
+            artifacts = {a.path for a in client.list_artifacts(cell.info.run_id)}
+            assert {"train_log.csv", "metrics.json"} <= artifacts
+            local = client.download_artifacts(cell.info.run_id, "train_log.csv", str(tmp_path / "dl"))
             assert Path(local).read_text() == (tmp_path / "run" / "train_log.csv").read_text()
             versions = client.search_model_versions("name='alignclip-rotated_digits-alignclip'")
             assert len(versions) == 1
@@ -94,18 +98,68 @@ def test_dvc_repro_runs_the_pipeline(tmp_path):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"].update(methods=["zeroshot", "alignclip+release"], test_domains=["rotated_15"], steps=3)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", ALIGNCLIP_LOG_LEVEL="WARNING")
-    env.pop("MLFLOW_TRACKING_URI", None)
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", ALIGNCLIP_LOG_LEVEL="WARNING",
+               MLFLOW_TRACKING_URI=uri, ALIGNCLIP_EXPERIMENT="dvc-test")
     dvc = lambda *a: subprocess.run([str(BIN / "dvc"), *a], cwd=project, env=env, capture_output=True, text=True)  # noqa: E731
     assert dvc("init", "--no-scm").returncode == 0
     cli("data", "digits", str(project / "data" / "rotated_digits"))
     done = dvc("repro")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (project / "outputs" / "report" / "index.html").exists()
-    shown = dvc("metrics", "show", "--json")
-    assert "alignclip+release-rotated_15-s0" in shown.stdout and "views" in shown.stdout
+    # `dvc metrics show`: one narrow row per cell, the held-out accuracy in percent
+    shown = dvc("metrics", "show")
+    rows = [line for line in shown.stdout.splitlines() if line.strip()]
+    assert max(len(line) for line in rows) < 120, shown.stdout
+    assert "test_acc_pct" in rows[0] and any("alignclip+release-rotated_15-s0" in line for line in rows)
+    # `dvc plots show`: the overlaid training curves as an image, no Vega from a CDN (renders offline)
+    assert dvc("plots", "show", "-o", "plots").returncode == 0
+    page = (project / "plots" / "index.html").read_text()
+    assert "<script" not in page and "training_curves.png" in page
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("dvc-test")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags["run_type"] == "pipeline"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["orchestrator"] == "dvc"
+    cells = [r for r in runs if r.data.tags["run_type"] == "cell"]
+    assert len(runs) == 3 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in cells)
+    assert sorted(r.data.tags["variant"] for r in cells) == ["alignclip+release", "zeroshot"]
+    scores = json.loads((project / "outputs" / "runs" / "alignclip+release-rotated_15-s0" / "scores.json").read_text())
+    release = next(r for r in cells if r.data.tags["variant"] == "alignclip+release")
+    assert release.data.metrics["test_acc_pct"] == scores["test_acc_pct"]
+    assert parent.data.metrics["test_acc_pct/alignclip-release/rotated_15/mean"] == scores["test_acc_pct"]
+    assert release.data.params["train.steps"] == "3" and release.data.tags["test_split"] == "holdout"
+    # the data is data/ as data.dvc tracks it
+    assert release.data.tags["data_version"] == "dvc:" + yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
+    assert [m.name for m in client.search_registered_models()] == ["alignclip-rotated_digits-alignclip-release"]
+    outputs = sorted(p for p in (project / "outputs").rglob("*") if p.is_file())
+    stamps = {p: p.stat().st_mtime_ns for p in outputs}
     again = dvc("repro")
-    assert "didn't change" in again.stdout or "up to date" in again.stdout
+    assert again.returncode == 0, again.stderr[-3000:]
+    # nothing changed, so no stage ran: every output is the same file, untouched (DVC's wording aside)
+    assert sorted(p for p in (project / "outputs").rglob("*") if p.is_file()) == outputs
+    assert {p: p.stat().st_mtime_ns for p in outputs} == stamps
+    # ... and nothing was logged: no stage ran, so no pipeline run was opened
+    assert len(client.search_runs([experiment.experiment_id])) == 3
+    # a new seed adds its grid cells and re-runs nothing else: each stage lists only the settings it reads, and
+    # the prepared data of a domain-shift protocol does not depend on the seeds (prepare re-lists, same bytes)
+    params["train"]["seeds"] = [0, 1]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    grown = dvc("repro")
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    ran = set(re.findall(r"Running stage '([^']+)'", grown.stdout))
+    new_cells = {f"{stage}@{method}-rotated_15-1" for stage in ("train", "evaluate") for method in ("zeroshot", "alignclip+release")}
+    assert ran == {"prepare", "report"} | new_cells, ran
+    # the grown grid is another pipeline run (params.yaml changed) that holds only the cells that ran
+    grown_runs = client.search_runs([experiment.experiment_id])
+    (grown_parent,) = [r for r in grown_runs if r.data.tags["run_type"] == "pipeline" and r.info.run_id != parent.info.run_id]
+    children = [r for r in grown_runs if r.data.tags.get("mlflow.parentRunId") == grown_parent.info.run_id]
+    assert grown_parent.info.status == "FINISHED" and sorted(r.data.tags["seed"] for r in children) == ["1", "1"]
 
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
@@ -120,8 +174,10 @@ def test_kustomize_overlays_build_and_validate(overlay):
         kubernetes_validate.validate(doc, kubernetes_validate.utils.latest_version(), strict=True)
     assert "Deployment" in kinds and "StatefulSet" in kinds
     mlflow = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
-    args = " ".join(mlflow["spec"]["template"]["spec"]["containers"][0]["args"])
-    assert "--serve-artifacts" in args and "--allowed-hosts" in args and "postgresql+psycopg2://" in args
+    container = mlflow["spec"]["template"]["spec"]["containers"][0]
+    args = " ".join(container["args"])
+    assert "--serve-artifacts" in args and "--allowed-hosts" in args
+    assert any(e.get("value", "").startswith("postgresql+psycopg2://") for e in container["env"])  # tests/test_infra.py: the rest
     if overlay == "prod":
         assert "seaweedfs" not in [d["metadata"]["name"] for d in docs]
     # secrets are referenced by name, never defined with values

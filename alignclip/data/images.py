@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 
 from alignclip.data import storage
@@ -31,12 +34,20 @@ def eval_transform(size: int, mean, std):
 class ManifestImages(Dataset):
     """Images of some manifest rows with labels remapped into a label space (a list of global class indices).
 
+    Only bytes that do not decode make an image unreadable (``storage.UnreadableImage``). With
+    ``skip_unreadable`` (evaluation) such an item is ``None``, which ``collate_readable`` leaves out of the batch:
+    the image is counted as unreadable, never replaced. Otherwise (training) it is replaced by the next readable
+    one of the split and listed in ``skipped``. Storage errors (endpoint down, credentials, missing bucket or
+    file) are not image errors: transient ones are retried with back-off for up to ``ALIGNCLIP_STORAGE_RETRY_S``
+    seconds (default 120), then, like the others, they stop the stage (``storage.StorageError``).
+
     ``skipped`` lists unreadable files met in this process; with DataLoader workers (``num_workers > 0``) each
     worker keeps its own list and only the log lines report them, so run `alignclip prepare --validate` to get
     the full list up front.
     """
 
-    def __init__(self, meta: dict, paths: list[str], labels: list[int], label_space: list[int], transform):
+    def __init__(self, meta: dict, paths: list[str], labels: list[int], label_space: list[int], transform,
+                 skip_unreadable: bool = False):
         position = {g: i for i, g in enumerate(label_space)}
         outside = sorted({y for y in labels if y not in position})
         if outside:
@@ -44,21 +55,61 @@ class ManifestImages(Dataset):
         self.paths = [image_path(meta, p) for p in paths]
         self.targets = [position[y] for y in labels]
         self.transform = transform
+        self.skip_unreadable = skip_unreadable
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def stage(self, cache_dir=None) -> None:
+        """Read ``s3://`` images from local copies, fetched once in parallel (``storage.stage``)."""
+        self.paths = storage.stage(self.paths, cache_dir)
+
+    def _open(self, i: int):
+        """Fetch and decode one image, retrying transient storage errors with exponential back-off."""
+        retry_s = float(os.environ.get("ALIGNCLIP_STORAGE_RETRY_S", "120"))
+        deadline, delay = None, 0.5
+        while True:
+            try:
+                return storage.open_image(self.paths[i])
+            except storage.StorageError as err:
+                if not err.transient:
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + retry_s
+                    log.warning("%s; retrying for up to %.0fs", err, retry_s)
+                if now >= deadline:
+                    raise storage.StorageError(f"{err}; still failing after {retry_s:.0f}s of retries") from None
+                time.sleep(min(delay, max(0.0, deadline - now)))
+                delay = min(delay * 2, 10.0)
+
+    def _unreadable(self, i: int, err: Exception) -> None:
+        if self.paths[i] not in self.skipped:
+            self.skipped.append(self.paths[i])
+            log.warning("unreadable image %s (%s)", self.paths[i], err)
+
     def __getitem__(self, index: int):
-        # A file that cannot be decoded is replaced by the next readable one and reported; the run goes on.
+        if self.skip_unreadable:
+            try:
+                image = self._open(index)
+            except storage.UnreadableImage as err:
+                self._unreadable(index, err)
+                return None
+            return self.transform(image), torch.tensor(self.targets[index]), torch.tensor(index)
+        # Training: an image that does not decode is replaced by the next readable one and reported.
         for attempt in range(len(self.paths)):
             i = (index + attempt) % len(self.paths)
             try:
-                image = storage.open_image(self.paths[i])
-            except Exception as err:  # noqa: BLE001 - any decoder error
-                if self.paths[i] not in self.skipped:
-                    self.skipped.append(self.paths[i])
-                    log.warning("skipping unreadable image %s (%s: %s)", self.paths[i], type(err).__name__, err)
+                image = self._open(i)
+            except storage.UnreadableImage as err:
+                self._unreadable(i, err)
                 continue
             return self.transform(image), torch.tensor(self.targets[i]), torch.tensor(i)
         raise RuntimeError("no readable image in this split")
+
+
+def collate_readable(items):
+    """Batch the readable items (``None`` marks an unreadable image); ``None`` if none of them is."""
+    items = [item for item in items if item is not None]
+    return default_collate(items) if items else None

@@ -5,7 +5,7 @@ Output (``OUT_DIR``):
   class list of the metadata), ``class_name``, ``domain``, ``split`` (train / val / test), ``subset`` (base /
   new), and for few-shot protocols one boolean column ``shots_seed<k>`` per sampling seed.
 * ``meta.json``: dataset, protocol, root, prompt template, class names, base and new classes, domains, the
-  protocol settings, and the counts.
+  protocol settings that the protocol used (and only those), the prompt conventions, and the counts.
 
 Nothing is decoded here (``validate_images`` is a separate, parallel, optional pass), so a DomainNet-sized tree
 prepares in seconds. Images stay where they are: the manifest points into the user's folder or S3 prefix.
@@ -14,8 +14,10 @@ prepares in seconds. Images stay where they are: the manifest points into the us
 from __future__ import annotations
 
 import json
+import os
+import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -23,12 +25,16 @@ import pandas as pd
 
 from alignclip import artifacts
 from alignclip.data import splits, storage
-from alignclip.data.registry import DEFAULT_TEMPLATE, clean_class_name, get_dataset
+from alignclip.data.registry import (
+    CLASS_NAME_CHOICES, DATASETS, LAYOUT_KINDS, TEMPLATE_CHOICES, clean_class_name, get_dataset,
+)
 from alignclip.log import get_logger
 from alignclip.presets import RESOURCES
 from alignclip.protocols import PROTOCOLS
 
 log = get_logger(__name__)
+
+LISTINGS = ("sorted", "filesystem")
 
 
 @dataclass
@@ -37,12 +43,16 @@ class PrepareSettings:
     root: str
     protocol: str = ""  # default: the dataset's own (domainbed / base2new / imagenet)
     holdout_fraction: float = 0.2
-    trial_seed: int = 0
+    trial_seed: int = 0  # domainbed: DomainBed's trial seed; wild: the seed of CLIPood's split (0 = CLIPood's own)
     shots: int = 16
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    template: str | None = None
+    template: str | None = None  # a template of your own; default: the dataset's, per ``templates``
     split_file: str | None = None
     variants: dict[str, str] = field(default_factory=dict)  # imagenet: variant name -> folder
+    templates: str = "paper"  # paper: appendix A.2 | release: the released code's (CoOp's CUSTOM_TEMPLATES)
+    class_names: str = "paper"  # paper: '_' and '-' -> ' ' (A.2) | release: only '_' -> ' '
+    listing: str = "sorted"  # imagenet: image order within a class folder for few-shot picks (see prepare_imagenet)
+    name: str | None = None  # the dataset's name in results (default: ``dataset``); custom data under a layout kind
 
 
 class DatasetError(ValueError):
@@ -112,8 +122,9 @@ def prepare_domainbed(settings: PrepareSettings, wild: bool) -> tuple[pd.DataFra
             # CLIPood: split the base-class and the open-class subsets of each environment separately.
             for name, mask in (("base", labels < n_base), ("open", labels >= n_base)):
                 positions = np.flatnonzero(mask)
+                # CLIPood fixes trial seed 0 here; another trial seed is our extension (0 reproduces CLIPood)
                 out, inn = splits.domainbed_holdout(
-                    len(positions), settings.holdout_fraction, splits.seed_hash(0, env_index, name)
+                    len(positions), settings.holdout_fraction, splits.seed_hash(settings.trial_seed, env_index, name)
                 )
                 split[positions[out]] = "val"
                 split[positions[inn]] = "train"
@@ -128,7 +139,7 @@ def prepare_domainbed(settings: PrepareSettings, wild: bool) -> tuple[pd.DataFra
                 {
                     "path": paths,
                     "label": labels,
-                    "class_name": [clean_class_name(classes[y]) for y in labels],
+                    "class_name": [clean_class_name(classes[y], settings.class_names) for y in labels],
                     "domain": env,
                     "split": split,
                     "subset": np.where(labels < n_base, "base", "new"),
@@ -138,7 +149,7 @@ def prepare_domainbed(settings: PrepareSettings, wild: bool) -> tuple[pd.DataFra
         )
     manifest = pd.concat(frames, ignore_index=True)
     meta = {
-        "classes": [clean_class_name(c) for c in classes],
+        "classes": [clean_class_name(c, settings.class_names) for c in classes],
         "class_folders": classes,
         "base_classes": list(range(n_base)),
         "new_classes": list(range(n_base, len(classes))),
@@ -237,7 +248,7 @@ def _coop_manifest(settings: PrepareSettings, split: dict, image_root: str, imag
             frame[column] = mark
         frames[2][column] = True  # the test split is never subsampled
     manifest = pd.concat(frames, ignore_index=True)
-    classes = [clean_class_name(names[i]) for i in labels_all]
+    classes = [clean_class_name(names[i], settings.class_names) for i in labels_all]
     manifest["class_name"] = [classes[y] for y in manifest["label"]]
     manifest["subset"] = np.where(manifest["label"].isin(base_set), "base", "new")
     meta = {"classes": classes, "base_classes": base, "new_classes": new, "domains": [settings.dataset]}
@@ -269,14 +280,36 @@ def imagenet_subset(variant: str) -> list[str]:
     return (RESOURCES / f"{variant}_wnids.txt").read_text().split()
 
 
+def filesystem_listing(root: str) -> list[str]:
+    """``<class>/<file>`` in CoOp's order: class folders sorted (datasets/imagenet.py ``read_data``), the images
+    of each folder in ``os.listdir`` order without hidden names (Dassl's ``listdir_nohidden``, unsorted), which
+    depends on the filesystem. Image suffixes only, as the sorted listing."""
+    if storage.is_s3(root):
+        raise DatasetError(f"{root}: listing=filesystem needs a local folder (an S3 listing has no filesystem order)")
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    files = []
+    for folder in sorted(e.name for e in os.scandir(root) if e.is_dir()):
+        for name in os.listdir(os.path.join(root, folder)):
+            if not name.startswith(".") and name.lower().endswith(storage.IMG_EXTENSIONS):
+                files.append(f"{folder}/{name}")
+    return files
+
+
 def prepare_imagenet(settings: PrepareSettings, base2new: bool) -> tuple[pd.DataFrame, dict]:
+    """ImageNet's train/val folders (and the variants). Few-shot picks are positions in the training listing, so
+    they depend on its order: ``listing="sorted"`` (default) sorts the file names, the same on every machine;
+    ``"filesystem"`` takes CoOp's order (its picks differ from one filesystem to another)."""
     wnids, names = imagenet_classes()
     index = {w: i for i, w in enumerate(wnids)}
     image_dir = get_dataset("imagenet").image_dir
     frames = []
     for split_name, folder in (("train", "train"), ("test", "val")):
         rel_root = f"{image_dir}/{folder}"
-        files = storage.list_files(storage.join(settings.root, rel_root))
+        if split_name == "train" and settings.listing == "filesystem":
+            files = filesystem_listing(storage.join(settings.root, rel_root))
+        else:
+            files = storage.list_files(storage.join(settings.root, rel_root))
         rows = [(f"{rel_root}/{f}", f.split("/", 1)[0]) for f in files if "/" in f]
         unknown = sorted({w for _, w in rows if w not in index})
         if unknown:
@@ -329,7 +362,7 @@ def prepare_imagenet(settings: PrepareSettings, base2new: bool) -> tuple[pd.Data
                 frame[f"shots_seed{seed}"] = True
             frames.append(frame)
     manifest = pd.concat(frames, ignore_index=True)
-    classes = [clean_class_name(n) for n in names]
+    classes = [clean_class_name(n, settings.class_names) for n in names]
     manifest["class_name"] = [classes[y] for y in manifest["label"]]
     if base2new:
         base, new = splits.coop_base_new(range(len(classes)))
@@ -355,20 +388,55 @@ def default_protocol(dataset: str) -> str:
     return {"domainbed": "domainbed", "coop": "base2new", "imagenet": "imagenet"}[spec.protocol]
 
 
+def _dataset_name(settings: PrepareSettings) -> str:
+    """The name results carry. A custom dataset (a layout-only kind such as ``domainbed``) must not borrow a
+    registered name: the report would set the paper's numbers for that dataset beside it."""
+    name = settings.name or settings.dataset
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise DatasetError(f"--name {name!r}: expected letters, digits, '_', '.' or '-' (it names result folders and tables)")
+    if name != settings.dataset and name in DATASETS:
+        raise DatasetError(
+            f"--name {name!r} is a registered dataset with the paper's numbers: prepare it as `alignclip prepare {name} ...`,"
+            " or give your data another name"
+        )
+    if settings.dataset in LAYOUT_KINDS and not settings.name:
+        raise DatasetError(f"dataset kind {settings.dataset!r} is a folder layout: name your dataset with --name NAME")
+    return name
+
+
+def absolute_root(root: str) -> str:
+    """Local roots are stored absolute, so a prepared dataset works from any working directory."""
+    return root if storage.is_s3(root) else str(Path(root).expanduser().resolve())
+
+
 def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
     spec = get_dataset(settings.dataset)
+    name = _dataset_name(settings)
+    settings = replace(settings, root=absolute_root(settings.root))
     protocol = settings.protocol or default_protocol(settings.dataset)
     if protocol not in PROTOCOLS:
         raise DatasetError(f"unknown protocol {protocol!r}: expected one of {tuple(PROTOCOLS)}")
-    allowed = {
-        "domainbed": ("domainbed", "wild"),
-        "coop": ("base2new",),
-        "imagenet": ("imagenet", "base2new"),
-    }[spec.protocol]
+    allowed = tuple(name for name, p in PROTOCOLS.items() if spec.protocol in p.layouts)
     if protocol not in allowed:
         raise DatasetError(f"dataset {settings.dataset!r} supports protocol(s) {allowed}, not {protocol!r}")
     if not 0.0 < settings.holdout_fraction < 1.0:
         raise DatasetError(f"holdout_fraction={settings.holdout_fraction}: expected a fraction in (0, 1)")
+    for field_name, value, allowed in (
+        ("templates", settings.templates, TEMPLATE_CHOICES),
+        ("class_names", settings.class_names, CLASS_NAME_CHOICES),
+        ("listing", settings.listing, LISTINGS),
+    ):
+        if value not in allowed:
+            raise DatasetError(f"{field_name}={value!r}: expected one of {allowed}")
+    has_holdout = protocol in ("domainbed", "wild")
+    if not has_holdout and (settings.trial_seed != 0 or settings.holdout_fraction != 0.2):
+        # recorded nowhere and used nowhere: refuse rather than let a run look as if it had them
+        raise DatasetError(
+            f"trial_seed={settings.trial_seed}, holdout_fraction={settings.holdout_fraction}: the {protocol} protocol "
+            f"has no in/out split (it uses the dataset's own train/val/test); they apply to domainbed and wild"
+        )
+    if settings.listing != "sorted" and spec.protocol != "imagenet":
+        raise DatasetError(f"listing={settings.listing!r} applies to imagenet only (other layouts list in sorted order)")
     if spec.protocol == "domainbed":
         manifest, meta = prepare_domainbed(settings, wild=protocol == "wild")
     elif spec.protocol == "coop":
@@ -379,18 +447,15 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
         raise DatasetError(f"{settings.root}: no images found")
     meta.update(
         {
-            "dataset": settings.dataset,
+            "dataset": name,
             "protocol": protocol,
             "root": settings.root,
-            "template": settings.template or spec.template or DEFAULT_TEMPLATE,
-            "settings": {
-                "holdout_fraction": settings.holdout_fraction,
-                "trial_seed": settings.trial_seed,
-                "shots": settings.shots,
-                # only few-shot protocols sample per seed; elsewhere the seeds change nothing, so they are not
-                # recorded (a DVC grid that adds a seed then leaves the prepared data, and every other cell, as is)
-                "seeds": list(settings.seeds) if protocol in ("base2new", "imagenet") else [],
+            "template": settings.template or spec.template_for(settings.templates),
+            "prompts": {
+                "templates": "custom" if settings.template else settings.templates,
+                "class_names": settings.class_names,
             },
+            "settings": used_settings(settings, protocol, spec.protocol),
             "counts": {
                 "images": int(len(manifest)),
                 "by_split": {k: int(v) for k, v in manifest["split"].value_counts().sort_index().items()},
@@ -401,20 +466,48 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
     return manifest, meta
 
 
+def used_settings(settings: PrepareSettings, protocol: str, layout: str) -> dict:
+    """The protocol settings this preparation used, and no other (meta.json states only what was used)."""
+    if protocol in ("domainbed", "wild"):
+        # wild: the trial seed seeds CLIPood's base/open in/out split (CLIPood itself always uses 0)
+        return {"holdout_fraction": settings.holdout_fraction, "trial_seed": settings.trial_seed}
+    used = {"shots": settings.shots, "seeds": list(settings.seeds)}
+    if layout == "imagenet":
+        used["listing"] = settings.listing
+    return used
+
+
 def write_prepared(manifest: pd.DataFrame, meta: dict, out_dir: str | Path) -> Path:
+    """Write manifest.parquet and meta.json together (both or neither; the folder may hold other things, e.g.
+    the images of a pipeline's embedded dataset). A root inside the output folder is stored relative to it, so
+    the prepared folder can move with its images."""
+    from alignclip.files import stage_output
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest.to_parquet(out / artifacts.MANIFEST, index=False)
-    (out / artifacts.META).write_text(json.dumps(meta, indent=2) + "\n")
+    root = meta.get("root")
+    if root and not storage.is_s3(root) and Path(root).is_absolute():
+        try:
+            meta = {**meta, "root": Path(root).relative_to(out.resolve()).as_posix() or "."}
+        except ValueError:
+            pass
+    with stage_output(out, "prepare", owns=(artifacts.MANIFEST, artifacts.META)) as staging:
+        manifest.to_parquet(staging / artifacts.MANIFEST, index=False)
+        (staging / artifacts.META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
 def load_prepared(prepared_dir: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The manifest and metadata; a relative root (a dataset inside the prepared folder, or a meta.json written
+    by hand) is resolved against the prepared folder, never against the working directory."""
     prepared = Path(prepared_dir)
     for name in (artifacts.MANIFEST, artifacts.META):
         if not (prepared / name).is_file():
             raise FileNotFoundError(f"{prepared / name} not found: run `alignclip prepare` first")
-    return pd.read_parquet(prepared / artifacts.MANIFEST), json.loads((prepared / artifacts.META).read_text())
+    meta = json.loads((prepared / artifacts.META).read_text())
+    root = meta.get("root")
+    if root and not storage.is_s3(root) and not Path(root).is_absolute():
+        meta["root"] = str((prepared / root).resolve())
+    return pd.read_parquet(prepared / artifacts.MANIFEST), meta
 
 
 def image_path(meta: dict, relative: str) -> str:
@@ -431,8 +524,8 @@ def validate_images(manifest: pd.DataFrame, meta: dict, workers: int = 8) -> lis
         try:
             storage.open_image(path)
             return None
-        except Exception as err:  # noqa: BLE001 - any decoder error makes the file unusable
-            return path, f"{type(err).__name__}: {err}"
+        except storage.UnreadableImage as err:  # a storage error is not the image's fault: it stops prepare
+            return path, str(err)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return [r for r in pool.map(check, manifest["path"].tolist()) if r is not None]

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 
 from alignclip import s3
+from alignclip.log import get_logger
+
+log = get_logger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
@@ -20,6 +25,72 @@ def join(root: str, relative: str) -> str:
     return f"{str(root).rstrip('/')}/{relative}" if is_s3(root) else os.path.join(root, relative)
 
 
+class StorageError(RuntimeError):
+    """Bytes could not be fetched: the store, the network, the credentials or a missing file, not the image.
+    It stops the stage with one line naming the bucket/endpoint (or file) and the cause. ``transient``: worth
+    retrying (the endpoint is down or overloaded), as opposed to a missing bucket or rejected credentials."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+class UnreadableImage(ValueError):
+    """The file's bytes were read but do not decode as an image: the only thing that makes an image unreadable."""
+
+
+# Error codes of S3-compatible stores: credentials, missing things, and overload (transient).
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken", "403"}
+_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling", "500", "502", "503", "504"}
+
+
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+
+
+def storage_error(err: Exception, uri: str) -> StorageError:
+    """One line for a failed S3 request (after botocore's own retries): what, where, and what to check."""
+    from botocore import exceptions as be
+
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    endpoint = _endpoint()
+    if isinstance(err, (be.NoCredentialsError, be.PartialCredentialsError)):
+        return StorageError(
+            f"no S3 credentials for s3://{bucket} at {endpoint}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE, or a role of the pod)"
+        )
+    if isinstance(err, (be.EndpointConnectionError, be.ConnectTimeoutError, be.ReadTimeoutError, be.ConnectionClosedError)):
+        return StorageError(f"S3 endpoint {endpoint} unreachable reading {uri} ({type(err).__name__})", transient=True)
+    if isinstance(err, be.ClientError):
+        error = err.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code == "NoSuchBucket":
+            return StorageError(f"bucket {bucket!r} does not exist at {endpoint}")
+        if code in _CREDENTIAL_CODES or status == "403":
+            return StorageError(
+                f"S3 credentials rejected by {endpoint} for s3://{bucket} ({code or status}): check "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions"
+            )
+        if code in ("NoSuchKey", "404") or status == "404":
+            return StorageError(f"object not found: {uri} (moved or deleted since `alignclip prepare`?)")
+        transient = code in _TRANSIENT_CODES or status.startswith("5")
+        return StorageError(f"S3 error at {endpoint} reading {uri}: {code or status} {error.get('Message', '')}".strip(), transient)
+    if isinstance(err, be.BotoCoreError):
+        return StorageError(f"S3 request to {endpoint} for {uri} failed: {err}", transient=True)
+    return StorageError(f"reading {uri} failed: {type(err).__name__}: {err}")
+
+
+def _s3_call(uri: str, call):
+    """Run an S3 request; botocore errors become a StorageError naming the bucket, endpoint and cause."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return call()
+    except (BotoCoreError, ClientError) as err:
+        raise storage_error(err, uri) from err
+
+
 def list_files(root: str, suffixes: tuple[str, ...] | None = IMG_EXTENSIONS) -> list[str]:
     """Every file below ``root`` (recursively) as a posix path relative to it, sorted; filtered by suffix.
 
@@ -27,7 +98,7 @@ def list_files(root: str, suffixes: tuple[str, ...] | None = IMG_EXTENSIONS) -> 
     tree of ~600k files lists in seconds.
     """
     if is_s3(root):
-        return _list_s3(root, suffixes)
+        return _s3_call(root, lambda: _list_s3(root, suffixes))
     base = Path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
@@ -49,16 +120,20 @@ def list_files(root: str, suffixes: tuple[str, ...] | None = IMG_EXTENSIONS) -> 
 def list_dirs(root: str) -> list[str]:
     """Immediate sub-folders of ``root``, sorted (DomainBed's environment and class order)."""
     if is_s3(root):
-        bucket, prefix = s3.parse_uri(root, prefix=True)
-        paginator = s3.client().get_paginator("list_objects_v2")
-        names = set()
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            for common in page.get("CommonPrefixes", []):
-                names.add(common["Prefix"][len(prefix) :].strip("/"))
-        return sorted(names)
+        return _s3_call(root, lambda: _list_s3_dirs(root))
     if not Path(root).is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
     return sorted(e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=True))
+
+
+def _list_s3_dirs(root: str) -> list[str]:
+    bucket, prefix = s3.parse_uri(root, prefix=True)
+    paginator = s3.client().get_paginator("list_objects_v2")
+    names = set()
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        for common in page.get("CommonPrefixes", []):
+            names.add(common["Prefix"][len(prefix) :].strip("/"))
+    return sorted(names)
 
 
 def _list_s3(root: str, suffixes) -> list[str]:
@@ -70,18 +145,71 @@ def _list_s3(root: str, suffixes) -> list[str]:
             rel = obj["Key"][len(prefix) :]
             if rel and (suffixes is None or rel.lower().endswith(suffixes)):
                 found.append(rel)
-    if not found and not list_dirs(root):
+    if not found and not _list_s3_dirs(root):
         raise FileNotFoundError(f"dataset prefix is empty or missing: {root}")
     found.sort()
     return found
 
 
 def read_bytes(path: str) -> bytes:
+    """The file's bytes; any failure to fetch them is a StorageError (never taken for a bad image)."""
     if is_s3(path):
         bucket, key = s3.parse_uri(path)
-        return s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    with open(path, "rb") as handle:
-        return handle.read()
+        return _s3_call(path, lambda: s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise StorageError(f"file not found: {path} (moved or deleted since `alignclip prepare`?)") from None
+    except OSError as err:
+        raise StorageError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def cache_path(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """Where ``s3://bucket/key`` is kept locally: ``<cache>/s3/<bucket>/<key>`` (as for checkpoints)."""
+    bucket, key = s3.parse_uri(uri)
+    return s3.cache_root(cache_dir) / "s3" / bucket / key
+
+
+def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = s3.POOL_CONNECTIONS) -> list[str]:
+    """Copy the ``s3://`` images among ``paths`` to the local cache with parallel GETs, once per machine (a
+    cached file is reused), and return the paths to read: local copies, or the remote path where the copy failed
+    (reading it then raises the storage error). Local paths pass through.
+
+    Per-image GETs inside DataLoader workers cost a request round trip per image on the training critical path;
+    staged, the training reads local files (measured by bench/input_pipeline.py, see README).
+    """
+    remote = [p for p in dict.fromkeys(paths) if is_s3(p)]
+    if not remote:
+        return list(paths)
+    client = s3.client()
+    local: dict[str, str] = {}
+    failed: list[tuple[str, str]] = []
+
+    def fetch(uri: str) -> None:
+        target = cache_path(uri, cache_dir)
+        if not target.is_file():
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            bucket, key = s3.parse_uri(uri)
+            try:
+                body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except (BotoCoreError, ClientError) as err:
+                failed.append((uri, f"{type(err).__name__}: {err}"))
+                return
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.partial")
+            partial.write_bytes(body)
+            os.replace(partial, target)  # readers never see a half-written file
+        local[uri] = str(target)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        list(pool.map(fetch, remote))
+    if failed:
+        log.warning("%d of %d images could not be staged (first: %s %s); they are read from S3", len(failed),
+                    len(remote), *failed[0])
+    log.info("staged %d images from S3 into %s", len(local), s3.cache_root(cache_dir) / "s3")
+    return [local.get(p, p) for p in paths]
 
 
 def read_text(path: str) -> str:
@@ -91,21 +219,27 @@ def read_text(path: str) -> str:
 def exists(path: str) -> bool:
     if is_s3(path):
         bucket, key = s3.parse_uri(path)
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             s3.client().head_object(Bucket=bucket, Key=key)
             return True
-        except ClientError:
-            return False
+        except ClientError as err:
+            if str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")) == "404":
+                return False
+            raise storage_error(err, path) from err
+        except BotoCoreError as err:
+            raise storage_error(err, path) from err
     return os.path.exists(path)
 
 
 def open_image(path: str) -> Image.Image:
-    """Decode one image fully as RGB (raises on unreadable or truncated files)."""
-    if is_s3(path):
-        image = Image.open(io.BytesIO(read_bytes(path)))
-    else:
-        image = Image.open(path)
-    image.load()
-    return image.convert("RGB")
+    """Decode one image fully as RGB. Fetching the bytes can raise StorageError; bytes that do not decode (not
+    an image, truncated) raise UnreadableImage."""
+    data = read_bytes(path)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes; all mean "not an image"
+        raise UnreadableImage(f"{path}: {type(err).__name__}: {err}") from None

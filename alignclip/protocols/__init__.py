@@ -27,11 +27,14 @@ def get_protocol(name: str) -> Protocol:
     return PROTOCOLS[name]
 
 
-def training_set(manifest: pd.DataFrame, meta: dict, test_domain: str | None, seed: int) -> tuple[pd.DataFrame, list[int]]:
-    """Training rows and label space of the prepared dataset's protocol."""
+def training_set(
+    manifest: pd.DataFrame, meta: dict, test_domain: str | None, seed: int, shots: int | None = None
+) -> tuple[pd.DataFrame, list[int]]:
+    """Training rows and label space of the prepared dataset's protocol. ``shots`` (few-shot protocols, from a
+    recipe): None the prepared few-shot subset of ``seed``; 0 every training image; a count must be the prepared one."""
     protocol = get_protocol(meta["protocol"])
     protocol.check_test_domain(meta, test_domain)
-    return protocol.training_set(manifest, meta, test_domain, seed)
+    return protocol.training_set(manifest, meta, test_domain, seed, shots)
 
 
 def evaluation_views(manifest: pd.DataFrame, meta: dict, test_domain: str | None, test_split: str = "holdout") -> list[View]:

@@ -45,10 +45,14 @@ class Protocol:
     headline_metric: str = ""  # the number a run is summed up by (a view's accuracy "<view>_acc", or a derived one)
     table_prefix: str = ""  # results table name: <table_prefix>_<dataset>
     paper_section: str = ""  # section of paper_results.json with this protocol's published numbers
+    recipe: str = "paper"  # the benchmark's recipe for a dataset (recipes.py), if it exists: "domain_shift/{dataset}"
+    layouts: tuple[str, ...] = ()  # dataset layouts (data.registry: domainbed, coop, imagenet) it can be prepared from
 
     # --- theirs ---------------------------------------------------------------------------------------
 
-    def training_set(self, manifest: pd.DataFrame, meta: dict, test_domain: str | None, seed: int) -> tuple[pd.DataFrame, list[int]]:
+    def training_set(
+        self, manifest: pd.DataFrame, meta: dict, test_domain: str | None, seed: int, shots: int | None = None
+    ) -> tuple[pd.DataFrame, list[int]]:
         raise NotImplementedError
 
     def evaluation_views(self, manifest: pd.DataFrame, meta: dict, test_domain: str | None, test_split: str) -> list[View]:
@@ -107,8 +111,17 @@ def table_row(method, column, mean, std, published, seeds) -> dict:
     }
 
 
-def few_shot(manifest: pd.DataFrame, seed: int) -> pd.Series:
-    """The few-shot rows sampled at preparation for a seed (column ``shots_seed<k>``)."""
+def few_shot(manifest: pd.DataFrame, seed: int, shots: int | None = None, meta: dict | None = None) -> pd.Series:
+    """The few-shot rows sampled at preparation for a seed (column ``shots_seed<k>``); with ``shots`` 0 every row
+    (the authors' base-to-new scripts train on all base images: main.py ``--n-shot 0``)."""
+    if shots == 0:
+        return pd.Series(True, index=manifest.index)
+    prepared = (meta or {}).get("settings", {}).get("shots")
+    if shots is not None and shots != prepared:
+        raise ValueError(
+            f"shots={shots}: the data was prepared with {prepared} shots per class; prepare with --shots {shots} "
+            f"or train with shots 0 (all training images)"
+        )
     column = f"shots_seed{seed}"
     if column not in manifest:
         seeds = sorted(int(c[len("shots_seed") :]) for c in manifest.columns if c.startswith("shots_seed"))

@@ -17,10 +17,12 @@ class BaseToNew(Protocol):
     headline_metric = "H"
     table_prefix = "base2new"
     paper_section = "base2new"
+    layouts = ("coop", "imagenet")
+    recipe = "base2new/{dataset}"
 
-    def training_set(self, manifest, meta, test_domain, seed):
+    def training_set(self, manifest, meta, test_domain, seed, shots=None):
         train = manifest[manifest["split"] == "train"]
-        return train[few_shot(train, seed) & (train["subset"] == "base")], list(meta["base_classes"])
+        return train[few_shot(train, seed, shots, meta) & (train["subset"] == "base")], list(meta["base_classes"])
 
     def evaluation_views(self, manifest, meta, test_domain, test_split):
         test = manifest[manifest["split"] == "test"]

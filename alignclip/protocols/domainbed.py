@@ -20,8 +20,10 @@ class DomainBed(Protocol):
     headline_metric = "test_acc"
     table_prefix = "domain_shift"
     paper_section = "domainbed"
+    layouts = ("domainbed",)
+    recipe = "domain_shift/{dataset}"
 
-    def training_set(self, manifest, meta, test_domain, seed):
+    def training_set(self, manifest, meta, test_domain, seed, shots=None):  # no few-shot subsets: shots unused
         train = manifest[manifest["split"] == "train"]
         return train[train["domain"] != test_domain], list(range(len(meta["classes"])))
 

@@ -12,10 +12,13 @@ class ImageNetVariants(Protocol):
     headline_metric = "imagenet_acc"
     table_prefix = "imagenet"
     paper_section = "imagenet"
+    layouts = ("imagenet",)
+    recipe = "imagenet"
 
-    def training_set(self, manifest, meta, test_domain, seed):
+    def training_set(self, manifest, meta, test_domain, seed, shots=None):
         train = manifest[manifest["split"] == "train"]
-        return train[(train["domain"] == "imagenet") & few_shot(train, seed)], list(range(len(meta["classes"])))
+        rows = train[(train["domain"] == "imagenet") & few_shot(train, seed, shots, meta)]
+        return rows, list(range(len(meta["classes"])))
 
     def evaluation_views(self, manifest, meta, test_domain, test_split):
         everything = list(range(len(meta["classes"])))

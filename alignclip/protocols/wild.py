@@ -17,8 +17,10 @@ class InTheWild(Protocol):
     headline_metric = "all_acc"
     table_prefix = "wild"
     paper_section = "wild"
+    layouts = ("domainbed",)
+    recipe = "wild/{dataset}"
 
-    def training_set(self, manifest, meta, test_domain, seed):
+    def training_set(self, manifest, meta, test_domain, seed, shots=None):  # no few-shot subsets: shots unused
         train = manifest[manifest["split"] == "train"]
         rows = train[(train["domain"] != test_domain) & (train["subset"] == "base")]
         return rows, list(meta["base_classes"])

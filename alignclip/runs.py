@@ -1,0 +1,294 @@
+"""The MLflow model of a pipeline run: what is logged where, under which names and tags.
+
+* One **parent run** per pipeline (a KFP run, or a ``dvc repro``) spans it: opened before the first tracked stage,
+  closed by the report stage with the pipeline's status and the summary metrics (mean and std over seeds per
+  method and held-out domain). Pipeline-level outputs (similarity matrix, results page) are its artifacts.
+* One **cell run** per grid cell (method, held-out domain, seed), a child of the parent: ``train`` opens it
+  (params, training curves, checkpoint model) and ``evaluate`` resumes it (accuracies, predictions), so a cell's
+  params, metrics and artifacts sit together in one row of the UI.
+* Every accuracy is a percentage (0-100); metric names say so with ``_pct``.
+
+Under KFP the parent's id travels as an artifact (``ALIGNCLIP_PARENT_RUN_ID`` in each task). Under DVC there is
+no orchestrator: each tracked stage looks up the open parent of *this* pipeline configuration (tag
+``alignclip.pipeline_key`` = hash of the repository path and params.yaml), creates it if there is none, and the report
+stage closes it. No stage depends on the parent (no file, no param), so DVC's caching is untouched: a stage that
+DVC skips logs nothing, and a re-run after a failure resumes the same parent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from alignclip.log import get_logger
+
+log = get_logger(__name__)
+
+KEY_TAG = "alignclip.pipeline_key"
+PERCENT_NOTE = "Accuracies (metrics ending in `_pct`) are top-1 percentages, 0-100."
+
+
+# ------------------------------------------------------------------------------------------------ names and tags
+
+
+def metric_key(*parts: str) -> str:
+    """An MLflow metric key from free text (MLflow allows letters, digits, ``_ - . / :`` and space)."""
+    return "/".join(re.sub(r"[^\w\-. :]", "-", str(p)) for p in parts)
+
+
+def registered_name(dataset: str, variant: str) -> str:
+    return "alignclip-" + re.sub(r"[^\w\-.]", "-", f"{dataset}-{variant}")
+
+
+def alias_for(test_domain: str | None, test_split: str | None) -> str:
+    """The registry alias of the best version per held-out domain (aliases allow letters, digits, _ and -)."""
+    parts = ["best"] + [p for p in (test_domain, test_split) if p]
+    return re.sub(r"[^\w\-]", "_", "-".join(parts))
+
+
+def cell_run_name(variant: str, test_domain: str | None, seed) -> str:
+    return f"{variant} | {test_domain or 'all'} | seed {seed}"
+
+
+def cell_tags(dataset: str, protocol: str, method: str, variant: str, formulation: str, test_domain, seed) -> dict:
+    return {
+        "run_type": "cell",
+        "dataset": dataset,
+        "protocol": protocol,
+        "method": method,
+        "variant": variant,
+        "formulation": formulation,
+        "held_out_domain": test_domain or "-",
+        "seed": str(seed),
+    }
+
+
+def manifest_digest(manifest) -> str:
+    """Content hash of a prepared manifest (paths, labels, domains, splits): the dataset's identity in MLflow."""
+    import pandas as pd
+
+    values = pd.util.hash_pandas_object(manifest.reset_index(drop=True), index=False).to_numpy()
+    return hashlib.sha256(values.tobytes()).hexdigest()[:16]
+
+
+def data_tags(meta: dict, manifest) -> dict:
+    """Where the data came from, truthfully: the DVC hash only when the root is the folder ``data.dvc`` tracks
+    (as the pipeline checked it out), else the manifest's content digest; the root is always named."""
+    root = str(meta.get("root", ""))
+    digest = manifest_digest(manifest)
+    tags = {"data_source": root, "data_digest": digest}
+    explicit = os.environ.get("ALIGNCLIP_DATA_VERSION")
+    dvc_md5 = _dvc_tracked_md5(root)
+    if explicit:
+        tags["data_version"] = explicit
+    elif dvc_md5:
+        tags["data_version"] = f"dvc:{dvc_md5}"
+    else:
+        tags["data_version"] = f"manifest:{digest}"
+    return tags
+
+
+def _dvc_tracked_md5(root: str) -> str | None:
+    """The md5 of the ``.dvc`` file whose output holds ``root`` (searched from ``root`` upwards), or None."""
+    if not root or "://" in root:
+        return None
+    import yaml
+
+    path = Path(root).resolve()
+    for folder in (path, *path.parents):
+        dvc_file = folder.parent / f"{folder.name}.dvc"
+        if dvc_file.is_file():
+            for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []):
+                if (dvc_file.parent / out.get("path", "")).resolve() == folder and out.get("md5"):
+                    return str(out["md5"])
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ the parent run
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def use_experiment(name: str):
+    """``mlflow.set_experiment`` that also tags the experiment as model training (``mlflow.experimentKind``), for
+    the MLflow UIs that choose the experiment's view by that tag; a user's choice stays. MLflow 3.17's UI follows
+    its "Model training" toggle (or ``?workflowType=machine_learning`` in the URL) instead: see the README."""
+    import mlflow
+
+    experiment = mlflow.set_experiment(name)
+    if "mlflow.experimentKind" not in (experiment.tags or {}):
+        _client().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
+    return experiment
+
+
+def open_pipeline_run(experiment: str, run_name: str, params: dict, tags: dict | None = None) -> str:
+    """Create the parent run and leave it RUNNING: the report stage ends it (``finish_pipeline_run``)."""
+    from mlflow.entities import Param
+
+    from alignclip.tracking import provenance_tags
+
+    exp = use_experiment(experiment)
+    all_tags = {
+        **provenance_tags(),
+        "run_type": "pipeline",
+        "mlflow.note.content": f"One pipeline run; its children are the grid cells. {PERCENT_NOTE}",
+        **(tags or {}),
+    }
+    client = _client()
+    run = client.create_run(exp.experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    log.info("pipeline run %s (%s) opened", run.info.run_id, run_name)
+    return run.info.run_id
+
+
+def dvc_pipeline_key(dvc_root: str) -> str:
+    """Stable for one DVC pipeline configuration: the repository's path and its params.yaml."""
+    root = Path(dvc_root).resolve()
+    params = root / "params.yaml"
+    content = params.read_bytes() if params.is_file() else b""
+    return hashlib.sha256(str(root).encode() + b"\0" + content).hexdigest()[:16]
+
+
+def dvc_parent_run(experiment: str) -> str | None:
+    """Inside a ``dvc repro`` stage: the open (or failed, being resumed) parent run of this configuration, created
+    on first use. None outside DVC."""
+    if not os.environ.get("DVC_ROOT") or not os.environ.get("DVC_STAGE"):
+        return None
+    # The stage's working directory, not DVC_ROOT: a queued `dvc exp run` runs in its own copy of the repository
+    # (with its own params.yaml) while DVC_ROOT names the original one.
+    dvc_root = os.getcwd()
+    key = dvc_pipeline_key(dvc_root)
+    exp = use_experiment(experiment)
+    client = _client()
+    found = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{KEY_TAG}` = '{key}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if found:
+        run = found[0]
+        if run.info.status != "RUNNING":  # a re-run after a failure continues the same pipeline run
+            client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id
+    import yaml
+
+    # the settings as params.yaml writes them (the stages that read them have checked them)
+    params_file = Path(dvc_root) / "params.yaml"
+    sections = (yaml.safe_load(params_file.read_text()) or {}) if params_file.is_file() else {}
+    params = {f"{s}.{k}": v for s, keys in sections.items() if isinstance(keys, dict) for k, v in keys.items()}
+    dataset = params.get("data.dataset", "")
+    protocol = params.get("data.protocol", "")
+    name = f"dvc repro: {dataset} ({protocol})" if dataset else "dvc repro"
+    return open_pipeline_run(experiment, name, params, tags={KEY_TAG: key, "orchestrator": "dvc", "dvc_root": str(Path(dvc_root).resolve())})
+
+
+def mark_failed(parent_run_id: str, stage: str) -> None:
+    """A stage failed: the pipeline run says so (a DVC re-run reopens it; a KFP report that still runs ends it)."""
+    try:
+        client = _client()
+        client.set_tag(parent_run_id, "failed_stage", stage)
+        client.set_terminated(parent_run_id, status="FAILED")
+    except Exception as err:  # noqa: BLE001 - reporting a failure must not hide the failure itself
+        log.warning("could not mark pipeline run %s failed: %s", parent_run_id, err)
+
+
+def summary_metrics(results) -> dict[str, float]:
+    """Mean and std (over seeds) of the held-out accuracy per method variant and held-out domain, and per variant
+    over domains, from the report's long results table (``alignclip.report.collect``)."""
+    metrics: dict[str, float] = {}
+    if results.empty:
+        return metrics
+    frame = results.copy()
+    frame["test_domain"] = frame["test_domain"].replace("", "all")
+    for (variant, domain, view), part in frame.groupby(["variant", "test_domain", "view"]):
+        values = part["accuracy"].astype(float)
+        metrics[metric_key(f"{view}_acc_pct", variant, domain, "mean")] = float(values.mean())
+        metrics[metric_key(f"{view}_acc_pct", variant, domain, "std")] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        metrics[metric_key(f"{view}_acc_pct", variant, domain, "seeds")] = float(len(values))
+    for (variant, view), part in frame.groupby(["variant", "view"]):
+        # the average over held-out domains of the per-domain means (tables 1 and 6), then its spread over seeds
+        per_seed = part.groupby("seed", dropna=False)["accuracy"].mean()
+        metrics[metric_key(f"{view}_acc_pct", variant, "avg", "mean")] = float(part.groupby("test_domain")["accuracy"].mean().mean())
+        metrics[metric_key(f"{view}_acc_pct", variant, "avg", "std")] = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0
+    return metrics
+
+
+def finish_pipeline_run(parent_run_id: str, results, report_dir: Path, status: str = "FINISHED") -> dict[str, float]:
+    """Log the summary metrics and the results page into the parent run, set the best-version aliases, end it."""
+    import time
+
+    from mlflow.entities import Metric
+
+    client = _client()
+    metrics = summary_metrics(results)
+    now = int(time.time() * 1000)
+    items = [Metric(k, v, now, 0) for k, v in sorted(metrics.items())]
+    for start in range(0, len(items), 1000):
+        client.log_batch(parent_run_id, metrics=items[start : start + 1000])
+    if report_dir.is_dir():
+        client.log_artifacts(parent_run_id, str(report_dir), "report")
+    client.set_tag(parent_run_id, "cells", str(results["source"].nunique()) if not results.empty else "0")
+    if not results.empty:
+        for dataset in sorted(results["dataset"].unique()):
+            set_best_aliases(dataset)
+    client.set_terminated(parent_run_id, status=status)
+    log.info("pipeline run %s ended (%s) with %d summary metrics", parent_run_id, status, len(metrics))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def describe_model_version(run_id: str, summary: dict) -> None:
+    """After evaluation: the registered version of this cell's model gets its accuracy, split and description."""
+    try:
+        _describe_model_version(run_id, summary)
+    except Exception as err:  # noqa: BLE001 - the metrics are on disk; tracking must not cost them
+        log.warning("could not describe the registered model of run %s (%s)", run_id, str(err).splitlines()[0][:200])
+
+
+def _describe_model_version(run_id: str, summary: dict) -> None:
+    client = _client()
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    test = summary["views"].get("test") or next(iter(summary["views"].values()), None)
+    for version in versions:
+        if test is not None:
+            client.set_model_version_tag(version.name, version.version, "test_acc_pct", f"{test['accuracy']:.2f}")
+            client.set_model_version_tag(version.name, version.version, "test_images", str(test["total"]))
+        client.set_model_version_tag(version.name, version.version, "test_split", str(summary.get("test_split") or "-"))
+        accuracy = f"{test['accuracy']:.1f}% top-1 on {test['total']} test images" if test is not None else "not evaluated"
+        where = f"held-out domain {summary['test_domain']}" if summary.get("test_domain") else "its protocol's test set"
+        client.update_model_version(
+            version.name,
+            version.version,
+            description=(
+                f"{summary['variant']} (formulation: {summary['formulation']}) fine-tuned on {summary['dataset']} "
+                f"({summary['protocol']}), seed {summary['seed']}: {accuracy} ({where}, split "
+                f"{summary.get('test_split') or '-'}). Input: float32 images [N, 3, H, W], normalised as the "
+                "CLIP preset; output: class probabilities [N, C] over the training label space (tag `classes`)."
+            ),
+        )
+
+
+def set_best_aliases(dataset: str) -> None:
+    """Alias ``best-<held-out domain>-<split>`` on the most accurate version of each registered model of a dataset."""
+    client = _client()
+    prefix = registered_name(dataset, "")
+    for model in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"):
+        best: dict[str, tuple[float, str]] = {}
+        for version in client.search_model_versions(f"name = '{model.name}'"):
+            if "test_acc_pct" not in version.tags:
+                continue
+            alias = alias_for(version.tags.get("held_out_domain", "-").strip("-"), version.tags.get("test_split", "").strip("-"))
+            accuracy = float(version.tags["test_acc_pct"])
+            if alias not in best or accuracy > best[alias][0]:
+                best[alias] = (accuracy, version.version)
+        for alias, (_, version) in best.items():
+            client.set_registered_model_alias(model.name, alias, version)

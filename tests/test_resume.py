@@ -1,0 +1,147 @@
+"""Training survives kill -9 and SIGTERM: the same command resumes, and the result is byte-identical (CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from alignclip.files import load_torch, staging_dir
+from alignclip.resume import CheckpointStore, ResumeOptions
+from alignclip.train import TrainSettings, train
+
+STEPS = 30
+
+
+def _command(prepared, out, *extra):
+    return [sys.executable, "-m", "alignclip", "train", str(prepared), str(out), "--method", "alignclip",
+            "--test-domain", "rotated_0", "--seed", "3", "--steps", str(STEPS), "--batch-size", "4", "--lr", "1e-3",
+            "--no-progress", "--checkpoint-every", "5", *extra]
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _logged(out) -> int:
+    try:
+        return max(0, len((staging_dir(out, "train") / "train_log.csv").read_text().splitlines()) - 1)
+    except OSError:
+        return 0
+
+
+def _run_until(cmd, out, rows, timeout=600):
+    """Start training and return the process once its log has ``rows`` steps."""
+    process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while _logged(out) < rows:
+        if process.poll() is not None:
+            raise AssertionError(f"training ended early: {process.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("training did not reach the step in time")
+        time.sleep(0.05)
+    return process
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_a_byte_identical_model(digits_prepared, tmp_path):
+    reference = tmp_path / "uninterrupted"
+    done = subprocess.run(_command(digits_prepared, reference), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    process = _run_until(_command(digits_prepared, out), out, rows=12)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    store = CheckpointStore(staging_dir(out, "train"))
+    checkpointed = store.info()["step"]
+    assert 10 <= checkpointed < STEPS and not (out / "model.pt").exists()
+
+    resumed = subprocess.run(_command(digits_prepared, out), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {checkpointed} of {STEPS}" in resumed.stdout + resumed.stderr
+    assert (out / "model.pt").read_bytes() == (reference / "model.pt").read_bytes()
+    log, expected = pd.read_csv(out / "train_log.csv"), pd.read_csv(reference / "train_log.csv")
+    assert log["step"].tolist() == list(range(1, STEPS + 1))
+    assert log["loss"].tolist() == expected["loss"].tolist()
+    assert json.loads((out / "train.json").read_text())["resumed_from"] == checkpointed
+    # published without the resume files, and nothing left beside the outputs
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "train.json", "train_log.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "uninterrupted"]
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_at_the_step_it_stopped(digits_prepared, tmp_path):
+    out = tmp_path / "run"
+    process = _run_until(_command(digits_prepared, out, "--checkpoint-every", "0", "--checkpoint-minutes", "0"), out, rows=7)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "stopped: stopped at step" in stderr and "Traceback" not in stdout + stderr
+    info = CheckpointStore(staging_dir(out, "train")).info()
+    assert info["step"] == _logged(out) and 7 <= info["step"] < STEPS  # no checkpoint but the one SIGTERM asked for
+    assert not out.exists()
+
+
+def test_a_resume_checkpoint_of_other_settings_is_not_continued(digits_prepared, tmp_path, caplog):
+    options = ResumeOptions(every_steps=2, every_seconds=0)
+    out = tmp_path / "run"
+    settings = TrainSettings(method="erm", test_domain="rotated_0", steps=4, batch_size=4, progress=False)
+    store = CheckpointStore(staging_dir(out, "train"))
+    torch.manual_seed(0)
+    store.save({"step": 2, "fingerprint": "{}", "visual": {}}, {"step": 2})
+    summary = train(digits_prepared, out, settings, resume=options)
+    assert "belongs to a run with other settings" in caplog.text
+    assert summary["resumed_from"] is None and len(pd.read_csv(out / "train_log.csv")) == 4
+    assert not staging_dir(out, "train").exists()
+
+
+def test_a_malicious_resume_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save({"format": "alignclip-resume/1", "step": RunsCode()}, folder / "resume.pt")
+    with pytest.raises(ValueError, match="refused to load"):
+        CheckpointStore(folder).load()
+    assert not marker.exists()
+
+
+def test_a_checkpoint_root_keys_the_location_by_output_path_and_cell(tmp_path):
+    from alignclip.resume import keyed_location
+
+    first = keyed_location("s3://bucket/ckpt/", tmp_path / "run-a" / "model", "train-erm-Art-s0")
+    assert first.startswith("s3://bucket/ckpt/") and first.endswith("-train-erm-Art-s0")
+    assert keyed_location("s3://bucket/ckpt", tmp_path / "run-a" / "model", "train-erm-Art-s0") == first  # a retry
+    assert keyed_location("s3://bucket/ckpt", tmp_path / "run-b" / "model", "train-erm-Art-s0") != first  # another run
+
+
+def test_a_checkpoint_store_under_an_s3_prefix_round_trips(monkeypatch):
+    from tests.servers import S3_ENV, make_bucket, s3_server
+
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    with s3_server() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        make_bucket(endpoint, "ckpt")
+        store = CheckpointStore("s3://ckpt/run-1/train-erm-s0")
+        assert store.info() is None and store.load() is None
+        weights = torch.arange(6.0).reshape(2, 3)
+        store.save({"step": 7, "visual": {"w": weights}}, {"step": 7, "mlflow_run_id": "abc"})
+        assert store.info()["mlflow_run_id"] == "abc"
+        state = store.load()
+        assert state["step"] == 7 and torch.equal(state["visual"]["w"], weights)
+        store.clear()
+        assert store.info() is None and store.load() is None

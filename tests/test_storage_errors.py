@@ -1,0 +1,188 @@
+"""Storage errors are not image errors: a bad store, endpoint or credentials stops the stage in one line; only bytes
+that do not decode make an image unreadable, and evaluation leaves such images out (counted), never duplicated."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from botocore.stub import Stubber
+
+from alignclip.data import storage
+from alignclip.data.prepare import PrepareSettings, prepare, write_prepared
+from alignclip.data.storage import StorageError, UnreadableImage
+from tests.servers import S3_ENV, free_port, make_bucket, s3_server
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+def _stubbed(monkeypatch, code, status):
+    import boto3
+
+    client = boto3.client("s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+    stubber = Stubber(client)
+    for _ in range(4):
+        stubber.add_client_error("list_objects_v2", service_error_code=code, http_status_code=status)
+    stubber.activate()
+    monkeypatch.setattr("alignclip.s3.client", lambda: client)
+
+
+@pytest.mark.parametrize(
+    "code, status, message",
+    [
+        ("NoSuchBucket", 404, "bucket 'data' does not exist"),
+        ("InvalidAccessKeyId", 403, "S3 credentials rejected by .* for s3://data .InvalidAccessKeyId"),
+        ("SignatureDoesNotMatch", 403, "S3 credentials rejected"),
+    ],
+)
+def test_prepare_names_a_missing_bucket_or_rejected_credentials(monkeypatch, code, status, message):
+    _stubbed(monkeypatch, code, status)
+    with pytest.raises(StorageError, match=message) as caught:
+        prepare(PrepareSettings("rotated_digits", "s3://data/digits"))
+    assert "\n" not in str(caught.value) and not caught.value.transient
+
+
+def test_prepare_without_credentials_says_so(tmp_path):
+    """A fresh process (boto3's default session caches credentials it found once, so not in-process)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{free_port()}",
+               AWS_DEFAULT_REGION="us-east-1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "alignclip", "prepare", "rotated_digits", "s3://data/digits",
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "error: no S3 credentials for s3://data" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_prepare_against_an_unreachable_endpoint_is_one_line(monkeypatch, s3_env):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=f"S3 endpoint {endpoint} unreachable") as caught:
+        prepare(PrepareSettings("rotated_digits", "s3://data/digits"))
+    assert caught.value.transient and time.monotonic() - started < 180  # botocore: 10 adaptive attempts (alignclip/s3.py)
+
+
+def test_cli_prepare_of_a_missing_bucket_exits_2_in_one_line(s3_env, tmp_path):
+    with s3_server() as endpoint:
+        env = dict(os.environ, AWS_ENDPOINT_URL_S3=endpoint, HF_HUB_OFFLINE="1")
+        done = subprocess.run([sys.executable, "-m", "alignclip", "prepare", "rotated_digits", "s3://missing/digits",
+                               str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert "error: bucket 'missing' does not exist at http://127.0.0.1" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_does_not_decode_is_unreadable_and_a_missing_one_is_a_storage_error(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(UnreadableImage):
+        storage.open_image(str(tmp_path / "bad.png"))
+    with pytest.raises(StorageError, match="file not found"):
+        storage.open_image(str(tmp_path / "gone.png"))
+
+
+def test_evaluation_leaves_an_unreadable_image_out_and_counts_it(digits_root, tmp_path):
+    from alignclip.evaluate import evaluate
+    from alignclip.train import TrainSettings, train
+
+    root = tmp_path / "raw"
+    shutil.copytree(digits_root, root)
+    manifest, meta = prepare(PrepareSettings("rotated_digits", str(root)))
+    test_rows = manifest[(manifest["domain"] == "rotated_30") & (manifest["split"] == "val")]
+    broken = test_rows["path"].iloc[3]
+    (root / broken).write_bytes(b"\x89PNG truncated")
+    write_prepared(manifest, meta, tmp_path / "prepared")
+    train(tmp_path / "prepared", tmp_path / "zs", TrainSettings(method="zeroshot", test_domain="rotated_30", progress=False))
+    summary = evaluate(tmp_path / "prepared", tmp_path / "zs" / "model.pt", tmp_path / "zs", batch_size=4)
+    view = summary["views"]["test"]
+    assert view["total"] == len(test_rows) - 1 and view["unreadable"] == 1
+    assert view["skipped_images"] == [str(root / broken)]
+    predictions = pd.read_parquet(tmp_path / "zs" / "predictions.parquet")
+    test_predictions = predictions[predictions["view"] == "test"]
+    assert len(test_predictions) == len(test_rows) - 1 and test_predictions["path"].is_unique
+    assert broken not in set(test_predictions["path"])
+
+
+def _upload(endpoint, root, bucket):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+    for path in sorted(root.rglob("*.png")):
+        client.upload_file(str(path), bucket, f"digits/{path.relative_to(root).as_posix()}")
+
+
+def _logged(out) -> int:
+    from alignclip.files import staging_dir
+
+    try:
+        return max(0, len((staging_dir(out, "train") / "train_log.csv").read_text().splitlines()) - 1)
+    except OSError:
+        return 0
+
+
+@pytest.mark.slow
+def test_an_s3_outage_during_training_is_retried_and_a_long_one_stops_with_a_checkpoint(digits_root, tmp_path, s3_env, monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    from alignclip.resume import CheckpointStore
+    from alignclip.files import staging_dir
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        make_bucket(endpoint, "data")
+        _upload(endpoint, digits_root, "data")
+        manifest, meta = prepare(PrepareSettings("rotated_digits", "s3://data/digits"))
+        write_prepared(manifest, meta, tmp_path / "prepared")
+        env = dict(os.environ, AWS_ENDPOINT_URL_S3=endpoint, ALIGNCLIP_STORAGE_RETRY_S="15", HF_HUB_OFFLINE="1",
+                   MLFLOW_DISABLE_TELEMETRY="true")
+        env.pop("MLFLOW_TRACKING_URI", None)
+
+        def command(out, steps):
+            return [sys.executable, "-m", "alignclip", "train", str(tmp_path / "prepared"), str(out), "--method", "erm",
+                    "--test-domain", "rotated_0", "--steps", str(steps), "--batch-size", "4", "--no-progress",
+                    "--checkpoint-every", "5", "--no-stage-remote", "--num-workers", "0"]
+
+        # a short outage: the stage waits it out; no image is skipped
+        short = tmp_path / "short"
+        trainer = subprocess.Popen(command(short, 60), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while _logged(short) < 10 and trainer.poll() is None:
+            time.sleep(0.05)
+        server.stop()
+        time.sleep(4)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()  # moto keeps its buckets in this process: the data is back as it was
+        stdout, stderr = trainer.communicate(timeout=900)
+        assert trainer.returncode == 0, stderr[-3000:]
+        assert "unreachable" in stdout + stderr  # it did hit the outage
+        assert json.loads((short / "train.json").read_text())["skipped_images"] == []
+
+        # a long outage: after the retry window the stage stops in one line and keeps a resumable checkpoint
+        long = tmp_path / "long"
+        trainer = subprocess.Popen(command(long, 400), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while _logged(long) < 12 and trainer.poll() is None:
+            time.sleep(0.05)
+        server.stop()
+        stdout, stderr = trainer.communicate(timeout=900)
+    finally:
+        server.stop()
+    assert trainer.returncode == 2, stderr[-3000:]
+    [line] = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert f"S3 endpoint {endpoint} unreachable" in line and "re-run the same command to resume" in line
+    assert "Traceback" not in stderr
+    info = CheckpointStore(staging_dir(long, "train")).info()
+    assert 12 <= info["step"] < 400 and not long.exists()
