@@ -76,19 +76,14 @@ def data_digits(
 def pretrain(
     out_dir: Path = typer.Argument(..., help="where to write alignclip-tiny-digits.pt, its summary (JSON) and training log"),
     rebuild: bool = typer.Option(False, help="build afresh even when the cache holds these weights"),
-    experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Pre-train the tiny preset's CLIP contrastively on printed digits (deterministic; cached), its default weights."""
-    from alignclip import tracking
     from alignclip.pretrain import WEIGHTS_NAME, export
 
     check_output_dir(out_dir)
-    with tracking.start_run(experiment, "pretrain-tiny-digits", tags={"stage": "pretrain"}) as tracker:
-        summary = export(out_dir, rebuild=rebuild)
-        tracker.log_params({"pretrain": summary["settings"], "digest": summary["digest"]})
-        tracker.log_metrics({"source_val_zero_shot_acc": summary["source_val_zero_shot_acc"], "final_loss": summary["final_loss"]})
-        tracker.log_artifact(out_dir / f"{WEIGHTS_NAME}.json")
-        tracker.log_artifact(out_dir / "pretrain_log.csv")
+    # No MLflow run of its own: the weights' summary (settings, loss, accuracy, sha256) sits beside them, and the
+    # runs that use them record `pretrained` as a parameter.
+    summary = export(out_dir, rebuild=rebuild)
     typer.echo(
         f"tiny CLIP pre-trained on printed digits: zero-shot {summary['source_val_zero_shot_acc']:.1f}% on the source's "
         f"validation set, sha256 {summary['sha256'][:16]}... -> {out_dir / (WEIGHTS_NAME + '.pt')}"
