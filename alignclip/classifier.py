@@ -92,6 +92,8 @@ def log_classifier(tracker, checkpoint: str | Path, meta: dict, tags: dict) -> N
     name = runs.registered_name(tags["dataset"], tags["variant"])
     metadata = {"classes": classes, "label_space": state.label_space, "output": "class probabilities [N, C]"}
     version = tracker.log_model(classifier, "classifier", name, example, metadata=metadata)
+    if not tracker.online:  # the server is away: the model was not logged (a warning said so); nothing to tag
+        return
     client = MlflowClient()
     model_tags = {k: tags[k] for k in ("dataset", "protocol", "method", "variant", "formulation")}
     for key, value in model_tags.items():

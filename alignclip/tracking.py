@@ -64,6 +64,11 @@ class Tracker:
         self._pending: list = []
         self._transport = transport
 
+    @property
+    def online(self) -> bool:
+        """Whether the server takes records now (False: they are spooled on disk; synchronous calls would hang)."""
+        return bool(self.enabled and self._transport is not None and self._transport.online)
+
     def log_params(self, params: dict) -> None:
         if self.enabled:
             flat = {k: ("none" if v is None else v) for k, v in _flatten(params).items()}
