@@ -96,9 +96,11 @@ def _secrets(task, cluster: ClusterSettings):
         optional=True,
     )
     # boto3 (and so every s3:// read and write of the CLI) takes its endpoint from AWS_ENDPOINT_URL_S3; without the
-    # ConfigMap (AWS S3 itself) the variable stays unset.
+    # ConfigMap (AWS S3 itself) the variable stays unset. ALIGNCLIP_CHECKPOINT_ROOT puts resume checkpoints where a
+    # retried task (a new pod) finds them.
     kubernetes.use_config_map_as_env(
-        task, config_map_name=cluster.env_config_map, config_map_key_to_env={"AWS_ENDPOINT_URL_S3": "AWS_ENDPOINT_URL_S3"},
+        task, config_map_name=cluster.env_config_map,
+        config_map_key_to_env={"AWS_ENDPOINT_URL_S3": "AWS_ENDPOINT_URL_S3", "ALIGNCLIP_CHECKPOINT_ROOT": "ALIGNCLIP_CHECKPOINT_ROOT"},
         optional=True,
     )
     return task

@@ -52,6 +52,8 @@ def test_rendered_names_are_the_readmes(overlay):
     (env,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == ClusterSettings().env_config_map]
     assert env["metadata"]["namespace"] == "kubeflow"
     endpoint = env["data"]["AWS_ENDPOINT_URL_S3"]
+    # resume checkpoints of retried train tasks go to a bucket the bucket Job creates
+    assert env["data"]["ALIGNCLIP_CHECKPOINT_ROOT"].startswith("s3://alignclip-data/")
     if overlay == "dev":  # the in-cluster store: the s3 Service of namespace alignclip, on its port
         port = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "s3")["spec"]["ports"][0]["port"]
         assert endpoint == f"http://s3.alignclip.svc.cluster.local:{port}"

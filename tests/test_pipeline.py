@@ -132,7 +132,8 @@ def test_caching_parallelism_image_and_s3_endpoint(compiled):
         assert executor["container"]["image"] == "registry.example/alignclip:1.2.3", name
         platform = executors[name]
         assert platform["configMapAsEnv"][0]["configMapName"] == "alignclip-pipeline-env"
-        assert platform["configMapAsEnv"][0]["keyToEnv"][0]["envVar"] == "AWS_ENDPOINT_URL_S3"
+        mapped = {k["envVar"] for k in platform["configMapAsEnv"][0]["keyToEnv"]}
+        assert mapped == {"AWS_ENDPOINT_URL_S3", "ALIGNCLIP_CHECKPOINT_ROOT"}, name
 
 
 class StubClient:
