@@ -421,13 +421,13 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
         raise DatasetError(f"dataset {settings.dataset!r} supports protocol(s) {allowed}, not {protocol!r}")
     if not 0.0 < settings.holdout_fraction < 1.0:
         raise DatasetError(f"holdout_fraction={settings.holdout_fraction}: expected a fraction in (0, 1)")
-    for name, value, allowed in (
+    for option, value, allowed in (  # not `name`: that is the dataset's name, written to meta.json below
         ("templates", settings.templates, TEMPLATE_CHOICES),
         ("class_names", settings.class_names, CLASS_NAME_CHOICES),
         ("listing", settings.listing, LISTINGS),
     ):
         if value not in allowed:
-            raise DatasetError(f"{name}={value!r}: expected one of {allowed}")
+            raise DatasetError(f"{option}={value!r}: expected one of {allowed}")
     has_holdout = protocol in ("domainbed", "wild")
     if not has_holdout and (settings.trial_seed != 0 or settings.holdout_fraction != 0.2):
         # recorded nowhere and used nowhere: refuse rather than let a run look as if it had them
