@@ -3,7 +3,7 @@
     prepare     -> MANIFEST, META                          (alignclip.data.prepare)
     similarity  -> SIMILARITY_MATRIX, SIMILARITY_CSV, SIMILARITY_HEATMAP
     train       -> MODEL (a Checkpoint), TRAIN_SUMMARY, TRAIN_LOG
-    evaluate    -> METRICS, PREDICTIONS                    (reads MODEL: held-out domain, method, label space)
+    evaluate    -> METRICS, SCORES, PREDICTIONS            (reads MODEL: held-out domain, method, label space)
     report      -> REPORT_PAGE, REPORT_MARKDOWN, tables and figures
 
 DVC (dvc.yaml) and the KFP components name the same files; tests/test_artifacts.py checks dvc.yaml against this.
@@ -25,6 +25,7 @@ MODEL = "model.pt"
 TRAIN_SUMMARY = "train.json"
 TRAIN_LOG = "train_log.csv"
 METRICS = "metrics.json"
+SCORES = "scores.json"  # the accuracies alone (percent): the narrow file `dvc metrics show` reads
 PREDICTIONS = "predictions.parquet"
 REPORT_PAGE = "index.html"
 REPORT_MARKDOWN = "index.md"

@@ -99,7 +99,7 @@ def evaluate(
     predictions.parquet are replaced together, only when the evaluation completes; the folder may be shared with
     `train`'s outputs, so only these two names are touched.
     """
-    with stage_output(out_dir, "evaluate", owns=(artifacts.METRICS, artifacts.PREDICTIONS)) as staging:
+    with stage_output(out_dir, "evaluate", owns=(artifacts.METRICS, artifacts.SCORES, artifacts.PREDICTIONS)) as staging:
         return _evaluate(prepared_dir, checkpoint, staging, test_domain, test_split, batch_size, num_workers, device,
                          stage_remote)
 
@@ -178,7 +178,7 @@ def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batc
     summary["headline"] = None if headline is None else {"metric": headline[0], "value": headline[1]}
     (out / artifacts.METRICS).write_text(json.dumps(summary, indent=2) + "\n")
     # DVC's metrics file: only the numbers a comparison needs, so `dvc metrics show` / `dvc exp show` stay narrow
-    (out / "scores.json").write_text(json.dumps(flat_metrics(summary), indent=2) + "\n")
+    (out / artifacts.SCORES).write_text(json.dumps(flat_metrics(summary), indent=2) + "\n")
     if prediction_frames:
         pd.concat(prediction_frames, ignore_index=True).to_parquet(out / artifacts.PREDICTIONS, index=False)
     return summary

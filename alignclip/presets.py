@@ -4,7 +4,9 @@ A preset is data, as in open_clip: an architecture name plus a default ``pretrai
 - an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``...), downloaded by open_clip on first use;
 - a local checkpoint file (``/models/ViT-B-16.pt``), the usual way on an offline cluster;
 - an ``s3://bucket/key`` URI, fetched once with boto3 into a local cache (``ALIGNCLIP_CACHE``);
-- ``none`` for random weights (the ``tiny`` preset: a small ViT CLIP for CPU tests and the demo).
+- ``alignclip:digits``: the ``tiny`` preset's default, a small ViT CLIP pre-trained contrastively by the project
+  on printed digits (alignclip/pretrain.py), built deterministically on first use and cached;
+- ``none`` for random weights (seeded).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("alignclip-tiny", None, "6-block ViT (width 64, 4 heads, 32px, patch 8), random weights; CPU tests/demo"),
+    "tiny": Preset("alignclip-tiny", "alignclip:digits", "6-block ViT (width 64, 4 heads, 32px, patch 8), pre-trained by "
+                   "`alignclip pretrain` on printed digits; CPU tests/demo"),
     "vit-b-16": Preset("ViT-B-16", "openai", "the paper's backbone: OpenAI CLIP ViT-B/16"),
     "vit-b-32": Preset("ViT-B-32", "openai", "OpenAI CLIP ViT-B/32 (appendix B.3 backbones)"),
     "vit-l-14": Preset("ViT-L-14", "openai", "OpenAI CLIP ViT-L/14"),
@@ -72,6 +75,12 @@ def resolve_weights(pretrained: str | None) -> str | None:
     if pretrained is None or str(pretrained).lower() in ("", "none", "random"):
         return None
     source = str(pretrained)
+    if source.startswith("alignclip:"):
+        from alignclip import pretrain
+
+        if source != pretrain.SOURCE:
+            raise ValueError(f"unknown project weights {source!r}: expected {pretrain.SOURCE!r}")
+        return str(pretrain.cached_weights())
     if s3.is_s3(source):
         return str(s3.fetch_object(source))
     looks_like_path = os.sep in source or source.endswith((".pt", ".pth", ".bin", ".safetensors"))

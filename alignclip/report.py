@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import html
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -87,51 +89,209 @@ def build_tables(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def to_markdown(table: pd.DataFrame) -> str:
     lines = ["| method | split | ours | paper | diff | seeds |", "|---|---|---|---|---|---|"]
-    for _, r in table.iterrows():
-        diff = "—" if r["diff"] is None or pd.isna(r["diff"]) else f"{r['diff']:+.1f}"
-        std = None if r["ours_std"] is None or pd.isna(r["ours_std"]) else r["ours_std"]
-        paper = None if r["paper"] is None or pd.isna(r["paper"]) else r["paper"]
-        lines.append(f"| {r['method']} | {r['split']} | {_fmt(r['ours_mean'], std)} | {_fmt(paper)} | {diff} | {r['seeds']} |")
+    lines += ["| " + " | ".join(row) + " |" for row in display_rows(table)]
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ figures
 
+FIGURE_DPI = 110
+LABEL_SIZE = 9  # every title, tick label and legend of the figures: readable at the page's width
 
-def plot_similarity(matrix: np.ndarray, classes: list[str], path: str | Path) -> None:
-    """Fig. 6: the row-softmaxed class similarity matrix."""
-    n = len(classes)
-    size = min(max(4.0, 0.35 * n + 2), 24)
+
+def save_figure(fig, path: str | Path, provenance: dict) -> None:
+    """Save a PNG whose metadata names what it was drawn from (``Description``: JSON with the runs used)."""
+    fig.savefig(path, dpi=FIGURE_DPI, metadata={"Title": provenance.get("figure", ""), "Description": json.dumps(provenance)})
+    plt.close(fig)
+
+
+def figure_provenance(path: str | Path) -> dict:
+    """The provenance ``save_figure`` wrote into a PNG (empty if none)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.text.get("Description")
+    return json.loads(text) if text else {}
+
+
+def class_order(meta: dict, cosine: np.ndarray | None = None) -> tuple[list[int], str]:
+    """Order of the classes in the heatmap, and how it was chosen.
+
+    RotatedDigits: zero..nine. DomainBed folder datasets list classes alphabetically (ImageFolder), which means
+    nothing, so their classes are ordered by average-linkage clustering of the text features (similar classes
+    side by side). Other datasets keep their own label order."""
+    classes = meta["classes"]
+    if meta.get("dataset") == "rotated_digits":
+        from alignclip.data.digits import CLASS_NAMES
+
+        if sorted(classes) == sorted(CLASS_NAMES):
+            return [classes.index(name) for name in CLASS_NAMES], "digit order"
+    if meta.get("protocol") in ("domainbed", "wild") and cosine is not None and len(classes) > 2:
+        from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
+        from scipy.spatial.distance import squareform
+
+        distance = np.clip(1.0 - (cosine + cosine.T) / 2.0, 0.0, None)
+        np.fill_diagonal(distance, 0.0)
+        condensed = squareform(distance, checks=False)
+        tree = optimal_leaf_ordering(linkage(condensed, "average"), condensed)
+        return [int(i) for i in leaves_list(tree)], "clustered (average linkage on text cosine)"
+    return list(range(len(classes))), "dataset label order"
+
+
+def plot_similarity(matrix: np.ndarray, classes: list[str], path: str | Path, meta: dict | None = None,
+                    cosine: np.ndarray | None = None, provenance: dict | None = None) -> None:
+    """Fig. 6: the row-softmaxed class similarity matrix, classes in a meaningful order (``class_order``)."""
+    order, how = class_order(meta, cosine) if meta else (list(range(len(classes))), "label order")
+    matrix = np.asarray(matrix)[np.ix_(order, order)]
+    names = [classes[i] for i in order]
+    n = len(names)
+    size = min(max(5.0, 0.35 * n + 2.5), 24)
     fig, ax = plt.subplots(figsize=(size, size))
     image = ax.imshow(matrix, cmap="viridis")
     if n <= 60:
-        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), classes, fontsize=7)
-    ax.set_title("class similarity (row softmax of text cosine)")
-    fig.colorbar(image, ax=ax, fraction=0.046)
+        ax.set_xticks(range(n), names, rotation=90, fontsize=LABEL_SIZE)
+        ax.set_yticks(range(n), names, fontsize=LABEL_SIZE)
+    ax.set_xlabel("class c", fontsize=LABEL_SIZE)
+    ax.set_ylabel("class y", fontsize=LABEL_SIZE)
+    ax.set_title(f"class similarity: row softmax of text cosine\nclasses: {how}", fontsize=LABEL_SIZE + 1)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046)
+    bar.set_label("similarity (rows sum to 1)", fontsize=LABEL_SIZE)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, {"figure": "class similarity (fig. 6)", "class_order": how, "classes": names, **(provenance or {})})
 
 
-def plot_training_curves(logs: dict[str, pd.DataFrame], path: str | Path) -> None:
+@dataclass
+class RunRecord:
+    """One evaluated run of the results folder: what it is and where its files are."""
+
+    run: str  # the run's folder below the results folder
+    method: str
+    formulation: str
+    variant: str
+    test_domain: str
+    seed: int | None
+    metrics: Path
+    predictions: Path | None
+    checkpoint: Path | None
+
+    @property
+    def label(self) -> str:
+        """The variant label: ``alignclip``, ``alignclip+release``, ``erm[pooling=avg]``..."""
+        return self.variant
+
+    def describe(self) -> dict:
+        return {"run": self.run, "method": self.method, "formulation": self.formulation, "variant": self.variant,
+                "test_domain": self.test_domain, "seed": self.seed,
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None}
+
+    def caption(self) -> str:
+        return f"{self.label}, held out {self.test_domain or '-'}, seed {self.seed}"
+
+
+def find_runs(results_dir: str | Path) -> list[RunRecord]:
+    """Every metrics.json below ``results_dir`` with its predictions and the checkpoint it evaluated.
+
+    The checkpoint is the ``model.pt`` beside the metrics (DVC layout) or, when models live elsewhere (the KFP
+    report's ``models/NNN``), the one whose train.json has the same method, formulation, held-out domain, seed
+    and method switches."""
+    from alignclip.methods import MethodConfig
+    from alignclip.train import variant_label
+
+    results_dir = Path(results_dir)
+    trained = {}
+    for train_json in sorted(results_dir.rglob(artifacts.TRAIN_SUMMARY)):
+        if not (train_json.parent / artifacts.MODEL).exists():
+            continue
+        info = json.loads(train_json.read_text())
+        settings = info.get("settings", {})
+        try:
+            variant = variant_label(MethodConfig(**info["method"]), _Settings(settings.get("recipe"), settings.get("formulation", "paper")))
+        except (TypeError, KeyError, ValueError):
+            continue
+        key = (variant, settings.get("formulation", "paper"), settings.get("test_domain") or "", settings.get("seed"))
+        trained.setdefault(key, train_json.parent / artifacts.MODEL)
+    runs = []
+    for path in sorted(results_dir.rglob(artifacts.METRICS)):
+        summary = json.loads(path.read_text())
+        formulation = summary.get("formulation", "paper")
+        variant = summary.get("variant") or summary["method"]
+        domain = summary.get("test_domain") or ""
+        beside = path.parent / artifacts.MODEL
+        checkpoint = beside if beside.exists() else trained.get((variant, formulation, domain, summary.get("seed")))
+        predictions = path.parent / artifacts.PREDICTIONS
+        runs.append(RunRecord(str(path.parent.relative_to(results_dir)), summary["method"], formulation, variant, domain,
+                              summary.get("seed"), path, predictions if predictions.exists() else None, checkpoint))
+    return runs
+
+
+@dataclass
+class _Settings:  # what variant_label reads of TrainSettings
+    recipe: str | None
+    formulation: str
+
+
+def pick_runs(runs: list[RunRecord], wanted: list[str], domains: list[str], need: str) -> list[RunRecord]:
+    """One run per wanted label (``zeroshot``, ``erm``, ``alignclip``, ``alignclip+release``...), all of one held-out
+    domain and seed: the first domain (dataset order) and lowest seed for which the most wanted labels have
+    ``need`` (checkpoint or predictions). Labels match exactly, so ``alignclip`` never picks ``alignclip+release``."""
+    usable = [r for r in runs if getattr(r, need) is not None]
+    best: list[RunRecord] = []
+    order = {d: i for i, d in enumerate(domains)}
+    cells = sorted({(r.test_domain, r.seed if r.seed is not None else -1) for r in usable},
+                   key=lambda c: (order.get(c[0], len(order)), c[0], c[1]))
+    for domain, seed in cells:
+        chosen = []
+        for label in wanted:
+            match = [r for r in usable if r.label == label and r.test_domain == domain and (r.seed if r.seed is not None else -1) == seed]
+            if match:
+                chosen.append(match[0])
+        if len(chosen) > len(best):
+            best = chosen
+    return best
+
+
+def plot_training_curves(logs: dict[str, pd.DataFrame], path: str | Path, runs: dict[str, RunRecord] | None = None) -> None:
+    """Loss terms per step, one line per run: colour = method/formulation, line style = held-out domain."""
     columns = [c for c in ("loss", "cls_loss", "aal_attn", "aal_sim") if any(c in df for df in logs.values())]
-    fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6), squeeze=False)
+    runs = runs or {}
+    labels = sorted({runs[n].label if n in runs else n for n in logs})
+    domains = sorted({runs[n].test_domain for n in logs if n in runs})
+    colours = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    styles = {domain: ("-", "--", ":", "-.")[i % 4] for i, domain in enumerate(domains)}
     for ax, column in zip(axes[0], columns):
         for name, df in logs.items():
             if column in df and len(df):
-                ax.plot(df["step"], df[column], label=name)
-        ax.set_title(column)
-        ax.set_xlabel("step")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+                record = runs.get(name)
+                legend = record.caption() if record else name
+                ax.plot(df["step"], df[column], label=legend, color=colours[record.label if record else name],
+                        linestyle=styles.get(record.test_domain, "-") if record else "-", linewidth=1.2)
+        ax.set_title(column, fontsize=LABEL_SIZE + 1)
+        ax.set_xlabel("step", fontsize=LABEL_SIZE)
+        ax.tick_params(labelsize=LABEL_SIZE)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(3, max(1, len(names))), fontsize=LABEL_SIZE, frameon=False)
+    rows = math.ceil(len(names) / 3)
+    fig.tight_layout(rect=(0, min(0.6, 0.07 * rows + 0.02), 1, 1))
+    save_figure(fig, path, {"figure": "training curves", "runs": [runs[n].describe() if n in runs else {"run": n} for n in logs]})
 
 
-def attention_maps(checkpoints: dict[str, Path], prepared_dir: Path, test_domain: str | None, path: Path, count: int = 4) -> bool:
-    """Fig. 1b/4/7/8: per image, each model's class-token attention (A_c) and token/text similarity (G), and the
-    D-V branch's G_DV, upsampled over the image."""
+def _spread(classes_present: list[int], count: int) -> list[int]:
+    """``count`` classes spread over the dataset's class order."""
+    if len(classes_present) <= count:
+        return classes_present
+    step = len(classes_present) / count
+    return [classes_present[int(i * step)] for i in range(count)]
+
+
+def attention_maps(runs: list[RunRecord], prepared_dir: Path, path: Path, count: int = 5,
+                   test_split: str = "holdout") -> dict | None:
+    """Fig. 1b/4/7/8: images of several classes of one held-out domain; for each model its class-token attention
+    A_c, token/text similarity G and the D-V branch's G_DV, over the image.
+
+    The maps are computed with the attention settings of the run's own checkpoint (aligned layers, A_c
+    normalisation, D-V depth and branch, temperature of G); models trained without the alignment loss take those of
+    the AlignCLIP run beside them, so every column is computed the same way (or the paper's defaults, if none)."""
     import torch
 
     from alignclip import losses
@@ -139,78 +299,151 @@ def attention_maps(checkpoints: dict[str, Path], prepared_dir: Path, test_domain
     from alignclip.data.prepare import load_prepared
     from alignclip.data.storage import open_image
     from alignclip.classifier import encode_classes, load_trained
+    from alignclip.methods import MethodConfig
     from alignclip.model import AlignCLIPVisual, attention_depth
 
+    if not runs:
+        return None
     manifest, meta = load_prepared(prepared_dir)
-    views = protocols.evaluation_views(manifest, meta, test_domain, "holdout")
-    rows = views[0].rows.head(count)
-    if rows.empty:
-        return False
+    domain = runs[0].test_domain or None
+    view = protocols.evaluation_views(manifest, meta, domain, test_split)[0]
+    if view.rows.empty:
+        return None
+    firsts = view.rows.drop_duplicates("label")
+    order, _ = class_order(meta)
+    rank = {c: i for i, c in enumerate(order)}
+    present = sorted(firsts["label"].tolist(), key=lambda c: rank.get(c, c))
+    rows = firsts.set_index("label").loc[_spread(present, count)].reset_index()
+    loaded = [(run, *load_trained(run.checkpoint, "cpu")) for run in runs]
+    reference = next((state.method for _, _, _, state in loaded if state.method.get("aal")), None)
     panels = []
-    for name, checkpoint in checkpoints.items():
-        bundle, _, state = load_trained(checkpoint, "cpu")
-        wrapped = AlignCLIPVisual(bundle.model.visual, aligned_layers=min(4, attention_depth(bundle.model.visual))).eval()
-        space = views[0].label_space
+    for run, bundle, _, state in loaded:
+        own = state.method
+        settings = MethodConfig(**(own if own.get("aal") else (reference or MethodConfig().to_dict())))
+        depth = attention_depth(bundle.model.visual)
+        # borrowed settings may ask for more layers than this model has (a CLIP ResNet has one attention pool)
+        aligned = settings.aligned_layers if own.get("aal") else min(settings.aligned_layers, depth)
+        dv_layers = settings.dv_layers if own.get("aal") or settings.dv_layers is None else min(settings.dv_layers, depth)
+        wrapped = AlignCLIPVisual(bundle.model.visual, aligned_layers=aligned, dv_layers=dv_layers,
+                                  branch=settings.branch, cls_attn_norm=settings.cls_attn_norm).eval()
+        # the fine-tuned image encoder: load_trained put its weights into bundle.model.visual
+        space = view.label_space
         text = encode_classes(bundle.model, bundle.tokenizer, [meta["classes"][g] for g in space], meta["template"], "cpu")
         data = ManifestImages(meta, rows["path"].tolist(), rows["label"].tolist(), space, eval_transform(bundle.image_size, bundle.mean, bundle.std))
         images = torch.stack([data[i][0] for i in range(len(data))])
-        targets = torch.tensor([data.targets[i] for i in range(len(data))])
+        targets = torch.tensor(data.targets)
         with torch.no_grad():
             out = wrapped(images, align=True)
-            g = losses.token_text_similarity(out.tokens, text[targets])
-            g_dv = losses.token_text_similarity(out.dv_tokens, text[targets])
-        panels.append((name, out.cls_attn, g, g_dv))
+            g = losses.token_text_similarity(out.tokens, text[targets], settings.aal_tau)
+            g_dv = losses.token_text_similarity(out.dv_tokens, text[targets], settings.aal_tau)
+        attention = {"aligned_layers": wrapped.aligned_layers, "cls_attn_norm": settings.cls_attn_norm,
+                     "dv_layers": wrapped.dv_layers, "branch": settings.branch, "aal_tau": settings.aal_tau,
+                     "from": "own checkpoint" if own.get("aal") else ("AlignCLIP run beside it" if reference else "paper defaults")}
+        panels.append((run, attention, {"A_c": out.cls_attn, "G": g, "G_DV": g_dv}))
     raw = [np.asarray(open_image(p)) for p in data.paths]
-    columns = 1 + 2 * len(panels) + 1
-    fig, axes = plt.subplots(len(raw), columns, figsize=(2.1 * columns, 2.1 * len(raw)), squeeze=False)
-    grid = int(round(panels[0][1].shape[1] ** 0.5))
+    maps = ("A_c", "G", "G_DV")
+    columns = 1 + len(maps) * len(panels)
+    fig, axes = plt.subplots(len(raw) + 1, columns, figsize=(1.9 * columns, 1.9 * len(raw) + 1.2), squeeze=False,
+                             gridspec_kw={"height_ratios": [1] * len(raw) + [0.08]})
+    grid = int(round(panels[0][2]["A_c"].shape[1] ** 0.5))
     for i, image in enumerate(raw):
         axes[i][0].imshow(image)
-        axes[i][0].set_title(meta["classes"][rows["label"].iloc[i]], fontsize=7)
-        col = 1
-        for name, attn, g, g_dv in panels:
-            for label, values in (("A_c", attn), ("G", g)):
-                axes[i][col].imshow(image)
-                axes[i][col].imshow(values[i].reshape(grid, grid).numpy(), cmap="jet", alpha=0.5,
-                                    extent=(0, image.shape[1], image.shape[0], 0), interpolation="bilinear")
-                axes[i][col].set_title(f"{name}: {label}", fontsize=7)
-                col += 1
-        axes[i][col].imshow(image)
-        axes[i][col].imshow(panels[0][3][i].reshape(grid, grid).numpy(), cmap="jet", alpha=0.5,
-                            extent=(0, image.shape[1], image.shape[0], 0), interpolation="bilinear")
-        axes[i][col].set_title("G_DV (D-V branch)", fontsize=7)
-    for ax in axes.ravel():
-        ax.axis("off")
+        axes[i][0].set_ylabel(meta["classes"][int(rows["label"].iloc[i])], fontsize=LABEL_SIZE)
+        axes[i][0].set_xticks([])
+        axes[i][0].set_yticks([])
+    axes[0][0].set_title(f"held out\n{domain or '-'}", fontsize=LABEL_SIZE)
+    axes[-1][0].axis("off")
+    col = 1
+    for run, attention, values in panels:
+        for name in maps:
+            column = values[name].numpy()
+            top = float(column.max()) or 1.0
+            for i, image in enumerate(raw):
+                ax = axes[i][col]
+                ax.imshow(image)
+                shown = ax.imshow(column[i].reshape(grid, grid), cmap="jet", alpha=0.55, vmin=0.0, vmax=top,
+                                  extent=(0, image.shape[1], image.shape[0], 0), interpolation="bilinear")
+                ax.axis("off")
+            axes[0][col].set_title(f"{run.label}\n{name}", fontsize=LABEL_SIZE)
+            bar = fig.colorbar(shown, cax=axes[-1][col], orientation="horizontal")
+            bar.ax.tick_params(labelsize=LABEL_SIZE - 2)
+            bar.locator = matplotlib.ticker.MaxNLocator(2)
+            bar.update_ticks()
+            col += 1
+    seeds = sorted({str(r.seed) for r in runs})
+    fig.suptitle(f"held-out domain {domain or '-'} ({test_split} split), seed {', '.join(seeds)}; each map sums to 1 "
+                 "over the image's tokens, colour bars under each column", fontsize=LABEL_SIZE)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    provenance = {"figure": "attention maps (fig. 1b, 4, 7, 8)", "test_domain": domain, "test_split": test_split,
+                  "classes": [meta["classes"][int(c)] for c in rows["label"]], "images": rows["path"].tolist(),
+                  "runs": [{**run.describe(), "attention": attention} for run, attention, _ in panels]}
+    save_figure(fig, path, provenance)
+    return provenance
 
 
-def top5_figure(with_sls: pd.DataFrame, without_sls: pd.DataFrame, classes: list[str], path: Path, count: int = 4) -> bool:
-    """Fig. 4 (top row): top-5 predicted classes of the same images by a model with and one without SLS."""
-    common = with_sls.merge(without_sls, on=["view", "path"], suffixes=("_sls", "_plain")).head(count)
+def top5_figure(with_sls: pd.DataFrame, without_sls: pd.DataFrame, classes: list[str], path: Path, count: int = 4,
+                runs: tuple[RunRecord, RunRecord] | None = None) -> bool:
+    """Fig. 4 (top row): top-5 predicted classes of the same images (one per class, several classes) by a model
+    without SLS and one with it."""
+    common = with_sls.merge(without_sls, on=["view", "path"], suffixes=("_sls", "_plain"))
+    common = common[common["view"] == common["view"].iloc[0]] if not common.empty else common
     if common.empty:
         return False
-    fig, axes = plt.subplots(len(common), 2, figsize=(8, 1.8 * len(common)), squeeze=False)
+    firsts = common.drop_duplicates("label_sls")
+    present = sorted(firsts["label_sls"].tolist())
+    common = firsts.set_index("label_sls", drop=False).loc[_spread(present, count)].reset_index(drop=True)
+    names = {"_sls": runs[0].caption() if runs else "with SLS", "_plain": runs[1].caption() if runs else "without SLS"}
+    fig, axes = plt.subplots(len(common), 2, figsize=(10, 2.0 * len(common) + 0.6), squeeze=False)
     for i, (_, r) in enumerate(common.iterrows()):
         for j, (suffix, title) in enumerate((("_plain", "without SLS"), ("_sls", "with SLS"))):
             top = [int(x) for x in str(r["top5" + suffix]).split(",")]
             probs = [float(x) for x in str(r["top5_prob" + suffix]).split(",")]
-            names = [classes[t] for t in top]
             colors = ["tab:green" if t == r["label_sls"] else "tab:gray" for t in top]
             axes[i][j].barh(range(len(top))[::-1], probs, color=colors)
-            axes[i][j].set_yticks(range(len(top))[::-1], names, fontsize=7)
+            axes[i][j].set_yticks(range(len(top))[::-1], [classes[t] for t in top], fontsize=LABEL_SIZE)
             axes[i][j].set_xlim(0, 1)
-            axes[i][j].set_xlabel("probability", fontsize=7)
-            axes[i][j].set_title(f"{title} (true: {classes[int(r['label_sls'])]})", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            axes[i][j].tick_params(labelsize=LABEL_SIZE)
+            axes[i][j].set_title(f"{title}: {names[suffix]}\ntrue class: {classes[int(r['label_sls'])]}", fontsize=LABEL_SIZE)
+        axes[i][0].set_xlabel("probability (softmax at tau)", fontsize=LABEL_SIZE)
+        axes[i][1].set_xlabel("probability (softmax at tau)", fontsize=LABEL_SIZE)
+    fig.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:green"), plt.Rectangle((0, 0), 1, 1, color="tab:gray")],
+               labels=["true class", "other class"], loc="lower center", ncol=2, fontsize=LABEL_SIZE, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    provenance = {"figure": "top-5 predictions (fig. 4)", "view": str(common["view"].iloc[0]),
+                  "classes": [classes[int(c)] for c in common["label_sls"]], "images": common["path"].tolist(),
+                  "runs": {"with_sls": runs[0].describe() if runs else None, "without_sls": runs[1].describe() if runs else None}}
+    save_figure(fig, path, provenance)
     return True
 
 
 # ------------------------------------------------------------------------------------------------ the page
+
+SPLIT_STATEMENT = {
+    "holdout": "the held-out domain's 20% split (CLIPood's protocol)",
+    "in": "the held-out domain's 80% split (what DomainBed reports)",
+    "full": "the whole held-out domain",
+}
+
+
+def table_caption(results: pd.DataFrame) -> str:
+    """What a table's numbers are computed on: test split, test-set sizes per column, seeds, run count."""
+    parts = []
+    splits = sorted({s for s in results["test_split"].unique() if s})
+    if splits:
+        parts.append("Test split: " + "; ".join(f"`{s}` = {SPLIT_STATEMENT.get(s, s)}" for s in splits) + ".")
+    else:
+        parts.append("Test split: the protocol's test set of each view.")
+    test = results[results["view"].isin(["test"])] if (results["view"] == "test").any() else results
+    sizes = []
+    for (domain, view), part in test.groupby(["test_domain", "view"], sort=True):
+        totals = sorted({int(t) for t in part["total"]})
+        name = " ".join(x for x in (domain, view if view != "test" else "") if x)
+        sizes.append(f"{name}: {'/'.join(str(t) for t in totals)}")
+    parts.append("Test images: " + ", ".join(sizes) + ".")
+    seeds = sorted({int(s) for s in results["seed"].dropna().unique()})
+    parts.append(f"Seeds: {', '.join(str(s) for s in seeds) or '-'} (mean ± std over seeds; column `seeds` counts them).")
+    parts.append(f"Runs: {results['source'].nunique()}. Accuracy in %; `-`: no value (no std with one seed, no published number).")
+    return " ".join(parts)
 
 
 def build_report(results_dir, out_dir, prepared_dir=None, similarity_dir=None) -> Path:
@@ -235,67 +468,107 @@ def _build_report(results_dir: Path, out: Path, prepared_dir=None, similarity_di
     summary = summarise(results)
     summary.to_csv(out / "summary.csv", index=False)
     tables = build_tables(summary)
-    sections = ["# AlignCLIP results\n", f"Runs: {results['source'].nunique()} evaluations from `{results_dir}`.\n"]
-    splits = sorted({s for s in results["test_split"].unique() if s})
-    if splits:
-        sections.append(
-            "Held-out domain test set: " + ", ".join(splits)
-            + " (`holdout`: the held-out domain's 20% split, CLIPood's protocol; `in`: its 80% split, what DomainBed reports;"
-            " `full`: the whole domain).\n"
-        )
+    intro = f"Runs: {results['source'].nunique()} evaluations from `{results_dir}`."
+    sections = ["# AlignCLIP results\n", intro + "\n"]
+    captions = {}
     for name, table in tables.items():
         table.to_csv(out / f"{name}.csv", index=False)
         markdown = to_markdown(table)
         (out / f"{name}.md").write_text(markdown)
-        sections.append(f"## {name}\n\n{markdown}")
-    figures = []
+        dataset, protocol = _table_key(name, results)
+        captions[name] = table_caption(results[(results["dataset"] == dataset) & (results["protocol"] == protocol)])
+        sections.append(f"## {name}\n\n{markdown}\n{captions[name]}\n")
+    figures = []  # (title, file, caption)
+    meta = json.loads((Path(prepared_dir) / artifacts.META).read_text()) if prepared_dir else None
     if similarity_dir and (Path(similarity_dir) / artifacts.SIMILARITY_HEATMAP).exists():
         target = out / artifacts.SIMILARITY_HEATMAP
         target.write_bytes((Path(similarity_dir) / artifacts.SIMILARITY_HEATMAP).read_bytes())
-        figures.append(("Class similarity matrix (fig. 6)", target.name))
+        how = figure_provenance(target).get("class_order", "label order")
+        figures.append(("Class similarity matrix (fig. 6)", target.name, f"Classes in {how}."))
+    runs = find_runs(results_dir)
+    by_folder = {r.run: r for r in runs}
     logs = {}
     for log_path in sorted(results_dir.rglob(artifacts.TRAIN_LOG)):
         frame = pd.read_csv(log_path)
         if len(frame):
             logs[str(log_path.parent.relative_to(results_dir))] = frame
     if logs:
-        plot_training_curves(logs, out / "training_curves.png")
-        figures.append(("Training curves", "training_curves.png"))
-    checkpoints = {}
-    for ckpt in sorted(results_dir.rglob(artifacts.MODEL)):
-        method = json.loads((ckpt.parent / artifacts.TRAIN_SUMMARY).read_text())["method"]["name"] if (ckpt.parent / artifacts.TRAIN_SUMMARY).exists() else ckpt.parent.name
-        checkpoints.setdefault(method, ckpt)
-    if prepared_dir and checkpoints:
-        chosen = {k: checkpoints[k] for k in ("zeroshot", "alignclip", "erm") if k in checkpoints} or dict(list(checkpoints.items())[:2])
-        first = results[results["test_domain"] != ""]["test_domain"]
-        domain = first.iloc[0] if not first.empty else None
-        if attention_maps(chosen, Path(prepared_dir), domain, out / "attention_maps.png"):
-            figures.append(("Class-token attention A_c and token/text similarity G, zero-shot vs fine-tuned; G_DV of the D-V branch (fig. 1b, 4, 7, 8)", "attention_maps.png"))
-    predictions = {}
-    for pred in sorted(results_dir.rglob(artifacts.PREDICTIONS)):
-        metrics = json.loads((pred.parent / artifacts.METRICS).read_text())
-        predictions.setdefault(metrics["method"], pred)
-    if prepared_dir and "alignclip" in predictions and ("erm" in predictions or "clipood" in predictions):
-        meta = json.loads((Path(prepared_dir) / artifacts.META).read_text())
-        baseline = predictions.get("erm", predictions.get("clipood"))
-        if top5_figure(pd.read_parquet(predictions["alignclip"]), pd.read_parquet(baseline), meta["classes"], out / "top5.png"):
-            figures.append(("Top-5 predictions without SLS (ERM) and with SLS (AlignCLIP) (fig. 4)", "top5.png"))
-    for title, name in figures:
-        sections.append(f"## {title}\n\n![{title}]({name})\n")
+        trained_runs = {}
+        for run in runs:
+            if run.checkpoint is not None:
+                trained_runs[str(run.checkpoint.parent.relative_to(results_dir))] = run
+        plot_training_curves(logs, out / "training_curves.png", {k: v for k, v in {**by_folder, **trained_runs}.items() if k in logs})
+        figures.append(("Training curves", "training_curves.png", "One line per run: colour = method, line style = held-out domain."))
+    domains = meta["domains"] if meta else []
+    split = next((s for s in results["test_split"] if s), "holdout")
+    if prepared_dir:
+        chosen = pick_runs(runs, ["zeroshot", "erm", "alignclip", "alignclip+release"], domains, "checkpoint")
+        provenance = attention_maps(chosen, Path(prepared_dir), out / "attention_maps.png", test_split=split) if chosen else None
+        if provenance:
+            settings = "; ".join(
+                f"{r['variant']}: {r['attention']['aligned_layers']} aligned layers, A_c {r['attention']['cls_attn_norm']}, "
+                f"D-V over the last {r['attention']['dv_layers']} blocks, tau of G {r['attention']['aal_tau'] if r['attention']['aal_tau'] is not None else 'none'} "
+                f"({r['attention']['from']})" for r in provenance["runs"])
+            figures.append((
+                "Class-token attention A_c, token/text similarity G and the D-V branch's G_DV, per model (fig. 1b, 4, 7, 8)",
+                "attention_maps.png",
+                f"Held-out domain {provenance['test_domain']}, runs: {_run_list(provenance['runs'])}. Settings: {settings}.",
+            ))
+        pair = pick_runs(runs, ["alignclip", "erm"], domains, "predictions")
+        if len(pair) < 2:
+            pair = pick_runs(runs, ["alignclip", "clipood"], domains, "predictions")
+        if len(pair) == 2 and pair[0].label == "alignclip":
+            sls, plain = pair
+            if top5_figure(pd.read_parquet(sls.predictions), pd.read_parquet(plain.predictions), meta["classes"], out / "top5.png",
+                           runs=(sls, plain)):
+                figures.append((f"Top-5 predictions without SLS ({plain.label}) and with SLS (AlignCLIP) (fig. 4)", "top5.png",
+                                f"Runs: {_run_list([plain.describe(), sls.describe()])}."))
+    for title, name, caption in figures:
+        sections.append(f"## {title}\n\n![{title}]({name})\n\n{caption}\n")
     page = "\n".join(sections)
     (out / artifacts.REPORT_MARKDOWN).write_text(page)
-    (out / artifacts.REPORT_PAGE).write_text(_html(sections, tables, figures))
-    (out / "report.json").write_text(json.dumps({"tables": list(tables), "figures": [f for _, f in figures]}, indent=2) + "\n")
+    (out / artifacts.REPORT_PAGE).write_text(_html(intro, tables, captions, figures))
+    (out / "report.json").write_text(json.dumps({"tables": list(tables), "captions": captions, "figures": [f for _, f, _ in figures]}, indent=2) + "\n")
     log.info("report: %d tables, %d figures -> %s", len(tables), len(figures), out / artifacts.REPORT_PAGE)
     return out / artifacts.REPORT_PAGE
 
 
-def _html(sections, tables, figures) -> str:
-    body = ["<h1>AlignCLIP results</h1>"]
+def _run_list(runs: list[dict]) -> str:
+    return "; ".join(f"{r['variant']} ({r['formulation']}) `{r['run']}`, seed {r['seed']}" for r in runs)
+
+
+def _table_key(name: str, results: pd.DataFrame) -> tuple[str, str]:
+    """(dataset, protocol) of a table name from build_tables."""
+    keys = results[["dataset", "protocol"]].drop_duplicates().itertuples(index=False)
+    matches = sorted((k for k in keys if name.endswith(f"_{k[0]}")), key=lambda k: -len(k[0]))
+    return tuple(matches[0]) if matches else ("", "")
+
+
+def display_rows(table: pd.DataFrame) -> list[list[str]]:
+    """The table's cells as shown on the page and in Markdown: a dash where there is no value, never None."""
+    rows = []
+    for _, r in table.iterrows():
+        diff = "—" if r["diff"] is None or pd.isna(r["diff"]) else f"{r['diff']:+.1f}"
+        std = None if r["ours_std"] is None or pd.isna(r["ours_std"]) else r["ours_std"]
+        paper = None if r["paper"] is None or pd.isna(r["paper"]) else r["paper"]
+        rows.append([str(r["method"]), str(r["split"]), _fmt(r["ours_mean"], std), _fmt(paper), diff, str(r["seeds"])])
+    return rows
+
+
+DISPLAY_COLUMNS = ["method", "split", "ours", "paper", "diff", "seeds"]
+
+
+def _html(intro, tables, captions, figures) -> str:
+    body = ["<h1>AlignCLIP results</h1>", f"<p>{html.escape(intro, quote=False)}</p>"]
     for name, table in tables.items():
-        body.append(f"<h2>{html.escape(name)}</h2>")
-        body.append(table.to_html(index=False, na_rep="—", border=0))
-    for title, name in figures:
-        body.append(f"<h2>{html.escape(title)}</h2><img src='{html.escape(name)}' style='max-width:100%'>")
-    style = "body{font-family:sans-serif;max-width:1100px;margin:auto} table{border-collapse:collapse} td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
+        body.append(f"<h2>{html.escape(name)}</h2><table><thead><tr>")
+        body.append("".join(f"<th>{html.escape(c)}</th>" for c in DISPLAY_COLUMNS) + "</tr></thead><tbody>")
+        for row in display_rows(table):
+            body.append("<tr>" + "".join(f"<td>{html.escape(cell, quote=False)}</td>" for cell in row) + "</tr>")
+        body.append(f"</tbody></table><p class='caption'>{html.escape(captions[name], quote=False).replace('`', '')}</p>")
+    for title, name, caption in figures:
+        body.append(f"<h2>{html.escape(title)}</h2><img src='{html.escape(name)}' style='max-width:100%'>"
+                    f"<p class='caption'>{html.escape(caption, quote=False).replace('`', '')}</p>")
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto} table{border-collapse:collapse} "
+             "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left} .caption{color:#444;font-size:0.9em}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>AlignCLIP results</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"

@@ -2,14 +2,14 @@
 survives the process (and, on a cluster, the pod), and read back on the next run of the same command.
 
 What a resume checkpoint holds (``FORMAT``): the step reached, the image encoder's weights, the optimiser state,
-the Beta Moving Average, the position of every data stream (epoch and batch within it), the RNG states, the
-training log so far, and the MLflow run id (the resumed run continues it). With the data order and the
-augmentations a pure function of (seed, stream, epoch, position) (see ``train.EpochBatches``), a run killed at
-any point and resumed produces the same ``model.pt``, byte for byte, as an uninterrupted run on the CPU.
+the Beta Moving Average, the data loader's position (``data.loader.BalancedLoader.state_dict``), the RNG states,
+the training log so far, and the MLflow run id (the resumed run continues it). With the batches and their
+augmentations a pure function of (seed, step, slot) (see ``alignclip/data/loader.py``), a run killed at any
+point and resumed produces the same ``model.pt``, byte for byte, as an uninterrupted run on the CPU.
 
-Where: ``--checkpoint-dir`` (a local folder or an ``s3://`` prefix; on KFP the run's prefix keyed by pipeline run
-and grid cell, so a retry in a new pod finds it); by default the training stage's staging folder beside its
-outputs (``.<out>.train.partial``), which a re-run of the same command finds.
+Where: ``--checkpoint-dir`` (a local folder or an ``s3://`` prefix), else ``ALIGNCLIP_CHECKPOINT_ROOT`` keyed by
+the task's output path and grid cell (``keyed_location``: a KFP retry in a new pod finds it), else the training
+stage's staging folder beside its outputs (``.<out>.train.partial``), which a re-run of the same command finds.
 
 Two files: ``resume.pt`` (the state, read with ``weights_only=True``) and ``resume.json`` (step and MLflow run
 id: small, so the CLI can continue the run before loading any weights). Both are written whole or not at all.

@@ -81,7 +81,8 @@ def similarity_stage(prepared_dir, out_dir, model: str, pretrained: str | None, 
         save_similarity(staging / artifacts.SIMILARITY_MATRIX, cosine, meta["classes"], bundle.architecture, bundle.pretrained)
         soft = row_softmax(cosine, scale)
         pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(staging / artifacts.SIMILARITY_CSV)
-        plot_similarity(soft.numpy(), meta["classes"], staging / artifacts.SIMILARITY_HEATMAP)
+        plot_similarity(soft.numpy(), meta["classes"], staging / artifacts.SIMILARITY_HEATMAP, meta=meta, cosine=cosine.numpy(),
+                        provenance={"model": bundle.architecture, "pretrained": bundle.pretrained, "scale": scale})
     tracker.log_params({"model": model, "pretrained": pretrained, "classes": len(meta["classes"]), "scale": scale})
     tracker.log_artifact(out_dir / artifacts.SIMILARITY_HEATMAP)
     tracker.log_artifact(out_dir / artifacts.SIMILARITY_CSV)

@@ -25,10 +25,10 @@ def zeroshot_checkpoint(digits_prepared, tmp_path_factory):
 def test_dvc_pipeline_names_the_files_the_stages_write():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     train_outs = [next(iter(o)) if isinstance(o, dict) else o for o in stages["train"]["outs"]]
-    assert sorted(Path(o).name for o in train_outs) == sorted([artifacts.MODEL, artifacts.TRAIN_SUMMARY])
-    assert [Path(next(iter(p))).name for p in stages["train"]["plots"]] == [artifacts.TRAIN_LOG]
-    assert [Path(next(iter(m))).name for m in stages["evaluate"]["metrics"]] == [artifacts.METRICS]
-    assert [Path(o).name for o in stages["evaluate"]["outs"]] == [artifacts.PREDICTIONS]
+    assert sorted(Path(o).name for o in train_outs) == sorted([artifacts.MODEL, artifacts.TRAIN_SUMMARY, artifacts.TRAIN_LOG])
+    assert [Path(next(iter(m))).name for m in stages["evaluate"]["metrics"]] == [artifacts.SCORES]
+    evaluate_outs = [next(iter(o)) if isinstance(o, dict) else o for o in stages["evaluate"]["outs"]]
+    assert sorted(Path(o).name for o in evaluate_outs) == sorted([artifacts.PREDICTIONS, artifacts.METRICS])
     assert f"/{artifacts.SIMILARITY_MATRIX}" in stages["train"]["cmd"]
 
 

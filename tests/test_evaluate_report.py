@@ -44,6 +44,8 @@ def test_accuracy_matches_an_independent_open_clip_computation(zeroshot_run, dig
     assert metrics["views"]["test"]["total"] == len(rows)
     assert metrics["views"]["test"]["correct"] == correct
     assert metrics["views"]["test"]["accuracy"] == pytest.approx(100.0 * correct / len(rows))
+    # DVC's metrics file beside it: the same accuracy, in percent, under a name that says so
+    assert json.loads((zeroshot_run / "scores.json").read_text())["test_acc_pct"] == pytest.approx(100.0 * correct / len(rows))
     predictions = pd.read_parquet(zeroshot_run / "predictions.parquet")
     test = predictions[predictions["view"] == "test"]
     assert (test["pred"] == test["label"]).sum() == correct
@@ -131,9 +133,10 @@ def test_report_renders_on_a_digits_run(zeroshot_run, digits_prepared, tmp_path)
     assert "attention_maps.png" in figures
     from PIL import Image
 
-    # 4 images x (image, A_c and G of the one model, G_DV): a 4 x 4 grid of 2.1-inch panels at 110 dpi
+    # 5 images of 5 classes x (image, A_c, G and G_DV of the one model): 1.9-inch panels, plus a 1.2-inch strip for
+    # the colour bars, at 110 dpi
     image = Image.open(tmp_path / "report" / "attention_maps.png")
-    assert image.size == (round(4 * 2.1 * 110), round(4 * 2.1 * 110))
+    assert image.size == (round(4 * 1.9 * 110), round((5 * 1.9 + 1.2) * 110))
     assert len(set(image.convert("L").getdata())) > 50  # drawn maps, not a blank canvas
 
 
@@ -146,8 +149,9 @@ def test_top5_figure_draws_probabilities(zeroshot_run, digits_prepared, tmp_path
     _, meta = load_prepared(digits_prepared)
     predictions = pd.read_parquet(zeroshot_run / "predictions.parquet")
     assert top5_figure(predictions, predictions, meta["classes"], tmp_path / "top5.png")
-    # four images, one row each (1.8 inches), two panels (without / with SLS) on 8 inches, at 110 dpi
-    assert Image.open(tmp_path / "top5.png").size == (8 * 110, round(4 * 1.8 * 110))
+    # four images of four classes, one row each (2 inches, plus 0.6 for the legend), two panels (without / with SLS)
+    # on 10 inches, at 110 dpi
+    assert Image.open(tmp_path / "top5.png").size == (10 * 110, round((4 * 2.0 + 0.6) * 110))
     # the bars are the stored probabilities: each image's top-5 sums to at most 1 and is sorted
     for row in predictions["top5_prob"].head(4):
         probs = [float(p) for p in row.split(",")]
@@ -157,3 +161,81 @@ def test_top5_figure_draws_probabilities(zeroshot_run, digits_prepared, tmp_path
 def test_report_without_results_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         build_report(tmp_path, tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def grid_runs(digits_prepared, tmp_path_factory):
+    """A results folder laid out as `dvc repro` writes it, with both formulations of AlignCLIP: sorted by path,
+    ``alignclip+release-...`` comes before ``alignclip-...`` ('+' < '-')."""
+    root = tmp_path_factory.mktemp("grid") / "runs"
+    for method in ("zeroshot", "erm", "alignclip+release", "alignclip"):
+        out = root / f"{method}-rotated_30-s0"
+        settings = TrainSettings(method=method, test_domain="rotated_30", steps=2, batch_size=4, hflip=False, progress=False)
+        train(digits_prepared, out, settings)
+        evaluate(digits_prepared, out / "model.pt", out, test_domain="rotated_30")
+    return root
+
+
+def test_figures_name_their_runs_and_use_the_right_ones(grid_runs, digits_prepared, tmp_path):
+    from alignclip.report import figure_provenance
+
+    build_report(grid_runs, tmp_path / "report", digits_prepared)
+    attention = figure_provenance(tmp_path / "report" / "attention_maps.png")
+    runs = {r["variant"]: r for r in attention["runs"]}
+    assert list(runs) == ["zeroshot", "erm", "alignclip", "alignclip+release"]
+    assert runs["alignclip"]["run"] == "alignclip-rotated_30-s0" and runs["alignclip"]["formulation"] == "paper"
+    assert runs["alignclip+release"]["run"] == "alignclip+release-rotated_30-s0"
+    assert all(r["test_domain"] == "rotated_30" and r["seed"] == 0 for r in attention["runs"])
+    # attention settings read from each checkpoint: the paper's 4 layers / eq. 3, the released 5 layers / renormalised
+    assert runs["alignclip"]["attention"]["aligned_layers"] == 4
+    assert runs["alignclip"]["attention"]["cls_attn_norm"] == "visual_softmax"
+    assert runs["alignclip+release"]["attention"]["aligned_layers"] == 5
+    assert runs["alignclip+release"]["attention"]["cls_attn_norm"] == "drop_renorm"
+    assert runs["alignclip+release"]["attention"]["aal_tau"] is None
+    assert runs["erm"]["attention"]["from"] == "AlignCLIP run beside it"
+    # several classes, one image each, in the dataset's order (zero..nine, not alphabetical)
+    assert len(attention["classes"]) == len(set(attention["classes"])) >= 4
+    digits = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    assert attention["classes"] == sorted(attention["classes"], key=digits.index)
+    top5 = figure_provenance(tmp_path / "report" / "top5.png")
+    assert top5["runs"]["with_sls"]["run"] == "alignclip-rotated_30-s0"
+    assert top5["runs"]["without_sls"]["run"] == "erm-rotated_30-s0"
+    assert len(set(top5["classes"])) == len(top5["classes"]) >= 4
+    curves = figure_provenance(tmp_path / "report" / "training_curves.png")
+    assert {r["run"] for r in curves["runs"]} == {"erm-rotated_30-s0", "alignclip-rotated_30-s0", "alignclip+release-rotated_30-s0"}
+    # the page names the runs each figure was drawn from
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "alignclip-rotated_30-s0" in page and "alignclip+release-rotated_30-s0" in page
+
+
+def test_page_states_test_sets_seeds_and_split_and_prints_no_none(grid_runs, digits_prepared, tmp_path):
+    build_report(grid_runs, tmp_path / "report", digits_prepared)
+    page = (tmp_path / "report" / "index.html").read_text()
+    markdown = (tmp_path / "report" / "index.md").read_text()
+    total = json.loads((grid_runs / "erm-rotated_30-s0" / "metrics.json").read_text())["views"]["test"]["total"]
+    for text in (page, markdown):
+        assert "None" not in text and "nan" not in text.lower()
+        assert f"rotated_30: {total}" in text
+        assert "Seeds: 0" in text
+        assert "held-out domain's 20% split" in text
+        assert "Runs: 4" in text
+    # one caption per table
+    tables = json.loads((tmp_path / "report" / "report.json").read_text())["tables"]
+    assert page.count("Test images:") == len(tables)
+
+
+def test_similarity_heatmap_orders_classes_meaningfully(tmp_path):
+    from alignclip.report import figure_provenance, plot_similarity
+
+    digits = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    alphabetical = sorted(digits)
+    meta = {"dataset": "rotated_digits", "protocol": "domainbed", "classes": alphabetical}
+    plot_similarity(np.eye(10), alphabetical, tmp_path / "digits.png", meta=meta)
+    assert figure_provenance(tmp_path / "digits.png")["classes"] == digits
+    # a DomainBed folder dataset: classes clustered by their text cosine, so the two groups sit side by side
+    names = ["apple", "car", "pear", "truck"]
+    cosine = np.array([[1, 0, 0.9, 0.1], [0, 1, 0.1, 0.8], [0.9, 0.1, 1, 0], [0.1, 0.8, 0, 1]], dtype=float)
+    plot_similarity(cosine, names, tmp_path / "clustered.png", meta={"dataset": "pacs", "protocol": "domainbed", "classes": names},
+                    cosine=cosine)
+    order = figure_provenance(tmp_path / "clustered.png")["classes"]
+    assert abs(order.index("apple") - order.index("pear")) == 1 and abs(order.index("car") - order.index("truck")) == 1

@@ -22,6 +22,18 @@ def test_the_core_library_imports_no_kfp():
     assert done.stdout.strip() == "[]"
 
 
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject.toml lists the packages (the KFP layer's folders are mapped, so no automatic discovery): a new
+    alignclip subpackage must be added there, or the installed package (the image) lacks it."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = ["alignclip"] + [f"alignclip.{p}" for p in find_packages(str(ROOT / "alignclip"))]
+    assert sorted(p for p in listed if p.startswith("alignclip.") or p == "alignclip") == sorted(found)
+
+
 @pytest.mark.slow
 def test_a_wheel_in_a_clean_venv_compiles_every_family(tmp_path):
     # build from the files git would ship (tracked and new, not ignored): no build/ or .egg-info in the checkout

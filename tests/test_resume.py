@@ -145,3 +145,35 @@ def test_a_checkpoint_store_under_an_s3_prefix_round_trips(monkeypatch):
         assert state["step"] == 7 and torch.equal(state["visual"]["w"], weights)
         store.clear()
         assert store.info() is None and store.load() is None
+
+
+def test_a_preempted_run_resumes_into_the_same_mlflow_run(digits_prepared, tmp_path):
+    """SIGTERM mid-run (sent by the run to itself after step 6): the MLflow run ends KILLED; the re-run continues
+    that run (the CLI's sequence: pending_run_id, then start_run(resume_run_id=...)) and ends it FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    from alignclip import tracking
+    from alignclip.resume import Preempted, pending_run_id
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    options = ResumeOptions(every_steps=0, every_seconds=0)
+    settings = TrainSettings(method="erm", test_domain="rotated_0", steps=12, batch_size=4, progress=False, num_workers=0)
+
+    def preempt(step, visual, parts):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted):
+        with tracking.start_run("resume", "train", uri=uri, resume_run_id=pending_run_id(out, options)) as tracker:
+            train(digits_prepared, out, settings, tracker, callbacks=[preempt], resume=options)
+    first = tracker.run_id
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(first).info.status == "KILLED"
+    assert pending_run_id(out, options) == first and CheckpointStore(staging_dir(out, "train")).info()["step"] == 6
+    with tracking.start_run("resume", "train", uri=uri, resume_run_id=pending_run_id(out, options)) as tracker:
+        summary = train(digits_prepared, out, settings, tracker, resume=options)
+    assert tracker.run_id == first and summary["resumed_from"] == 6
+    assert client.get_run(first).info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(first, "loss")}) == list(range(1, 13))
+    assert len(client.search_runs([client.get_experiment_by_name("resume").experiment_id])) == 1

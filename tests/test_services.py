@@ -95,6 +95,12 @@ def test_dvc_repro_runs_the_pipeline(tmp_path):
     project.mkdir()
     for name in ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore"):
         shutil.copy(ROOT / name, project / name)
+    # the source files stages depend on (the pretrain stage's code), as in a clone
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
+        for dep in stage.get("deps", []):
+            if (ROOT / dep).is_file():
+                (project / dep).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ROOT / dep, project / dep)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"].update(methods=["zeroshot", "alignclip+release"], test_domains=["rotated_15"], steps=3)
     (project / "params.yaml").write_text(yaml.safe_dump(params))

@@ -421,14 +421,14 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
         raise DatasetError(f"dataset {settings.dataset!r} supports protocol(s) {allowed}, not {protocol!r}")
     if not 0.0 < settings.holdout_fraction < 1.0:
         raise DatasetError(f"holdout_fraction={settings.holdout_fraction}: expected a fraction in (0, 1)")
-    for option, value, allowed in (  # not `name`: that is the dataset's name, written to meta.json below
+    for field_name, value, allowed in (
         ("templates", settings.templates, TEMPLATE_CHOICES),
         ("class_names", settings.class_names, CLASS_NAME_CHOICES),
         ("listing", settings.listing, LISTINGS),
     ):
         if value not in allowed:
-            raise DatasetError(f"{option}={value!r}: expected one of {allowed}")
-    has_holdout = protocol in ("domainbed", "wild")
+            raise DatasetError(f"{field_name}={value!r}: expected one of {allowed}")
+    has_holdout = PROTOCOLS[protocol].held_out_domain  # the in/out split of the domains a run holds out
     if not has_holdout and (settings.trial_seed != 0 or settings.holdout_fraction != 0.2):
         # recorded nowhere and used nowhere: refuse rather than let a run look as if it had them
         raise DatasetError(
@@ -468,7 +468,7 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
 
 def used_settings(settings: PrepareSettings, protocol: str, layout: str) -> dict:
     """The protocol settings this preparation used, and no other (meta.json states only what was used)."""
-    if protocol in ("domainbed", "wild"):
+    if PROTOCOLS[protocol].held_out_domain:
         # wild: the trial seed seeds CLIPood's base/open in/out split (CLIPood itself always uses 0)
         return {"holdout_fraction": settings.holdout_fraction, "trial_seed": settings.trial_seed}
     used = {"shots": settings.shots, "seeds": list(settings.seeds)}
