@@ -99,7 +99,7 @@ def evaluate(
     predictions.parquet are replaced together, only when the evaluation completes; the folder may be shared with
     `train`'s outputs, so only these two names are touched.
     """
-    with stage_output(out_dir, "evaluate", owns=(artifacts.METRICS, artifacts.PREDICTIONS)) as staging:
+    with stage_output(out_dir, "evaluate", owns=(artifacts.METRICS, artifacts.SCORES, artifacts.PREDICTIONS)) as staging:
         return _evaluate(prepared_dir, checkpoint, staging, test_domain, test_split, batch_size, num_workers, device,
                          stage_remote)
 
