@@ -105,7 +105,7 @@ def _fsync_dir(folder: Path) -> None:
 # Every file a stage of this project writes. An output folder holding anything else is not ours to replace.
 KNOWN_OUTPUTS = frozenset(
     {
-        "model.pt", "train.json", "train_log.csv", "metrics.json", "predictions.parquet",  # train, evaluate
+        "model.pt", "train.json", "train_log.csv", "metrics.json", "scores.json", "predictions.parquet",  # train, evaluate
         "manifest.parquet", "meta.json",  # prepare
         "similarity.pt", "similarity.csv", "similarity.png",  # similarity
     }
