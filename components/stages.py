@@ -25,14 +25,14 @@ def start_run(experiment: str, tracking_uri: str, run_name: str, params_json: st
     outputs of upstream tasks inside a ParallelFor to the loop item, while artifacts resolve correctly.
     """
     import json
+    import os
 
     run_id = ""
     if tracking_uri:
-        import mlflow
-
         from alignclip.runs import open_pipeline_run
 
-        mlflow.set_tracking_uri(tracking_uri)
+        # the library's tracking layer reads the URI from the environment, as in every other stage (no mlflow here)
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         run_id = open_pipeline_run(experiment, run_name, json.loads(params_json), tags={"orchestrator": "kfp"})
     with open(run.path, "w") as handle:
         handle.write(run_id)
