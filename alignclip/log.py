@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 _CONFIGURED = False
@@ -18,7 +19,9 @@ def setup_logging(level: str | int | None = None) -> None:
         level = level.upper()
     root = logging.getLogger()
     if not _CONFIGURED:
-        handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False, log_time_format="[%X]")
+        # logs go to stderr: stdout carries what a command outputs (JSON of `evaluate`, `train --dry-run`, ...)
+        handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False, markup=False,
+                              log_time_format="[%X]")
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         root.handlers = [handler]
         # Third-party libraries are chatty at INFO; keep their warnings only.
