@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -20,9 +21,14 @@ def setup_logging(level: str | int | None = None) -> None:
     root = logging.getLogger()
     if not _CONFIGURED:
         # logs go to stderr: stdout carries what a command outputs (JSON of `evaluate`, `train --dry-run`, ...)
-        handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False, markup=False,
-                              log_time_format="[%X]")
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        if sys.stderr.isatty():
+            handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False, markup=False,
+                                  log_time_format="[%X]")
+            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        else:
+            # a pod's log, a CI log, a file: one line per record, never wrapped at 80 columns, so grep finds it
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"))
         root.handlers = [handler]
         # Third-party libraries are chatty at INFO; keep their warnings only.
         for name in ("mlflow", "kfp", "urllib3", "botocore", "PIL", "matplotlib", "alembic", "dvc"):
@@ -32,6 +38,21 @@ def setup_logging(level: str | int | None = None) -> None:
     # loggers the chosen level.
     root.setLevel(max(logging.WARNING, logging.getLevelName(level) if isinstance(level, str) else level))
     logging.getLogger("alignclip").setLevel(level)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (test capture and redirection replace it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def get_logger(name: str) -> logging.Logger:

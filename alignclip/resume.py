@@ -131,7 +131,11 @@ class CheckpointStore:
                 bucket, key = s3.parse_uri(self._key(name))
                 s3.client().delete_object(Bucket=bucket, Key=key)
             else:
-                (Path(self.location) / name).unlink(missing_ok=True)
+                folder = Path(self.location)
+                (folder / name).unlink(missing_ok=True)
+                # a process killed while writing leaves atomic_write's temporary file (.resume.pt.XXXX.tmp) behind
+                for stale in folder.glob(f".{name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
 
     def __str__(self) -> str:
         return self._key(STATE_FILE)

@@ -35,3 +35,17 @@ def tiny():
 
     torch.manual_seed(0)
     return load_clip("tiny")
+
+
+@pytest.fixture(autouse=True)
+def _tiny_stays_as_loaded(request):
+    """The session's tiny CLIP is shared: a test that changes its weights in place would change what later tests
+    see (test_pretrain compares it with the cached file). Such a test fails here, by name; copy it instead."""
+    if "tiny" not in request.fixturenames:
+        yield
+        return
+    bundle = request.getfixturevalue("tiny")
+    before = {name: value.clone() for name, value in bundle.model.state_dict().items()}
+    yield
+    changed = [name for name, value in bundle.model.state_dict().items() if not torch.equal(value, before[name])]
+    assert not changed, f"{request.node.nodeid} changed the shared tiny CLIP in place ({changed[:3]}): deep-copy it"

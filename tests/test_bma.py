@@ -70,7 +70,7 @@ def test_fused_update_equals_the_per_tensor_loop(tiny):
     from alignclip.classifier import make_visual
 
     torch.manual_seed(1)
-    visual = make_visual(tiny, get_method("alignclip"))
+    visual = make_visual(copy.deepcopy(tiny), get_method("alignclip"))  # the session's tiny CLIP stays untouched
     bma = BetaMovingAverage(visual, total_steps=6, beta=0.5)
     reference = copy.deepcopy(bma.module)
     total = bma.total_weight

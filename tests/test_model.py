@@ -1,5 +1,7 @@
 """AlignCLIPVisual against a naive re-computation through open_clip's own modules (hooks, loops over heads)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from alignclip.model import AlignCLIPVisual
 
 @pytest.fixture()
 def visual(tiny):
-    v = tiny.model.visual.eval()
+    v = copy.deepcopy(tiny.model.visual).eval()  # perturbed below: the session's tiny CLIP stays as loaded
     torch.manual_seed(1)
     with torch.no_grad():  # perturb so that the class token's attention is not near-uniform
         for p in v.parameters():

@@ -320,6 +320,7 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
             assert float(best.tags["test_acc_pct"]) == max(float(v.tags["test_acc_pct"]) for v in versions if v.tags["held_out_domain"] == domain)
     # the registered model returns class probabilities over its label space: the evaluation's own top-5
     from alignclip.data.images import ManifestImages, eval_transform
+    from alignclip.data.prepare import load_prepared
 
     version = client.get_model_version_by_alias("alignclip-rotated_digits-alignclip", "best-rotated_0-holdout")
     model = mlflow.pyfunc.load_model("models:/alignclip-rotated_digits-alignclip@best-rotated_0-holdout")
@@ -327,7 +328,7 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
     assert model.metadata.get_output_schema().inputs[0].shape == (-1, len(classes))
     m, folder = metrics[("alignclip", "rotated_0")]
     predictions = pd.read_parquet(folder / "predictions.parquet").query("view == 'test'").head(6)
-    meta = json.loads((prepared.parent / "meta.json").read_text())
+    _, meta = load_prepared(prepared.parent)  # resolves the root, which is stored relative to the prepared folder
     import open_clip
 
     size = model.metadata.get_input_schema().inputs[0].shape[-1]  # the model's own signature: [-1, 3, H, W]

@@ -91,6 +91,16 @@ def test_sigterm_writes_a_checkpoint_at_the_step_it_stopped(digits_prepared, tmp
     assert not out.exists()
 
 
+def test_clearing_the_store_removes_a_write_cut_short_by_a_kill(tmp_path):
+    """kill -9 during atomic_write leaves `.resume.pt.XXXX.tmp`; the published folder must not carry it."""
+    store = CheckpointStore(tmp_path)
+    store.save({"step": 1}, {"step": 1})
+    (tmp_path / ".resume.pt.i0_r7zia.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "model.pt").write_bytes(b"an output")
+    store.clear()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
 def test_a_resume_checkpoint_of_other_settings_is_not_continued(digits_prepared, tmp_path, caplog):
     options = ResumeOptions(every_steps=2, every_seconds=0)
     out = tmp_path / "run"

@@ -157,12 +157,16 @@ def test_an_s3_outage_during_training_is_retried_and_a_long_one_stops_with_a_che
                     "--test-domain", "rotated_0", "--steps", str(steps), "--batch-size", "4", "--no-progress",
                     "--checkpoint-every", "5", "--no-stage-remote", "--num-workers", "0"]
 
-        # a short outage: the stage waits it out; no image is skipped
+        # a short outage: the stage waits it out; no image is skipped. The trainer is paused while the server goes
+        # down, so that a fast machine cannot finish its steps before the outage starts.
         short = tmp_path / "short"
         trainer = subprocess.Popen(command(short, 60), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         while _logged(short) < 10 and trainer.poll() is None:
             time.sleep(0.05)
+        trainer.send_signal(signal.SIGSTOP)
+        assert trainer.poll() is None and _logged(short) < 60, "training finished before the outage"
         server.stop()
+        trainer.send_signal(signal.SIGCONT)
         time.sleep(4)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()  # moto keeps its buckets in this process: the data is back as it was
@@ -176,7 +180,9 @@ def test_an_s3_outage_during_training_is_retried_and_a_long_one_stops_with_a_che
         trainer = subprocess.Popen(command(long, 400), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         while _logged(long) < 12 and trainer.poll() is None:
             time.sleep(0.05)
+        trainer.send_signal(signal.SIGSTOP)
         server.stop()
+        trainer.send_signal(signal.SIGCONT)
         stdout, stderr = trainer.communicate(timeout=900)
     finally:
         server.stop()
