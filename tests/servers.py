@@ -91,27 +91,37 @@ def postgres_server():
 
 
 @contextmanager
-def mlflow_server(backend_uri: str, s3_endpoint: str, bucket: str):
-    """`mlflow server` with a PostgreSQL backend store and served S3 artifacts; yields its URL."""
-    port = free_port()
-    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3_endpoint, **S3_ENV)
+def _mlflow(backend_uri: str, artifacts: str, port: int, env: dict, log_path: Path, timeout: float):
+    """`mlflow server` (one worker, served artifacts, this host allowed) in its own process group; yields
+    (url, process). Its output goes to ``log_path``, whose tail is raised when it does not come up."""
     cmd = [
         shutil.which("mlflow") or str(Path(os.sys.executable).parent / "mlflow"), "server",
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", backend_uri, "--artifacts-destination", f"s3://{bucket}/artifacts", "--serve-artifacts",
+        "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts, "--serve-artifacts",
         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
     ]
-    log = tempfile.NamedTemporaryFile(prefix="mlflow-server-", suffix=".log", delete=False)
+    log = open(log_path, "ab")
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         try:
-            wait_http(url + "/health", timeout=120, process=process)
+            wait_http(url + "/health", timeout=timeout, process=process)
         except TimeoutError as err:
-            raise RuntimeError(f"{err}\n{Path(log.name).read_text()[-3000:]}") from err
-        yield url
+            raise RuntimeError(f"{err}\n{Path(log_path).read_text()[-3000:]}") from err
+        yield url, process
     finally:
         stop_group(process)
+        log.close()
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, s3_endpoint: str, bucket: str):
+    """`mlflow server` with a PostgreSQL backend store and served S3 artifacts; yields its URL."""
+    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3_endpoint, **S3_ENV)
+    log = tempfile.NamedTemporaryFile(prefix="mlflow-server-", suffix=".log", delete=False)
+    log.close()
+    with _mlflow(backend_uri, f"s3://{bucket}/artifacts", free_port(), env, Path(log.name), timeout=120) as (url, _):
+        yield url
 
 
 @contextmanager
@@ -120,23 +130,7 @@ def mlflow_local_server(folder: Path, port: int | None = None):
     Restartable on the same port and store: tests stop it mid-run and bring it back."""
     port = port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        shutil.which("mlflow") or str(Path(os.sys.executable).parent / "mlflow"), "server",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-        "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
-        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
-    ]
-    log = open(folder / f"server-{port}.log", "ab")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                               env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_http(url + "/health", timeout=180, process=process)
-        except TimeoutError as err:
-            raise RuntimeError(f"{err}\n{(folder / f'server-{port}.log').read_text()[-3000:]}") from err
-        yield url, process
-    finally:
-        stop_group(process)
-        log.close()
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    with _mlflow(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "artifacts"), port, env,
+                 folder / f"server-{port}.log", timeout=180) as served:
+        yield served
