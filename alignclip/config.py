@@ -290,10 +290,9 @@ def dataset_spec(name: str):
 
 
 def default_protocol(dataset: str) -> str:
-    spec = dataset_spec(dataset)
-    if spec is None:
-        return "domainbed"
-    return {"coop": "base2new"}.get(spec.protocol, spec.protocol)
+    from alignclip.data.registry import default_protocol as of_dataset
+
+    return of_dataset(dataset)
 
 
 def default_recipe(protocol: str, dataset: str) -> str:

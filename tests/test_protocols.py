@@ -91,3 +91,18 @@ def test_a_new_protocol_needs_only_its_class_and_registration(monkeypatch, tmp_p
     write_metrics(tmp_path, "run", dataset="toy", protocol="every_image_once", method="erm", seed=0, views={"rest": 42.0})
     table = build_tables(summarise(collect(tmp_path)))["once_toy"]
     assert table[["method", "split", "ours_mean"]].values.tolist() == [["erm", "rest", 42.0]]
+
+
+def test_each_dataset_defaults_to_its_papers_protocol_in_every_runner():
+    """Section 4: the five DomainBed datasets (and the embedded digits) leave one domain out, the eleven CoOp datasets
+    are base-to-new, ImageNet has its few-shot protocol. The config (CLI/DVC/KFP) and `prepare` share one answer."""
+    from alignclip import config
+    from alignclip.data import prepare, registry
+
+    expected = {name: "domainbed" for name in ("rotated_digits", "pacs", "vlcs", "office_home", "terra_incognita", "domain_net")}
+    expected |= {name: "base2new" for name in ("caltech101", "oxford_pets", "stanford_cars", "flowers102", "food101",
+                                               "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")}
+    expected["imagenet"] = "imagenet"
+    assert set(expected) == set(registry.DATASETS)
+    for name, protocol in expected.items():
+        assert config.default_protocol(name) == prepare.default_protocol(name) == protocol, name

@@ -26,7 +26,7 @@ import pandas as pd
 from alignclip import artifacts
 from alignclip.data import splits, storage
 from alignclip.data.registry import (
-    CLASS_NAME_CHOICES, DATASETS, LAYOUT_KINDS, TEMPLATE_CHOICES, clean_class_name, get_dataset,
+    CLASS_NAME_CHOICES, DATASETS, LAYOUT_KINDS, TEMPLATE_CHOICES, clean_class_name, default_protocol, get_dataset,
 )
 from alignclip.log import get_logger
 from alignclip.presets import RESOURCES
@@ -381,11 +381,6 @@ def prepare_imagenet(settings: PrepareSettings, base2new: bool) -> tuple[pd.Data
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-
-
-def default_protocol(dataset: str) -> str:
-    spec = get_dataset(dataset)
-    return {"domainbed": "domainbed", "coop": "base2new", "imagenet": "imagenet"}[spec.protocol]
 
 
 def _dataset_name(settings: PrepareSettings) -> str:

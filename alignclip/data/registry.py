@@ -87,6 +87,17 @@ LAYOUT_KINDS: dict[str, DatasetSpec] = {
 }
 
 
+# the protocol each layout is evaluated under when none is chosen (a layout's field `protocol` names the layout)
+LAYOUT_PROTOCOL = {"domainbed": "domainbed", "coop": "base2new", "imagenet": "imagenet"}
+
+
+def default_protocol(name: str) -> str:
+    """The protocol of a registered dataset or layout kind when none is chosen; any other name: DomainBed's
+    (`prepare` then says the name is unknown)."""
+    spec = DATASETS.get(name) or LAYOUT_KINDS.get(name)
+    return LAYOUT_PROTOCOL[spec.protocol] if spec else "domainbed"
+
+
 def get_dataset(name: str) -> DatasetSpec:
     if name in LAYOUT_KINDS:
         return LAYOUT_KINDS[name]
