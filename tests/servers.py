@@ -7,8 +7,10 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -134,3 +136,89 @@ def mlflow_local_server(folder: Path, port: int | None = None):
     with _mlflow(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "artifacts"), port, env,
                  folder / f"server-{port}.log", timeout=180) as served:
         yield served
+
+
+class TcpOutage:
+    """A TCP relay in front of a server that a test can cut and restore: a real outage for the client. Stopping a
+    server is not one: moto's (werkzeug's) server stops accepting, but its threads go on answering on connections
+    the client keeps alive, so a client with a connection pool may never notice. ``cut()`` resets the open
+    connections and every new one until ``restore()``; ``refused`` counts the connections reset while cut, i.e.
+    the client's attempts during the outage (botocore's own retries may hide them from the client's log)."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.refused = 0
+        self._down = False
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cut(self) -> None:
+        with self._lock:
+            self._down = True
+            connections, self._open = self._open, set()
+        for connection in connections:
+            _reset(connection)
+
+    def restore(self) -> None:
+        with self._lock:
+            self._down = False
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # close()
+                return
+            with self._lock:
+                down = self._down
+                if down:
+                    self.refused += 1
+            if down:
+                _reset(client)
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                _reset(client)
+                continue
+            with self._lock:
+                self._open |= {client, upstream}
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        for end in (source, target):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            end.close()
+        with self._lock:
+            self._open -= {source, target}
+
+
+def _reset(connection: socket.socket) -> None:
+    """Close with a TCP reset, as a dead endpoint or a dropped route looks to the client."""
+    try:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()
+    except OSError:
+        pass
