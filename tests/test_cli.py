@@ -46,3 +46,16 @@ def test_a_bad_worker_count_is_one_clear_line_and_exit_2(tmp_path, command):
     assert done.returncode == 2, done.stderr
     assert "--num-workers 'lots': expected a count >= 0 or 'auto'" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_logs_off_a_terminal_are_one_plain_line_per_record_on_stderr(tmp_path):
+    """Pod logs and CI: no colour codes, no wrapping at 80 columns (a long path stays on its line), nothing on stdout."""
+    import re
+
+    out = tmp_path / ("a-folder-name-long-enough-to-have-been-wrapped-by-a-console-of-eighty-columns" * 2) / "digits"
+    done = subprocess.run([sys.executable, "-m", "alignclip", "data", "digits", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "wrote RotatedDigits" in line]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d INFO alignclip\.data\.digits: wrote RotatedDigits .*", line)
+    assert str(out) in line and "\x1b[" not in done.stderr
+    assert "wrote RotatedDigits" not in done.stdout
