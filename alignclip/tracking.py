@@ -172,6 +172,8 @@ def pipeline_run_id(experiment: str, uri: str | None = None) -> str | None:
         return None
     if os.environ.get("ALIGNCLIP_PARENT_RUN_ID"):
         return os.environ["ALIGNCLIP_PARENT_RUN_ID"]
+    if not _answers(uri):  # start_run then warns once; without the probe MLflow's own retries take minutes
+        return None
     try:
         import mlflow
 
@@ -267,10 +269,29 @@ def _mark_parent(parent_run_id: str | None, stage: str) -> None:
         runs.mark_failed(parent_run_id, stage)
 
 
+def _answers(uri: str) -> bool:
+    """The 3 s probe, with MLflow's HTTP retries bounded, before any request a stage makes to the store."""
+    from alignclip import tracking_transport as transport
+
+    transport.configure_http()
+    known = _PROBED.get(uri)
+    if known is None or time.monotonic() - known[0] > 30:  # one probe serves the stage's first requests
+        known = _PROBED[uri] = (time.monotonic(), transport.reachable(uri)[0])
+    return known[1]
+
+
+_PROBED: dict[str, tuple[float, bool]] = {}
+
+
 def resumable(run_id: str | None, parent_run_id: str | None) -> bool:
     """Whether ``run_id`` (a cell's training run, from train.json) is in this store under this pipeline run."""
     if not run_id:
         return False
+    uri = tracking_uri()
+    if uri and not _answers(uri):
+        # the server is down: continue the checkpoint's run anyway; the records wait on disk under that run id
+        # and `tracking sync` (or the next stage) puts them into it
+        return True
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 

@@ -159,3 +159,27 @@ def _logged_steps(path) -> int:
         return max(0, len(path.read_text().splitlines()) - 1)
     except OSError:
         return 0
+
+
+def test_evaluate_of_a_tracked_model_with_the_server_down_costs_seconds(tmp_path, spool, digits_prepared):
+    """The server goes away between train and evaluate: evaluate must not wait on MLflow's own retries (minutes)
+    to ask whether the training run can be continued; its records are spooled under that run."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", ALIGNCLIP_TRACKING_SPOOL=str(spool),
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "run"
+    trained = subprocess.run([sys.executable, "-m", "alignclip", "train", str(digits_prepared), str(out), "--method",
+                              "zeroshot", "--test-domain", "rotated_0", "--no-progress"], env=env, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_id = json.loads((out / "train.json").read_text())["mlflow_run_id"]
+    assert run_id
+    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there now
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "alignclip", "evaluate", str(digits_prepared), str(out / "model.pt"),
+                           str(out), "--num-workers", "0"], env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "unreachable" in done.stderr and json.loads(done.stdout.splitlines()[-1])["test_acc_pct"] >= 0
+    assert elapsed < 60, f"evaluate took {elapsed:.0f}s with the tracking server down"
+    [path] = list(spool.glob("*.jsonl"))
+    header = json.loads(path.read_text().splitlines()[0])
+    assert header["op"] == "run" and header["run_id"] == run_id  # replayed into the cell's training run
