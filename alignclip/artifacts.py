@@ -27,6 +27,10 @@ TRAIN_LOG = "train_log.csv"
 METRICS = "metrics.json"
 SCORES = "scores.json"  # the accuracies alone (percent): the narrow file `dvc metrics show` reads
 PREDICTIONS = "predictions.parquet"
+# What a stage may find in the folder it replaces whole; anything else there (another stage's outputs, the user's
+# files) makes it stop before any work: `train out/prep out/prep` must not delete the prepared dataset.
+CELL_FILES = frozenset({MODEL, TRAIN_SUMMARY, TRAIN_LOG, METRICS, SCORES, PREDICTIONS})  # train's, with evaluate's beside
+SIMILARITY_FILES = frozenset({SIMILARITY_MATRIX, SIMILARITY_CSV, SIMILARITY_HEATMAP})
 REPORT_PAGE = "index.html"
 REPORT_MARKDOWN = "index.md"
 

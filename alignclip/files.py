@@ -102,16 +102,6 @@ def _fsync_dir(folder: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ stage outputs
 
-# Every file a stage of this project writes. An output folder holding anything else is not ours to replace.
-KNOWN_OUTPUTS = frozenset(
-    {
-        "model.pt", "train.json", "train_log.csv", "metrics.json", "scores.json", "predictions.parquet",  # train, evaluate
-        "manifest.parquet", "meta.json",  # prepare
-        "similarity.pt", "similarity.csv", "similarity.png",  # similarity
-    }
-)
-
-
 def staging_dir(out_dir: str | Path, stage: str) -> Path:
     """The stage's work folder beside its outputs: ``<parent>/.<name>.<stage>.partial``. Its name is fixed (not
     random) so that a re-run after a crash finds what the crashed run left, e.g. a training checkpoint to resume."""
@@ -135,14 +125,15 @@ def _check_replaceable(out: Path, allowed: Iterable[str] | None) -> None:
 
 @contextmanager
 def stage_output(
-    out_dir: str | Path, stage: str, owns: Iterable[str] | None = None, allowed: Iterable[str] | None = KNOWN_OUTPUTS,
+    out_dir: str | Path, stage: str, owns: Iterable[str] | None = None, allowed: Iterable[str] | None = (),
     keep_staging_on_error: bool = False,
 ) -> Iterator[Path]:
     """Yield a staging folder to write a stage's outputs into; publish them when the block succeeds.
 
     ``owns=None``: the stage owns ``out_dir`` whole; on success the staging folder replaces it (a rerun leaves
     nothing of the previous run). ``allowed`` guards the user's files: a folder holding names outside it is
-    refused before any work (``None`` allows anything, for folders whose contents are all the stage's own).
+    refused before any work (the default: only an empty folder; ``None`` allows anything, for a folder whose
+    contents are all the stage's own, as the report checks itself).
 
     ``owns=[names]``: ``out_dir`` is shared with other stages (``evaluate`` writes beside ``train``'s model);
     each owned name is replaced by the new file or removed if the new run did not write it.

@@ -77,7 +77,7 @@ def similarity_stage(prepared_dir, out_dir, model: str, pretrained: str | None, 
     text = encode_classes(bundle.model, bundle.tokenizer, meta["classes"], meta["template"], "cpu")
     cosine = cosine_matrix(text)
     # the three files are published together, replacing the folder (a transaction: no stale heatmap on failure)
-    with stage_output(out_dir, "similarity") as staging:
+    with stage_output(out_dir, "similarity", allowed=artifacts.SIMILARITY_FILES) as staging:
         save_similarity(staging / artifacts.SIMILARITY_MATRIX, cosine, meta["classes"], bundle.architecture, bundle.pretrained)
         soft = row_softmax(cosine, scale)
         pd.DataFrame(soft.numpy(), index=meta["classes"], columns=meta["classes"]).to_csv(staging / artifacts.SIMILARITY_CSV)

@@ -268,7 +268,7 @@ def train(
     """
     out = Path(out_dir)
     store = store_for(out, resume)
-    with stage_output(out, "train", keep_staging_on_error=store is not None) as staging:
+    with stage_output(out, "train", allowed=artifacts.CELL_FILES, keep_staging_on_error=store is not None) as staging:
         summary = _train(prepared_dir, staging, settings, tracker, similarity_path, callbacks, store, resume)
         if store is not None and Path(store.location) == staging:
             store.clear()  # the finished outputs are published without the resume files

@@ -64,3 +64,23 @@ def test_refuses_to_overwrite_a_users_folder(tmp_path):
     with pytest.raises(FileExistsError, match="not a RotatedDigits build"):
         rd.build_rotated_digits(tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_a_bad_size_or_a_file_leaves_an_earlier_build_as_it_was(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "digits"
+    rd.build_rotated_digits(out)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    for size in ("0", "-3"):
+        done = subprocess.run([sys.executable, "-m", "alignclip", "data", "digits", str(out), "--size", size],
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and f"--size {size}: expected 8 pixels or more" in done.stderr, done.stderr
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]  # no half-built folder beside it
+    (tmp_path / "afile").write_text("mine")
+    done = subprocess.run([sys.executable, "-m", "alignclip", "data", "digits", str(tmp_path / "afile")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "afile is a file" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "afile").read_text() == "mine"

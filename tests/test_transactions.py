@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from alignclip.artifacts import CELL_FILES
 from alignclip.files import stage_output, staging_dir
 
 
@@ -14,10 +15,10 @@ def _write(folder, **files):
 
 def test_a_rerun_replaces_the_outputs_as_a_whole(tmp_path):
     out = tmp_path / "run"
-    with stage_output(out, "train") as staging:
+    with stage_output(out, "train", allowed=CELL_FILES) as staging:
         _write(staging, **{"model.pt": "old model", "train.json": "{}", "metrics.json": "old metrics"})
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt", "train.json"]
-    with stage_output(out, "train") as staging:
+    with stage_output(out, "train", allowed=CELL_FILES) as staging:
         _write(staging, **{"model.pt": "new model", "train.json": "{}"})
     assert sorted(p.name for p in out.iterdir()) == ["model.pt", "train.json"]  # no stale metrics beside it
     assert (out / "model.pt").read_text() == "new model"
@@ -26,10 +27,10 @@ def test_a_rerun_replaces_the_outputs_as_a_whole(tmp_path):
 
 def test_a_failed_stage_leaves_the_previous_outputs_and_no_empty_folder(tmp_path):
     out = tmp_path / "run"
-    with stage_output(out, "train") as staging:
+    with stage_output(out, "train", allowed=CELL_FILES) as staging:
         _write(staging, **{"model.pt": "good"})
     with pytest.raises(RuntimeError):
-        with stage_output(out, "train") as staging:
+        with stage_output(out, "train", allowed=CELL_FILES) as staging:
             _write(staging, **{"model.pt": "half"})
             raise RuntimeError("killed")
     assert (out / "model.pt").read_text() == "good"
@@ -97,3 +98,22 @@ def test_a_report_rerun_leaves_no_stale_figure_and_a_foreign_folder_is_refused(t
     (mine / "thesis.tex").write_text("x")
     with pytest.raises(FileExistsError, match="holds no report.json"):
         build_report(tmp_path / "results", mine)
+
+
+@pytest.mark.parametrize("stage", ["train", "similarity"])
+def test_a_stage_refuses_the_prepared_folder_as_its_output_and_deletes_nothing(digits_prepared, tmp_path, stage):
+    """`alignclip train PREP PREP` (or similarity) would replace the folder whole: the dataset's manifest is not its."""
+    import shutil
+    import subprocess
+    import sys
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(digits_prepared, prepared)
+    before = sorted(p.name for p in prepared.iterdir())
+    extra = ["--method", "erm", "--test-domain", "rotated_0", "--steps", "1", "--batch-size", "2", "--no-progress"] if stage == "train" else []
+    done = subprocess.run([sys.executable, "-m", "alignclip", stage, str(prepared), str(prepared), *extra],
+                          capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert "manifest.parquet" in line and "not outputs of this stage" in line
+    assert sorted(p.name for p in prepared.iterdir()) == before

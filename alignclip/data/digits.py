@@ -10,6 +10,7 @@ Everything is deterministic: two builds produce the same bytes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -48,39 +49,51 @@ def build_rotated_digits(out_dir: str | Path, size: int = DEFAULT_SIZE, force: b
     from sklearn.datasets import load_digits
 
     out = Path(out_dir)
+    if size < 8:
+        raise ValueError(f"--size {size}: expected 8 pixels or more (the source digits are 8x8)")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file: expected a folder to build RotatedDigits into")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         if not force:
             raise FileExistsError(
                 f"{out} exists, is not empty and is not a RotatedDigits build; choose an empty folder or pass --force "
                 "to replace its contents"
             )
-    if out.exists() and any(out.iterdir()):
-        # Rebuilding over an earlier build (or --force): start clean so no stale files survive.
-        shutil.rmtree(out)
-    digits = load_digits()
-    images, labels = digits.images, digits.target
-    order = np.random.RandomState(SHUFFLE_SEED).permutation(len(images))
-    counts: dict[str, dict[str, int]] = {}
-    for shard, angle in enumerate(ANGLES):
-        domain = domain_name(angle)
-        counts[domain] = {name: 0 for name in CLASS_NAMES}
-        for index in order[shard :: len(ANGLES)]:
-            name = CLASS_NAMES[labels[index]]
-            target = out / domain / name / f"digit_{index:04d}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            render_digit(images[index], angle, size).save(target, format="PNG", optimize=False)
-            counts[domain][name] += 1
-    summary = {
-        "dataset": "RotatedDigits",
-        "source": "sklearn.datasets.load_digits (1,797 8x8 images, 10 classes)",
-        "angles": list(ANGLES),
-        "domains": [domain_name(a) for a in ANGLES],
-        "classes": list(CLASS_NAMES),
-        "image_size": size,
-        "shuffle_seed": SHUFFLE_SEED,
-        "counts": counts,
-        "total": int(len(images)),
-    }
-    (out / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("wrote RotatedDigits (%d images, %d domains) to %s", len(images), len(ANGLES), out)
+    # Built beside the target and swapped in at the end: a failed build leaves an earlier one (or the user's
+    # folder) as it was, and a rebuild leaves no stale files.
+    final, out = out, out.parent / f".{out.name}.digits.partial"
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        digits = load_digits()
+        images, labels = digits.images, digits.target
+        order = np.random.RandomState(SHUFFLE_SEED).permutation(len(images))
+        counts: dict[str, dict[str, int]] = {}
+        for shard, angle in enumerate(ANGLES):
+            domain = domain_name(angle)
+            counts[domain] = {name: 0 for name in CLASS_NAMES}
+            for index in order[shard :: len(ANGLES)]:
+                name = CLASS_NAMES[labels[index]]
+                target = out / domain / name / f"digit_{index:04d}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                render_digit(images[index], angle, size).save(target, format="PNG", optimize=False)
+                counts[domain][name] += 1
+        summary = {
+            "dataset": "RotatedDigits",
+            "source": "sklearn.datasets.load_digits (1,797 8x8 images, 10 classes)",
+            "angles": list(ANGLES),
+            "domains": [domain_name(a) for a in ANGLES],
+            "classes": list(CLASS_NAMES),
+            "image_size": size,
+            "shuffle_seed": SHUFFLE_SEED,
+            "counts": counts,
+            "total": int(len(images)),
+        }
+        (out / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(out, final)
+    log.info("wrote RotatedDigits (%d images, %d domains) to %s", len(images), len(ANGLES), final)
     return summary
