@@ -89,6 +89,20 @@ def test_choosing_a_dataset_brings_its_domains_and_recipe():
     assert pets["data_protocol"] == "base2new" and pets["train_recipe"] == "base2new/eurosat" and pets["train_test_domains"] == [""]
 
 
+def test_config_show_without_a_family_prints_the_schema_defaults(capsys):
+    from alignclip.data.digits import ANGLES, domain_name
+    from alignclip.data.registry import DATASETS
+
+    # the registry names the domains `alignclip data digits` builds, so the default dataset resolves with no family
+    assert DATASETS["rotated_digits"].domains == tuple(domain_name(a) for a in ANGLES)
+    code, out, err = run_cli(["config", "show"], capsys)
+    assert code == 0, err
+    shown = yaml.safe_load(out)
+    assert shown["data"]["dataset"] == "rotated_digits" and shown["model"]["name"] == "tiny"
+    assert shown["train"]["test_domains"] == [domain_name(a) for a in ANGLES]
+    assert shown["train"]["seeds"] == BY_NAME["train_seeds"].default  # no family's values
+
+
 def test_params_file_beats_the_family_and_explicit_values_beat_the_file(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("train:\n  lr: 2.0e-5\n  steps: 300\nmodel:\n  name: vit-b-32\n")
