@@ -515,7 +515,7 @@ def tracking_sync(
     typer.echo(f"replayed {len(done)} of {len(pending)} spooled run(s) from {spool_dir()}")
 
 
-config_app = typer.Typer(help="The settings schema: show resolved settings, write params files.", no_args_is_help=True)
+config_app = typer.Typer(help="The settings schema: `config show` prints resolved settings as a params file (redirect it to write one).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 
