@@ -149,6 +149,11 @@ def lookup(name: str, where: str = "") -> Setting:
     return setting
 
 
+# what a type is called in messages, one value and several ("expected an integer", not "expected a int")
+KIND_WORDS = {"bool": ("true or false", "true/false values"), "int": ("an integer", "integers"),
+              "float": ("a number", "numbers"), "str": ("text", "names")}
+
+
 def _scalar(setting: Setting, value, kind: str, where: str):
     if kind == "bool":
         if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -174,7 +179,7 @@ def _scalar(setting: Setting, value, kind: str, where: str):
     elif kind == "str":
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{where}{setting.key}={value!r}: expected {'true or false' if kind == 'bool' else 'a ' + kind}")
+    raise ConfigError(f"{where}{setting.key}={value!r}: expected {KIND_WORDS[kind][0]}")
 
 
 def coerce(setting: Setting, value, where: str = ""):
@@ -197,10 +202,10 @@ def coerce(setting: Setting, value, where: str = ""):
             else:
                 value = [part.strip() for part in text.split(",")] if text else []
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}{setting.key}={value!r}: expected a list of {kind} (JSON or comma-separated)")
+            raise ConfigError(f"{where}{setting.key}={value!r}: expected a list of {KIND_WORDS[kind][1]} (JSON or comma-separated)")
         items = [_scalar(setting, item, kind, where) for item in value]
         if not items:
-            raise ConfigError(f"{where}{setting.key} is an empty list; expected at least one {kind}")
+            raise ConfigError(f"{where}{setting.key} is an empty list; expected one or more {KIND_WORDS[kind][1]}")
         for item in items:
             _check_range(setting, item, where)
         return items

@@ -59,8 +59,17 @@ def test_lists_accept_json_and_comma_separated_forms():
     assert parse_assignments(["train_seeds=[0, 1]"])["train_seeds"] == parse_assignments(["train_seeds=0,1"])["train_seeds"] == [0, 1]
     with pytest.raises(ConfigError, match="malformed JSON list"):
         parse_assignments(["train_seeds=[0, 1"])
-    with pytest.raises(ConfigError, match="expected a int"):
+    with pytest.raises(ConfigError, match="train.seeds=.x.: expected an integer"):
         parse_assignments(["train_seeds=0,x"])
+
+
+def test_type_errors_read_as_english():
+    with pytest.raises(ConfigError, match="train.steps='abc': expected an integer$"):
+        parse_assignments(["train_steps=abc"])
+    with pytest.raises(ConfigError, match="train.lr='fast': expected a number$"):
+        parse_assignments(["train_lr=fast"])
+    with pytest.raises(ConfigError, match="train.seeds=3: expected a list of integers"):
+        resolve("demo", overrides={"train_seeds": 3})
 
 
 # -- precedence: method defaults < recipe < family < params file < explicit -----------------------------------------
@@ -129,7 +138,7 @@ def test_params_file_errors_name_the_file_and_the_valid_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown key train.stepz; expected one of train.recipe, "):
         resolve("demo", bad)
     bad.write_text("train:\n  steps: many\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: train.steps='many': expected a int"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: train.steps='many': expected an integer"):
         resolve("demo", bad)
     bad.write_text("trainer:\n  steps: 3\n")
     with pytest.raises(ConfigError, match="unknown section 'trainer'"):
