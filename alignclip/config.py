@@ -327,9 +327,22 @@ def derive(values: dict) -> dict:
             raise ConfigError(f"train.methods: unknown method {method!r}; expected one of {', '.join(METHODS)}, "
                               f"optionally with +{' or +'.join(FORMULATIONS)}")
     spec = dataset_spec(dataset)
+    # before the domains: a dataset of another protocol lists none, and that is not what is wrong
+    allowed = [name for name, p in protocols.PROTOCOLS.items() if spec is not None and spec.protocol in p.layouts]
+    if spec is not None and protocol not in allowed:
+        families = [name for name, f in FAMILIES.items() if "data_dataset" in f.defaults and not name.startswith("backbones_")
+                    and f.defaults.get("data_protocol") in allowed]
+        raise ConfigError(f"data.protocol={protocol!r}: dataset {dataset!r} supports {' or '.join(allowed)}, not {protocol} "
+                          f"(family {' or '.join(families)})")
     if protocols.get_protocol(protocol).held_out_domain:
         known = list(spec.domains) if spec is not None else []
         if values["train_test_domains"] is None:
+            if spec is None:
+                # a dataset of one's own works when its held-out domains are named; otherwise it is most likely a typo
+                from alignclip.data.registry import DATASETS
+
+                raise ConfigError(f"unknown dataset {dataset!r}: expected one of {', '.join(sorted(DATASETS))}; for a dataset "
+                                  "of your own, set train.test_domains (and data.root)")
             if not known:
                 raise ConfigError(f"train.test_domains is not set and dataset {dataset!r} lists no domains; set it")
             values["train_test_domains"] = known
@@ -341,9 +354,6 @@ def derive(values: dict) -> dict:
         if values["train_test_domains"] not in (None, [""]):
             raise ConfigError(f"train.test_domains={values['train_test_domains']}: the {protocol} protocol holds out no domain; leave it unset")
         values["train_test_domains"] = [""]  # one cell per (method, seed); DVC's matrix needs a list
-    allowed = [name for name, p in protocols.PROTOCOLS.items() if spec is not None and spec.protocol in p.layouts]
-    if spec is not None and protocol not in allowed:
-        raise ConfigError(f"data.protocol={protocol!r}: dataset {dataset!r} supports {' or '.join(allowed)}")
     return values
 
 
