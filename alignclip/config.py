@@ -134,6 +134,9 @@ COMPOSITES: dict[str, Composite] = {
                            tuple(name for name in FAMILIES if name.startswith("backbones_"))),
 }
 
+# A family's values that hold for its dataset only: not set again when the user chooses another dataset
+DATASET_BOUND = ("train_test_domains", "train_recipe")
+
 # The benchmark's recipe for a (protocol, dataset) is the protocol's ``recipe`` pattern when that recipe exists
 FALLBACK_RECIPE = "paper"
 
@@ -280,11 +283,17 @@ def resolve(family: str | None = None, params_file: str | Path | None = None, ov
         values.update(check_family(family).defaults)
         if values.get("mlflow_experiment") is None:
             values["mlflow_experiment"] = FAMILIES[family].experiment
-    if params_file is not None:
-        values.update(load_params_file(params_file))
+    chosen = load_params_file(params_file) if params_file is not None else {}
     for name, value in (overrides or {}).items():
         setting = lookup(name)
-        values[setting.name] = coerce(setting, value)
+        chosen[setting.name] = coerce(setting, value)
+    values.update(chosen)
+    if family is not None and values["data_dataset"] != FAMILIES[family].defaults.get("data_dataset", BY_NAME["data_dataset"].default):
+        # the family chose these for its own dataset (demo: two of RotatedDigits' domains and its recipe); another
+        # dataset brings its own (derive) unless the user set them. data.root follows through its {dataset}.
+        for name in DATASET_BOUND:
+            if name not in chosen:
+                values[name] = BY_NAME[name].default
     return derive(values)
 
 

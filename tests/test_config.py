@@ -98,6 +98,19 @@ def test_choosing_a_dataset_brings_its_domains_and_recipe():
     assert pets["data_protocol"] == "base2new" and pets["train_recipe"] == "base2new/eurosat" and pets["train_test_domains"] == [""]
 
 
+def test_another_dataset_replaces_what_the_family_chose_for_its_own(capsys):
+    # demo holds out two of RotatedDigits' domains with its recipe; PACS brings its four and its benchmark recipe
+    code, out, err = run_cli(["config", "show", "demo", "--dataset", "pacs"], capsys)
+    assert code == 0, err
+    shown = yaml.safe_load(out)["train"]
+    assert shown["test_domains"] == ["art_painting", "cartoon", "photo", "sketch"] and shown["recipe"] == "domain_shift/pacs"
+    assert shown["steps"] == FAMILIES["demo"].defaults["train_steps"]  # the family's, not bound to its dataset
+    # what the user sets still wins, from the command line or a params file
+    values = resolve("demo", overrides={"data_dataset": "pacs", "train_test_domains": "sketch", "train_recipe": "demo"})
+    assert values["train_test_domains"] == ["sketch"] and values["train_recipe"] == "demo"
+    assert resolve("demo", overrides={"data_dataset": "rotated_digits"})["train_test_domains"] == ["rotated_0", "rotated_75"]
+
+
 def test_config_show_without_a_family_prints_the_schema_defaults(capsys):
     from alignclip.data.digits import ANGLES, domain_name
     from alignclip.data.registry import DATASETS
