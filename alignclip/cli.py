@@ -515,19 +515,21 @@ def tracking_sync(
     typer.echo(f"replayed {len(done)} of {len(pending)} spooled run(s) from {spool_dir()}")
 
 
-config_app = typer.Typer(help="The settings schema: show resolved settings, write params files.", no_args_is_help=True)
+config_app = typer.Typer(help="The settings schema: `config show` prints resolved settings as a params file (redirect it to write one).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 
 @config_app.command("show")
 def config_show(
-    family: Optional[str] = typer.Argument(None, help="start from a family's defaults: " + FAMILY_HELP.replace(" | all | backbones", "")),
+    family: Optional[str] = typer.Argument(None, help="start from a family's defaults (none: the schema's own, no family's): " + FAMILY_HELP.replace(" | all | backbones", "")),
     dataset: Optional[str] = OPT_DATASET,
     data_root: Optional[str] = OPT_DATA_ROOT,
     param: List[str] = OPT_PARAM,
     params_file: Optional[Path] = OPT_PARAMS_FILE,
 ):
-    """Print the resolved settings as a params file (what DVC and the pipelines would run with)."""
+    """Print the resolved settings as a params file (what DVC and the pipelines would run with).
+
+    Without FAMILY: the schema's own defaults (rotated_digits, tiny preset, paper recipe), which families and params files override; `config show demo` is the embedded demo (params.yaml)."""
     from alignclip.config import parse_assignments, render_params, resolve
 
     overrides = {k: v for k, v in {"data_dataset": dataset, "data_root": data_root}.items() if v is not None}

@@ -134,6 +134,9 @@ COMPOSITES: dict[str, Composite] = {
                            tuple(name for name in FAMILIES if name.startswith("backbones_"))),
 }
 
+# A family's values that hold for its dataset only: not set again when the user chooses another dataset
+DATASET_BOUND = ("train_test_domains", "train_recipe")
+
 # The benchmark's recipe for a (protocol, dataset) is the protocol's ``recipe`` pattern when that recipe exists
 FALLBACK_RECIPE = "paper"
 
@@ -147,6 +150,11 @@ def lookup(name: str, where: str = "") -> Setting:
     if setting is None:
         raise ConfigError(f"{where}unknown setting {name!r}: expected one of {', '.join(BY_NAME)}")
     return setting
+
+
+# what a type is called in messages, one value and several ("expected an integer", not "expected a int")
+KIND_WORDS = {"bool": ("true or false", "true/false values"), "int": ("an integer", "integers"),
+              "float": ("a number", "numbers"), "str": ("text", "names")}
 
 
 def _scalar(setting: Setting, value, kind: str, where: str):
@@ -174,7 +182,7 @@ def _scalar(setting: Setting, value, kind: str, where: str):
     elif kind == "str":
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{where}{setting.key}={value!r}: expected {'true or false' if kind == 'bool' else 'a ' + kind}")
+    raise ConfigError(f"{where}{setting.key}={value!r}: expected {KIND_WORDS[kind][0]}")
 
 
 def coerce(setting: Setting, value, where: str = ""):
@@ -197,10 +205,10 @@ def coerce(setting: Setting, value, where: str = ""):
             else:
                 value = [part.strip() for part in text.split(",")] if text else []
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}{setting.key}={value!r}: expected a list of {kind} (JSON or comma-separated)")
+            raise ConfigError(f"{where}{setting.key}={value!r}: expected a list of {KIND_WORDS[kind][1]} (JSON or comma-separated)")
         items = [_scalar(setting, item, kind, where) for item in value]
         if not items:
-            raise ConfigError(f"{where}{setting.key} is an empty list; expected at least one {kind}")
+            raise ConfigError(f"{where}{setting.key} is an empty list; expected one or more {KIND_WORDS[kind][1]}")
         for item in items:
             _check_range(setting, item, where)
         return items
@@ -275,11 +283,17 @@ def resolve(family: str | None = None, params_file: str | Path | None = None, ov
         values.update(check_family(family).defaults)
         if values.get("mlflow_experiment") is None:
             values["mlflow_experiment"] = FAMILIES[family].experiment
-    if params_file is not None:
-        values.update(load_params_file(params_file))
+    chosen = load_params_file(params_file) if params_file is not None else {}
     for name, value in (overrides or {}).items():
         setting = lookup(name)
-        values[setting.name] = coerce(setting, value)
+        chosen[setting.name] = coerce(setting, value)
+    values.update(chosen)
+    if family is not None and values["data_dataset"] != FAMILIES[family].defaults.get("data_dataset", BY_NAME["data_dataset"].default):
+        # the family chose these for its own dataset (demo: two of RotatedDigits' domains and its recipe); another
+        # dataset brings its own (derive) unless the user set them. data.root follows through its {dataset}.
+        for name in DATASET_BOUND:
+            if name not in chosen:
+                values[name] = BY_NAME[name].default
     return derive(values)
 
 
@@ -322,9 +336,22 @@ def derive(values: dict) -> dict:
             raise ConfigError(f"train.methods: unknown method {method!r}; expected one of {', '.join(METHODS)}, "
                               f"optionally with +{' or +'.join(FORMULATIONS)}")
     spec = dataset_spec(dataset)
+    # before the domains: a dataset of another protocol lists none, and that is not what is wrong
+    allowed = [name for name, p in protocols.PROTOCOLS.items() if spec is not None and spec.protocol in p.layouts]
+    if spec is not None and protocol not in allowed:
+        families = [name for name, f in FAMILIES.items() if "data_dataset" in f.defaults and not name.startswith("backbones_")
+                    and f.defaults.get("data_protocol") in allowed]
+        raise ConfigError(f"data.protocol={protocol!r}: dataset {dataset!r} supports {' or '.join(allowed)}, not {protocol} "
+                          f"(family {' or '.join(families)})")
     if protocols.get_protocol(protocol).held_out_domain:
         known = list(spec.domains) if spec is not None else []
         if values["train_test_domains"] is None:
+            if spec is None:
+                # a dataset of one's own works when its held-out domains are named; otherwise it is most likely a typo
+                from alignclip.data.registry import DATASETS
+
+                raise ConfigError(f"unknown dataset {dataset!r}: expected one of {', '.join(sorted(DATASETS))}; for a dataset "
+                                  "of your own, set train.test_domains (and data.root)")
             if not known:
                 raise ConfigError(f"train.test_domains is not set and dataset {dataset!r} lists no domains; set it")
             values["train_test_domains"] = known
@@ -336,9 +363,6 @@ def derive(values: dict) -> dict:
         if values["train_test_domains"] not in (None, [""]):
             raise ConfigError(f"train.test_domains={values['train_test_domains']}: the {protocol} protocol holds out no domain; leave it unset")
         values["train_test_domains"] = [""]  # one cell per (method, seed); DVC's matrix needs a list
-    allowed = [name for name, p in protocols.PROTOCOLS.items() if spec is not None and spec.protocol in p.layouts]
-    if spec is not None and protocol not in allowed:
-        raise ConfigError(f"data.protocol={protocol!r}: dataset {dataset!r} supports {' or '.join(allowed)}")
     return values
 
 

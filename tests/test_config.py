@@ -59,8 +59,17 @@ def test_lists_accept_json_and_comma_separated_forms():
     assert parse_assignments(["train_seeds=[0, 1]"])["train_seeds"] == parse_assignments(["train_seeds=0,1"])["train_seeds"] == [0, 1]
     with pytest.raises(ConfigError, match="malformed JSON list"):
         parse_assignments(["train_seeds=[0, 1"])
-    with pytest.raises(ConfigError, match="expected a int"):
+    with pytest.raises(ConfigError, match="train.seeds=.x.: expected an integer"):
         parse_assignments(["train_seeds=0,x"])
+
+
+def test_type_errors_read_as_english():
+    with pytest.raises(ConfigError, match="train.steps='abc': expected an integer$"):
+        parse_assignments(["train_steps=abc"])
+    with pytest.raises(ConfigError, match="train.lr='fast': expected a number$"):
+        parse_assignments(["train_lr=fast"])
+    with pytest.raises(ConfigError, match="train.seeds=3: expected a list of integers"):
+        resolve("demo", overrides={"train_seeds": 3})
 
 
 # -- precedence: method defaults < recipe < family < params file < explicit -----------------------------------------
@@ -89,6 +98,33 @@ def test_choosing_a_dataset_brings_its_domains_and_recipe():
     assert pets["data_protocol"] == "base2new" and pets["train_recipe"] == "base2new/eurosat" and pets["train_test_domains"] == [""]
 
 
+def test_another_dataset_replaces_what_the_family_chose_for_its_own(capsys):
+    # demo holds out two of RotatedDigits' domains with its recipe; PACS brings its four and its benchmark recipe
+    code, out, err = run_cli(["config", "show", "demo", "--dataset", "pacs"], capsys)
+    assert code == 0, err
+    shown = yaml.safe_load(out)["train"]
+    assert shown["test_domains"] == ["art_painting", "cartoon", "photo", "sketch"] and shown["recipe"] == "domain_shift/pacs"
+    assert shown["steps"] == FAMILIES["demo"].defaults["train_steps"]  # the family's, not bound to its dataset
+    # what the user sets still wins, from the command line or a params file
+    values = resolve("demo", overrides={"data_dataset": "pacs", "train_test_domains": "sketch", "train_recipe": "demo"})
+    assert values["train_test_domains"] == ["sketch"] and values["train_recipe"] == "demo"
+    assert resolve("demo", overrides={"data_dataset": "rotated_digits"})["train_test_domains"] == ["rotated_0", "rotated_75"]
+
+
+def test_config_show_without_a_family_prints_the_schema_defaults(capsys):
+    from alignclip.data.digits import ANGLES, domain_name
+    from alignclip.data.registry import DATASETS
+
+    # the registry names the domains `alignclip data digits` builds, so the default dataset resolves with no family
+    assert DATASETS["rotated_digits"].domains == tuple(domain_name(a) for a in ANGLES)
+    code, out, err = run_cli(["config", "show"], capsys)
+    assert code == 0, err
+    shown = yaml.safe_load(out)
+    assert shown["data"]["dataset"] == "rotated_digits" and shown["model"]["name"] == "tiny"
+    assert shown["train"]["test_domains"] == [domain_name(a) for a in ANGLES]
+    assert shown["train"]["seeds"] == BY_NAME["train_seeds"].default  # no family's values
+
+
 def test_params_file_beats_the_family_and_explicit_values_beat_the_file(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("train:\n  lr: 2.0e-5\n  steps: 300\nmodel:\n  name: vit-b-32\n")
@@ -115,7 +151,7 @@ def test_params_file_errors_name_the_file_and_the_valid_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown key train.stepz; expected one of train.recipe, "):
         resolve("demo", bad)
     bad.write_text("train:\n  steps: many\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: train.steps='many': expected a int"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: train.steps='many': expected an integer"):
         resolve("demo", bad)
     bad.write_text("trainer:\n  steps: 3\n")
     with pytest.raises(ConfigError, match="unknown section 'trainer'"):
@@ -141,6 +177,9 @@ BAD = [
     (["pipeline", "compile", "domain_shift", "--param", "train_batch_size=0"], "train.batch_size=0: expected at least 1"),
     (["pipeline", "compile", "domain_shift", "--param", "train_test_domains=Art,Mars"], "office_home has no domain 'Mars'"),
     (["pipeline", "compile", "nosuch"], "unknown pipeline family 'nosuch'"),
+    (["pipeline", "submit", "domain_shift", "--dry-run", "--dataset", "pcas"], "unknown dataset 'pcas': expected one of caltech101, "),
+    (["pipeline", "submit", "domain_shift", "--dry-run", "--dataset", "oxford_pets"],
+     "dataset 'oxford_pets' supports base2new, not domainbed (family base2new)"),
     (["pipeline", "submit", "demo", "--param", "train_stepz=3"], "unknown setting 'train_stepz': expected one of data_dataset"),
     (["pipeline", "submit", "demo", "--params-file", "{tmp}/missing.yaml"], "params file {tmp}/missing.yaml not found"),
     (["pipeline", "submit", "domain_shift", "--host", "http://kfp:8080"], "is the built-in placeholder"),

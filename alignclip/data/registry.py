@@ -44,7 +44,9 @@ class DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {
     # DomainBed (Gulrajani & Lopez-Paz 2021): root/<domain>/<class>/<image>
-    "rotated_digits": DatasetSpec("rotated_digits", "domainbed", "a photo of the digit {}."),  # ours (embedded demo)
+    # ours (embedded demo), built by `alignclip data digits`: one domain per angle of digits.ANGLES (a test keeps them equal)
+    "rotated_digits": DatasetSpec("rotated_digits", "domainbed", "a photo of the digit {}.",
+                                  domains=tuple(f"rotated_{angle}" for angle in (0, 15, 30, 45, 60, 75))),
     "pacs": DatasetSpec("pacs", "domainbed", domains=("art_painting", "cartoon", "photo", "sketch")),
     "vlcs": DatasetSpec("vlcs", "domainbed", domains=("Caltech101", "LabelMe", "SUN09", "VOC2007")),
     "office_home": DatasetSpec("office_home", "domainbed", domains=("Art", "Clipart", "Product", "Real World")),
