@@ -51,6 +51,10 @@ def cluster_settings(gpu_type=None, gpus=None, node_selector=None, tolerations=N
         if gpus < 0:
             raise ConfigError(f"--gpus {gpus}: expected 0 or more accelerators per task")
         settings.gpus = gpus
+        if gpus == 0:
+            # No accelerator: the default GPU node selector and toleration would keep the tasks Pending on a cluster
+            # without GPU nodes. Explicit --node-selector/--toleration still apply (below).
+            settings.node_selector, settings.tolerations = {}, []
     if node_selector:
         pairs = {}
         for item in node_selector:

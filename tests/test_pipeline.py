@@ -76,6 +76,21 @@ def test_gpu_requests_retries_and_scheduling(compiled):
     assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-prepare"]["container"].get("resources", {})
 
 
+def test_no_gpus_drops_the_default_gpu_node_selector_and_toleration(tmp_path):
+    # --gpus 0 is for a cluster without GPU nodes: the GPU defaults would keep train/evaluate Pending there.
+    def scheduling(cluster):
+        path = compile_pipeline("demo", tmp_path / "p.yaml", cluster)
+        spec, platform = list(yaml.safe_load_all(path.read_text()))
+        executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+        return [(executors[n].get("nodeSelector"), executors[n].get("tolerations")) for n in ("exec-train", "exec-evaluate")]
+
+    assert scheduling(cluster_settings(gpus=0)) == [(None, None)] * 2
+    # explicit ones still apply
+    explicit = scheduling(cluster_settings(gpus=0, node_selector=["pool=cpu"], tolerations=["dedicated=ml"]))
+    assert explicit == [({"labels": {"pool": "cpu"}}, [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}])] * 2
+
+
 def test_secrets_come_from_kubernetes_secrets(compiled):
     _, executors, text = compiled
     for name in ("exec-train", "exec-evaluate", "exec-prepare", "exec-report"):
