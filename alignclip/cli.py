@@ -427,12 +427,15 @@ def pipeline_compile(
 
     values = _settings(family, dataset, data_root, param, params_file)
     cluster = _cluster(gpu_type, gpus, node_selector, toleration, retries, cpu, memory, image, max_parallelism)
+    if output.is_dir():  # --force would not help: the package is one file
+        raise ConfigError(f"-o {output}: a directory; expected a .yaml file path")
     if output.exists() and not force:
         raise ConfigError(f"{output} exists; pass --force to replace it")
-    check_output_dir(output.parent if str(output.parent) else Path("."))
+    check_output_dir(output.parent if str(output.parent) else Path("."), f"-o {output}: folder")
     if is_placeholder_image(cluster):
         log.warning("image %s is the built-in placeholder: pass --image REGISTRY/alignclip:TAG (the image you pushed) "
                     "or set ALIGNCLIP_IMAGE, or the cluster cannot pull it", cluster.image)
+    output.parent.mkdir(parents=True, exist_ok=True)  # as every other output of the CLI: missing folders are created
     path = compile_pipeline(family, output, cluster, values)
     typer.echo(f"compiled {family} -> {path}")
 
