@@ -393,9 +393,9 @@ OPT_DATA_ROOT = typer.Option(None, "--data-root", help="dataset folder or s3:// 
 OPT_PARAM = typer.Option([], "--param", help=PARAM_HELP)
 OPT_PARAMS_FILE = typer.Option(None, "--params-file", help="settings file (params.yaml layout, any subset); beats the family's defaults")
 OPT_GPU_TYPE = typer.Option("nvidia.com/gpu", "--accelerator", "--gpu-type", help="accelerator resource of train/evaluate tasks")
-OPT_GPUS = typer.Option(1, help="accelerators per train/evaluate task (0: none)")
-OPT_NODE_SELECTOR = typer.Option([], help="LABEL=VALUE for GPU tasks (repeatable; default nvidia.com/gpu.present=true)")
-OPT_TOLERATION = typer.Option([], help="KEY[=VALUE][:EFFECT] for GPU tasks (repeatable; default nvidia.com/gpu:NoSchedule)")
+OPT_GPUS = typer.Option(1, help="accelerators per train/evaluate task (0: none, and no default GPU node selector or toleration)")
+OPT_NODE_SELECTOR = typer.Option([], help="LABEL=VALUE for GPU tasks (repeatable; default nvidia.com/gpu.present=true, none with --gpus 0)")
+OPT_TOLERATION = typer.Option([], help="KEY[=VALUE][:EFFECT] for GPU tasks (repeatable; default nvidia.com/gpu:NoSchedule, none with --gpus 0)")
 OPT_CPU = typer.Option(None, help="CPU request and limit of train/evaluate tasks (default 16; the limit sizes --num-workers auto)")
 OPT_MEMORY = typer.Option(None, help="memory request of train/evaluate tasks (default 32G)")
 OPT_IMAGE = typer.Option(None, envvar="ALIGNCLIP_IMAGE", help="image of every task (default: ghcr.io/alignclip/alignclip:<version>, a placeholder)")
@@ -427,12 +427,15 @@ def pipeline_compile(
 
     values = _settings(family, dataset, data_root, param, params_file)
     cluster = _cluster(gpu_type, gpus, node_selector, toleration, retries, cpu, memory, image, max_parallelism)
+    if output.is_dir():  # --force would not help: the package is one file
+        raise ConfigError(f"-o {output}: a directory; expected a .yaml file path")
     if output.exists() and not force:
         raise ConfigError(f"{output} exists; pass --force to replace it")
-    check_output_dir(output.parent if str(output.parent) else Path("."))
+    check_output_dir(output.parent if str(output.parent) else Path("."), f"-o {output}: folder")
     if is_placeholder_image(cluster):
         log.warning("image %s is the built-in placeholder: pass --image REGISTRY/alignclip:TAG (the image you pushed) "
                     "or set ALIGNCLIP_IMAGE, or the cluster cannot pull it", cluster.image)
+    output.parent.mkdir(parents=True, exist_ok=True)  # as every other output of the CLI: missing folders are created
     path = compile_pipeline(family, output, cluster, values)
     typer.echo(f"compiled {family} -> {path}")
 

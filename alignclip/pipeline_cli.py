@@ -51,6 +51,10 @@ def cluster_settings(gpu_type=None, gpus=None, node_selector=None, tolerations=N
         if gpus < 0:
             raise ConfigError(f"--gpus {gpus}: expected 0 or more accelerators per task")
         settings.gpus = gpus
+        if gpus == 0:
+            # No accelerator: the default GPU node selector and toleration would keep the tasks Pending on a cluster
+            # without GPU nodes. Explicit --node-selector/--toleration still apply (below).
+            settings.node_selector, settings.tolerations = {}, []
     if node_selector:
         pairs = {}
         for item in node_selector:
@@ -111,10 +115,42 @@ def compile_pipeline(family: str, output: str | Path, cluster=None, values: dict
     return Path(output)
 
 
+def check_kfp_host(host: str, timeout: float = 5.0) -> str:
+    """The host's URL once its API answers at all. kfp.Client gives a urllib3 traceback for a host it cannot reach,
+    retries for half a minute, and waits without end on one that never answers; this probe fails in seconds, in
+    one line. Any other HTTP answer (401 or 404, e.g. from a sign-in proxy kfp has a token for) is left to kfp."""
+    import http.client
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    url = host.rstrip("/") if host.startswith("http") else f"https://{host}"  # as kfp.Client reads a host
+    hint = ("check the address and that the KFP API is up and reachable from here, e.g. "
+            "`kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`, then --host http://localhost:8080")
+    try:
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+            raise ValueError(url)
+        with urllib.request.urlopen(f"{url}/apis/v2beta1/healthz", timeout=timeout):
+            return url
+    except urllib.error.HTTPError as err:
+        if err.code < 500:
+            return url
+        # 502/503 from a port-forward or proxy: the API behind it is down (kfp would retry, then fail the same way)
+        raise ConfigError(f"--host {host}: the KFP API at {url} answered HTTP {err.code} {err.reason}; {hint}") from None
+    except (ValueError, http.client.InvalidURL):  # e.g. a port that is not a number
+        raise ConfigError(f"--host {host}: not a URL; expected the KFP API endpoint, e.g. http://localhost:8080") from None
+    except (OSError, http.client.HTTPException) as err:
+        reason = getattr(err, "reason", None) or err
+        if isinstance(reason, TimeoutError):
+            reason = f"no answer within {timeout:g} s"
+        raise ConfigError(f"--host {host}: the KFP API at {url} is not reachable ({reason}); {hint}") from None
+
+
 def submit(family: str, host: str, experiment: str | None, run_name: str | None, values: dict, cluster=None) -> str:
     """Create a run on a KFP cluster with every parameter explicit (what `--dry-run` prints)."""
     import kfp
 
+    url = check_kfp_host(host)
     client = kfp.Client(host=host)
     arguments = pipeline_arguments(family, values)
     default_experiment = values.get("mlflow_experiment") or (
@@ -122,7 +158,7 @@ def submit(family: str, host: str, experiment: str | None, run_name: str | None,
     result = client.create_run_from_pipeline_func(
         _build(family, cluster, values), arguments=arguments, experiment_name=experiment or default_experiment, run_name=run_name
     )
-    return f"{host.rstrip('/')}/#/runs/details/{result.run_id}"
+    return f"{url}/#/runs/details/{result.run_id}"
 
 
 def run_local(family: str, pipeline_root: str | Path, values: dict):

@@ -180,6 +180,9 @@ BAD = [
     (["pipeline", "submit", "domain_shift", "--dry-run", "--dataset", "pcas"], "unknown dataset 'pcas': expected one of caltech101, "),
     (["pipeline", "submit", "domain_shift", "--dry-run", "--dataset", "oxford_pets"],
      "dataset 'oxford_pets' supports base2new, not domainbed (family base2new)"),
+    # -o names the package file: a folder gets no "pass --force" (which would not help)
+    (["pipeline", "compile", "demo", "-o", "{tmp}"], "-o {tmp}: a directory; expected a .yaml file path"),
+    (["pipeline", "compile", "demo", "-o", "{tmp}/afile/x.yaml"], "-o {tmp}/afile/x.yaml: folder {tmp}/afile is a file"),
     (["pipeline", "submit", "demo", "--param", "train_stepz=3"], "unknown setting 'train_stepz': expected one of data_dataset"),
     (["pipeline", "submit", "demo", "--params-file", "{tmp}/missing.yaml"], "params file {tmp}/missing.yaml not found"),
     (["pipeline", "submit", "domain_shift", "--host", "http://kfp:8080"], "is the built-in placeholder"),
@@ -214,6 +217,13 @@ def test_an_existing_package_is_not_overwritten_silently(tmp_path, capsys):
     (tmp_path / "p.yaml").write_text("mine")
     code, _, err = run_cli(["pipeline", "compile", "demo", "-o", tmp_path / "p.yaml"], capsys)
     assert code == 2 and "pass --force" in err and (tmp_path / "p.yaml").read_text() == "mine"
+
+
+def test_a_package_path_in_missing_folders_creates_them(tmp_path, capsys):
+    nested = tmp_path / "nodir" / "x" / "demo.yaml"
+    code, out, err = run_cli(["pipeline", "compile", "demo", "-o", nested], capsys)
+    assert code == 0 and f"compiled demo -> {nested}" in out, err
+    assert next(yaml.safe_load_all(nested.read_text()))["pipelineInfo"]["name"] == "alignclip-demo"
 
 
 # -- one grid cell, three runners ------------------------------------------------------------------------------------

@@ -2,13 +2,19 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import yaml
 
+from alignclip import pipeline_cli
+from alignclip.config import ConfigError
 from alignclip.pipeline_cli import cluster_settings, compile_pipeline
+from tests.servers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,6 +80,21 @@ def test_gpu_requests_retries_and_scheduling(compiled):
     assert loop["train"]["retryPolicy"]["maxRetryCount"] == 3
     assert "retryPolicy" not in loop["evaluate"]
     assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-prepare"]["container"].get("resources", {})
+
+
+def test_no_gpus_drops_the_default_gpu_node_selector_and_toleration(tmp_path):
+    # --gpus 0 is for a cluster without GPU nodes: the GPU defaults would keep train/evaluate Pending there.
+    def scheduling(cluster):
+        path = compile_pipeline("demo", tmp_path / "p.yaml", cluster)
+        spec, platform = list(yaml.safe_load_all(path.read_text()))
+        executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+        return [(executors[n].get("nodeSelector"), executors[n].get("tolerations")) for n in ("exec-train", "exec-evaluate")]
+
+    assert scheduling(cluster_settings(gpus=0)) == [(None, None)] * 2
+    # explicit ones still apply
+    explicit = scheduling(cluster_settings(gpus=0, node_selector=["pool=cpu"], tolerations=["dedicated=ml"]))
+    assert explicit == [({"labels": {"pool": "cpu"}}, [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}])] * 2
 
 
 def test_secrets_come_from_kubernetes_secrets(compiled):
@@ -162,6 +183,7 @@ def test_submit_sends_the_intended_arguments_and_cluster_settings(monkeypatch, c
     from alignclip.cli import main
 
     monkeypatch.setattr(kfp, "Client", StubClient)
+    monkeypatch.setattr(pipeline_cli, "check_kfp_host", lambda host: host)  # kfp.example is not there to probe
     StubClient.calls.clear()
     monkeypatch.setattr(sys, "argv", [
         "alignclip", "pipeline", "submit", "domain_shift", "--host", "http://kfp.example:8080", "--dataset", "pacs",
@@ -197,6 +219,51 @@ def test_submit_sends_the_intended_arguments_and_cluster_settings(monkeypatch, c
     assert executors["exec-train"]["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"}]
     (loop_task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
     assert loop_task["iteratorPolicy"]["parallelismLimit"] == 4
+
+
+@pytest.mark.parametrize("case", ["refused", "malformed", "silent"])
+def test_submit_to_an_unreachable_host_is_one_line_in_seconds(case):
+    # kfp.Client alone ends in a urllib3 traceback, or waits without end on a host that never answers
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel accepts the connection; nothing ever answers
+        host, expected = {
+            "refused": (f"http://127.0.0.1:{free_port()}", "Connection refused"),
+            "malformed": ("http://kfp:port", "not a URL"),
+            "silent": (f"http://127.0.0.1:{silent.getsockname()[1]}", "no answer within 5 s"),
+        }[case]
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "alignclip", "pipeline", "submit", "domain_shift", "--host", host,
+                               "--image", "ghcr.io/me/alignclip:1"], capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - start
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith(f"error: --host {host}: ") and expected in lines[0], lines[0]
+    assert took < 30  # the interpreter and kfp's import, plus at most the 5 s probe
+
+
+def test_the_host_probe_leaves_http_answers_to_kfp_but_not_a_down_api():
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(int(self.path.split("/")[1]))  # /404/apis/v2beta1/healthz answers 404
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        # 401/404: e.g. a sign-in proxy in front of the API, which kfp may hold a token for
+        assert pipeline_cli.check_kfp_host(f"{base}/404/") == f"{base}/404"
+        with pytest.raises(ConfigError, match="answered HTTP 503"):
+            pipeline_cli.check_kfp_host(f"{base}/503")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_dry_run_prints_every_task(capsys):
