@@ -286,7 +286,7 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="model.pt from `alignclip train`"),
     out_dir: Path = typer.Argument(..., help="where to write metrics.json and predictions.parquet"),
     test_domain: Optional[str] = typer.Option(None, help="held-out domain: read from the checkpoint; if given, it must agree"),
-    test_split: str = typer.Option("holdout", help="held-out domain: 20% split (holdout, CLIPood), 80% split (in, DomainBed) or all (full)"),
+    test_split: str = typer.Option("holdout", help="held-out domain: its 20% split (holdout, CLIPood), its 80% split (in, DomainBed) or all its images (full)"),
     batch_size: int = typer.Option(512),
     num_workers: str = typer.Option("auto", help=WORKERS_HELP),
     stage_remote: bool = typer.Option(True, help=STAGE_HELP),
@@ -335,10 +335,18 @@ def report(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Results tables beside the paper's numbers (CSV, Markdown), figures (PNG) and a results page."""
-    from alignclip import runs, tracking
+    from alignclip import artifacts, runs, tracking
     from alignclip.report import build_report, collect
 
     check_output_dir(out_dir)
+    if not results_dir.is_dir():
+        raise ConfigError(f"results folder {results_dir} not found: expected the folder of `alignclip evaluate` outputs")
+    # asked-for inputs that are missing stop the report, rather than leaving their figures out without a word
+    if prepared_dir is not None and not (prepared_dir / artifacts.META).is_file():
+        raise ConfigError(f"--prepared-dir {prepared_dir}: no {artifacts.META} there; expected an `alignclip prepare` output")
+    if similarity_dir is not None and not (similarity_dir / artifacts.SIMILARITY_MATRIX).is_file():
+        raise ConfigError(f"--similarity-dir {similarity_dir}: no {artifacts.SIMILARITY_MATRIX} there; expected an "
+                          "`alignclip similarity` output")
     parent = tracking.pipeline_run_id(experiment)
     if parent:  # the last stage: the pipeline run gets the page and the summary metrics, and ends
         try:

@@ -243,6 +243,8 @@ def parse_assignments(items: list[str] | None, where: str = "--param ") -> dict:
 def load_params_file(path: str | Path) -> dict:
     """The settings a params file sets (any subset of the schema), by pipeline name; errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"params file {path} is a folder; expected a YAML file such as params.yaml")
     if not path.is_file():
         raise ConfigError(f"params file {path} not found")
     try:

@@ -11,6 +11,9 @@ A preset is data, as in open_clip: an architecture name plus a default ``pretrai
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+
 import os
 import pickle
 from dataclasses import dataclass
@@ -89,6 +92,29 @@ def resolve_weights(pretrained: str | None) -> str | None:
     return source
 
 
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init(asked: bool):
+    """Random weights that were asked for (`pretrained: none`, the pretrain stage) are no cause for open_clip's
+    root-logger WARNING; our own INFO line says `weights: random`."""
+    if not asked:
+        yield
+        return
+    quiet = _NoRandomInitWarning()
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            handler.removeFilter(quiet)
+
+
 def load_clip(name: str = "tiny", pretrained: str | None = "default", device: str | torch.device = "cpu") -> CLIPBundle:
     """Build a CLIP model from a preset name (``tiny``, ``vit-b-16``...) or any open_clip architecture name.
 
@@ -110,7 +136,7 @@ def load_clip(name: str = "tiny", pretrained: str | None = "default", device: st
     try:
         # Random weights are drawn under a fixed seed (scoped: the caller's RNG is untouched), so every stage
         # (similarity, train, evaluate, report) builds the same model, including its frozen text tower.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_random_init(weights is None):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = open_clip.create_model(architecture, pretrained=weights, device=device)
     except (pickle.UnpicklingError, EOFError) as err:

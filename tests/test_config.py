@@ -189,6 +189,10 @@ BAD = [
     (["pipeline", "compile", "demo", "--toleration", "gpu:Sometimes"], "expected KEY[=VALUE][:EFFECT]"),
     (["pipeline", "compile", "demo", "--memory", "lots"], "--memory 'lots': expected a Kubernetes quantity"),
     (["--log-level", "verbose", "version"], "--log-level 'verbose': expected one of DEBUG"),
+    (["report", "{tmp}/nope", "{tmp}/rep"], "results folder {tmp}/nope not found"),
+    (["pipeline", "submit", "demo", "--dry-run", "--params-file", "{tmp}"], "params file {tmp} is a folder; expected a YAML file"),
+    (["report", "{tmp}", "{tmp}/rep", "--similarity-dir", "{tmp}/nope"], "--similarity-dir {tmp}/nope: no similarity.pt there"),
+    (["report", "{tmp}", "{tmp}/rep", "--prepared-dir", "{tmp}/nope"], "--prepared-dir {tmp}/nope: no meta.json there"),
 ]
 
 
