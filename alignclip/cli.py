@@ -370,6 +370,15 @@ def report(
     typer.echo(f"results page: {page}")
 
 
+def _warn_local_root(values: dict) -> None:
+    from alignclip.pipeline_cli import local_data_root
+
+    root = local_data_root(values)
+    if root:
+        log.warning("data.root %r is a path on this machine, which the cluster's pods do not have: pass --data-root "
+                    "s3://BUCKET/PREFIX (or --data-root embedded for the demo's RotatedDigits)", root)
+
+
 FAMILY_HELP = "demo | domain_shift | imagenet | base2new | wild | backbones_<model>_<protocol> | all | backbones"
 PARAM_HELP = "setting KEY=VALUE (repeatable; `alignclip config show` lists them): train_steps=500, train_methods=erm,alignclip"
 DATASET_HELP = "dataset (registry name): its protocol's recipe and every held-out domain follow unless set"
@@ -443,6 +452,7 @@ def pipeline_compile(
     if is_placeholder_image(cluster):
         log.warning("image %s is the built-in placeholder: pass --image REGISTRY/alignclip:TAG (the image you pushed) "
                     "or set ALIGNCLIP_IMAGE, or the cluster cannot pull it", cluster.image)
+    _warn_local_root(values)
     output.parent.mkdir(parents=True, exist_ok=True)  # as every other output of the CLI: missing folders are created
     path = compile_pipeline(family, output, cluster, values)
     typer.echo(f"compiled {family} -> {path}")
@@ -475,6 +485,7 @@ def pipeline_submit(
     values = _settings(family, dataset, data_root, param, params_file)
     cluster = _cluster(gpu_type, gpus, node_selector, toleration, retries, cpu, memory, image, max_parallelism)
     if dry_run:
+        _warn_local_root(values)
         typer.echo(plan(family, values))
         return
     if not host:
@@ -482,6 +493,7 @@ def pipeline_submit(
     if is_placeholder_image(cluster):
         raise ConfigError(f"image {cluster.image} is the built-in placeholder, which no cluster can pull: pass "
                           "--image REGISTRY/alignclip:TAG (the image you built and pushed) or set ALIGNCLIP_IMAGE")
+    _warn_local_root(values)
     typer.echo(submit(family, host, experiment, run_name, values, cluster))
 
 

@@ -183,8 +183,12 @@ def dry_run(family: str, values: dict) -> str:
     a = {"steps": int(train["steps"] or 0), "epochs": int(train["epochs"] or 0), "batch_size": train["batch_size"],
          "lr": train["lr"], "hflip": train["hflip"]}
     lines = [f"{family}: {json.dumps({k: v for k, v in values.items()}, ensure_ascii=False)}"]
+    root = values["data_root"]
+    if root == "embedded":  # the prepare task builds RotatedDigits into its own artifact first (components/stages.py)
+        root = "<prepared>/images"
+        lines.append(f"prepare: alignclip data digits {root}")
     lines.append("prepare: alignclip " + " ".join(prepare_args(
-        values["data_dataset"], values["data_root"], "<prepared>", values["data_protocol"], values["data_holdout_fraction"],
+        values["data_dataset"], root, "<prepared>", values["data_protocol"], values["data_holdout_fraction"],
         values["data_trial_seed"], values["data_shots"], values["train_seeds"], values["data_templates"],
         values["data_class_names"], values["data_listing"])))
     lines.append("similarity: alignclip " + " ".join(similarity_args("<prepared>", "<matrix>", values["model_name"], values["model_pretrained"])))
@@ -196,6 +200,15 @@ def dry_run(family: str, values: dict) -> str:
         lines.append(f"evaluate {label}: alignclip " + " ".join(_quote(x) for x in evaluate_args(
             "<prepared>", "<model>/model.pt", "<results>", values["data_test_split"])))
     return "\n".join(lines)
+
+
+def local_data_root(values: dict) -> str | None:
+    """The data root when a cluster's pods cannot have it: a local path (the demo's `data/rotated_digits`) rather
+    than `s3://...` or `embedded`; an absolute path may be a mounted volume, so only a relative one is named."""
+    root = str(values.get("data_root") or "")
+    if root == "embedded" or "://" in root or root.startswith("/"):
+        return None
+    return root
 
 
 def _quote(arg: str) -> str:

@@ -440,3 +440,20 @@ def test_backbones_runs_fig5_as_one_pipeline(tmp_path):
         assert d["train_recipe"] == {"domainbed": "domain_shift/office_home", "wild": "wild/office_home"}[d["data_protocol"]]
         assert {c["method"] for c in d["train_grid"]} == {"zeroshot", "clipood", "alignclip"}
     assert seen == {(m, p) for m in ("rn50", "vit-b-32") for p in ("domainbed", "wild")}
+
+
+def test_a_local_data_root_is_named_before_a_cluster_run_and_embedded_shows_its_build():
+    """`data/rotated_digits` (the demo's DVC root) does not exist in a pod: compile/submit say so. With `embedded`
+    the dry run shows what the prepare task really runs: the build into its artifact, then prepare on it."""
+    def dry(*extra):
+        return subprocess.run([sys.executable, "-m", "alignclip", "pipeline", "submit", "demo", "--dry-run", *extra],
+                              capture_output=True, text=True)
+
+    local = dry()
+    assert local.returncode == 0 and "data.root 'data/rotated_digits' is a path on this machine" in local.stderr
+    embedded = dry("--data-root", "embedded")
+    assert embedded.returncode == 0 and "path on this machine" not in embedded.stderr
+    prepare = [line for line in embedded.stdout.splitlines() if line.startswith("prepare:")]
+    assert prepare[0] == "prepare: alignclip data digits <prepared>/images"
+    assert prepare[1].startswith("prepare: alignclip prepare rotated_digits <prepared>/images <prepared> ")
+    assert "path on this machine" not in dry("--data-root", "s3://bucket/digits").stderr
