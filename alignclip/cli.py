@@ -169,6 +169,8 @@ def similarity(
 
 WORKERS_HELP = ("DataLoader worker processes, or auto: the CPUs this process may use (affinity, cgroup quota) less "
                 "one, none with two CPUs or fewer")
+# how a run is executed or shown, not what it trains: left out of `train --dry-run`'s settings
+DRY_RUN_HIDDEN = ("progress", "device", "num_workers", "stage_remote", "log_every")
 STAGE_HELP = "copy s3:// images into the local cache (ALIGNCLIP_CACHE) first, with parallel GETs; else one GET per image"
 
 
@@ -225,13 +227,17 @@ def train(
     from alignclip.config import effective_train, train_config
     from alignclip.data.prepare import load_prepared
     from alignclip.recipes import apply_recipe
-    from alignclip.train import TrainSettings, cell_tags, train as run_train
+    from alignclip.train import TrainSettings, cell_tags, resolve, train as run_train
 
     switches = _parse_overrides(set_)
     check("train_seeds", [seed], "--seed: ")
     if weight_decay < 0:
         raise ConfigError(f"--weight-decay {weight_decay}: expected 0 or more")
     _check_workers(num_workers)
+    if steps is not None and epochs is not None:  # else --steps would win and --epochs be dropped without a word
+        raise ConfigError(f"--steps {steps} and --epochs {epochs}: give one")
+    if checkpoint_every < 0 or checkpoint_minutes < 0:
+        raise ConfigError(f"--checkpoint-every {checkpoint_every} / --checkpoint-minutes {checkpoint_minutes}: expected 0 or more")
     explicit = {"model_name": model, "model_pretrained": pretrained, "train_recipe": recipe, "train_formulation": formulation,
                 "train_steps": steps, "train_epochs": epochs, "train_batch_size": batch_size, "train_lr": lr, "train_hflip": hflip}
     meta = None
@@ -246,16 +252,16 @@ def train(
     )
     settings = apply_recipe(settings, effective["recipe"], steps=effective["steps"], batch_size=effective["batch_size"],
                             lr=effective["lr"], epochs=effective["epochs"], hflip=effective["hflip"])
-    if dry_run:
-        shown = {k: v for k, v in asdict(settings).items()
-                 if k not in ("progress", "device", "num_workers", "stage_remote", "log_every")}
+    if dry_run:  # the real run's checks and resolution (train.resolve, where setup starts), then stop
+        if not prepared_dir.exists():  # a pipeline's cell before `prepare`: what needs no data is still checked
+            log.warning("%s does not exist yet: the held-out domain is not checked", prepared_dir)
+        plan = resolve(prepared_dir if prepared_dir.exists() else None, settings)
+        shown = {k: v for k, v in asdict(plan.settings).items() if k not in DRY_RUN_HIDDEN}
         typer.echo(json.dumps(shown, sort_keys=True))
         return
     check_output_dir(out_dir)
     from alignclip.resume import ResumeOptions, pending_run_id
 
-    if checkpoint_every < 0 or checkpoint_minutes < 0:
-        raise ConfigError(f"--checkpoint-every {checkpoint_every} / --checkpoint-minutes {checkpoint_minutes}: expected 0 or more")
     test_domain = settings.test_domain
     cell_key = f"train-{method}-{test_domain or 'all'}-s{seed}"  # names the resume checkpoint's place
     if checkpoint_dir is None and os.environ.get("ALIGNCLIP_CHECKPOINT_ROOT"):

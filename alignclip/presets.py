@@ -115,12 +115,8 @@ def _quiet_random_init(asked: bool):
             handler.removeFilter(quiet)
 
 
-def load_clip(name: str = "tiny", pretrained: str | None = "default", device: str | torch.device = "cpu") -> CLIPBundle:
-    """Build a CLIP model from a preset name (``tiny``, ``vit-b-16``...) or any open_clip architecture name.
-
-    ``pretrained="default"`` takes the preset's own source; pass a tag, a file path, an ``s3://`` URI or ``none``
-    to override it.
-    """
+def check_model(name: str) -> str:
+    """The open_clip architecture of a preset or architecture name; an unknown one is a ValueError (nothing loaded)."""
     import open_clip
 
     _register_tiny()
@@ -130,6 +126,19 @@ def load_clip(name: str = "tiny", pretrained: str | None = "default", device: st
         raise ValueError(
             f"unknown model {name!r}: expected a preset ({', '.join(PRESETS)}) or an open_clip architecture name"
         )
+    return architecture
+
+
+def load_clip(name: str = "tiny", pretrained: str | None = "default", device: str | torch.device = "cpu") -> CLIPBundle:
+    """Build a CLIP model from a preset name (``tiny``, ``vit-b-16``...) or any open_clip architecture name.
+
+    ``pretrained="default"`` takes the preset's own source; pass a tag, a file path, an ``s3://`` URI or ``none``
+    to override it.
+    """
+    import open_clip
+
+    preset = PRESETS.get(name.lower())
+    architecture = check_model(name)
     if pretrained == "default":
         pretrained = preset.pretrained if preset else None
     weights = resolve_weights(pretrained)

@@ -32,7 +32,7 @@ from alignclip.log import get_logger
 from alignclip.methods import MethodConfig, get_method, split_method
 from alignclip.model import AlignCLIPVisual
 from alignclip.objective import compute_loss
-from alignclip.presets import load_clip
+from alignclip.presets import check_model, load_clip
 from alignclip.resume import CheckpointStore, Preempted, ResumeOptions, Schedule, StopRequest, rng_state, set_rng_state, store_for
 from alignclip.similarity import class_similarity_matrix, load_similarity
 
@@ -101,16 +101,42 @@ class TrainingRun:
     bma: BetaMovingAverage | None = None
 
 
-def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: str | Path | None = None) -> TrainingRun:
-    """Settings, training rows and label space, model, text features, similarity targets, the data loader, optimiser."""
+@dataclass
+class Plan:
+    """What ``resolve`` settles before anything is loaded: the settings a run records, its method, data, device."""
+
+    settings: TrainSettings
+    method: MethodConfig
+    manifest: object
+    meta: dict
+    rows: object
+    label_space: list[int]
+    device: torch.device
+
+
+def resolve(prepared_dir: str | Path | None, settings: TrainSettings) -> Plan:
+    """The settings a run uses (``alignclip+release`` splits into method and formulation, the suffix winning) and
+    every check of them that needs no model: method and switches, held-out domain, device, model name. ``setup``
+    starts here, and ``alignclip train --dry-run`` stops here, so both refuse and print the same.
+    ``prepared_dir=None`` (a dry run before the data is prepared): everything but the data's checks (held-out domain)."""
     method_name, formulation = split_method(settings.method, settings.formulation)
     settings = replace(settings, method=method_name, formulation=formulation)
     method = get_method(settings.method, settings.formulation, **settings.overrides)
+    device = resolve_device(settings.device)
+    check_model(settings.model)
+    if prepared_dir is None:
+        return Plan(settings, method, None, {}, None, [], device)
     manifest, meta = load_prepared(prepared_dir)
     rows, label_space = protocols.training_set(manifest, meta, settings.test_domain, settings.seed, settings.shots)
     if rows.empty:
         raise ValueError(f"no training images for test domain {settings.test_domain!r} / seed {settings.seed}")
-    device = resolve_device(settings.device)
+    return Plan(settings, method, manifest, meta, rows, label_space, device)
+
+
+def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: str | Path | None = None) -> TrainingRun:
+    """Settings, training rows and label space, model, text features, similarity targets, the data loader, optimiser."""
+    plan = resolve(prepared_dir, settings)
+    settings, method, meta, rows, label_space, device = plan.settings, plan.method, plan.meta, plan.rows, plan.label_space, plan.device
     torch.manual_seed(settings.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
