@@ -105,14 +105,12 @@ def _quiet_random_init(asked: bool):
         yield
         return
     quiet = _NoRandomInitWarning()
-    root = logging.getLogger()
-    for handler in root.handlers:
-        handler.addFilter(quiet)
+    root = logging.getLogger()  # open_clip calls logging.warning: the record starts (and is filtered) at the root
+    root.addFilter(quiet)
     try:
         yield
     finally:
-        for handler in root.handlers:
-            handler.removeFilter(quiet)
+        root.removeFilter(quiet)
 
 
 def check_model(name: str) -> str:
