@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import torch
+# torch is imported where a checkpoint is written or read: the CLI reads these names before a command runs
 
 MANIFEST = "manifest.parquet"
 META = "meta.json"
@@ -63,6 +63,8 @@ class Checkpoint:
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     """Written to a temporary file and renamed: a killed process never leaves a half-written checkpoint."""
+    import torch
+
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     torch.save(asdict(checkpoint), partial)

@@ -9,22 +9,61 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 
 from alignclip import __version__
 from alignclip.config import COMPOSITES, ConfigError, check, check_method_switches, check_output_dir, check_template
 from alignclip.log import get_logger, setup_logging
 
-app = typer.Typer(
+# Import cost: this module and what it imports at the top (config, log, typer) load in a fraction of a second, so
+# `--help` and a refused value answer at once. torch, open_clip, mlflow, pandas, kfp, matplotlib are imported inside
+# the commands, after their checks (tests/test_cli.py::test_help_and_refusals_import_no_heavy_library).
+
+
+class _Command(typer.core.TyperCommand):
+    """Positionals by name in the usage line, as click writes them (``train [OPTIONS] PREPARED_DIR OUT_DIR``),
+    not typer's ``{prepared_dir} {out_dir}``, which reads like a format string."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "argument" and param.metavar is None:
+                param.metavar = param.name.upper()  # the same name in the usage line, the list and error messages
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                pieces.extend(param.get_usage_pieces(ctx))
+                continue
+            name = param.metavar + ("..." if param.nargs != 1 else "")
+            pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class _Typer(typer.Typer):
+    """Plain (click) help layout: rich's table cuts long option and variable names at 80 columns (a pipe, a CI
+    log: ``--checkpoint-minu…``) and shows ``<bool>`` as the type of every flag; click's wraps the text instead."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("rich_markup_mode", None)
+        super().__init__(**kwargs)
+
+    def command(self, name=None, *, cls=None, **kwargs):
+        return super().command(name, cls=cls or _Command, **kwargs)
+
+
+app = _Typer(
     help="AlignCLIP: fine-tune CLIP's image encoder with attention alignment, semantic label smoothing and BMA.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-data_app = typer.Typer(help="Build the embedded datasets.", no_args_is_help=True)
-pipeline_app = typer.Typer(help="Compile, submit or run the Kubeflow pipelines.", no_args_is_help=True)
+data_app = _Typer(help="Build the embedded datasets.", no_args_is_help=True)
+pipeline_app = _Typer(help="Compile, submit or run the Kubeflow pipelines.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
-tracking_app = typer.Typer(help="MLflow records kept on disk while the tracking server was unreachable.", no_args_is_help=True)
+tracking_app = _Typer(help="MLflow records kept on disk while the tracking server was unreachable.", no_args_is_help=True)
 app.add_typer(tracking_app, name="tracking")
 log = get_logger("alignclip")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -78,9 +117,9 @@ def pretrain(
     rebuild: bool = typer.Option(False, help="build afresh even when the cache holds these weights"),
 ):
     """Pre-train the tiny preset's CLIP contrastively on printed digits (deterministic; cached), its default weights."""
+    check_output_dir(out_dir)
     from alignclip.pretrain import WEIGHTS_NAME, export
 
-    check_output_dir(out_dir)
     # No MLflow run of its own: the weights' summary (settings, loss, accuracy, sha256) sits beside them, and the
     # runs that use them record `pretrained` as a parameter.
     summary = export(out_dir, rebuild=rebuild)
@@ -111,7 +150,6 @@ def prepare(
 ):
     """List and split a dataset by its protocol; write a manifest (parquet) and its metadata (JSON)."""
     from alignclip.config import BY_NAME, load_params_file
-    from alignclip.data.prepare import PrepareSettings, prepare as run_prepare, validate_images, write_prepared
 
     # explicit option > params file > schema default (alignclip/config.py)
     from_file = load_params_file(params_file) if params_file is not None else {}
@@ -122,6 +160,8 @@ def prepare(
              for name, v in given.items()}
     check_template(template)
     check_output_dir(out_dir)
+    from alignclip.data.prepare import PrepareSettings, prepare as run_prepare, validate_images, write_prepared
+
     settings = PrepareSettings(
         dataset, root, value["data_protocol"] or "", value["data_holdout_fraction"], value["data_trial_seed"],
         value["data_shots"], list(value["train_seeds"]), template, split_file,
@@ -147,10 +187,10 @@ def similarity(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Class similarity matrix of the class prompts (appendix B.5), with its heatmap (fig. 6)."""
+    check_output_dir(out_dir)
     from alignclip import tracking
     from alignclip.similarity import similarity_stage
 
-    check_output_dir(out_dir)
     parent = tracking.pipeline_run_id(experiment)
     if parent:  # one per pipeline: the pipeline run's own artifacts
         from mlflow import MlflowClient
@@ -171,16 +211,21 @@ WORKERS_HELP = ("DataLoader worker processes, or auto: the CPUs this process may
                 "one, none with two CPUs or fewer")
 # how a run is executed or shown, not what it trains: left out of `train --dry-run`'s settings
 DRY_RUN_HIDDEN = ("progress", "device", "num_workers", "stage_remote", "log_every")
+DEVICE_HELP = "auto (the GPU if there is one, else the CPU), cpu, cuda or cuda:N"
 STAGE_HELP = "copy s3:// images into the local cache (ALIGNCLIP_CACHE) first, with parallel GETs; else one GET per image"
 
 
 def _check_workers(value: str) -> None:
-    from alignclip.data.loader import resolve_workers
-
+    # data.loader.resolve_workers' rule (a count >= 0 or auto), checked without importing the loader, which needs
+    # torch (tests/test_cli.py holds the two to the same answers)
+    if value.lower() == "auto":
+        return
     try:
-        resolve_workers(value)
-    except ValueError as err:
-        raise ConfigError(f"--num-workers {value!r}: expected a count >= 0 or 'auto'") from err
+        workers = int(value)
+    except ValueError:
+        workers = -1
+    if workers < 0:
+        raise ConfigError(f"--num-workers {value!r}: expected a count >= 0 or 'auto'")
 
 
 @app.command()
@@ -194,18 +239,18 @@ def train(
     model: Optional[str] = typer.Option(None, help="model preset or open_clip architecture (default: tiny)"),
     pretrained: Optional[str] = typer.Option(None, help="weights: tag, file, s3:// URI, none, or the preset's default"),
     test_domain: Optional[str] = typer.Option(None, help="held-out domain (domainbed, wild)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of the run: its batches, augmentations and few-shot subset (base2new, imagenet)"),
     steps: Optional[int] = typer.Option(None, help="optimiser steps (default: the recipe's)"),
     epochs: Optional[int] = typer.Option(None, help="passes over the training set instead of steps (default: the recipe's)"),
     batch_size: Optional[int] = typer.Option(None, help="batch per training domain (default: the recipe's)"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default: the recipe's)"),
-    weight_decay: float = typer.Option(0.1),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay (which parameters: the method switch weight_decay_scope)"),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="random horizontal flip (default: the recipe's)"),
     params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for what is not given here"),
     similarity_path: Optional[Path] = typer.Option(None, "--similarity", help="similarity.pt from `alignclip similarity`"),
     num_workers: str = typer.Option("auto", help=WORKERS_HELP),
     stage_remote: bool = typer.Option(True, help=STAGE_HELP),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     progress: bool = typer.Option(True, help="show a progress bar"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the effective settings (JSON) and stop"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
@@ -222,12 +267,9 @@ def train(
     command resumes where it stopped (SIGTERM writes a checkpoint first)."""
     from dataclasses import asdict
 
-    from alignclip import artifacts, runs, tracking
-    from alignclip.classifier import log_classifier
     from alignclip.config import effective_train, train_config
-    from alignclip.data.prepare import load_prepared
+    from alignclip.methods import get_method
     from alignclip.recipes import apply_recipe
-    from alignclip.train import TrainSettings, cell_tags, resolve, train as run_train
 
     switches = _parse_overrides(set_)
     check("train_seeds", [seed], "--seed: ")
@@ -245,6 +287,12 @@ def train(
         meta = json.loads((prepared_dir / "meta.json").read_text())
     values = train_config(params_file, explicit, meta)
     effective = effective_train(values, test_domain or None)
+    get_method(method, values["train_formulation"], **switches)  # an unknown method is refused before torch loads
+    from alignclip import artifacts, runs, tracking
+    from alignclip.classifier import log_classifier
+    from alignclip.data.prepare import load_prepared
+    from alignclip.train import TrainSettings, cell_tags, resolve, train as run_train
+
     settings = TrainSettings(
         method=method, formulation=values["train_formulation"], overrides=switches, model=values["model_name"],
         pretrained=values["model_pretrained"], test_domain=test_domain or None, seed=seed, weight_decay=weight_decay,
@@ -293,22 +341,22 @@ def evaluate(
     out_dir: Path = typer.Argument(..., help="where to write metrics.json and predictions.parquet"),
     test_domain: Optional[str] = typer.Option(None, help="held-out domain: read from the checkpoint; if given, it must agree"),
     test_split: str = typer.Option("holdout", help="held-out domain: its 20% split (holdout, CLIPood), its 80% split (in, DomainBed) or all its images (full)"),
-    batch_size: int = typer.Option(512),
+    batch_size: int = typer.Option(512, help="images per evaluation batch"),
     num_workers: str = typer.Option("auto", help=WORKERS_HELP),
     stage_remote: bool = typer.Option(True, help=STAGE_HELP),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Top-1 accuracy on every view of the protocol (held-out domain, base/new classes, ImageNet variants)."""
-    from alignclip import artifacts, runs, tracking
-    from alignclip.data.prepare import load_prepared
-    from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
-
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: expected a batch of 1 or more")
     _check_workers(num_workers)
     check("data_test_split", test_split, "--test-split: ")
     check_output_dir(out_dir)
+    from alignclip import artifacts, runs, tracking
+    from alignclip.data.prepare import load_prepared
+    from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
+
     # The cell's training run (named in train.json) if it belongs to this pipeline run; else a new cell run.
     trained = checkpoint.parent / artifacts.TRAIN_SUMMARY
     info = json.loads(trained.read_text()) if trained.is_file() else {}
@@ -341,8 +389,7 @@ def report(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Results tables beside the paper's numbers (CSV, Markdown), figures (PNG) and a results page."""
-    from alignclip import artifacts, runs, tracking
-    from alignclip.report import build_report, collect
+    from alignclip import artifacts
 
     check_output_dir(out_dir)
     if not results_dir.is_dir():
@@ -353,6 +400,9 @@ def report(
     if similarity_dir is not None and not (similarity_dir / artifacts.SIMILARITY_MATRIX).is_file():
         raise ConfigError(f"--similarity-dir {similarity_dir}: no {artifacts.SIMILARITY_MATRIX} there; expected an "
                           "`alignclip similarity` output")
+    from alignclip import runs, tracking
+    from alignclip.report import build_report, collect
+
     parent = tracking.pipeline_run_id(experiment)
     if parent:  # the last stage: the pipeline run gets the page and the summary metrics, and ends
         try:
@@ -544,7 +594,7 @@ def tracking_sync(
     typer.echo(f"replayed {len(done)} of {len(pending)} spooled run(s) from {spool_dir()}")
 
 
-config_app = typer.Typer(help="The settings schema: `config show` prints resolved settings as a params file (redirect it to write one).", no_args_is_help=True)
+config_app = _Typer(help="The settings schema: `config show` prints resolved settings as a params file (redirect it to write one).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 
@@ -575,19 +625,25 @@ def recipes():
         typer.echo(f"{name:32s} {recipe.describe()}")
 
 
-def main() -> None:
-    from alignclip.resume import Preempted
+def _preempted(err: BaseException) -> bool:
+    # alignclip.resume imports torch: a command that never loaded it cannot have raised its Preempted
+    resume = sys.modules.get("alignclip.resume")
+    return resume is not None and isinstance(err, resume.Preempted)
 
+
+def main() -> None:
     try:
         app()
-    except Preempted as err:
-        typer.secho(f"stopped: {err}", fg=typer.colors.YELLOW, err=True)
-        sys.exit(143)  # 128 + SIGTERM, what the orchestrator expects of a terminated task
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, PermissionError) as err:
         # Bad input: one readable line naming what is wrong, no traceback (use --log-level DEBUG for one).
         get_logger("alignclip").debug("error", exc_info=True)
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except BaseException as err:  # Preempted is a BaseException, none of the above
+        if not _preempted(err):
+            raise
+        typer.secho(f"stopped: {err}", fg=typer.colors.YELLOW, err=True)
+        sys.exit(143)  # 128 + SIGTERM, what the orchestrator expects of a terminated task
 
 
 if __name__ == "__main__":

@@ -6,9 +6,6 @@ import logging
 import os
 import sys
 
-from rich.console import Console
-from rich.logging import RichHandler
-
 _CONFIGURED = False
 
 
@@ -22,6 +19,9 @@ def setup_logging(level: str | int | None = None) -> None:
     if not _CONFIGURED:
         # logs go to stderr: stdout carries what a command outputs (JSON of `evaluate`, `train --dry-run`, ...)
         if sys.stderr.isatty():
+            from rich.console import Console  # here: a pipe or a pod's log never pays for rich's import
+            from rich.logging import RichHandler
+
             handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False, markup=False,
                                   log_time_format="[%X]")
             handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))

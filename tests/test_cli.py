@@ -59,3 +59,132 @@ def test_logs_off_a_terminal_are_one_plain_line_per_record_on_stderr(tmp_path):
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d INFO alignclip\.data\.digits: wrote RotatedDigits .*", line)
     assert str(out) in line and "\x1b[" not in done.stderr
     assert "wrote RotatedDigits" not in done.stdout
+
+
+# -- a CLI that answers at once (issue 21 item 5, issue 20 item 6) --------------------------------------------------
+
+HEAVY = ("torch", "torchvision", "open_clip", "mlflow", "kfp", "pandas", "pyarrow", "matplotlib")
+# One fresh interpreter runs `--help` of every command of the click tree, then each refusal, through the real entry
+# point (cli.main), and notes after each which heavy libraries are loaded: the first culprit is named, and the
+# property holds on a machine of any speed or load (unlike a timing: bench/cli_latency.py prints those).
+PROBE = r"""
+import contextlib, io, json, sys
+HEAVY, refusals, report = json.loads(sys.argv[1])
+import typer.main
+from alignclip import cli
+
+def walk(command, path):
+    yield path
+    for name, sub in sorted(getattr(command, "commands", {}).items()):
+        yield from walk(sub, path + [name])
+
+cases = [c + ["--help"] for c in walk(typer.main.get_command(cli.app), [])] + refusals
+seen = []
+for args in cases:
+    sys.argv = ["alignclip", *args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code or 0
+    seen.append({"args": args, "code": code, "heavy": [m for m in HEAVY if m in sys.modules],
+                 "stdout": out.getvalue(), "stderr": err.getvalue()})
+open(report, "w").write(json.dumps(seen))
+"""
+
+
+def _probe(tmp_path, refusals):
+    import json
+
+    report = tmp_path / "probe.json"
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps([HEAVY, refusals, str(report)])],
+                          capture_output=True, text=True, env={**__import__("os").environ, "COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(report.read_text())
+
+
+def test_help_and_refusals_import_no_heavy_library(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  steps: many\n")
+    (tmp_path / "a-file").write_text("")
+    prep, out = str(tmp_path / "prep"), str(tmp_path / "out")
+    refusals = [
+        ["train", prep, out, "--steps", "-5"],  # issue 20's example
+        ["train", prep, out, "--method", "sgd"],
+        ["train", prep, out, "--set", "aal=3"],
+        ["train", prep, out, "--num-workers", "many"],
+        ["train", prep, out, "--params-file", str(tmp_path / "params.yaml")],
+        ["train", prep, out, "--params-file", str(tmp_path / "missing.yaml")],
+        ["evaluate", prep, str(tmp_path / "model.pt"), out, "--test-split", "most"],
+        ["evaluate", prep, str(tmp_path / "model.pt"), str(tmp_path / "a-file")],
+        ["prepare", "pacs", str(tmp_path), out, "--holdout-fraction", "2"],
+        ["prepare", "pacs", str(tmp_path), out, "--template", "a photo of {} {}"],
+        ["similarity", prep, str(tmp_path / "a-file")],
+        ["pretrain", str(tmp_path / "a-file")],
+        ["report", str(tmp_path / "no-results"), out],
+        ["pipeline", "compile", "demo", "--param", "train_lr=-1", "-o", str(tmp_path / "p.yaml")],
+        ["pipeline", "run", "demo", "--param", "train.seeds=[-1]", "--dry-run"],
+        ["config", "show", "--param", "train.steps=abc"],
+        ["--log-level", "loud", "version"],
+    ]
+    seen = _probe(tmp_path, refusals)
+    helps = [s for s in seen if s["args"][-1] == "--help"]
+    assert len(helps) >= 18  # every command and group (a new one is included without an edit here)
+    for case in seen:
+        refused = case["args"] in refusals
+        assert case["code"] == (2 if refused else 0), case
+        assert case["heavy"] == [], f"alignclip {' '.join(case['args'])} imported {case['heavy']}"
+        if refused:  # refused by the command's own check, as one line, not by a missing file later on
+            assert [line for line in case["stderr"].splitlines() if line.strip()] == [case["stderr"].strip()], case
+            assert case["stderr"].startswith("error: "), case
+
+
+def test_piped_help_shows_names_whole():
+    """Help piped into less, grep or a CI log, at 80 columns: option and variable names whole, positionals by name."""
+    done = subprocess.run([sys.executable, "-m", "alignclip", "train", "--help"], capture_output=True, text=True,
+                          env={**__import__("os").environ, "COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    for name in ("--checkpoint-minutes", "--checkpoint-every", "--no-stage-remote", "ALIGNCLIP_EXPERIMENT",
+                 "ALIGNCLIP_CHECKPOINT_DIR", "ALIGNCLIP_CHECKPOINT_ROOT"):
+        assert name in text, name
+    assert "…" not in text and "─" not in text  # no cut names, no box drawing in a pipe
+    usage = text.splitlines()[0]
+    assert usage.endswith("train [OPTIONS] PREPARED_DIR OUT_DIR"), usage
+    [help_line] = [line for line in text.splitlines() if "--help" in line]
+    assert "<bool>" not in help_line and "Show this message" in help_line
+    [flag] = [line for line in text.splitlines() if line.strip().startswith("--dry-run")]
+    assert "<bool>" not in flag
+
+
+def test_every_option_and_argument_has_help():
+    import typer.main
+
+    missing = []
+
+    def walk(command, path):
+        for param in command.params:
+            if not (param.help or "").strip():
+                missing.append(f"alignclip {' '.join(path)} {param.opts[0]}")
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, path + [name])
+
+    walk(typer.main.get_command(app), [])
+    assert missing == []
+
+
+@pytest.mark.parametrize("value", ["auto", "AUTO", "0", "3", " 4", "+2", "-1", "many", "1.5", "", "0x2"])
+def test_the_cli_refuses_exactly_the_worker_counts_the_loader_refuses(value):
+    """cli checks --num-workers without importing the loader (torch): the two rules must give the same answers."""
+    from alignclip.cli import _check_workers
+    from alignclip.data.loader import resolve_workers
+
+    def refused(check):
+        try:
+            check(value)
+        except ValueError:
+            return True
+        return False
+
+    assert refused(_check_workers) == refused(resolve_workers)

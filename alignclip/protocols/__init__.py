@@ -10,13 +10,16 @@ Adding one: a file with a ``Protocol`` subclass, and its line in ``PROTOCOLS`` b
 
 from __future__ import annotations
 
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from alignclip.protocols.base import TEST_SPLITS, Protocol, View, paper_results
 from alignclip.protocols.base2new import BaseToNew, harmonic_mean
 from alignclip.protocols.domainbed import DomainBed
 from alignclip.protocols.imagenet import ImageNetVariants
 from alignclip.protocols.wild import InTheWild
+
+if TYPE_CHECKING:  # annotations only: the CLI reads PROTOCOLS' names without loading pandas
+    import pandas as pd
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (DomainBed(), InTheWild(), BaseToNew(), ImageNetVariants())}
 

@@ -12,9 +12,10 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:  # imported where used: `alignclip --help` reads the protocol names without loading pandas (slow)
+    import pandas as pd
 
 PAPER_RESULTS = Path(__file__).resolve().parent.parent / "resources" / "paper_results.json"
 TEST_SPLITS = ("holdout", "in", "full")
@@ -100,6 +101,8 @@ def paper_value(entry) -> float | None:
 
 
 def table_row(method, column, mean, std, published, seeds) -> dict:
+    import numpy as np
+
     return {
         "method": method,
         "split": column,
@@ -114,6 +117,8 @@ def table_row(method, column, mean, std, published, seeds) -> dict:
 def few_shot(manifest: pd.DataFrame, seed: int, shots: int | None = None, meta: dict | None = None) -> pd.Series:
     """The few-shot rows sampled at preparation for a seed (column ``shots_seed<k>``); with ``shots`` 0 every row
     (the authors' base-to-new scripts train on all base images: main.py ``--n-shot 0``)."""
+    import pandas as pd
+
     if shots == 0:
         return pd.Series(True, index=manifest.index)
     prepared = (meta or {}).get("settings", {}).get("shots")
