@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -20,7 +21,35 @@ from alignclip.log import get_logger, setup_logging
 # the commands, after their checks (tests/test_cli.py::test_help_and_refusals_import_no_heavy_library).
 
 
-class _Command(typer.core.TyperCommand):
+def _wrap_without_breaking_names() -> None:
+    # click's text wrapper breaks lines after any hyphen (`--num-` / `workers`, `alignclip-` / `pipeline.yaml`):
+    # a name must stay whole to be found and copied, so lines break at spaces only
+    from typer._click import _textwrap
+
+    class Wrapper(_textwrap.TextWrapper):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "break_on_hyphens": False})
+
+    _textwrap.TextWrapper = Wrapper
+
+
+_wrap_without_breaking_names()
+
+
+class _WholeSummary:
+    def get_short_help_str(self, limit: int = 45) -> str:
+        # a command's line in its group's list: its docstring's first paragraph, wrapped, not cut at the column's
+        # width (nor at the first ". ", which may be "fig. 6")
+        if self.short_help or not self.help:
+            return super().get_short_help_str(limit)
+        return " ".join(inspect.cleandoc(self.help).split("\n\n")[0].split())
+
+
+class _Group(_WholeSummary, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_WholeSummary, typer.core.TyperCommand):
     """Positionals by name in the usage line, as click writes them (``train [OPTIONS] PREPARED_DIR OUT_DIR``),
     not typer's ``{prepared_dir} {out_dir}``, which reads like a format string."""
 
@@ -47,6 +76,7 @@ class _Typer(typer.Typer):
 
     def __init__(self, **kwargs):
         kwargs.setdefault("rich_markup_mode", None)
+        kwargs.setdefault("cls", _Group)
         super().__init__(**kwargs)
 
     def command(self, name=None, *, cls=None, **kwargs):

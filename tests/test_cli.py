@@ -95,40 +95,48 @@ open(report, "w").write(json.dumps(seen))
 """
 
 
-def _probe(tmp_path, refusals):
-    import json
-
-    report = tmp_path / "probe.json"
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps([HEAVY, refusals, str(report)])],
-                          capture_output=True, text=True, env={**__import__("os").environ, "COLUMNS": "80"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(report.read_text())
-
-
-def test_help_and_refusals_import_no_heavy_library(tmp_path):
-    (tmp_path / "params.yaml").write_text("train:\n  steps: many\n")
-    (tmp_path / "a-file").write_text("")
-    prep, out = str(tmp_path / "prep"), str(tmp_path / "out")
-    refusals = [
+def _refusals(tmp):
+    (tmp / "params.yaml").write_text("train:\n  steps: many\n")
+    (tmp / "a-file").write_text("")
+    prep, out = str(tmp / "prep"), str(tmp / "out")
+    return [
         ["train", prep, out, "--steps", "-5"],  # issue 20's example
         ["train", prep, out, "--method", "sgd"],
         ["train", prep, out, "--set", "aal=3"],
         ["train", prep, out, "--num-workers", "many"],
-        ["train", prep, out, "--params-file", str(tmp_path / "params.yaml")],
-        ["train", prep, out, "--params-file", str(tmp_path / "missing.yaml")],
-        ["evaluate", prep, str(tmp_path / "model.pt"), out, "--test-split", "most"],
-        ["evaluate", prep, str(tmp_path / "model.pt"), str(tmp_path / "a-file")],
-        ["prepare", "pacs", str(tmp_path), out, "--holdout-fraction", "2"],
-        ["prepare", "pacs", str(tmp_path), out, "--template", "a photo of {} {}"],
-        ["similarity", prep, str(tmp_path / "a-file")],
-        ["pretrain", str(tmp_path / "a-file")],
-        ["report", str(tmp_path / "no-results"), out],
-        ["pipeline", "compile", "demo", "--param", "train_lr=-1", "-o", str(tmp_path / "p.yaml")],
+        ["train", prep, out, "--params-file", str(tmp / "params.yaml")],
+        ["train", prep, out, "--params-file", str(tmp / "missing.yaml")],
+        ["evaluate", prep, str(tmp / "model.pt"), out, "--test-split", "most"],
+        ["evaluate", prep, str(tmp / "model.pt"), str(tmp / "a-file")],
+        ["prepare", "pacs", str(tmp), out, "--holdout-fraction", "2"],
+        ["prepare", "pacs", str(tmp), out, "--template", "a photo of {} {}"],
+        ["similarity", prep, str(tmp / "a-file")],
+        ["pretrain", str(tmp / "a-file")],
+        ["report", str(tmp / "no-results"), out],
+        ["pipeline", "compile", "demo", "--param", "train_lr=-1", "-o", str(tmp / "p.yaml")],
         ["pipeline", "run", "demo", "--param", "train.seeds=[-1]", "--dry-run"],
         ["config", "show", "--param", "train.steps=abc"],
         ["--log-level", "loud", "version"],
     ]
-    seen = _probe(tmp_path, refusals)
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    """(refusals, what the probe saw): every --help and every refusal in one fresh interpreter, output piped, at 80
+    columns."""
+    import json
+    import os
+
+    tmp = tmp_path_factory.mktemp("probe")
+    refusals, report = _refusals(tmp), tmp / "probe.json"
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps([HEAVY, refusals, str(report)])],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return refusals, json.loads(report.read_text())
+
+
+def test_help_and_refusals_import_no_heavy_library(probed):
+    refusals, seen = probed
     helps = [s for s in seen if s["args"][-1] == "--help"]
     assert len(helps) >= 18  # every command and group (a new one is included without an edit here)
     for case in seen:
@@ -138,6 +146,37 @@ def test_help_and_refusals_import_no_heavy_library(tmp_path):
         if refused:  # refused by the command's own check, as one line, not by a missing file later on
             assert [line for line in case["stderr"].splitlines() if line.strip()] == [case["stderr"].strip()], case
             assert case["stderr"].startswith("error: "), case
+
+
+def test_piped_help_keeps_every_name_whole(probed):
+    """Every option, environment variable and --option named in a help text appears whole in the piped help of its
+    command at 80 columns (no `--checkpoint-minu…`, no line broken at a hyphen: `--num-` / `workers`)."""
+    import re
+
+    import typer.main
+
+    _, seen = probed
+    shown = {tuple(s["args"][:-1]): s["stdout"] for s in seen if s["args"][-1] == "--help"}
+
+    def walk(command, path):
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, path + (name,))
+
+    for path, command in walk(typer.main.get_command(app), ()):
+        text = shown[path]
+        assert "…" not in text and "─" not in text, path
+        names = set()
+        for param in command.params:
+            names.update(param.opts + param.secondary_opts if param.param_type_name == "option" else [param.metavar])
+            envvar = getattr(param, "envvar", None)
+            names.update([envvar] if isinstance(envvar, str) else envvar or [])
+            names.update(re.findall(r"--[a-z][a-z0-9-]*[a-z0-9]", param.help or ""))
+        for name in names:
+            assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text), f"alignclip {' '.join(path)} --help: {name} cut"
+        for name, sub in getattr(command, "commands", {}).items():  # a group lists each command's summary whole
+            summary = " ".join((sub.help or "").split("\n\n")[0].split())
+            assert summary in " ".join(text.split()), f"alignclip {' '.join(path)} --help: summary of {name} cut"
 
 
 def test_piped_help_shows_names_whole():
