@@ -218,6 +218,7 @@ def similarity(
 ):
     """Class similarity matrix of the class prompts (appendix B.5), with its heatmap (fig. 6)."""
     check_output_dir(out_dir)
+    _check_prepared(prepared_dir)
     from alignclip import tracking
     from alignclip.similarity import similarity_stage
 
@@ -243,6 +244,15 @@ WORKERS_HELP = ("DataLoader worker processes, or auto: the CPUs this process may
 DRY_RUN_HIDDEN = ("progress", "device", "num_workers", "stage_remote", "log_every")
 DEVICE_HELP = "auto (the GPU if there is one, else the CPU), cpu, cuda or cuda:N"
 STAGE_HELP = "copy s3:// images into the local cache (ALIGNCLIP_CACHE) first, with parallel GETs; else one GET per image"
+
+
+def _check_prepared(prepared_dir: Path) -> None:
+    # load_prepared's first check, made before a stage's imports (torch), so a mistyped folder is refused at once
+    from alignclip import artifacts
+
+    for name in (artifacts.MANIFEST, artifacts.META):
+        if not (prepared_dir / name).is_file():
+            raise ConfigError(f"{prepared_dir / name} not found: run `alignclip prepare` first")
 
 
 def _check_workers(value: str) -> None:
@@ -318,6 +328,8 @@ def train(
     values = train_config(params_file, explicit, meta)
     effective = effective_train(values, test_domain or None)
     get_method(method, values["train_formulation"], **switches)  # an unknown method is refused before torch loads
+    if not dry_run:  # a dry run may come before `prepare` (a pipeline's cell)
+        _check_prepared(prepared_dir)
     from alignclip import artifacts, runs, tracking
     from alignclip.classifier import log_classifier
     from alignclip.data.prepare import load_prepared
@@ -383,6 +395,9 @@ def evaluate(
     _check_workers(num_workers)
     check("data_test_split", test_split, "--test-split: ")
     check_output_dir(out_dir)
+    _check_prepared(prepared_dir)
+    if not checkpoint.is_file():  # load_checkpoint's check, before torch loads
+        raise ConfigError(f"checkpoint not found: {checkpoint} (the model.pt of `alignclip train`)")
     from alignclip import artifacts, runs, tracking
     from alignclip.data.prepare import load_prepared
     from alignclip.evaluate import evaluate as run_evaluate, flat_metrics

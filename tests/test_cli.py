@@ -99,6 +99,10 @@ def _refusals(tmp):
     (tmp / "params.yaml").write_text("train:\n  steps: many\n")
     (tmp / "a-file").write_text("")
     prep, out = str(tmp / "prep"), str(tmp / "out")
+    listed = tmp / "listed"  # a prepared folder's two files (never read: the checkpoint is missing)
+    listed.mkdir()
+    (listed / "manifest.parquet").write_text("")
+    (listed / "meta.json").write_text("{}")
     return [
         ["train", prep, out, "--steps", "-5"],  # issue 20's example
         ["train", prep, out, "--method", "sgd"],
@@ -117,6 +121,10 @@ def _refusals(tmp):
         ["pipeline", "run", "demo", "--param", "train.seeds=[-1]", "--dry-run"],
         ["config", "show", "--param", "train.steps=abc"],
         ["--log-level", "loud", "version"],
+        ["train", prep, out],  # no prepared data: a path check, before the stage's imports
+        ["similarity", prep, out],
+        ["evaluate", prep, str(tmp / "model.pt"), out],
+        ["evaluate", str(listed), str(tmp / "model.pt"), out],  # no checkpoint
     ]
 
 
