@@ -576,6 +576,14 @@ def recipes():
 
 
 def main() -> None:
+    from alignclip import determinism
+
+    try:
+        # CPU runs: the portable kernels' environment, set before anything imports torch (alignclip.resume does)
+        determinism.pin_for_command(sys.argv[1:])
+    except ValueError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
     from alignclip.resume import Preempted
 
     try:
