@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/listing.py
 	$(BIN)/python bench/input_pipeline.py
+	$(BIN)/python bench/portable_kernels.py
 
 lock:
 	uv pip compile requirements.in -o requirements.lock --python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(UV_INDEXES)
