@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/listing.py
 	$(BIN)/python bench/input_pipeline.py
 	$(BIN)/python bench/cli_latency.py
+	$(BIN)/python bench/portable_kernels.py
 
 lock:
 	uv pip compile requirements.in -o requirements.lock --python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(UV_INDEXES)

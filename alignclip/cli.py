@@ -677,6 +677,14 @@ def _preempted(err: BaseException) -> bool:
 
 
 def main() -> None:
+    from alignclip import determinism
+
+    try:
+        # CPU runs: the portable kernels' environment, set before anything imports torch (alignclip.resume does)
+        determinism.pin_for_command(sys.argv[1:])
+    except ValueError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
     try:
         app()
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, PermissionError) as err:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from alignclip import artifacts, protocols
+from alignclip import artifacts, determinism, protocols
 from alignclip.artifacts import Checkpoint
 from alignclip.classifier import encode_classes, load_trained, resolve_device
 from alignclip.data.images import ManifestImages, collate_readable, eval_transform
@@ -109,6 +109,7 @@ def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batc
     manifest, meta = load_prepared(prepared_dir)
     protocol = protocols.get_protocol(meta["protocol"])
     dev = resolve_device(device)
+    determinism.configure_torch(dev, warn_only=True)  # a CPU run: portable kernels; a GPU run as it is
     bundle, visual, state = load_trained(checkpoint, dev)
     test_domain = check_consistent(checkpoint, state, meta, test_domain)
     transform = eval_transform(bundle.image_size, bundle.mean, bundle.std)

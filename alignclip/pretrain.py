@@ -19,10 +19,12 @@ builds it, deterministically, from a source distribution that shares nothing wit
   holds many captions of one class, so every caption of an image's class counts as a positive (UniCL's
   target); the text side encodes the 10 x 5 distinct captions once per step.
 * **Determinism.** CPU, fixed seeds (numpy for the source images, torch for the initialisation and the batches),
-  ``torch.use_deterministic_algorithms``, and a fixed thread count while building: two builds on machines of
-  one kind give the same bytes (tests/test_pretrain.py). The weights are cached under
-  ``$ALIGNCLIP_CACHE/pretrained`` with a name that carries a digest of this module, the settings and the
-  library versions, so any change builds a new file instead of reusing a stale one.
+  ``torch.use_deterministic_algorithms``, one thread, and CPU kernels that are the same on every x86-64 CPU
+  (alignclip/determinism.py: ATen's generic kernels, MKL's COMPATIBLE branch, no oneDNN or NNPACK; set by the CLI before
+  torch loads): builds under an AVX2 and an AVX-512 host's settings give the same bytes
+  (tests/test_determinism.py), and the README's sha256 is what `alignclip pretrain` builds. The weights are
+  cached under ``$ALIGNCLIP_CACHE/pretrained`` with a name that carries a digest of this module, the settings,
+  the library versions and the CPU kernels, so any change builds a new file instead of reusing a stale one.
 """
 
 from __future__ import annotations
@@ -172,19 +174,25 @@ def build(out_path: str | Path, settings: PretrainSettings = PretrainSettings(),
 
     Returns the build summary (settings, source sizes, losses, source-validation zero-shot accuracy, sha256).
     """
+    from alignclip import determinism
     from alignclip.presets import load_clip
 
-    threads = torch.get_num_threads()
+    threads, mkldnn, nnpack = torch.get_num_threads(), torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled()
+    precision = torch.get_float32_matmul_precision()
     deterministic = torch.are_deterministic_algorithms_enabled()
+    determinism.configure_torch("cpu")  # portable kernels (the same bytes on any x86-64 CPU), deterministic
     torch.set_num_threads(settings.threads)
-    torch.use_deterministic_algorithms(True)
     started = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[]):
             summary = _train(out_path, settings, load_clip, log_path)
+        summary["cpu"] = {**determinism.state(), "model": determinism.cpu_model()}
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
+        torch.backends.mkldnn.enabled = mkldnn
+        torch.backends.nnpack.set_flags(nnpack)
+        torch.set_float32_matmul_precision(precision)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return summary
 
@@ -273,12 +281,13 @@ def _sha256(path: Path) -> str:
 
 
 def settings_digest(settings: PretrainSettings = PretrainSettings()) -> str:
-    """Digest of what determines the weights' bytes: this module, the renderer, the model config, the settings
-    and the library versions. It names the cached file, so a change builds a new one."""
+    """Digest of what determines the weights' bytes: this module, the renderer, the model config, the settings,
+    the library versions and the CPU kernels (alignclip.determinism). It names the cached file, so a change builds
+    a new one."""
     import open_clip
     import PIL
 
-    from alignclip import presets
+    from alignclip import determinism, presets
     from alignclip.data import digits
 
     parts = [
@@ -287,6 +296,7 @@ def settings_digest(settings: PretrainSettings = PretrainSettings()) -> str:
         (presets.RESOURCES / "model_configs" / f"{ARCHITECTURE}.json").read_bytes(),
         json.dumps(asdict(settings), sort_keys=True).encode(),
         f"{torch.__version__} {open_clip.__version__} {PIL.__version__} {np.__version__}".encode(),
+        json.dumps(determinism.kernels(), sort_keys=True).encode(),  # portable or the host's kernels
     ]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
 

@@ -63,7 +63,7 @@ def similarity_stage(prepared_dir, out_dir, model: str, pretrained: str | None, 
 
     import pandas as pd
 
-    from alignclip import artifacts
+    from alignclip import artifacts, determinism
     from alignclip.classifier import encode_classes
     from alignclip.data.prepare import load_prepared
     from alignclip.presets import load_clip
@@ -73,6 +73,7 @@ def similarity_stage(prepared_dir, out_dir, model: str, pretrained: str | None, 
 
     out_dir = Path(out_dir)
     _, meta = load_prepared(prepared_dir)
+    determinism.configure_torch("cpu", warn_only=True)  # computed on the CPU: the portable kernels (alignclip/determinism.py)
     bundle = load_clip(model, pretrained)
     text = encode_classes(bundle.model, bundle.tokenizer, meta["classes"], meta["template"], "cpu")
     cosine = cosine_matrix(text)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alignclip import artifacts, protocols
+from alignclip import artifacts, determinism, protocols
 from alignclip.bma import BetaMovingAverage
 from alignclip.classifier import encode_classes, make_visual, resolve_device
 from alignclip.data.images import ManifestImages, train_transform
@@ -138,8 +138,8 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
     plan = resolve(prepared_dir, settings)
     settings, method, meta, rows, label_space, device = plan.settings, plan.method, plan.meta, plan.rows, plan.label_space, plan.device
     torch.manual_seed(settings.seed)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    # a CPU run: portable kernels (alignclip/determinism.py), the same numbers on any x86-64 CPU; a GPU run as it is
+    cpu = {**determinism.configure_torch(device, warn_only=True), "model": determinism.cpu_model()} if device.type == "cpu" else None
     bundle = load_clip(settings.model, settings.pretrained, device=device)
     class_names = [meta["classes"][g] for g in label_space]
     text = encode_classes(bundle.model, bundle.tokenizer, class_names, meta["template"], device)
@@ -160,6 +160,7 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
         "variant": variant_label(method, settings),
         # what the encoder aligned: a CLIP ResNet has one attention layer whatever aligned_layers asks for
         "attention_layers": {"aligned": visual.aligned_layers, "dv": visual.dv_layers},
+        "cpu": cpu,  # the kernels and CPU of a CPU run (None on a GPU)
     }
     run = TrainingRun(settings, method, bundle, visual, text, class_sim, label_space, class_names, summary, device)
     if not method.trains:

@@ -4,6 +4,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+# The portable CPU kernels of every CLI stage (alignclip/determinism.py), set before torch loads: in-process runs
+# compute what the CLI computes, and the tiny weights built here are the file `alignclip pretrain` builds.
+from alignclip import determinism  # noqa: E402
+
+determinism.pin_process("cpu")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

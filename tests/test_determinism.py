@@ -1,0 +1,148 @@
+"""The same bytes on any x86-64 CPU (alignclip/determinism.py): builds of the tiny weights under two hosts' kernel
+choices, the CLI's decision which runs to pin, and the README's sha256 against what `alignclip pretrain` builds."""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignclip import determinism
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A shortened build through the code `alignclip pretrain` runs: the CLI's pinning decision for `pretrain`, then
+# pretrain.build (sources, model, batches, optimiser, save) on a short schedule.
+BUILD = """
+import json, sys
+from dataclasses import replace
+from alignclip import determinism
+determinism.pin_for_command(["pretrain", sys.argv[1]])
+from alignclip import pretrain
+settings = replace(pretrain.PretrainSettings(), variants=1, val_variants=1, steps=4, batch_size=16, warmup_steps=2)
+summary = pretrain.build(sys.argv[1], settings)
+print(json.dumps({"sha256": summary["sha256"], "cpu": summary["cpu"]}))
+"""
+
+
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _hosts() -> dict[str, dict]:
+    """Two CPU kinds, emulated on this one: what ATen, MKL, oneDNN and numpy would choose on each (their own
+    variables cap the ISA they dispatch to). An AVX-512 machine plays an AVX2-only host and an AVX-512 host; an
+    AVX2 machine plays an AVX-only host and itself."""
+    flags = _cpu_flags()
+    if "avx2" not in flags:
+        pytest.skip("this CPU has no AVX2: there is no second kernel choice to emulate")
+    avx2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
+    if "avx512f" in flags:
+        return {"avx2": avx2, "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+                                         "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}}
+    return {"avx": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "AVX", "ONEDNN_MAX_CPU_ISA": "AVX",
+                    "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"}, "avx2": avx2}
+
+
+def _build_on_hosts(tmp_path, kernels: str) -> dict[str, dict]:
+    """The short build once per emulated host, all at once (separate processes: the kernels are chosen when
+    torch loads), in ``kernels`` mode."""
+    processes = {}
+    for host, variables in _hosts().items():
+        env = {k: v for k, v in os.environ.items() if k not in determinism.PORTABLE_ENVIRONMENT}  # a fresh shell's
+        env.update(variables, ALIGNCLIP_CPU_KERNELS=kernels, OMP_NUM_THREADS="1")
+        out = tmp_path / f"{kernels}-{host}.pt"
+        processes[host] = (out, subprocess.Popen([sys.executable, "-c", BUILD, str(out)], env=env, cwd=tmp_path,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = {}
+    for host, (out, process) in processes.items():
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-2000:]
+        result = json.loads(stdout.strip().splitlines()[-1])
+        assert result["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+        results[host] = result
+    return results
+
+
+def test_builds_for_two_cpu_kinds_are_byte_identical_with_the_portable_kernels_and_differ_without(tmp_path):
+    portable = _build_on_hosts(tmp_path, "portable")
+    native = _build_on_hosts(tmp_path, "native")
+    hosts = list(portable)
+    # Without pinning, the emulated hosts really compute with different kernels, and the bytes differ: this is
+    # what the test would see if the pinning stopped working.
+    assert native[hosts[0]]["cpu"]["aten_cpu_capability"] != native[hosts[1]]["cpu"]["aten_cpu_capability"]
+    assert native[hosts[0]]["sha256"] != native[hosts[1]]["sha256"], native
+    # With it, they write the same bytes...
+    assert portable[hosts[0]]["sha256"] == portable[hosts[1]]["sha256"], portable
+    # ... having run ATen's generic kernels, MKL's COMPATIBLE branch, no oneDNN or NNPACK, one thread.
+    for result in portable.values():
+        cpu = result["cpu"]
+        assert (cpu["aten_cpu_capability"], cpu["mkl_cbwr"], cpu["mkldnn"], cpu["nnpack"], cpu["threads"]) == \
+            ("DEFAULT", "COMPATIBLE", False, False, 1), cpu
+        assert cpu["deterministic"] and cpu["cpu_kernels"] == "portable"
+
+
+@pytest.fixture
+def environment(monkeypatch):
+    """A private copy of the environment for pin_process to write into."""
+    env = {k: v for k, v in os.environ.items() if k not in determinism.PORTABLE_ENVIRONMENT and k != determinism.MODE_VARIABLE}
+    monkeypatch.setattr(os, "environ", env)
+    return env
+
+
+@pytest.mark.parametrize("argv, pinned", [
+    (["pretrain", "out"], True),
+    (["similarity", "prepared", "out"], True),
+    (["train", "prepared", "out", "--device", "cpu"], True),
+    (["--log-level", "DEBUG", "evaluate", "prepared", "model.pt", "out", "--device=cpu"], True),
+    (["train", "prepared", "out", "--device", "cuda"], False),  # a GPU run is left as it is
+    (["evaluate", "prepared", "model.pt", "out", "--device=cuda:1"], False),
+    (["train", "--help"], False),
+    (["report", "runs", "out"], False),
+    (["pipeline", "compile", "demo"], False),
+    ([], False),
+])
+def test_the_cli_pins_its_cpu_runs_and_only_those(environment, argv, pinned):
+    assert determinism.pin_for_command(argv) is pinned
+    assert all((environment.get(k) == v) is pinned for k, v in determinism.PORTABLE_ENVIRONMENT.items()), environment
+
+
+def test_device_auto_is_pinned_when_no_gpu_is_visible_and_native_mode_pins_nothing(environment):
+    environment["CUDA_VISIBLE_DEVICES"] = ""
+    assert determinism.pin_for_command(["train", "prepared", "out"])
+    assert environment["ATEN_CPU_CAPABILITY"] == "default" and environment["MKL_CBWR"] == "COMPATIBLE"
+    for name in determinism.PORTABLE_ENVIRONMENT:
+        del environment[name]
+    environment[determinism.MODE_VARIABLE] = "native"
+    assert not determinism.pin_for_command(["pretrain", "out"])
+    assert not set(determinism.PORTABLE_ENVIRONMENT) & set(environment)
+    environment[determinism.MODE_VARIABLE] = "fast"
+    with pytest.raises(ValueError, match="ALIGNCLIP_CPU_KERNELS='fast': expected one of portable, native"):
+        determinism.pin_for_command(["pretrain", "out"])
+
+
+def test_the_readme_states_the_sha256_that_alignclip_pretrain_builds(tmp_path):
+    """Every sha256 the README gives for the tiny weights is (a prefix of) what the CLI builds, here, with the
+    portable kernels. Uses the weights cache (ALIGNCLIP_CACHE): a cached file is named by the digest of the code,
+    settings, library versions and kernels that built it, so it is this build."""
+    stated = re.findall(r"sha256 `([0-9a-f]{12,64})(?:…|\.\.\.)?`", (ROOT / "README.md").read_text())
+    assert stated, "README.md states no sha256 of the tiny weights (sha256 `<hex>…`)"
+    env = {k: v for k, v in os.environ.items() if k not in determinism.PORTABLE_ENVIRONMENT}  # as a user's shell
+    done = subprocess.run([sys.executable, "-m", "alignclip", "pretrain", str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    weights = tmp_path / "out" / "alignclip-tiny-digits.pt"
+    built = hashlib.sha256(weights.read_bytes()).hexdigest()
+    summary = json.loads((tmp_path / "out" / "alignclip-tiny-digits.json").read_text())
+    assert summary["sha256"] == built
+    assert summary["cpu"]["cpu_kernels"] == "portable" and summary["cpu"]["aten_cpu_capability"] == "DEFAULT"
+    stale = [s for s in stated if not built.startswith(s)]
+    assert not stale, f"README.md states sha256 {stale}; `alignclip pretrain` builds {built}"
