@@ -205,6 +205,7 @@ def find_runs(results_dir: str | Path) -> list[RunRecord]:
     report's ``models/NNN``), the one whose train.json has the same method, formulation, held-out domain, seed
     and method switches."""
     from alignclip.methods import MethodConfig
+    from alignclip.selection import hparams_key
     from alignclip.train import variant_label
 
     results_dir = Path(results_dir)
@@ -218,7 +219,8 @@ def find_runs(results_dir: str | Path) -> list[RunRecord]:
             variant = variant_label(MethodConfig(**info["method"]), _Settings(settings.get("recipe"), settings.get("formulation", "paper")))
         except (TypeError, KeyError, ValueError):
             continue
-        key = (variant, settings.get("formulation", "paper"), settings.get("test_domain") or "", settings.get("seed"))
+        key = (variant, settings.get("formulation", "paper"), settings.get("test_domain") or "", settings.get("seed"),
+               hparams_key(info.get("hparams")))  # cells of a grid differ in hparams alone
         trained.setdefault(key, train_json.parent / artifacts.MODEL)
     runs = []
     for path in sorted(results_dir.rglob(artifacts.METRICS)):
@@ -227,7 +229,8 @@ def find_runs(results_dir: str | Path) -> list[RunRecord]:
         variant = summary.get("variant") or summary["method"]
         domain = summary.get("test_domain") or ""
         beside = path.parent / artifacts.MODEL
-        checkpoint = beside if beside.exists() else trained.get((variant, formulation, domain, summary.get("seed")))
+        checkpoint = beside if beside.exists() else trained.get((variant, formulation, domain, summary.get("seed"),
+                                                                 _hparams(path, summary)))
         predictions = path.parent / artifacts.PREDICTIONS
         runs.append(RunRecord(str(path.parent.relative_to(results_dir)), summary["method"], formulation, variant, domain,
                               summary.get("seed"), path, predictions if predictions.exists() else None, checkpoint))

@@ -278,3 +278,29 @@ def test_report_command_writes_the_metrics_file_dvc_reads(grid, tmp_path, monkey
     done = CliRunner().invoke(app, ["report", str(grid), str(tmp_path / "report"), "--metrics-file", str(tmp_path / "scores.json")])
     assert done.exit_code == 0, done.output
     assert json.loads((tmp_path / "scores.json").read_text()) == json.loads((tmp_path / "report" / "scores.json").read_text())
+
+
+def test_base_to_new_gets_base_new_and_h_columns_and_intervals_per_view(tmp_path):
+    """Another protocol's shape: columns base, new, H (table 3); intervals for base and new (H is not a mean over
+    images, so it has none)."""
+    for method, right in (("erm", 30), ("alignclip", 45)):
+        folder = tmp_path / "runs" / method
+        folder.mkdir(parents=True)
+        frames, views = [], {}
+        for view in ("base", "new"):
+            correct = _correct(N_TEST, right)
+            label = np.arange(N_TEST) % 5
+            frames.append(pd.DataFrame({"view": view, "path": [f"{view}/{i}.jpg" for i in range(N_TEST)], "label": label,
+                                        "pred": np.where(correct, label, (label + 1) % 5), "top5": "0", "top5_prob": "1"}))
+            views[view] = {"accuracy": 100.0 * correct.mean(), "correct": int(correct.sum()), "total": N_TEST}
+        pd.concat(frames).to_parquet(folder / "predictions.parquet", index=False)
+        (folder / "metrics.json").write_text(json.dumps({"dataset": "oxford_pets", "protocol": "base2new", "method": method,
+                                                         "variant": method, "formulation": "paper", "test_domain": None,
+                                                         "test_split": None, "seed": 1, "views": views}))
+    build_report(tmp_path / "runs", tmp_path / "report")
+    markdown = (tmp_path / "report" / "base2new_oxford_pets.md").read_text()
+    assert "| method | base | new | H | seeds |" in markdown
+    assert "| method | base | new |\n" in markdown  # the differences to ERM: no H column
+    scores = json.loads((tmp_path / "report" / "scores.json").read_text())["base2new_oxford_pets"]
+    assert scores["alignclip"]["new"]["vs_erm"] == pytest.approx(100 * 15 / 60, abs=1e-3)
+    assert "vs_erm" not in scores["alignclip"]["H"] and scores["alignclip"]["H"]["paper"] > 0  # the paper's table 5
