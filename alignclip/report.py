@@ -455,7 +455,7 @@ def table_caption(results: pd.DataFrame) -> str:
     parts.append("Test images: " + ", ".join(sizes) + ".")
     seeds = sorted({int(s) for s in results["seed"].dropna().unique()})
     parts.append(f"Seeds: {', '.join(str(s) for s in seeds) or '-'} (mean ± std over seeds; column `seeds` counts them).")
-    parts.append(f"Runs: {results['source'].nunique()}. Accuracy in %; `-`: no value (no std with one seed, no published number).")
+    parts.append(f"Runs: {results['source'].nunique()}. Accuracy in %; no std where there is one seed (`1 run`); `—`: no value.")
     return " ".join(parts)
 
 
