@@ -431,6 +431,8 @@ def report(
     out_dir: Path = typer.Argument(..., help="where to write tables, figures and the results page"),
     prepared_dir: Optional[Path] = typer.Option(None, help="prepared dataset, for attention-map figures"),
     similarity_dir: Optional[Path] = typer.Option(None, help="`alignclip similarity` output to include"),
+    metrics_file: Optional[Path] = typer.Option(None, help="also write the report's scores.json (means, stds, "
+                                                "intervals) here, outside the report folder: DVC's metrics file"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Results tables beside the paper's numbers (CSV, Markdown), figures (PNG) and a results page."""
@@ -446,7 +448,7 @@ def report(
         raise ConfigError(f"--similarity-dir {similarity_dir}: no {artifacts.SIMILARITY_MATRIX} there; expected an "
                           "`alignclip similarity` output")
     from alignclip import runs, tracking
-    from alignclip.report import build_report, collect
+    from alignclip.report import build_report, reported_results
 
     parent = tracking.pipeline_run_id(experiment)
     if parent:  # the last stage: the pipeline run gets the page and the summary metrics, and ends
@@ -456,7 +458,7 @@ def report(
             runs.mark_failed(parent, "report")
             raise
         try:
-            runs.finish_pipeline_run(parent, collect(results_dir), out_dir)
+            runs.finish_pipeline_run(parent, reported_results(results_dir), out_dir)
         except Exception as err:  # noqa: BLE001 - the page is on disk; tracking must not cost it
             log.warning("could not end the pipeline's MLflow run %s (%s)", parent, str(err).splitlines()[0][:200])
     else:
@@ -464,10 +466,14 @@ def report(
             page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
             tracker.log_artifact(out_dir, "report")
             if tracker.enabled:
-                results = collect(results_dir)
-                tracker.log_metrics(runs.summary_metrics(results))
+                results = reported_results(results_dir)
+                tracker.log_metrics({**runs.summary_metrics(results), **runs.report_metrics(out_dir)})
                 for dataset in sorted(results["dataset"].unique()):
                     runs.set_best_aliases(dataset)
+    if metrics_file is not None:
+        from alignclip.files import atomic_write_text
+
+        atomic_write_text(metrics_file, (out_dir / artifacts.SCORES).read_text())
     typer.echo(f"results page: {page}")
 
 

@@ -49,6 +49,7 @@ def collect(results_dir: str | Path) -> pd.DataFrame:
                     "test_domain": summary.get("test_domain") or "",
                     "test_split": summary.get("test_split") or "",
                     "seed": summary.get("seed"),
+                    "hparams": _hparams(path, summary),
                     "view": view,
                     "accuracy": value["accuracy"],
                     "total": value["total"],
@@ -58,14 +59,18 @@ def collect(results_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _hparams(metrics_path: Path, summary: dict) -> str:
+    """The cell's grid setting (``hparams``: metrics.json's, else its train.json's; absent: none), as selection keys it."""
+    from alignclip.selection import hparams_key
+
+    if "hparams" in summary:
+        return hparams_key(summary["hparams"])
+    train_json = metrics_path.parent / artifacts.TRAIN_SUMMARY
+    return hparams_key(json.loads(train_json.read_text()).get("hparams") if train_json.is_file() else None)
+
+
 def _method_label(method: str, formulation: str) -> str:
     return method if formulation == "paper" or method != "alignclip" else f"{method} ({formulation})"
-
-
-def _fmt(mean: float | None, std: float | None = None) -> str:
-    if mean is None or (isinstance(mean, float) and np.isnan(mean)):
-        return "—"
-    return f"{mean:.1f} ± {std:.1f}" if std is not None and not np.isnan(std) else f"{mean:.1f}"
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -87,10 +92,15 @@ def build_tables(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    lines = ["| method | split | ours | paper | diff | seeds |", "|---|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(row) + " |" for row in display_rows(table)]
-    return "\n".join(lines) + "\n"
+def to_markdown(table: pd.DataFrame, diffs: pd.DataFrame | None = None) -> str:
+    """The table in the paper's shape (methods x held-out domains and Avg), then the differences to ERM and to
+    zero-shot with their intervals when ``diffs`` (report_tables.differences) has them."""
+    from alignclip import report_tables
+
+    return report_tables.blocks_markdown(report_tables.table_blocks(table, diffs if diffs is not None else _NO_DIFFS))
+
+
+_NO_DIFFS = pd.DataFrame(columns=["method", "baseline", "column", "diff", "low", "high", "images", "significant"])
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -195,6 +205,7 @@ def find_runs(results_dir: str | Path) -> list[RunRecord]:
     report's ``models/NNN``), the one whose train.json has the same method, formulation, held-out domain, seed
     and method switches."""
     from alignclip.methods import MethodConfig
+    from alignclip.selection import hparams_key
     from alignclip.train import variant_label
 
     results_dir = Path(results_dir)
@@ -208,7 +219,8 @@ def find_runs(results_dir: str | Path) -> list[RunRecord]:
             variant = variant_label(MethodConfig(**info["method"]), _Settings(settings.get("recipe"), settings.get("formulation", "paper")))
         except (TypeError, KeyError, ValueError):
             continue
-        key = (variant, settings.get("formulation", "paper"), settings.get("test_domain") or "", settings.get("seed"))
+        key = (variant, settings.get("formulation", "paper"), settings.get("test_domain") or "", settings.get("seed"),
+               hparams_key(info.get("hparams")))  # cells of a grid differ in hparams alone
         trained.setdefault(key, train_json.parent / artifacts.MODEL)
     runs = []
     for path in sorted(results_dir.rglob(artifacts.METRICS)):
@@ -217,7 +229,8 @@ def find_runs(results_dir: str | Path) -> list[RunRecord]:
         variant = summary.get("variant") or summary["method"]
         domain = summary.get("test_domain") or ""
         beside = path.parent / artifacts.MODEL
-        checkpoint = beside if beside.exists() else trained.get((variant, formulation, domain, summary.get("seed")))
+        checkpoint = beside if beside.exists() else trained.get((variant, formulation, domain, summary.get("seed"),
+                                                                 _hparams(path, summary)))
         predictions = path.parent / artifacts.PREDICTIONS
         runs.append(RunRecord(str(path.parent.relative_to(results_dir)), summary["method"], formulation, variant, domain,
                               summary.get("seed"), path, predictions if predictions.exists() else None, checkpoint))
@@ -442,7 +455,7 @@ def table_caption(results: pd.DataFrame) -> str:
     parts.append("Test images: " + ", ".join(sizes) + ".")
     seeds = sorted({int(s) for s in results["seed"].dropna().unique()})
     parts.append(f"Seeds: {', '.join(str(s) for s in seeds) or '-'} (mean ± std over seeds; column `seeds` counts them).")
-    parts.append(f"Runs: {results['source'].nunique()}. Accuracy in %; `-`: no value (no std with one seed, no published number).")
+    parts.append(f"Runs: {results['source'].nunique()}. Accuracy in %; no std where there is one seed (`1 run`); `—`: no value.")
     return " ".join(parts)
 
 
@@ -461,76 +474,135 @@ def build_report(results_dir, out_dir, prepared_dir=None, similarity_dir=None) -
 
 
 def _build_report(results_dir: Path, out: Path, prepared_dir=None, similarity_dir=None) -> Path:
-    results = collect(results_dir)
-    if results.empty:
+    from alignclip import selection
+
+    everything = collect(results_dir)
+    if everything.empty:
         raise FileNotFoundError(f"no metrics.json below {results_dir}: run `alignclip evaluate` first")
-    results.to_csv(out / "results_long.csv", index=False)
+    results, searched = selection.select(everything)  # the cells training-domain validation chose
+    reported = everything["source"].isin(set(results["source"]))
+    everything.assign(reported=reported).to_csv(out / "results_long.csv", index=False)
+    searched.to_csv(out / "selection.csv", index=False)
     summary = summarise(results)
     summary.to_csv(out / "summary.csv", index=False)
     tables = build_tables(summary)
-    intro = f"Runs: {results['source'].nunique()} evaluations from `{results_dir}`."
-    sections = ["# AlignCLIP results\n", intro + "\n"]
-    captions = {}
+    intro = f"Runs: {everything['source'].nunique()} evaluations from `{results_dir}`."
+    if not reported.all():
+        intro += f" Reported: the {results['source'].nunique()} chosen by model selection (below)."
+    captions, blocks, scores = {}, {}, {}
     for name, table in tables.items():
-        table.to_csv(out / f"{name}.csv", index=False)
-        markdown = to_markdown(table)
-        (out / f"{name}.md").write_text(markdown)
-        dataset, protocol = _table_key(name, results)
-        captions[name] = table_caption(results[(results["dataset"] == dataset) & (results["protocol"] == protocol)])
-        sections.append(f"## {name}\n\n{markdown}\n{captions[name]}\n")
-    figures = []  # (title, file, caption)
+        captions[name], blocks[name], scores[name] = _write_table(name, table, results, out)
+    choice = selection.selection_summary(searched)
+    figures = _figures(results_dir, out, results, prepared_dir, similarity_dir)
+    (out / artifacts.REPORT_MARKDOWN).write_text(_markdown(intro, blocks, captions, choice, figures))
+    (out / artifacts.REPORT_PAGE).write_text(_html(intro, blocks, captions, choice, figures))
+    (out / artifacts.SCORES).write_text(json.dumps(scores, indent=2) + "\n")
+    chosen = [{"dataset": r["dataset"], "protocol": r["protocol"], "variant": r["variant"], "test_domain": r["test_domain"],
+               "hparams": json.loads(r["hparams"]), "val_mean": r["val_mean"]} for _, r in searched[searched["chosen"]].iterrows()]
+    (out / "report.json").write_text(json.dumps({"tables": list(tables), "captions": captions, "figures": [f for _, f, _ in figures],
+                                                 "selection": chosen}, indent=2) + "\n")
+    log.info("report: %d tables, %d figures -> %s", len(tables), len(figures), out / artifacts.REPORT_PAGE)
+    return out / artifacts.REPORT_PAGE
+
+
+def reported_results(results_dir: str | Path) -> pd.DataFrame:
+    """The rows of ``collect`` that the report's tables show: the cells model selection chose."""
+    from alignclip import selection
+
+    results = collect(results_dir)
+    return selection.select(results)[0] if not results.empty else results
+
+
+def _write_table(name: str, table: pd.DataFrame, results: pd.DataFrame, out: Path) -> tuple[str, list, dict]:
+    """One results table: long CSV, its differences to the baselines (CSV), the paper-shaped Markdown; returns its
+    caption, display blocks and scores (report_tables)."""
+    from alignclip import report_tables
+
+    dataset, protocol = _table_key(name, results)
+    part = results[(results["dataset"] == dataset) & (results["protocol"] == protocol)]
+    view = report_tables.headline_view(protocol) if protocol else "test"
+    table = _with_avg_std(table, part, view)
+    diffs = report_tables.differences(part, table, f"{dataset}/{protocol}", view)
+    table.to_csv(out / f"{name}.csv", index=False)
+    diffs.to_csv(out / f"{name}_differences.csv", index=False)
+    blocks = report_tables.table_blocks(table, diffs)
+    (out / f"{name}.md").write_text(report_tables.blocks_markdown(blocks))
+    return table_caption(part), blocks, report_tables.scores(table, diffs)
+
+
+def _with_avg_std(table: pd.DataFrame, results: pd.DataFrame, view: str) -> pd.DataFrame:
+    """The Avg rows' std: over seeds of each seed's average over the held-out domains (report_tables.avg_std)."""
+    from alignclip.report_tables import AVG, avg_std
+
+    table = table.copy()
+    for i in table.index[table["split"] == AVG]:
+        method = table.at[i, "method"]
+        domains = [d for d in table.loc[table["method"] == method, "split"] if d != AVG]
+        std = avg_std(results[results["variant"] == method], domains, view)
+        if std is not None:
+            table.at[i, "ours_std"] = round(std, 2)
+    return table
+
+
+def _figures(results_dir: Path, out: Path, results: pd.DataFrame, prepared_dir=None, similarity_dir=None) -> list:
+    """(title, file, caption) of each figure, drawn from the reported cells only."""
+    figures = []
     meta = json.loads((Path(prepared_dir) / artifacts.META).read_text()) if prepared_dir else None
     if similarity_dir and (Path(similarity_dir) / artifacts.SIMILARITY_HEATMAP).exists():
         target = out / artifacts.SIMILARITY_HEATMAP
         target.write_bytes((Path(similarity_dir) / artifacts.SIMILARITY_HEATMAP).read_bytes())
         how = figure_provenance(target).get("class_order", "label order")
         figures.append(("Class similarity matrix (fig. 6)", target.name, f"Classes in {how}."))
-    runs = find_runs(results_dir)
+    reported = set(results["source"])
+    runs = [r for r in find_runs(results_dir) if str(r.metrics) in reported]
+    figures += _curves_figure(results_dir, out, runs)
+    if prepared_dir:
+        split = next((s for s in results["test_split"] if s), "holdout")
+        figures += _model_figures(runs, Path(prepared_dir), meta, out, split)
+    return figures
+
+
+def _curves_figure(results_dir: Path, out: Path, runs: list[RunRecord]) -> list:
     by_folder = {r.run: r for r in runs}
+    for run in runs:
+        if run.checkpoint is not None and run.checkpoint.parent.is_relative_to(results_dir):
+            by_folder[str(run.checkpoint.parent.relative_to(results_dir))] = run
     logs = {}
     for log_path in sorted(results_dir.rglob(artifacts.TRAIN_LOG)):
-        frame = pd.read_csv(log_path)
-        if len(frame):
-            logs[str(log_path.parent.relative_to(results_dir))] = frame
-    if logs:
-        trained_runs = {}
-        for run in runs:
-            if run.checkpoint is not None:
-                trained_runs[str(run.checkpoint.parent.relative_to(results_dir))] = run
-        plot_training_curves(logs, out / "training_curves.png", {k: v for k, v in {**by_folder, **trained_runs}.items() if k in logs})
-        figures.append(("Training curves", "training_curves.png", "One line per run: colour = method, line style = held-out domain."))
-    domains = meta["domains"] if meta else []
-    split = next((s for s in results["test_split"] if s), "holdout")
-    if prepared_dir:
-        chosen = pick_runs(runs, ["zeroshot", "erm", "alignclip", "alignclip+release"], domains, "checkpoint")
-        provenance = attention_maps(chosen, Path(prepared_dir), out / "attention_maps.png", test_split=split) if chosen else None
-        if provenance:
-            settings = "; ".join(
-                f"{r['variant']}: {r['attention']['aligned_layers']} aligned layers, A_c {r['attention']['cls_attn_norm']}, "
-                f"D-V over the last {r['attention']['dv_layers']} blocks, tau of G {r['attention']['aal_tau'] if r['attention']['aal_tau'] is not None else 'none'} "
-                f"({r['attention']['from']})" for r in provenance["runs"])
-            figures.append((
-                "Class-token attention A_c, token/text similarity G and the D-V branch's G_DV, per model (fig. 1b, 4, 7, 8)",
-                "attention_maps.png",
-                f"Held-out domain {provenance['test_domain']}, runs: {_run_list(provenance['runs'])}. Settings: {settings}.",
-            ))
-        pair = pick_runs(runs, ["alignclip", "erm"], domains, "predictions")
-        if len(pair) < 2:
-            pair = pick_runs(runs, ["alignclip", "clipood"], domains, "predictions")
-        if len(pair) == 2 and pair[0].label == "alignclip":
-            sls, plain = pair
-            if top5_figure(pd.read_parquet(sls.predictions), pd.read_parquet(plain.predictions), meta["classes"], out / "top5.png",
-                           runs=(sls, plain)):
-                figures.append((f"Top-5 predictions without SLS ({plain.label}) and with SLS (AlignCLIP) (fig. 4)", "top5.png",
-                                f"Runs: {_run_list([plain.describe(), sls.describe()])}."))
-    for title, name, caption in figures:
-        sections.append(f"## {title}\n\n![{title}]({name})\n\n{caption}\n")
-    page = "\n".join(sections)
-    (out / artifacts.REPORT_MARKDOWN).write_text(page)
-    (out / artifacts.REPORT_PAGE).write_text(_html(intro, tables, captions, figures))
-    (out / "report.json").write_text(json.dumps({"tables": list(tables), "captions": captions, "figures": [f for _, f, _ in figures]}, indent=2) + "\n")
-    log.info("report: %d tables, %d figures -> %s", len(tables), len(figures), out / artifacts.REPORT_PAGE)
-    return out / artifacts.REPORT_PAGE
+        folder = str(log_path.parent.relative_to(results_dir))
+        frame = pd.read_csv(log_path) if folder in by_folder else None
+        if frame is not None and len(frame):
+            logs[folder] = frame
+    if not logs:
+        return []
+    plot_training_curves(logs, out / "training_curves.png", {k: v for k, v in by_folder.items() if k in logs})
+    return [("Training curves", "training_curves.png", "One line per run: colour = method, line style = held-out domain.")]
+
+
+def _model_figures(runs: list[RunRecord], prepared_dir: Path, meta: dict, out: Path, split: str) -> list:
+    figures = []
+    chosen = pick_runs(runs, ["zeroshot", "erm", "alignclip", "alignclip+release"], meta["domains"], "checkpoint")
+    provenance = attention_maps(chosen, prepared_dir, out / "attention_maps.png", test_split=split) if chosen else None
+    if provenance:
+        settings = "; ".join(
+            f"{r['variant']}: {r['attention']['aligned_layers']} aligned layers, A_c {r['attention']['cls_attn_norm']}, "
+            f"D-V over the last {r['attention']['dv_layers']} blocks, tau of G {r['attention']['aal_tau'] if r['attention']['aal_tau'] is not None else 'none'} "
+            f"({r['attention']['from']})" for r in provenance["runs"])
+        figures.append((
+            "Class-token attention A_c, token/text similarity G and the D-V branch's G_DV, per model (fig. 1b, 4, 7, 8)",
+            "attention_maps.png",
+            f"Held-out domain {provenance['test_domain']}, runs: {_run_list(provenance['runs'])}. Settings: {settings}.",
+        ))
+    pair = pick_runs(runs, ["alignclip", "erm"], meta["domains"], "predictions")
+    if len(pair) < 2:
+        pair = pick_runs(runs, ["alignclip", "clipood"], meta["domains"], "predictions")
+    if len(pair) == 2 and pair[0].label == "alignclip":
+        sls, plain = pair
+        if top5_figure(pd.read_parquet(sls.predictions), pd.read_parquet(plain.predictions), meta["classes"], out / "top5.png",
+                       runs=(sls, plain)):
+            figures.append((f"Top-5 predictions without SLS ({plain.label}) and with SLS (AlignCLIP) (fig. 4)", "top5.png",
+                            f"Runs: {_run_list([plain.describe(), sls.describe()])}."))
+    return figures
 
 
 def _run_list(runs: list[dict]) -> str:
@@ -544,28 +616,33 @@ def _table_key(name: str, results: pd.DataFrame) -> tuple[str, str]:
     return tuple(matches[0]) if matches else ("", "")
 
 
-def display_rows(table: pd.DataFrame) -> list[list[str]]:
-    """The table's cells as shown on the page and in Markdown: a dash where there is no value, never None."""
-    rows = []
-    for _, r in table.iterrows():
-        diff = "—" if r["diff"] is None or pd.isna(r["diff"]) else f"{r['diff']:+.1f}"
-        std = None if r["ours_std"] is None or pd.isna(r["ours_std"]) else r["ours_std"]
-        paper = None if r["paper"] is None or pd.isna(r["paper"]) else r["paper"]
-        rows.append([str(r["method"]), str(r["split"]), _fmt(r["ours_mean"], std), _fmt(paper), diff, str(r["seeds"])])
-    return rows
+SELECTION_TITLE = "Source-validation accuracy of each searched setting"
 
 
-DISPLAY_COLUMNS = ["method", "split", "ours", "paper", "diff", "seeds"]
+def _markdown(intro, blocks, captions, choice, figures) -> str:
+    from alignclip.report_tables import blocks_markdown
+
+    sections = ["# AlignCLIP results\n", intro + "\n"]
+    for name, shown in blocks.items():
+        sections.append(f"## {name}\n\n{blocks_markdown(shown)}\n{captions[name]}\n")
+    statement, header, rows = choice
+    sections.append(f"## Model selection\n\n{statement}\n" + (f"\n{blocks_markdown([(SELECTION_TITLE, header, rows)])}" if rows else ""))
+    for title, name, caption in figures:
+        sections.append(f"## {title}\n\n![{title}]({name})\n\n{caption}\n")
+    return "\n".join(sections)
 
 
-def _html(intro, tables, captions, figures) -> str:
-    body = ["<h1>AlignCLIP results</h1>", f"<p>{html.escape(intro, quote=False)}</p>"]
-    for name, table in tables.items():
-        body.append(f"<h2>{html.escape(name)}</h2><table><thead><tr>")
-        body.append("".join(f"<th>{html.escape(c)}</th>" for c in DISPLAY_COLUMNS) + "</tr></thead><tbody>")
-        for row in display_rows(table):
-            body.append("<tr>" + "".join(f"<td>{html.escape(cell, quote=False)}</td>" for cell in row) + "</tr>")
-        body.append(f"</tbody></table><p class='caption'>{html.escape(captions[name], quote=False).replace('`', '')}</p>")
+def _html(intro, blocks, captions, choice, figures) -> str:
+    from alignclip.report_tables import blocks_html
+
+    body = ["<h1>AlignCLIP results</h1>", f"<p>{html.escape(intro, quote=False).replace('`', '')}</p>"]
+    for name, shown in blocks.items():
+        body.append(f"<h2>{html.escape(name)}</h2>{blocks_html(shown)}")
+        body.append(f"<p class='caption'>{html.escape(captions[name], quote=False).replace('`', '')}</p>")
+    statement, header, rows = choice
+    body.append(f"<h2>Model selection</h2><p>{html.escape(statement, quote=False).replace('`', '')}</p>")
+    if rows:
+        body.append(blocks_html([(SELECTION_TITLE, header, rows)]))
     for title, name, caption in figures:
         body.append(f"<h2>{html.escape(title)}</h2><img src='{html.escape(name)}' style='max-width:100%'>"
                     f"<p class='caption'>{html.escape(caption, quote=False).replace('`', '')}</p>")

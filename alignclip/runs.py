@@ -220,6 +220,33 @@ def summary_metrics(results) -> dict[str, float]:
     return metrics
 
 
+def report_metrics(report_dir: Path) -> dict[str, float]:
+    """The report's scores.json as metrics: ``report/<table>/<method>/<column>/<name>`` with name acc_mean, acc_std,
+    seeds, paper, vs_erm, vs_erm_low, vs_erm_high, vs_zeroshot... (the paired bootstrap intervals, in points)."""
+    import json
+
+    path = Path(report_dir) / "scores.json"
+    if not path.is_file():
+        return {}
+    metrics = {}
+    for table, methods in json.loads(path.read_text()).items():
+        for method, columns in methods.items():
+            for column, values in columns.items():
+                metrics.update({metric_key("report", table, method, column, name): float(v) for name, v in values.items()})
+    return metrics
+
+
+def selection_tags(report_dir: Path) -> dict[str, str]:
+    """``selected/<method>/<held-out domain>``: the hyper-parameters model selection chose (report.json), where a
+    grid varied them."""
+    import json
+
+    path = Path(report_dir) / "report.json"
+    chosen = json.loads(path.read_text()).get("selection", []) if path.is_file() else []
+    return {metric_key("selected", c["variant"], c["test_domain"] or "all"): json.dumps(c["hparams"], sort_keys=True)
+            for c in chosen if c.get("hparams")}
+
+
 def finish_pipeline_run(parent_run_id: str, results, report_dir: Path, status: str = "FINISHED") -> dict[str, float]:
     """Log the summary metrics and the results page into the parent run, set the best-version aliases, end it."""
     import time
@@ -227,7 +254,7 @@ def finish_pipeline_run(parent_run_id: str, results, report_dir: Path, status: s
     from mlflow.entities import Metric
 
     client = _client()
-    metrics = summary_metrics(results)
+    metrics = {**summary_metrics(results), **report_metrics(report_dir)}
     now = int(time.time() * 1000)
     items = [Metric(k, v, now, 0) for k, v in sorted(metrics.items())]
     for start in range(0, len(items), 1000):
@@ -235,6 +262,8 @@ def finish_pipeline_run(parent_run_id: str, results, report_dir: Path, status: s
     if report_dir.is_dir():
         client.log_artifacts(parent_run_id, str(report_dir), "report")
     client.set_tag(parent_run_id, "cells", str(results["source"].nunique()) if not results.empty else "0")
+    for key, value in selection_tags(report_dir).items():
+        client.set_tag(parent_run_id, key, value)
     if not results.empty:
         for dataset in sorted(results["dataset"].unique()):
             set_best_aliases(dataset)

@@ -103,6 +103,21 @@ MUTATIONS = [
         'return train[train["domain"] == test_domain], list(range(len(meta["classes"])))',
         ("tests/test_prepare.py::test_leave_one_domain_out_views",),
     ),
+    Mutation(
+        "model selection reads test accuracies instead of source-validation ones",
+        "alignclip/selection.py",
+        'rows = results[results["view"] == VALIDATION_VIEW]',
+        'rows = results[results["view"] == "test"]',
+        ("tests/test_stats.py",),
+    ),
+    Mutation(
+        "unpaired bootstrap: the baseline's images resampled independently of the method's",
+        "alignclip/stats.py",
+        "    samples = 100.0 * bootstrap_means(per_image, key)",
+        "    samples = 100.0 * (bootstrap_means(np.atleast_2d(method).mean(0), key)"
+        " - bootstrap_means(np.atleast_2d(baseline).mean(0), key + '/baseline'))",
+        ("tests/test_stats.py",),
+    ),
 ]
 
 
