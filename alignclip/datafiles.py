@@ -42,8 +42,8 @@ def _found(value) -> str:
 
 # key -> type(s), for the keys every reader of the file uses. (list, str): a list of strings.
 META = {"dataset": str, "protocol": str, "root": str, "classes": (list, str), "domains": (list, str), "template": str}
-TRAIN_SUMMARY = {"method": (str, dict)}
-METRICS = {"method": str}
+TRAIN_SUMMARY = {"settings": dict, "method": dict}
+METRICS = {"method": str, "dataset": str, "protocol": str, "views": dict}
 
 
 def check_fields(data, source: str | Path, fields: dict, what: str = "file") -> dict:

@@ -18,6 +18,7 @@ file, and a dataset's keys never need it.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 from pathlib import Path
@@ -80,3 +81,16 @@ def relative_root_inside(folder: str | Path, root: str) -> bool:
     choice, as an absolute root is.)"""
     normal = posixpath.normpath(root)
     return not (normal == ".." or normal.startswith("../") or normal.startswith("/"))
+
+
+class DiskFull(OSError):
+    """No space left (or quota exhausted) while a stage wrote a file: one line naming it and the bytes."""
+
+    def __init__(self, path, size: int | None = None):
+        what = f"{size} bytes" if size is not None else "its bytes"
+        super().__init__(errno.ENOSPC, f"disk full: writing {path} ({what}) failed: no space left on its file system; "
+                                       "the stage's partial files were removed, the previous outputs are untouched")
+        self.path, self.size = str(path), size
+
+    def __str__(self) -> str:
+        return self.strerror
