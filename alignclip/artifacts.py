@@ -63,13 +63,10 @@ class Checkpoint:
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     """Written to a temporary file and renamed: a killed process never leaves a half-written checkpoint."""
-    import torch
+    from alignclip.files import save_torch
 
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(asdict(checkpoint), partial)
-    partial.replace(path)
-    return path
+    # serialised in memory, then one atomic write: a full disk is one DiskFull line naming the file and its size
+    return save_torch(asdict(checkpoint), Path(path))
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -297,7 +297,7 @@ def train(
     checkpoint_dir: Optional[str] = typer.Option(
         None, envvar="ALIGNCLIP_CHECKPOINT_DIR",
         help="folder or s3:// prefix for the resume checkpoint (default: under ALIGNCLIP_CHECKPOINT_ROOT keyed by "
-        "output path and cell if set, else .<out_dir>.train.partial beside the outputs)",
+        "output path and cell if set, else .<out_dir>.train.resume beside the outputs)",
     ),
     checkpoint_every: int = typer.Option(0, help="also write a resume checkpoint every N steps (0: by time only)"),
     checkpoint_minutes: float = typer.Option(10.0, help="write a resume checkpoint at least this often (0: by steps only)"),
@@ -324,7 +324,9 @@ def train(
                 "train_steps": steps, "train_epochs": epochs, "train_batch_size": batch_size, "train_lr": lr, "train_hflip": hflip}
     meta = None
     if recipe is None and (prepared_dir / "meta.json").is_file():
-        meta = json.loads((prepared_dir / "meta.json").read_text())
+        from alignclip.datafiles import META, read_json
+
+        meta = read_json(prepared_dir / "meta.json", META, "the metadata of `alignclip prepare`")
     values = train_config(params_file, explicit, meta)
     effective = effective_train(values, test_domain or None)
     get_method(method, values["train_formulation"], **switches)  # an unknown method is refused before torch loads
@@ -350,7 +352,10 @@ def train(
         typer.echo(json.dumps(shown, sort_keys=True))
         return
     check_output_dir(out_dir)
+    from alignclip.files import hold_output_lock
     from alignclip.resume import ResumeOptions, pending_run_id
+
+    hold_output_lock(out_dir)  # one writer per output, taken before its MLflow run: a refused second one leaves no trace
 
     test_domain = settings.test_domain
     cell_key = f"train-{method}-{test_domain or 'all'}-s{seed}"  # names the resume checkpoint's place
@@ -402,9 +407,14 @@ def evaluate(
     from alignclip.data.prepare import load_prepared
     from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
 
+    from alignclip.files import hold_output_lock
+
+    hold_output_lock(out_dir)  # one writer per output, before the MLflow run it would continue
     # The cell's training run (named in train.json) if it belongs to this pipeline run; else a new cell run.
     trained = checkpoint.parent / artifacts.TRAIN_SUMMARY
-    info = json.loads(trained.read_text()) if trained.is_file() else {}
+    from alignclip.datafiles import TRAIN_SUMMARY, read_json
+
+    info = read_json(trained, TRAIN_SUMMARY, "the summary of `alignclip train`") if trained.is_file() else {}
     parent = tracking.pipeline_run_id(experiment)
     resume = info.get("mlflow_run_id") if tracking.tracking_uri() and tracking.resumable(info.get("mlflow_run_id"), parent) else None
     trained_settings = info.get("settings", {})
@@ -697,6 +707,13 @@ def main() -> None:
         # Bad input: one readable line naming what is wrong, no traceback (use --log-level DEBUG for one).
         get_logger("alignclip").debug("error", exc_info=True)
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except OSError as err:
+        from alignclip.paths import DiskFull
+
+        if not isinstance(err, DiskFull):
+            raise
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)  # names the file and the bytes being written
         sys.exit(2)
     except BaseException as err:  # Preempted is a BaseException, none of the above
         if not _preempted(err):

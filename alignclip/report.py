@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from alignclip import artifacts, protocols  # noqa: E402
+from alignclip.datafiles import METRICS, TRAIN_SUMMARY, read_json  # noqa: E402
 from alignclip.log import get_logger  # noqa: E402
 
 log = get_logger(__name__)
@@ -35,7 +36,7 @@ def collect(results_dir: str | Path) -> pd.DataFrame:
     """One row per (run, view) from every metrics.json below ``results_dir``."""
     rows = []
     for path in sorted(Path(results_dir).rglob(artifacts.METRICS)):
-        summary = json.loads(path.read_text())
+        summary = read_json(path, METRICS, "the metrics of `alignclip evaluate`")
         if summary.get("protocol") not in protocols.PROTOCOLS:
             raise ValueError(f"{path}: unknown protocol {summary.get('protocol')!r}: expected one of {', '.join(protocols.PROTOCOLS)}")
         for view, value in summary["views"].items():
@@ -213,7 +214,7 @@ def find_runs(results_dir: str | Path) -> list[RunRecord]:
     for train_json in sorted(results_dir.rglob(artifacts.TRAIN_SUMMARY)):
         if not (train_json.parent / artifacts.MODEL).exists():
             continue
-        info = json.loads(train_json.read_text())
+        info = read_json(train_json, TRAIN_SUMMARY, "the summary of `alignclip train`")
         settings = info.get("settings", {})
         try:
             variant = variant_label(MethodConfig(**info["method"]), _Settings(settings.get("recipe"), settings.get("formulation", "paper")))
@@ -224,7 +225,7 @@ def find_runs(results_dir: str | Path) -> list[RunRecord]:
         trained.setdefault(key, train_json.parent / artifacts.MODEL)
     runs = []
     for path in sorted(results_dir.rglob(artifacts.METRICS)):
-        summary = json.loads(path.read_text())
+        summary = read_json(path, METRICS, "the metrics of `alignclip evaluate`")
         formulation = summary.get("formulation", "paper")
         variant = summary.get("variant") or summary["method"]
         domain = summary.get("test_domain") or ""

@@ -9,7 +9,7 @@ point and resumed produces the same ``model.pt``, byte for byte, as an uninterru
 
 Where: ``--checkpoint-dir`` (a local folder or an ``s3://`` prefix), else ``ALIGNCLIP_CHECKPOINT_ROOT`` keyed by
 the task's output path and grid cell (``keyed_location``: a KFP retry in a new pod finds it), else the training
-stage's staging folder beside its outputs (``.<out>.train.partial``), which a re-run of the same command finds.
+stage's resume folder beside its outputs (``.<out>.train.resume``), which a re-run of the same command finds.
 
 Two files: ``resume.pt`` (the state, read with ``weights_only=True``) and ``resume.json`` (step and MLflow run
 id: small, so the CLI can continue the run before loading any weights). Both are written whole or not at all.
@@ -50,7 +50,7 @@ class Preempted(BaseException):
 class ResumeOptions:
     """Where and how often a training run writes its resume checkpoint."""
 
-    location: str | None = None  # folder or s3:// prefix; None: the training stage's staging folder
+    location: str | None = None  # folder or s3:// prefix; None: default_location, beside the outputs
     every_steps: int = 0  # 0: by time only
     every_seconds: float = 600.0  # also at least this often (0: by steps only)
     enabled: bool = True  # False: never read or write one (a fresh run every time)
@@ -209,9 +209,10 @@ class StopRequest:
 
 
 def default_location(out_dir: str | Path) -> Path:
-    from alignclip.files import staging_dir
-
-    return staging_dir(out_dir, "train")
+    """``<parent>/.<name>.train.resume``: beside the outputs, a fixed name that a re-run finds (the staging
+    folder is unique to each process), written only by the holder of the output's lock."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.train.resume"
 
 
 def store_for(out_dir: str | Path, options: ResumeOptions | None) -> CheckpointStore | None:

@@ -65,10 +65,21 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or os.environ.get("ALIGNCLIP_CACHE", Path.home() / ".cache" / "alignclip"))
 
 
+def cache_path(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """Where ``s3://bucket/key`` is kept locally: ``<cache>/s3/<bucket>/<key>``, the key confined to its bucket's
+    folder (a key with ``..`` segments or a leading ``/`` is refused, never written outside the cache)."""
+    from alignclip.paths import PathOutsideRoot, confined
+
+    bucket, key = parse_uri(uri)
+    if bucket in ("", ".", "..") or "/" in bucket:
+        raise PathOutsideRoot(f"S3 bucket {bucket!r} of {uri} refused: not a bucket name")
+    return confined(cache_root(cache_dir) / "s3" / bucket, key, f"S3 key of {uri}:")
+
+
 def fetch_object(uri: str, cache_dir: str | Path | None = None) -> Path:
     """Download one S3 object to the local cache (once) and return its path."""
+    target = cache_path(uri, cache_dir)
     bucket, key = parse_uri(uri)
-    target = cache_root(cache_dir) / "s3" / bucket / key
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,13 +28,13 @@ from alignclip.data.images import ManifestImages, train_transform
 from alignclip.data.loader import AUTO, BalancedLoader, resolve_workers
 from alignclip.data.storage import StorageError
 from alignclip.data.prepare import load_prepared
-from alignclip.files import stage_output, staging_dir
+from alignclip.files import output_lock, stage_output
 from alignclip.log import get_logger
 from alignclip.methods import MethodConfig, get_method, split_method
 from alignclip.model import AlignCLIPVisual
 from alignclip.objective import compute_loss
 from alignclip.presets import check_model, load_clip
-from alignclip.resume import CheckpointStore, Preempted, ResumeOptions, Schedule, StopRequest, rng_state, set_rng_state, store_for
+from alignclip.resume import CheckpointStore, Preempted, default_location, ResumeOptions, Schedule, StopRequest, rng_state, set_rng_state, store_for
 from alignclip.similarity import class_similarity_matrix, load_similarity
 
 log = get_logger(__name__)
@@ -295,12 +296,13 @@ def train(
     """
     out = Path(out_dir)
     store = store_for(out, resume)
-    with stage_output(out, "train", allowed=artifacts.CELL_FILES, keep_staging_on_error=store is not None) as staging:
-        summary = _train(prepared_dir, staging, settings, tracker, similarity_path, callbacks, store, resume)
-        if store is not None and Path(store.location) == staging:
-            store.clear()  # the finished outputs are published without the resume files
-    if store is not None and Path(store.location) != staging_dir(out, "train"):
-        store.clear()  # after the outputs are safe: a crash in between resumes at the last step, same result
+    with output_lock(out):  # the resume checkpoint is this output's too: written and cleared by its one writer
+        with stage_output(out, "train", allowed=artifacts.CELL_FILES) as staging:
+            summary = _train(prepared_dir, staging, settings, tracker, similarity_path, callbacks, store, resume)
+        if store is not None:
+            store.clear()  # after the outputs are safe: a crash in between resumes at the last step, same result
+            if store.location == str(default_location(out)):
+                shutil.rmtree(store.location, ignore_errors=True)
     log.info("outputs -> %s", out)
     return summary
 

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from alignclip.files import load_torch, staging_dir
-from alignclip.resume import CheckpointStore, ResumeOptions
+from alignclip.files import live_staging, load_torch
+from alignclip.resume import CheckpointStore, ResumeOptions, default_location
 from alignclip.train import TrainSettings, train
 
 STEPS = 30
@@ -32,8 +32,8 @@ def _env():
 
 def _logged(out) -> int:
     try:
-        return max(0, len((staging_dir(out, "train") / "train_log.csv").read_text().splitlines()) - 1)
-    except OSError:
+        return max(0, len((live_staging(out, "train")[0] / "train_log.csv").read_text().splitlines()) - 1)
+    except (OSError, IndexError):
         return 0
 
 
@@ -61,7 +61,7 @@ def test_kill_9_then_resume_gives_a_byte_identical_model(digits_prepared, tmp_pa
     process = _run_until(_command(digits_prepared, out), out, rows=12)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    store = CheckpointStore(staging_dir(out, "train"))
+    store = CheckpointStore(default_location(out))
     checkpointed = store.info()["step"]
     assert 10 <= checkpointed < STEPS and not (out / "model.pt").exists()
 
@@ -82,13 +82,14 @@ def test_kill_9_then_resume_gives_a_byte_identical_model(digits_prepared, tmp_pa
 def test_sigterm_writes_a_checkpoint_at_the_step_it_stopped(digits_prepared, tmp_path):
     out = tmp_path / "run"
     process = _run_until(_command(digits_prepared, out, "--checkpoint-every", "0", "--checkpoint-minutes", "0"), out, rows=7)
+    at_signal = _logged(out)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 143, stderr[-3000:]
     assert "stopped: stopped at step" in stderr and "Traceback" not in stdout + stderr
-    info = CheckpointStore(staging_dir(out, "train")).info()
-    assert info["step"] == _logged(out) and 7 <= info["step"] < STEPS  # no checkpoint but the one SIGTERM asked for
-    assert not out.exists()
+    info = CheckpointStore(default_location(out)).info()
+    assert at_signal <= info["step"] < STEPS  # no checkpoint but the one SIGTERM asked for
+    assert not out.exists() and not live_staging(out, "train")  # the staging folder goes; the resume folder stays
 
 
 def test_clearing_the_store_removes_a_write_cut_short_by_a_kill(tmp_path):
@@ -105,13 +106,13 @@ def test_a_resume_checkpoint_of_other_settings_is_not_continued(digits_prepared,
     options = ResumeOptions(every_steps=2, every_seconds=0)
     out = tmp_path / "run"
     settings = TrainSettings(method="erm", test_domain="rotated_0", steps=4, batch_size=4, progress=False)
-    store = CheckpointStore(staging_dir(out, "train"))
+    store = CheckpointStore(default_location(out))
     torch.manual_seed(0)
     store.save({"step": 2, "fingerprint": "{}", "visual": {}}, {"step": 2})
     summary = train(digits_prepared, out, settings, resume=options)
     assert "belongs to a run with other settings" in caplog.text
     assert summary["resumed_from"] is None and len(pd.read_csv(out / "train_log.csv")) == 4
-    assert not staging_dir(out, "train").exists()
+    assert not live_staging(out, "train") and not default_location(out).exists()
 
 
 def test_a_malicious_resume_checkpoint_is_refused(tmp_path):
@@ -180,7 +181,7 @@ def test_a_preempted_run_resumes_into_the_same_mlflow_run(digits_prepared, tmp_p
     first = tracker.run_id
     client = MlflowClient(tracking_uri=uri)
     assert client.get_run(first).info.status == "KILLED"
-    assert pending_run_id(out, options) == first and CheckpointStore(staging_dir(out, "train")).info()["step"] == 6
+    assert pending_run_id(out, options) == first and CheckpointStore(default_location(out)).info()["step"] == 6
     with tracking.start_run("resume", "train", uri=uri, resume_run_id=pending_run_id(out, options)) as tracker:
         summary = train(digits_prepared, out, settings, tracker, resume=options)
     assert tracker.run_id == first and summary["resumed_from"] == 6

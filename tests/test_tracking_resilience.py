@@ -124,15 +124,14 @@ def test_a_server_killed_mid_training_does_not_stop_it_and_the_missed_metrics_ar
            "--no-hflip"]
     with mlflow_local_server(tmp_path / "server", port) as (_, server):
         trainer = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        log = _partial_log(tmp_path)
         deadline = time.monotonic() + 300
-        while _logged_steps(log) < 40 and trainer.poll() is None and time.monotonic() < deadline:
+        while _logged_steps(_partial_log(tmp_path)) < 40 and trainer.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert trainer.poll() is None, trainer.communicate()[1][-3000:]
         from tests.servers import stop_group
 
         stop_group(server)  # the server goes away mid-run
-        stopped_at = _logged_steps(log)
+        stopped_at = _logged_steps(_partial_log(tmp_path))
         _, stderr = trainer.communicate(timeout=600)
     assert trainer.returncode == 0, stderr[-3000:]
     assert stopped_at < steps
@@ -149,9 +148,10 @@ def test_a_server_killed_mid_training_does_not_stop_it_and_the_missed_metrics_ar
 
 
 def _partial_log(tmp_path):
-    from alignclip.files import staging_dir
+    from alignclip.files import live_staging
 
-    return staging_dir(tmp_path / "run", "train") / "train_log.csv"
+    folders = live_staging(tmp_path / "run", "train")
+    return (folders[0] if folders else tmp_path / "no-staging-yet") / "train_log.csv"
 
 
 def _logged_steps(path) -> int:

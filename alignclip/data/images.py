@@ -10,7 +10,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 
 from alignclip.data import storage
-from alignclip.data.prepare import image_path
+from alignclip.data.prepare import allowed_roots, image_path
 from alignclip.log import get_logger
 
 log = get_logger(__name__)
@@ -52,7 +52,9 @@ class ManifestImages(Dataset):
         outside = sorted({y for y in labels if y not in position})
         if outside:
             raise ValueError(f"labels {outside[:5]} are not in the label space of this split")
-        self.paths = [image_path(meta, p) for p in paths]
+        self.paths = [image_path(meta, p) for p in paths]  # a row outside the roots is refused here, unopened
+        # local images are read only from below these (symlinks resolved when an image is opened)
+        self.roots = [os.path.realpath(r) for r in allowed_roots(meta) if not storage.is_s3(r)]
         self.targets = [position[y] for y in labels]
         self.transform = transform
         self.skip_unreadable = skip_unreadable
@@ -64,6 +66,7 @@ class ManifestImages(Dataset):
     def stage(self, cache_dir=None) -> None:
         """Read ``s3://`` images from local copies, fetched once in parallel (``storage.stage``)."""
         self.paths = storage.stage(self.paths, cache_dir)
+        self.roots.append(os.path.realpath(storage.s3.cache_root(cache_dir) / "s3"))
 
     def _open(self, i: int):
         """Fetch and decode one image, retrying transient storage errors with exponential back-off."""
@@ -71,6 +74,7 @@ class ManifestImages(Dataset):
         deadline, delay = None, 0.5
         while True:
             try:
+                storage.check_inside(self.paths[i], self.roots)  # a symlink out of the dataset: unreadable, not opened
                 return storage.open_image(self.paths[i])
             except storage.StorageError as err:
                 if not err.transient:

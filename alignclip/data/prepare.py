@@ -334,6 +334,7 @@ def prepare_imagenet(settings: PrepareSettings, base2new: bool) -> tuple[pd.Data
     if not base2new:
         parent = str(PurePosixPath(settings.root).parent) if storage.is_s3(settings.root) else str(Path(settings.root).parent)
         folders = {**VARIANT_FOLDERS, **settings.variants}
+        extra_roots = {}
         for variant, folder in folders.items():
             vroot = folder if (folder.startswith("/") or storage.is_s3(folder)) else storage.join(parent, folder)
             try:
@@ -352,7 +353,7 @@ def prepare_imagenet(settings: PrepareSettings, base2new: bool) -> tuple[pd.Data
                 rows.append((f, label))
             frame = pd.DataFrame(
                 {
-                    "path": [storage.join(vroot, f) for f, _ in rows],  # outside root: stored absolute
+                    "path": [storage.join(vroot, f) for f, _ in rows],  # outside root: stored absolute, under an extra root
                     "label": np.array([y for _, y in rows], dtype=np.int64),
                     "domain": variant,
                     "split": "test",
@@ -361,6 +362,7 @@ def prepare_imagenet(settings: PrepareSettings, base2new: bool) -> tuple[pd.Data
             for seed in settings.seeds:
                 frame[f"shots_seed{seed}"] = True
             frames.append(frame)
+            extra_roots[variant] = vroot  # where load_prepared lets this variant's absolute rows be read
     manifest = pd.concat(frames, ignore_index=True)
     classes = [clean_class_name(n, settings.class_names) for n in names]
     manifest["class_name"] = [classes[y] for y in manifest["label"]]
@@ -377,6 +379,8 @@ def prepare_imagenet(settings: PrepareSettings, base2new: bool) -> tuple[pd.Data
         "domains": sorted(manifest["domain"].unique().tolist()),
         "label_subsets": {v: [index[w] for w in imagenet_subset(v)] for v in ("imagenet_a", "imagenet_r")},
     }
+    if not base2new and extra_roots:
+        meta["extra_roots"] = extra_roots
     return manifest, meta
 
 
@@ -440,6 +444,7 @@ def prepare(settings: PrepareSettings) -> tuple[pd.DataFrame, dict]:
         manifest, meta = prepare_imagenet(settings, base2new=protocol == "base2new")
     if manifest.empty:
         raise DatasetError(f"{settings.root}: no images found")
+    check_rows(manifest["path"], {"root": settings.root, **meta}, settings.root)  # what load_prepared will demand
     meta.update(
         {
             "dataset": name,
@@ -492,31 +497,98 @@ def write_prepared(manifest: pd.DataFrame, meta: dict, out_dir: str | Path) -> P
 
 
 def load_prepared(prepared_dir: str | Path) -> tuple[pd.DataFrame, dict]:
-    """The manifest and metadata; a relative root (a dataset inside the prepared folder, or a meta.json written
-    by hand) is resolved against the prepared folder, never against the working directory."""
+    """The manifest and metadata, checked as data (``datafiles.META``) and confined (docs/security.md):
+
+    * a relative root (a dataset inside the prepared folder, or a meta.json written by hand) is resolved against
+      the prepared folder, never against the working directory, and must stay inside it (``../elsewhere`` is
+      refused); an absolute or ``s3://`` root is the choice of whoever prepared the data;
+    * every manifest row must name a file below the root (no ``..`` segment) or, stored absolute, below the root
+      or one of ``extra_roots`` (ImageNet's variant folders beside it); a row that leaves them is refused before
+      any image is opened (``PathOutsideRoot``, naming the row). Symlinks are checked when an image is opened.
+    """
+    from alignclip.datafiles import META, DataFileError, check_fields, read_json
+
     prepared = Path(prepared_dir)
     for name in (artifacts.MANIFEST, artifacts.META):
         if not (prepared / name).is_file():
             raise FileNotFoundError(f"{prepared / name} not found: run `alignclip prepare` first")
-    meta = json.loads((prepared / artifacts.META).read_text())
-    root = meta.get("root")
-    if root and not storage.is_s3(root) and not Path(root).is_absolute():
-        meta["root"] = str((prepared / root).resolve())
-    return pd.read_parquet(prepared / artifacts.MANIFEST), meta
+    meta = read_json(prepared / artifacts.META, META, "the metadata of `alignclip prepare`")
+    extra = meta.get("extra_roots", {})
+    check_fields({"extra_roots": extra}, prepared / artifacts.META, {"extra_roots": dict})
+    meta["root"] = _load_root(prepared, meta["root"], "root")
+    meta["extra_roots"] = {name: _load_root(prepared, root, f"extra_roots.{name}") for name, root in extra.items()}
+    try:
+        manifest = pd.read_parquet(prepared / artifacts.MANIFEST)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a file that is not a parquet table
+        raise DataFileError(f"{prepared / artifacts.MANIFEST}: not a readable parquet table ({type(err).__name__}: {err})") from None
+    missing = [c for c in ("path", "label", "split") if c not in manifest.columns]
+    if missing:
+        raise DataFileError(f"{prepared / artifacts.MANIFEST}: column(s) {missing} missing")
+    check_rows(manifest["path"], meta, prepared / artifacts.MANIFEST)
+    return manifest, meta
+
+
+def _load_root(prepared: Path, root, key: str) -> str:
+    from alignclip.datafiles import DataFileError
+    from alignclip.paths import PathOutsideRoot, relative_root_inside
+
+    if not isinstance(root, str) or not root:
+        raise DataFileError(f"{prepared / artifacts.META}: key {key!r} must be a non-empty string, found {root!r}")
+    if storage.is_s3(root) or Path(root).is_absolute():
+        return root
+    if not relative_root_inside(prepared, root):
+        raise PathOutsideRoot(
+            f"{prepared / artifacts.META}: {key} {root!r} refused: a relative root must stay inside the prepared "
+            f"folder {prepared} (write an absolute root to read images elsewhere)"
+        )
+    return str((prepared / root).resolve())
+
+
+def allowed_roots(meta: dict) -> list[str]:
+    """The roots a manifest's images may be read from: the dataset root and the ``extra_roots``."""
+    return [meta["root"], *meta.get("extra_roots", {}).values()]
+
+
+def check_rows(paths: pd.Series, meta: dict, source) -> None:
+    """Every row below an allowed root, judged on the strings (vectorised: a 600k-row manifest in a second)."""
+    from alignclip.paths import PathOutsideRoot
+
+    paths = paths.astype(str)
+    dotdot = paths.str.contains(r"(?:^|/)\.\.(?:/|$)", regex=True)
+    absolute = paths.str.startswith("/") | paths.str.startswith(storage.s3.SCHEME)
+    inside = pd.Series(False, index=paths.index)
+    for root in allowed_roots(meta):
+        inside |= paths.str.startswith(root.rstrip("/") + "/")
+    bad = dotdot | (absolute & ~inside) | (paths == "")
+    if bad.any():
+        first = int(bad.to_numpy().argmax())
+        raise PathOutsideRoot(
+            f"{source}: row {first} path {paths.iloc[first]!r} refused: it leaves the dataset root {meta['root']}"
+            f"{' or its extra roots' if meta.get('extra_roots') else ''} ({int(bad.sum())} such row(s))"
+        )
 
 
 def image_path(meta: dict, relative: str) -> str:
+    """The file a manifest row names: below the root (``paths.confined``'s rules on the name) or, stored absolute,
+    below one of ``allowed_roots``; anything else is refused (``PathOutsideRoot``)."""
+    from alignclip.paths import PathOutsideRoot, confined_key
+
     if relative.startswith("/") or storage.is_s3(relative):
-        return relative
-    return storage.join(meta["root"], relative)
+        if ".." not in relative.split("/") and any(relative.startswith(r.rstrip("/") + "/") for r in allowed_roots(meta)):
+            return relative
+        raise PathOutsideRoot(f"manifest row {relative!r} refused: it is outside the dataset root {meta['root']}")
+    return confined_key(meta["root"], relative, "manifest row")
 
 
 def validate_images(manifest: pd.DataFrame, meta: dict, workers: int = 8) -> list[tuple[str, str]]:
     """Decode every image in parallel; return (path, error) for each one that cannot be read."""
 
+    roots = [os.path.realpath(r) for r in allowed_roots(meta) if not storage.is_s3(r)]
+
     def check(relative: str):
         path = image_path(meta, relative)
         try:
+            storage.check_inside(path, roots)
             storage.open_image(path)
             return None
         except storage.UnreadableImage as err:  # a storage error is not the image's fault: it stops prepare

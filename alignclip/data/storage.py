@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +13,7 @@ from PIL import Image
 
 from alignclip import s3
 from alignclip.log import get_logger
+from alignclip.paths import confined, confined_key
 
 log = get_logger(__name__)
 
@@ -109,6 +111,8 @@ def list_files(root: str, suffixes: tuple[str, ...] | None = IMG_EXTENSIONS) -> 
         with os.scandir(os.path.join(root, rel) if rel else root) as entries:
             for entry in entries:
                 child = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_symlink():  # only links are resolved: listing stays one scandir per folder
+                    confined(root, child, f"file of {root}:")
                 if entry.is_dir(follow_symlinks=True):
                     stack.append(child)
                 elif suffixes is None or entry.name.lower().endswith(suffixes):
@@ -144,6 +148,7 @@ def _list_s3(root: str, suffixes) -> list[str]:
         for obj in page.get("Contents", []):
             rel = obj["Key"][len(prefix) :]
             if rel and (suffixes is None or rel.lower().endswith(suffixes)):
+                confined_key(root, rel, f"S3 key {obj['Key']!r} of {root}: relative name")
                 found.append(rel)
     if not found and not _list_s3_dirs(root):
         raise FileNotFoundError(f"dataset prefix is empty or missing: {root}")
@@ -151,24 +156,71 @@ def _list_s3(root: str, suffixes) -> list[str]:
     return found
 
 
-def read_bytes(path: str) -> bytes:
-    """The file's bytes; any failure to fetch them is a StorageError (never taken for a bad image)."""
+# The most bytes read for one image: a bounded read, so a huge or endless file cannot exhaust memory. Far above
+# any image of the benchmarks (ImageNet's largest JPEG is ~15 MB).
+MAX_IMAGE_BYTES = int(os.environ.get("ALIGNCLIP_MAX_IMAGE_BYTES", 256 * 2**20))
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def _not_regular(path: str, mode: int) -> UnreadableImage:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return UnreadableImage(f"{path}: {kind}, not a regular file: not opened")
+
+
+def read_bytes(path: str, limit: int | None = None) -> bytes:
+    """The file's bytes; any failure to fetch them is a StorageError (never taken for a bad image).
+
+    ``limit``: the most bytes to read (an image: ``MAX_IMAGE_BYTES``); a larger file is an ``UnreadableImage``.
+    A local path
+    must be a regular file, checked with ``os.stat`` before it is opened (a FIFO would block the reader forever,
+    a device never end) and again on the opened descriptor (opened non-blocking, in case it was swapped).
+    """
     if is_s3(path):
         bucket, key = s3.parse_uri(path)
-        return _s3_call(path, lambda: s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+        response = _s3_call(path, lambda: s3.client().get_object(Bucket=bucket, Key=key))
+        if limit is not None and response.get("ContentLength", 0) > limit:
+            raise UnreadableImage(f"{path}: {response['ContentLength']} bytes, more than the {limit}-byte cap")
+        data = _s3_call(path, lambda: response["Body"].read() if limit is None else response["Body"].read(limit + 1))
+        if limit is not None and len(data) > limit:
+            raise UnreadableImage(f"{path}: more than the {limit}-byte cap")
+        return data
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_regular(path, info.st_mode)
+        if limit is not None and info.st_size > limit:
+            raise UnreadableImage(f"{path}: {info.st_size} bytes, more than the {limit}-byte cap")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise _not_regular(path, mode)
+            data = handle.read() if limit is None else handle.read(limit + 1)
     except FileNotFoundError:
         raise StorageError(f"file not found: {path} (moved or deleted since `alignclip prepare`?)") from None
     except OSError as err:
         raise StorageError(f"cannot read {path}: {err.strerror or err}") from None
+    if limit is not None and len(data) > limit:
+        raise UnreadableImage(f"{path}: more than the {limit}-byte cap")
+    return data
+
+
+def check_inside(path: str, roots: list[str]) -> None:
+    """A local ``path``, symlinks resolved, must be below one of ``roots`` (resolved folders); else it is an
+    UnreadableImage and never opened. Remote paths have no symlinks (their names are checked by paths.py)."""
+    if is_s3(path):
+        return
+    real = os.path.realpath(path)
+    if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+        raise UnreadableImage(f"{path}: resolves to {real}, outside the dataset root: not opened")
 
 
 def cache_path(uri: str, cache_dir: str | Path | None = None) -> Path:
-    """Where ``s3://bucket/key`` is kept locally: ``<cache>/s3/<bucket>/<key>`` (as for checkpoints)."""
-    bucket, key = s3.parse_uri(uri)
-    return s3.cache_root(cache_dir) / "s3" / bucket / key
+    """Where ``s3://bucket/key`` is kept locally: ``<cache>/s3/<bucket>/<key>`` (as for checkpoints), confined to
+    the cache (``s3.cache_path``: a key that climbs out is refused)."""
+    return s3.cache_path(uri, cache_dir)
 
 
 def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = s3.POOL_CONNECTIONS) -> list[str]:
@@ -182,12 +234,13 @@ def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = 
     remote = [p for p in dict.fromkeys(paths) if is_s3(p)]
     if not remote:
         return list(paths)
+    targets = {uri: cache_path(uri, cache_dir) for uri in remote}  # every key confined before anything is fetched
     client = s3.client()
     local: dict[str, str] = {}
     failed: list[tuple[str, str]] = []
 
     def fetch(uri: str) -> None:
-        target = cache_path(uri, cache_dir)
+        target = targets[uri]
         if not target.is_file():
             from botocore.exceptions import BotoCoreError, ClientError
 
@@ -235,8 +288,9 @@ def exists(path: str) -> bool:
 
 def open_image(path: str) -> Image.Image:
     """Decode one image fully as RGB. Fetching the bytes can raise StorageError; bytes that do not decode (not
-    an image, truncated) raise UnreadableImage."""
-    data = read_bytes(path)
+    an image, truncated), a file that is not a regular one or larger than ``MAX_IMAGE_BYTES`` raise UnreadableImage
+    (``check_inside`` refuses a file outside the dataset's roots before this)."""
+    data = read_bytes(path, MAX_IMAGE_BYTES)
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
