@@ -379,6 +379,7 @@ def train(
         if tracker.enabled and summary["method"]["trains"]:  # zero-shot is not a trained model: nothing to register
             log_classifier(tracker, out_dir / artifacts.MODEL, meta, tags)
     typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / artifacts.MODEL}")
+    _echo_view(tracking.view_line(tracker.parent_run_id, tracker.run_id))
 
 
 @app.command()
@@ -428,11 +429,13 @@ def evaluate(
                                   summary["formulation"], summary["test_domain"], summary["seed"])
             tracker.set_tags({**tags, **runs.data_tags(meta, manifest), "test_split": summary.get("test_split") or "-"})
             tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], runs.manifest_digest(manifest), "evaluation")
-            tracker.log_metrics({**flat_metrics(summary), **{f"{v}_images": r["total"] for v, r in summary["views"].items()}})
+            flat = flat_metrics(summary)  # and rounded copies for the runs table's columns (the view below)
+            tracker.log_metrics({**flat, **runs.display_metrics(flat), **{f"{v}_images": r["total"] for v, r in summary["views"].items()}})
             tracker.log_artifact(out_dir / artifacts.METRICS)
             tracker.log_artifact(out_dir / artifacts.PREDICTIONS)
             runs.describe_model_version(tracker.run_id, summary)
     typer.echo(json.dumps(flat_metrics(summary)))
+    _echo_view(tracking.view_line(tracker.parent_run_id, tracker.run_id))
 
 
 @app.command()
@@ -485,6 +488,13 @@ def report(
 
         atomic_write_text(metrics_file, (out_dir / artifacts.SCORES).read_text())
     typer.echo(f"results page: {page}")
+    _echo_view(tracking.view_line(parent, None if parent else tracker.run_id))
+
+
+def _echo_view(line: str | None) -> None:
+    """The MLflow link of a stage's runs, on stderr (stdout stays what scripts read)."""
+    if line:
+        typer.echo(line, err=True)
 
 
 def _warn_local_root(values: dict) -> None:
@@ -528,13 +538,13 @@ OPT_PARAM = typer.Option([], "--param", help=PARAM_HELP)
 OPT_PARAMS_FILE = typer.Option(None, "--params-file", help="settings file (params.yaml layout, any subset); beats the family's defaults")
 OPT_GPU_TYPE = typer.Option("nvidia.com/gpu", "--accelerator", "--gpu-type", help="accelerator resource of train/evaluate tasks")
 OPT_GPUS = typer.Option(1, help="accelerators per train/evaluate task (0: none, and no default GPU node selector or toleration)")
-OPT_NODE_SELECTOR = typer.Option([], help="LABEL=VALUE for GPU tasks (repeatable; default nvidia.com/gpu.present=true, none with --gpus 0)")
+OPT_NODE_SELECTOR = typer.Option([], help="LABEL=VALUE for GPU tasks (repeatable; default none: the GPU resource request places them)")
 OPT_TOLERATION = typer.Option([], help="KEY[=VALUE][:EFFECT] for GPU tasks (repeatable; default nvidia.com/gpu:NoSchedule, none with --gpus 0)")
 OPT_CPU = typer.Option(None, help="CPU request and limit of train/evaluate tasks (default 16; the limit sizes --num-workers auto)")
-OPT_MEMORY = typer.Option(None, help="memory request of train/evaluate tasks (default 32G)")
+OPT_MEMORY = typer.Option(None, help="memory request and limit of train/evaluate tasks (default 32G); half of it is their memory-backed /dev/shm, which counts against it")
 OPT_IMAGE = typer.Option(None, envvar="ALIGNCLIP_IMAGE", help="image of every task (default: ghcr.io/alignclip/alignclip:<version>, a placeholder)")
-OPT_PARALLELISM = typer.Option(None, "--max-parallelism", help="grid cells (GPU pods) at once (default 8)")
-OPT_RETRIES = typer.Option(2, help="retries of the training task")
+OPT_PARALLELISM = typer.Option(None, "--max-parallelism", help="GPU pods (grid cells) at once, for all or backbones as a whole (default 8)")
+OPT_RETRIES = typer.Option(2, help="retries of each train and evaluate task (a preempted pod)")
 
 
 @pipeline_app.command("compile")
@@ -595,8 +605,9 @@ def pipeline_submit(
     max_parallelism: Optional[int] = OPT_PARALLELISM,
     retries: int = OPT_RETRIES,
     dry_run: bool = typer.Option(False, "--dry-run", help="print the effective parameters of every task and stop"),
+    wait: bool = typer.Option(False, "--wait", help="follow the run: print each task's state as it changes until the run ends; exit 0 if it succeeded, 1 if not"),
 ):
-    """Submit a run to a Kubeflow Pipelines cluster and print its URL."""
+    """Submit a run to a Kubeflow Pipelines cluster and print its URL (and its MLflow view's)."""
     from alignclip.pipeline_cli import dry_run as plan, is_placeholder_image, submit
 
     values = _settings(family, dataset, data_root, param, params_file)
@@ -611,7 +622,9 @@ def pipeline_submit(
         raise ConfigError(f"image {cluster.image} is the built-in placeholder, which no cluster can pull: pass "
                           "--image REGISTRY/alignclip:TAG (the image you built and pushed) or set ALIGNCLIP_IMAGE")
     _warn_local_root(values)
-    typer.echo(submit(family, host, experiment, run_name, values, cluster))
+    code = submit(family, host, experiment, run_name, values, cluster, wait=wait, echo=typer.echo)
+    if code:
+        raise typer.Exit(code)
 
 
 @pipeline_app.command("run")

@@ -126,13 +126,37 @@ class Composite:
     experiment: str
     description: str
     families: tuple[str, ...]
+    datasets: dict = field(default_factory=dict)  # family -> the datasets it runs here (absent: the family's own)
 
+
+# the datasets of the paper's tables: DomainBed (domain shift), the 11 base-to-new datasets, in the wild (table 4)
+DOMAINBED_DATASETS = ("pacs", "vlcs", "office_home", "terra_incognita", "domain_net")
+BASE2NEW_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "flowers102", "food101", "fgvc_aircraft",
+                     "sun397", "dtd", "eurosat", "ucf101")
+WILD_DATASETS = ("office_home", "domain_net")
 
 COMPOSITES: dict[str, Composite] = {
-    "all": Composite("alignclip", "every benchmark family of the paper", ("domain_shift", "imagenet", "base2new", "wild")),
+    "all": Composite("alignclip", "every benchmark of the paper's tables 1-4", ("domain_shift", "imagenet", "base2new", "wild"),
+                     {"domain_shift": DOMAINBED_DATASETS, "base2new": BASE2NEW_DATASETS, "wild": WILD_DATASETS}),
     "backbones": Composite("other-backbones", "fig. 5: CLIP-RN50 and ViT-B/32 on Office-Home, domain shift and unseen classes",
                            tuple(name for name in FAMILIES if name.startswith("backbones_"))),
 }
+
+def composite_members(name: str, data_root: str | None = None) -> list[tuple[str, str, dict]]:
+    """The sub-pipelines of a composite, in order: (family, dataset, resolved settings). ``data_root``: one prefix
+    for all of them, each dataset under it (``s3://bucket/prefix`` -> ``s3://bucket/prefix/<dataset>``); none: each
+    family's own root."""
+    composite = COMPOSITES[name]
+    members = []
+    for family in composite.families:
+        for dataset in composite.datasets.get(family) or (check_family(family).defaults.get("data_dataset"),):
+            overrides = {"data_dataset": dataset} if dataset in composite.datasets.get(family, ()) else {}
+            if data_root:
+                overrides["data_root"] = data_root.rstrip("/") + "/{dataset}"
+            values = resolve(family, None, overrides)
+            members.append((family, values["data_dataset"], values))
+    return members
+
 
 # A family's values that hold for its dataset only: not set again when the user chooses another dataset
 DATASET_BOUND = ("train_test_domains", "train_recipe")

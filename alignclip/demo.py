@@ -23,6 +23,26 @@ def print_tables(report: Path) -> None:
         print(f"\n{name}\n\n{(report / (name + '.md')).read_text()}{summary.get('captions', {}).get(name, '')}")
 
 
+def mlflow_view(env: dict, root: Path, bin_dir: Path) -> str:
+    """The URL of this pipeline run's comparison view (its cells, their accuracy, method and held-out domain), and
+    how to serve the UI for it."""
+    uri = env["MLFLOW_TRACKING_URI"]
+    serve = f"{bin_dir / 'mlflow'} ui --backend-store-uri {uri}"
+    try:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        import mlflow
+
+        from alignclip import runs
+
+        mlflow.set_tracking_uri(uri)
+        found = runs.dvc_pipeline_view(env["ALIGNCLIP_EXPERIMENT"], str(root))
+    except Exception:  # noqa: BLE001 - a link is a convenience; the results are printed above
+        found = None
+    if found is None:
+        return f"{uri}  (open: {serve})"
+    return f"{runs.view_url(uri, *found)}  (after: {serve})"
+
+
 def main() -> int:
     started = time.perf_counter()
     root = Path.cwd()
@@ -51,7 +71,7 @@ def main() -> int:
         f"  results page : {report / 'index.html'} (Markdown: {report / 'index.md'})\n"
         f"  tables       : {report}/*.csv\n"
         f"  models       : {root / 'outputs' / 'runs'}/*/model.pt\n"
-        f"  MLflow       : {env['MLFLOW_TRACKING_URI']}  (open: {bin_dir / 'mlflow'} ui --backend-store-uri {env['MLFLOW_TRACKING_URI']})\n"
+        f"  MLflow       : {mlflow_view(env, root, bin_dir)}\n"
         f"  DVC          : dvc metrics show / dvc plots show\n"
     )
     return 0

@@ -26,15 +26,20 @@ def _pipelines():
     return alignclip_pipeline
 
 
+COMPOSITE_SETTINGS = ("mlflow_tracking_uri", "data_root")
+
+
 def resolve_pipeline(family: str, params_file: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """Resolved settings of a family (a composite such as ``all``: only the MLflow settings, shared by every
-    sub-pipeline)."""
+    """Resolved settings of a family (a composite such as ``all``: the MLflow server and the data prefix, shared by
+    every sub-pipeline; each dataset is a folder under the prefix)."""
     if family in COMPOSITES:
-        extra = sorted(set(overrides or {}) - {"mlflow_tracking_uri"})
+        extra = sorted(set(overrides or {}) - set(COMPOSITE_SETTINGS))
         if params_file is not None or extra:
-            raise ConfigError(f"the {family} pipeline takes only mlflow_tracking_uri (got {extra or '--params-file'}); "
-                              "compile or submit a family to change its settings")
-        return {"mlflow_tracking_uri": (overrides or {}).get("mlflow_tracking_uri", "")}
+            raise ConfigError(f"the {family} pipeline takes only --data-root (a prefix: <prefix>/<dataset>) and "
+                              f"mlflow_tracking_uri (got {extra or '--params-file'}); compile or submit a family to "
+                              "change its settings")
+        return {"mlflow_tracking_uri": (overrides or {}).get("mlflow_tracking_uri", ""),
+                "data_root": (overrides or {}).get("data_root") or None}
     check_family(family)
     return resolve(family, params_file, overrides)
 
@@ -81,7 +86,7 @@ def cluster_settings(gpu_type=None, gpus=None, node_selector=None, tolerations=N
     if retries is not None:
         if retries < 0:
             raise ConfigError(f"--retries {retries}: expected 0 or more")
-        settings.train_retries = retries
+        settings.retries = retries
     if max_parallelism is not None:
         if max_parallelism < 1:
             raise ConfigError(f"--max-parallelism {max_parallelism}: expected at least 1 grid cell at a time")
@@ -94,15 +99,15 @@ def is_placeholder_image(cluster) -> bool:
 
 
 def pipeline_arguments(family: str, values: dict) -> dict:
-    if family in COMPOSITES:
-        return dict(values)
+    if family in COMPOSITES:  # the data prefix is compiled into the sub-pipelines' defaults
+        return {"mlflow_tracking_uri": values.get("mlflow_tracking_uri", "")}
     return _pipelines().pipeline_arguments(values)
 
 
 def _build(family: str, cluster, values: dict):
     module = _pipelines()
     if family in COMPOSITES:
-        return module.build_composite(family, cluster, values.get("mlflow_tracking_uri", ""))
+        return module.build_composite(family, cluster, values.get("mlflow_tracking_uri", ""), values.get("data_root"))
     return module.build_pipeline(family, cluster, values)
 
 
@@ -146,8 +151,10 @@ def check_kfp_host(host: str, timeout: float = 5.0) -> str:
         raise ConfigError(f"--host {host}: the KFP API at {url} is not reachable ({reason}); {hint}") from None
 
 
-def submit(family: str, host: str, experiment: str | None, run_name: str | None, values: dict, cluster=None) -> str:
-    """Create a run on a KFP cluster with every parameter explicit (what `--dry-run` prints)."""
+def submit(family: str, host: str, experiment: str | None, run_name: str | None, values: dict, cluster=None,
+           wait: bool = False, echo=print, poll_s: float = 15.0) -> int:
+    """Create a run on a KFP cluster with every parameter explicit (what `--dry-run` prints); print its URL and its
+    MLflow views' URLs; with ``wait``, follow it to its end (``follow_run``). Returns the exit code."""
     import kfp
 
     url = check_kfp_host(host)
@@ -158,7 +165,85 @@ def submit(family: str, host: str, experiment: str | None, run_name: str | None,
     result = client.create_run_from_pipeline_func(
         _build(family, cluster, values), arguments=arguments, experiment_name=experiment or default_experiment, run_name=run_name
     )
-    return f"{url}/#/runs/details/{result.run_id}"
+    echo(f"{url}/#/runs/details/{result.run_id}")
+    for line in mlflow_view_lines(family, values, result.run_id):
+        echo(line)
+    return follow_run(client, result.run_id, echo, poll_s) if wait else 0
+
+
+def mlflow_view_lines(family: str, values: dict, kfp_run_id: str) -> list[str]:
+    """The comparison view of each pipeline of a KFP run (its start_run task stores it under the KFP run's id). The
+    experiment's id is looked up when the server answers from here; else the line says which experiment it is."""
+    uri = values.get("mlflow_tracking_uri") or ""
+    if not uri:
+        return []
+    from alignclip import runs, tracking
+
+    members = ([(name, member) for name, _, member in _composite(family, values)] if family in COMPOSITES
+               else [(family, values)])
+    lines, ids = [], {}
+    reachable = tracking._answers(uri)
+    for name, member in members:
+        key = "cells-" + runs.kfp_view_key(kfp_run_id, member["data_dataset"], member["data_protocol"])
+        experiment = member.get("mlflow_experiment") or check_family(name).experiment
+        if reachable and experiment not in ids:
+            try:
+                import mlflow
+
+                mlflow.set_tracking_uri(uri)
+                ids[experiment] = runs.use_experiment(experiment).experiment_id  # created now if new: same id later
+            except Exception as err:  # noqa: BLE001 - a link is a convenience
+                log.warning("could not look up MLflow experiment %r (%s)", experiment, str(err).splitlines()[0][:200])
+                reachable = False
+        label = f" {name}/{member['data_dataset']}" if family in COMPOSITES else ""
+        if experiment in ids:
+            lines.append(f"MLflow{label}: {runs.view_url(uri, ids[experiment], key)}")
+        else:
+            lines.append(f"MLflow{label}: {runs.ui_base(uri)}/#/experiments/<id of experiment {experiment!r}>/runs?"
+                         f"viewStateShareKey={key}&workflowType=machine_learning")
+    return lines
+
+
+def _composite(family: str, values: dict):
+    from alignclip.config import composite_members
+
+    return [(name, dataset, {**member, "mlflow_tracking_uri": values.get("mlflow_tracking_uri", "")})
+            for name, dataset, member in composite_members(family, values.get("data_root"))]
+
+
+FINAL_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED")
+
+
+def follow_run(client, run_id: str, echo=print, poll_s: float = 15.0, sleep=None, attempts: int = 5) -> int:
+    """Poll a KFP run until it ends, printing each task's state when it changes (``<task>: <STATE>``) and the run's
+    own; 0 when it SUCCEEDED, 1 when it ended otherwise, 2 when the API stopped answering (``attempts`` polls)."""
+    import time
+
+    sleep = sleep or time.sleep
+    seen: dict[str, str] = {}
+    failures = 0
+    while True:
+        try:
+            run = client.get_run(run_id)
+            failures = 0
+        except Exception as err:  # noqa: BLE001 - a dropped port-forward: try again, then say so
+            failures += 1
+            if failures >= attempts:
+                echo(f"run {run_id}: the KFP API stopped answering ({str(err).splitlines()[0][:200]}); the run goes on")
+                return 2
+            sleep(poll_s)
+            continue
+        details = getattr(run, "run_details", None)
+        for task in sorted(getattr(details, "task_details", None) or [], key=lambda t: str(t.create_time or "")):
+            state = str(task.state or "PENDING")
+            if seen.get(task.task_id) != state:
+                seen[task.task_id] = state
+                echo(f"  {task.display_name or task.task_id}: {state}")
+        state = str(run.state or "PENDING")
+        if state in FINAL_STATES:
+            echo(f"run {run_id}: {state}")
+            return 0 if state == "SUCCEEDED" else 1
+        sleep(poll_s)
 
 
 def run_local(family: str, pipeline_root: str | Path, values: dict):
@@ -167,22 +252,26 @@ def run_local(family: str, pipeline_root: str | Path, values: dict):
     module = _pipelines()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     # Locally a failure is a bug to see at once: no retries with minute-long back-offs.
-    func = module.build_pipeline(family, module.ClusterSettings(train_retries=0), values)
+    func = module.build_pipeline(family, module.ClusterSettings(retries=0), values)
     return func(**module.pipeline_arguments(values))
 
 
 def dry_run(family: str, values: dict) -> str:
     """The effective parameters of every task of the run, one line each: the pipeline's arguments and the exact
     `alignclip` command each task runs (artifact paths shown as <placeholders>)."""
-    from alignclip.tasks import evaluate_args, prepare_args, similarity_args, train_args
+    from alignclip.tasks import evaluate_args, prepare_args, report_args, similarity_args, train_args
 
     if family in COMPOSITES:
-        return f"{family}: " + json.dumps(values) + "\n" + "\n".join(dry_run(name, resolve(name, None, values)) for name in
-                                                                     COMPOSITES[family].families)
+        return f"{family}: " + json.dumps(values) + "\n" + "\n".join(dry_run(name, member) for name, _, member in _composite(family, values))
     train = effective_train(values)
     a = {"steps": int(train["steps"] or 0), "epochs": int(train["epochs"] or 0), "batch_size": train["batch_size"],
          "lr": train["lr"], "hflip": train["hflip"]}
     lines = [f"{family}: {json.dumps({k: v for k, v in values.items()}, ensure_ascii=False)}"]
+    # the first task and the last, as components/stages.py runs them (start_run opens the parent, report ends it)
+    uri = values.get("mlflow_tracking_uri") or ""
+    lines.append(f"mlflow parent: open run 'kfp {family}: {values['data_dataset']} ({values['data_protocol']})' in "
+                 f"experiment {values.get('mlflow_experiment')!r} at {uri} (the cells' parent; the report ends it)"
+                 if uri else "mlflow parent: none (mlflow_tracking_uri is empty: no tracking)")
     root = values["data_root"]
     if root == "embedded":  # the prepare task builds RotatedDigits into its own artifact first (components/stages.py)
         root = "<prepared>/images"
@@ -199,6 +288,7 @@ def dry_run(family: str, values: dict) -> str:
             a["batch_size"], a["lr"], a["hflip"], values["model_name"], values["model_pretrained"], "<matrix>/similarity.pt")))
         lines.append(f"evaluate {label}: alignclip " + " ".join(_quote(x) for x in evaluate_args(
             "<prepared>", "<model>/model.pt", "<results>", values["data_test_split"])))
+    lines.append("report: alignclip " + " ".join(report_args("<collected results>", "<report>", "<prepared>", "<matrix>")))
     return "\n".join(lines)
 
 

@@ -27,6 +27,11 @@ from alignclip.log import get_logger
 log = get_logger(__name__)
 
 KEY_TAG = "alignclip.pipeline_key"
+VIEW_KEY_TAG = "alignclip.view_key"  # on a pipeline run: the key of its comparison view (below)
+# MLflow 3.17's UI: the Share button stores the runs page's state as this experiment tag (+ a key), and
+# `?viewStateShareKey=<key>` in the experiment page's URL opens it (mlflow/server/js: useSharedExperimentViewState)
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+LOCAL_UI = "http://127.0.0.1:5000"  # `mlflow ui`'s default address, for a store that is a file
 PERCENT_NOTE = "Accuracies (metrics ending in `_pct`) are top-1 percentages, 0-100."
 
 
@@ -106,6 +111,80 @@ def _dvc_tracked_md5(root: str) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------------------------ the view
+
+
+def display_metrics(metrics: dict) -> dict[str, float]:
+    """Accuracies rounded to one decimal for the runs table (``<name>_1dp``); the full-precision ones stay."""
+    return {f"{name}_1dp": round(float(value), 1) for name, value in metrics.items() if name.endswith("_pct")}
+
+
+def headline_columns(protocol: str | None) -> list[str]:
+    """The display metrics a protocol's cells are compared by, headline first (known before any evaluation)."""
+    from alignclip import protocols
+
+    try:
+        spec = protocols.get_protocol(protocol or "domainbed")
+    except (KeyError, ValueError):
+        return []
+    name = spec.headline_metric
+    return [f"{name}_pct_1dp"] + (["base_acc_pct_1dp", "new_acc_pct_1dp"] if name == "H" else [])
+
+
+def comparison_view(parent_run_id: str, metrics: list[str]) -> dict:
+    """The runs page as the UI's Share button stores it: the pipeline's cells only (its children), one flat row each
+    (the UI nests children under their parent only when runs are sorted by start time, so they are sorted by name),
+    with the display accuracies, method, formulation, held-out domain and seed as columns."""
+    columns = [f"metrics.`{name}`" for name in metrics] + [
+        f"tags.`{tag}`" for tag in ("method", "formulation", "held_out_domain", "seed")]
+    return {
+        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        "orderByKey": "tags.`mlflow.runName`",
+        "orderByAsc": True,
+        "selectedColumns": columns,
+        "columnOrder": [],
+        "columnWidths": {},  # the UI applies widths only with a column order of its own grid ids
+        "runListHidden": False,
+        "viewMaximized": False,
+    }
+
+
+def save_comparison_view(experiment_id: str, parent_run_id: str, key: str, metrics: list[str]) -> None:
+    """Store the comparison view of a pipeline run (when it opens: the columns are its protocol's headline)."""
+    import json
+
+    _client().set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + key, json.dumps(comparison_view(parent_run_id, metrics)))
+
+
+def ui_base(uri: str | None) -> str:
+    """Where the UI of a tracking store is: the server itself, or `mlflow ui`'s default address for a file store."""
+    uri = uri or ""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
+def view_url(uri: str | None, experiment_id: str, key: str | None = None, run_id: str | None = None) -> str:
+    """The model-training runs page of the experiment opened on a stored view, or one run's page."""
+    base = f"{ui_base(uri)}/#/experiments/{experiment_id}"
+    if run_id:
+        return f"{base}/runs/{run_id}"
+    return f"{base}/runs?viewStateShareKey={key}&workflowType=machine_learning"
+
+
+def view_hint(uri: str | None, experiment_id: str, key: str | None = None, run_id: str | None = None) -> str:
+    """The line a stage prints: the URL, and for a file store the command that serves the UI there."""
+    line = f"MLflow: {view_url(uri, experiment_id, key, run_id)}"
+    if uri and not uri.startswith(("http://", "https://")):
+        line += f"  (serve it: mlflow ui --backend-store-uri {uri})"
+    return line
+
+
+def pipeline_view(parent_run_id: str) -> tuple[str, str] | None:
+    """(experiment id, view key) of a pipeline run; None when the run has no view (a run of an older version)."""
+    run = _client().get_run(parent_run_id)
+    key = run.data.tags.get(VIEW_KEY_TAG)
+    return (run.info.experiment_id, key) if key else None
+
+
 # ------------------------------------------------------------------------------------------------ the parent run
 
 
@@ -127,8 +206,25 @@ def use_experiment(name: str):
     return experiment
 
 
-def open_pipeline_run(experiment: str, run_name: str, params: dict, tags: dict | None = None) -> str:
-    """Create the parent run and leave it RUNNING: the report stage ends it (``finish_pipeline_run``)."""
+def kfp_view_key(kfp_run_id: str, dataset: str, protocol: str) -> str:
+    """The view key of a KFP run's pipeline (one per sub-pipeline of a composite), known to `submit` beforehand."""
+    return re.sub(r"[^\w\-.]", "-", f"{kfp_run_id}-{dataset}-{protocol}")
+
+
+def dvc_pipeline_view(experiment: str, dvc_root: str) -> tuple[str, str] | None:
+    """(experiment id, view key) of the latest pipeline run of this DVC configuration, or None."""
+    exp = _client().get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = _client().search_runs([exp.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{dvc_pipeline_key(dvc_root)}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+    return pipeline_view(found[0].info.run_id) if found else None
+
+
+def open_pipeline_run(experiment: str, run_name: str, params: dict, tags: dict | None = None, view_key: str = "") -> str:
+    """Create the parent run and leave it RUNNING: the report stage ends it (``finish_pipeline_run``). Its cells'
+    comparison view is stored with it, under ``view_key`` (KFP: the KFP run's id, which `submit` knows) or the
+    parent's own id."""
     from mlflow.entities import Param
 
     from alignclip.tracking import provenance_tags
@@ -143,6 +239,12 @@ def open_pipeline_run(experiment: str, run_name: str, params: dict, tags: dict |
     client = _client()
     run = client.create_run(exp.experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    key = f"cells-{view_key or run.info.run_id}"
+    try:
+        save_comparison_view(exp.experiment_id, run.info.run_id, key, headline_columns(params.get("protocol") or params.get("data.protocol")))
+        client.set_tag(run.info.run_id, VIEW_KEY_TAG, key)
+    except Exception as err:  # noqa: BLE001 - a view is a convenience; the pipeline runs without it
+        log.warning("could not store the MLflow comparison view (%s)", str(err).splitlines()[0][:200])
     log.info("pipeline run %s (%s) opened", run.info.run_id, run_name)
     return run.info.run_id
 

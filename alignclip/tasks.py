@@ -85,3 +85,7 @@ def train_args(prepared: str, out: str, cell: dict, formulation: str, recipe: st
 def evaluate_args(prepared: str, checkpoint: str, out: str, test_split: str) -> list[str]:
     """The held-out domain is the checkpoint's own (evaluate reads it from there)."""
     return ["evaluate", prepared, checkpoint, out, "--test-split", test_split, "--num-workers", "auto"]
+
+
+def report_args(results: str, out: str, prepared: str, matrix: str) -> list[str]:
+    return ["report", results, out, "--prepared-dir", prepared, "--similarity-dir", matrix]

@@ -219,6 +219,7 @@ def start_run(
     sender = transport.AsyncSender(uri, run_id, {**header, "run_id": resume_run_id})
     tracker = Tracker(True, transport=sender)
     tracker.run_id = run_id
+    tracker.parent_run_id = parent_run_id
     status = "FINISHED"
     try:
         yield tracker
@@ -233,6 +234,30 @@ def start_run(
     finally:
         tracker.flush()
         sender.close(status)
+
+
+def view_line(parent_run_id: str | None = None, run_id: str | None = None) -> str | None:
+    """The line a stage prints after its run: ``MLflow: <url>`` of its pipeline's comparison view, or of its own
+    run's page when it has no pipeline; None without tracking."""
+    uri = tracking_uri()
+    if not uri or not (parent_run_id or run_id) or not _answers(uri):
+        return None
+    try:
+        import mlflow
+        from mlflow import MlflowClient
+
+        from alignclip import runs
+
+        mlflow.set_tracking_uri(uri)
+        if parent_run_id:
+            found = runs.pipeline_view(parent_run_id)
+            if found:
+                return runs.view_hint(uri, *found)
+        if run_id:
+            return runs.view_hint(uri, MlflowClient().get_run(run_id).info.experiment_id, run_id=run_id)
+    except Exception as err:  # noqa: BLE001 - a link is a convenience; tracking must not cost a result
+        log.warning("could not find the run's MLflow view (%s)", str(err).splitlines()[0][:200])
+    return None
 
 
 def _open_run(uri: str, header: dict, resume_run_id: str | None) -> str | None:

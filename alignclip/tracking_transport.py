@@ -70,18 +70,24 @@ def reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
 
 @contextmanager
 def store_lock(uri: str):
-    """Serialise the first use of a sqlite store between processes (schema creation and migration)."""
+    """Serialise the first use of a sqlite store between processes (schema creation and migration).
+
+    The lock is taken on the store's folder, not on a lock file beside the store: such a file outlives the run, and
+    in a checkout (`make demo`'s store is the repository's mlflow.db) it is an untracked file."""
     if not uri.startswith("sqlite:///"):
         yield
         return
     database = Path(uri[len("sqlite:///") :])
     database.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{database}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    folder = os.open(database.parent, os.O_RDONLY)  # flock works on a folder's descriptor (Linux, macOS)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(folder, fcntl.LOCK_UN)
+    finally:
+        os.close(folder)
 
 
 # ------------------------------------------------------------------------------------------------ applying

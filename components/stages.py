@@ -18,7 +18,7 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 
-def start_run(experiment: str, tracking_uri: str, run_name: str, params_json: str, run: Output[Artifact]):
+def start_run(experiment: str, tracking_uri: str, run_name: str, params_json: str, run: Output[Artifact], kfp_run_id: str = ""):
     """Open the pipeline's parent MLflow run, left RUNNING: cells log nested runs under it, the report ends it.
 
     The run id travels as a small artifact (a text file): kfp 2.17's local runner resolves *parameter*
@@ -33,7 +33,12 @@ def start_run(experiment: str, tracking_uri: str, run_name: str, params_json: st
 
         # the library's tracking layer reads the URI from the environment, as in every other stage (no mlflow here)
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        run_id = open_pipeline_run(experiment, run_name, json.loads(params_json), tags={"orchestrator": "kfp"})
+        from alignclip.runs import kfp_view_key
+
+        params = json.loads(params_json)
+        # the comparison view's key is the KFP run's id (with the dataset): `pipeline submit` prints its URL
+        key = kfp_view_key(kfp_run_id, params["dataset"], params["protocol"]) if kfp_run_id else ""
+        run_id = open_pipeline_run(experiment, run_name, params, tags={"orchestrator": "kfp", "kfp_run_id": kfp_run_id}, view_key=key)
     with open(run.path, "w") as handle:
         handle.write(run_id)
     run.metadata["run_id"] = run_id
@@ -164,7 +169,7 @@ def report(
 ):
     """Fan-in: tables, figures and the results page over every evaluation."""
     from alignclip import artifacts
-    from alignclip.tasks import run_cli, task_env
+    from alignclip.tasks import report_args, run_cli, task_env
     import base64
     import os
     import re
@@ -183,7 +188,7 @@ def report(
         shutil.copy(os.path.join(item.path, artifacts.TRAIN_SUMMARY), target)
     env = task_env(parent_run.path, experiment, tracking_uri)
     out = bundle.path + "/report"
-    run_cli("report", collected, out, "--prepared-dir", prepared.path, "--similarity-dir", matrix.path, env=env)
+    run_cli(*report_args(collected, out, prepared.path, matrix.path), env=env)
     text = open(os.path.join(out, artifacts.REPORT_PAGE)).read()
     # inline the figures so the KFP UI shows the page on its own
     for name in re.findall(r"src='([^']+\.png)'", text):

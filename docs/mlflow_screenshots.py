@@ -1,125 +1,162 @@
-"""How docs/mlflow-runs.png and docs/mlflow-compare.png are taken: the MLflow UI of the lock's MLflow over a store the
-code made (`make demo`'s mlflow.db), driven in a real headless Chromium (Debian's `chromium` package) by Playwright.
+"""How docs/mlflow-runs.png is taken, and what tests/test_mlflow_view.py checks: the MLflow URL a stage prints (the
+experiment's stored comparison view, alignclip.runs.comparison_view), opened by a plain page load in headless
+Chromium (Debian's `chromium` package) with a fresh profile: nothing is clicked, typed or expanded first.
 
-    python3 -m venv /tmp/shots && /tmp/shots/bin/pip install playwright   # no browser download: the system's is used
-    /tmp/shots/bin/python docs/mlflow_screenshots.py sqlite:///$PWD/mlflow.db [experiment] [held-out domain]
+    .venv/bin/python docs/mlflow_screenshots.py                            # a small store made here, in-process
+    .venv/bin/python docs/mlflow_screenshots.py sqlite:///$PWD/mlflow.db   # the store of a `make demo` run
 
-It does what a user does: opens the experiment in the model-training view, closes the assistant panel, expands the
-`dvc repro` parent run to its cells, shows the held-out accuracy and the variant/domain tags as columns, and opens
-the compare page of the cells of one held-out domain. Only the standard library and Playwright are needed here; the
-UI itself is `.venv/bin/mlflow ui`.
+Without an argument the store is made by the project's tracking code, in-process, as the stages log: one pipeline
+run (alignclip.runs.open_pipeline_run, which stores the view) and one cell run per (method, held-out domain) under
+it, with the accuracies and tags evaluate logs (the numbers are made up: this shows the view, not results). The UI
+is the lock's MLflow (`.venv/bin/mlflow ui`) on a free port; only the standard library is needed besides.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.parse
 import urllib.request
+from contextlib import contextmanager
+from fractions import Fraction
+from html.parser import HTMLParser
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-COLUMNS = ("test_acc_pct", "variant", "held_out_domain", "formulation")
+EXPERIMENT = "demo-domain-shift"
+METHODS = (("zeroshot", "paper"), ("erm", "paper"), ("clipood", "paper"), ("alignclip", "paper"), ("alignclip", "release"))
+DOMAINS = ("rotated_0", "rotated_75")
 
 
-def api(base: str, path: str, body: dict | None = None) -> dict:
-    request = urllib.request.Request(f"{base}/ajax-api/2.0/mlflow/{path}", method="POST" if body else "GET",
-                                     data=json.dumps(body).encode() if body else None,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
+def make_store(uri: str) -> tuple[str, list[dict]]:
+    """A pipeline run and its cells, logged the way the stages log them; returns the URL line a stage prints and
+    what each cell's row must show (run name, display accuracy, method, formulation, held-out domain)."""
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    from alignclip import runs, tracking
+
+    parent = runs.open_pipeline_run(EXPERIMENT, "dvc repro: rotated_digits (domainbed)", {"data.dataset": "rotated_digits",
+                                                                                          "data.protocol": "domainbed"})
+    cells, run_id = [], None
+    for index, (method, formulation) in enumerate(METHODS):
+        for domain in DOMAINS:
+            variant = method if formulation == "paper" else f"{method}+{formulation}"
+            name = runs.cell_run_name(variant, domain, 0)
+            tags = runs.cell_tags("rotated_digits", "domainbed", method, variant, formulation, domain, 0)
+            # an accuracy as evaluate computes one (correct / images), at full precision
+            accuracy = float(Fraction(19 + 7 * index + (11 if domain == DOMAINS[1] else 0), 59) * 100)
+            flat = {"test_acc_pct": accuracy, "source_val_acc_pct": 100.0 - accuracy / 3}
+            with tracking.start_run(EXPERIMENT, name, parent_run_id=parent, tags=tags) as tracker:
+                tracker.log_metrics({**flat, **runs.display_metrics(flat), "test_images": 59})
+                run_id = tracker.run_id
+            cells.append({"name": name, "accuracy": f"{round(accuracy, 1):g}", "method": method,
+                          "formulation": formulation, "domain": domain})
+    line = tracking.view_line(parent, run_id)
+    return line, cells
 
 
-def wait_for(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(1)
-    raise SystemExit(f"error: {url} did not answer within {timeout:.0f}s")
+def url_of(line: str) -> str:
+    return line.split()[1]
 
 
-def toggle_column(page, name: str) -> None:
-    """In the open Columns menu: search for ``name`` and tick (or untick) the entry titled exactly that."""
-    page.get_by_placeholder("Search columns").fill(name)
-    page.wait_for_timeout(500)
-    title = page.locator(".du-bois-light-tree-title", has_text=re.compile(f"^{re.escape(name)}$"))
-    page.locator(".du-bois-light-tree-treenode", has=title).first.locator(".du-bois-light-tree-checkbox").click()
-    page.wait_for_timeout(300)
-
-
-def widen(page, header: str, pixels: int) -> None:
-    """Drag the right edge of the column headed ``header`` by ``pixels``."""
-    cell = page.locator(".ag-header-cell", has_text=re.compile(rf"^\s*{re.escape(header)}\s*$")).first
-    box = cell.bounding_box()  # ag-grid's resize handle is the cell's right edge
-    if box is None:
-        return
-    x, y = box["x"] + box["width"] - 2, box["y"] + box["height"] / 2
-    page.mouse.move(x, y)
-    page.mouse.down()
-    page.mouse.move(x + pixels, y, steps=8)
-    page.mouse.up()
-
-
-def main(store: str, experiment: str = "demo-domain-shift", domain: str = "rotated_0") -> int:
-    from playwright.sync_api import sync_playwright
-
-    port = int(os.environ.get("PORT", "5077"))
+@contextmanager
+def serve(uri: str, port: int):
+    """`mlflow ui` over the store on 127.0.0.1:port, stopped afterwards; yields its base URL."""
     base = f"http://127.0.0.1:{port}"
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
-    ui = subprocess.Popen([str(ROOT / ".venv" / "bin" / "mlflow"), "ui", "--backend-store-uri", store,
-                           "--host", "127.0.0.1", "--port", str(port)], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ui = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri, "--host",
+                           "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_for(f"{base}/health")
-        found = api(base, "experiments/get-by-name?" + urllib.parse.urlencode({"experiment_name": experiment}))
-        experiment_id = found["experiment"]["experiment_id"]
-        cells = api(base, "runs/search", {
-            "experiment_ids": [experiment_id], "max_results": 100,
-            "filter": f"tags.run_type = 'cell' and tags.held_out_domain = '{domain}'"})["runs"]
-        run_ids = [run["info"]["run_id"] for run in cells]
-        # workflowType=machine_learning: MLflow 3's model-training view (the sidebar's "Model training" toggle)
-        runs_url = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-        compare_url = (f"{base}/#/compare-runs?runs={json.dumps(run_ids, separators=(',', ':'))}"
-                       f"&experiments={json.dumps([experiment_id])}&workflowType=machine_learning")
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-            page = browser.new_page(viewport={"width": 1800, "height": 1000})
-            page.goto(runs_url)
-            page.wait_for_selector("button[data-component-id*=runnamecellrenderer]", timeout=60_000)
-            if page.locator("button[aria-label=Close]").count():
-                page.click("button[aria-label=Close]")  # the assistant panel
-            page.click("button[data-component-id*=runnamecellrenderer]")  # expand the parent run to its cells
-            page.click("button:has-text('Columns')")
-            for name in ("Source", "Models", *COLUMNS):  # Source and Models off: room for the results
-                toggle_column(page, name)
-            page.keyboard.press("Escape")
-            widen(page, "Run Name", 170)  # "method | held-out domain | seed" reads whole
-            widen(page, "test_acc_pct", 40)
-            page.wait_for_timeout(1500)
-            page.screenshot(path=str(ROOT / "docs" / "mlflow-runs.png"))
-            page.goto(compare_url)
-            page.wait_for_timeout(8000)
-            if page.locator("button[aria-label=Close]").count():
-                page.click("button[aria-label=Close]")
-            page.wait_for_timeout(1000)
-            page.screenshot(path=str(ROOT / "docs" / "mlflow-compare.png"))
-            browser.close()
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if ui.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"error: mlflow ui on {base} did not start")
+                time.sleep(1)
+        yield base
     finally:
-        ui.terminate()
+        os.killpg(ui.pid, 15)
         ui.wait(timeout=30)
-    print("docs/mlflow-runs.png docs/mlflow-compare.png")
+
+
+def load(url: str, screenshot: Path | None = None, width: int = 1800, height: int = 900) -> str:
+    """The page's DOM after a plain load in headless Chromium with a fresh profile (and a screenshot if asked)."""
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}",
+                  f"--window-size={width},{height}", "--virtual-time-budget=30000"]
+        if screenshot is not None:
+            subprocess.run(common + [f"--screenshot={screenshot}", url], check=True, capture_output=True, timeout=300)
+        return subprocess.run(common + ["--dump-dom", url], check=True, capture_output=True, text=True, timeout=300).stdout
+
+
+class _Rows(HTMLParser):
+    """The runs table's rows (ag-grid: role="row" with a row-index), each as the texts of its cells."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[str, list[str]] = {}
+        self._stack: list[str | None] = []
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.VOID:  # no end tag follows
+            return
+        attrs = dict(attrs)
+        row = attrs.get("row-index") if attrs.get("role") == "row" else None
+        self._stack.append(row if row is not None else (self._stack[-1] if self._stack else None))
+
+    def handle_endtag(self, tag):
+        if self._stack and tag not in self.VOID:
+            self._stack.pop()
+
+    def handle_data(self, data):
+        if self._stack and self._stack[-1] is not None and data.strip():
+            self.rows.setdefault(self._stack[-1], []).append(data.strip())
+
+
+def table_rows(dom: str) -> list[list[str]]:
+    """The text of each row of the runs table (pinned or left and centre column blocks merged by row index)."""
+    parser = _Rows()
+    parser.feed(dom)
+    return [parser.rows[key] for key in sorted(parser.rows, key=lambda k: int(k) if re.fullmatch(r"\d+", k) else -1)]
+
+
+def main(argv: list[str]) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from tests.servers import free_port
+
+    if argv:
+        uri = argv[0]
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        import mlflow
+
+        from alignclip import runs
+
+        mlflow.set_tracking_uri(uri)
+        found = runs.dvc_pipeline_view(argv[1] if len(argv) > 1 else EXPERIMENT, str(ROOT))
+        if found is None:
+            raise SystemExit(f"error: {uri} holds no pipeline run of {ROOT} with a stored view")
+        url = runs.view_url(uri, *found)
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="alignclip-view-"))
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        line, _ = make_store(uri)
+        url = url_of(line)
+    with serve(uri, free_port()) as base:
+        url = url.replace(url.split("/#/")[0], base)
+        load(url, ROOT / "docs" / "mlflow-runs.png")
+    print(f"docs/mlflow-runs.png <- {url}")
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        raise SystemExit(__doc__)
-    sys.exit(main(*sys.argv[1:4]))
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main(sys.argv[1:]))

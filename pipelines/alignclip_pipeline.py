@@ -10,13 +10,14 @@ them in the local runner.
 
 
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import List
 
 from kfp import dsl, kubernetes
 
 from alignclip import __version__
-from alignclip.config import BY_NAME, COMPOSITES, FAMILIES, check_family, effective_train, grid, resolve
+from alignclip.config import BY_NAME, COMPOSITES, FAMILIES, check_family, composite_members, effective_train, grid, resolve
 from alignclip_kfp.components.stages import build_components
 
 # The default image tag follows the package version; the registry is a placeholder until an image is pushed.
@@ -29,17 +30,19 @@ class ClusterSettings:
 
     gpu_type: str = "nvidia.com/gpu"
     gpus: int = 1
-    node_selector: dict = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    # None by default: requesting the GPU resource already places a pod on a node that has it, while a label such as
+    # nvidia.com/gpu.present exists only where NVIDIA's GPU operator runs (not on a managed GKE or EKS GPU pool)
+    node_selector: dict = field(default_factory=dict)
     tolerations: list = field(default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
     cpu: str = "16"  # request = limit: the cgroup quota sizes the DataLoader workers (--num-workers auto: cpu - 1)
     memory: str = "32G"
     image: str = PLACEHOLDER_IMAGE
-    max_parallelism: int = 8  # grid cells (GPU pods) at once
+    max_parallelism: int = 8  # GPU pods (grid cells) at once: of the pipeline, or of a composite as a whole
     env_config_map: str = "alignclip-pipeline-env"  # key: AWS_ENDPOINT_URL_S3 (infra/README.md)
-    train_retries: int = 2
+    retries: int = 2  # of the train and evaluate tasks (a preempted GPU pod is retried, not the run failed)
     s3_secret: str = "alignclip-s3"  # keys: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
     mlflow_secret: str = "alignclip-mlflow"  # keys: MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD
-    shm: str = "16Gi"
+    shm: str = ""  # the memory-backed /dev/shm of train/evaluate; empty: half of `memory` (it counts against it)
     # Bounds of every task pod (infra hardening): train/evaluate are limited to their requests; the other tasks get
     # these requests and limits (without a request Kubernetes would reserve the whole limit); each pod is stopped
     # after its deadline (activeDeadlineSeconds), a retry starts a new one.
@@ -61,11 +64,25 @@ def _on_gpu(task, cluster: ClusterSettings, retries: int = 0):
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for toleration in cluster.tolerations:
         kubernetes.add_toleration(task, **toleration)
-    # DataLoader workers share tensors through /dev/shm; the container default (64 MiB) is too small.
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=cluster.shm)
+    # DataLoader workers share tensors through /dev/shm; the container default (64 MiB) is too small. A memory-backed
+    # emptyDir counts against the pod's memory limit, so it takes a share of `memory`, not memory of its own.
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=shm_size(cluster))
     if retries:
         task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)
     return task
+
+
+def shm_size(cluster: ClusterSettings) -> str:
+    """/dev/shm of a GPU task: ``cluster.shm``, or half of ``cluster.memory`` (a Kubernetes quantity)."""
+    if cluster.shm:
+        return cluster.shm
+    number, unit = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([A-Za-z]*)", cluster.memory).groups()
+    half = float(number) / 2
+    if half == int(half) and unit not in ("", "m"):
+        return f"{int(half)}{unit}"
+    factor = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+              "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}[unit]
+    return f"{max(1, int(half * factor // 2**20))}Mi"
 
 
 def _bounded(task, cluster: ClusterSettings):
@@ -150,8 +167,10 @@ PARAMETER_HELP = {
 }
 
 
-def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None, values: dict | None = None):
-    """The pipeline function of one benchmark family; ``values``: resolved settings (default: the family's)."""
+def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None, values: dict | None = None,
+                   name: str | None = None):
+    """The pipeline function of one benchmark family; ``values``: resolved settings (default: the family's);
+    ``name``: the pipeline's name (default ``alignclip-<family>``)."""
     check_family(family)
     cluster = cluster or ClusterSettings()
     stages = build_components(cluster.image)
@@ -185,6 +204,7 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
         parent = stages.start_run(
             experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, run_name=f"kfp {family}: {data_dataset} ({data_protocol})",
             params_json=f'{{"dataset": "{data_dataset}", "protocol": "{data_protocol}", "model": "{model_name}", "formulation": "{train_formulation}", "test_split": "{data_test_split}", "steps": "{train_steps}"}}',
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         ).set_display_name("mlflow parent run")
         # Caching: on for the pure tasks (prepare, similarity), off where a task has side effects (the MLflow parent
         # run, training and evaluation runs, the report): a cached parent would hand a resubmission an old run id.
@@ -208,12 +228,12 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
                 pretrained=model_pretrained, experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri,
                 parent_run=parent.outputs["run"],
             ).set_display_name("train")
-            _secrets(_on_gpu(trained.set_caching_options(False), cluster, retries=cluster.train_retries), cluster)
+            _secrets(_on_gpu(trained.set_caching_options(False), cluster, retries=cluster.retries), cluster)
             scored = stages.evaluate(
                 prepared=prepared.outputs["prepared"], model=trained.outputs["model"], test_split=data_test_split,
                 experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
             ).set_display_name("evaluate")
-            _secrets(_on_gpu(scored.set_caching_options(False), cluster), cluster)
+            _secrets(_on_gpu(scored.set_caching_options(False), cluster, retries=cluster.retries), cluster)
         final = stages.report(
             results=dsl.Collected(scored.outputs["results"]), models=dsl.Collected(trained.outputs["model"]),
             accuracies=dsl.Collected(scored.outputs["Output"]),
@@ -226,26 +246,48 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
     alignclip_pipeline.__doc__ = f"AlignCLIP {family}: {FAMILIES[family].description}.\n\nArgs:\n" + "\n".join(
         f"    {name}: {PARAMETER_HELP[name]}" for name in p
     )
-    return dsl.pipeline(name=f"alignclip-{family.replace('_', '-')}", description=f"AlignCLIP {family}: prepare, similarity, train x evaluate, report")(alignclip_pipeline)
+    return dsl.pipeline(name=name or f"alignclip-{family.replace('_', '-')}", description=f"AlignCLIP {family}: prepare, similarity, train x evaluate, report")(alignclip_pipeline)
 
 
 PAPER_FAMILIES = COMPOSITES["all"].families
 
 
-def build_composite(name: str, cluster: ClusterSettings | None = None, tracking_uri: str = ""):
-    """One pipeline that runs several families (``alignclip.config.COMPOSITES``: ``all``, ``backbones``) with their
-    defaults, as sub-pipelines; its parameter turns tracking on for all of them."""
-    composite = COMPOSITES[name]
-    subs = {family: build_pipeline(family, cluster) for family in composite.families}
+def budget_chains(members: int, budget: int) -> list[int]:
+    """How a composite shares one GPU budget: ``min(members, budget)`` chains of sub-pipelines that run one after
+    another, the budget split between the chains (the first ones get the remainder). Sub-pipelines of different
+    chains run at once, each with its chain's share as its parallelism, so the pods at once never exceed the budget."""
+    chains = max(1, min(members, budget))
+    return [budget // chains + (1 if index < budget % chains else 0) for index in range(chains)]
+
+
+def build_composite(name: str, cluster: ClusterSettings | None = None, tracking_uri: str = "", data_root: str | None = None):
+    """One pipeline that runs several benchmarks (``alignclip.config.COMPOSITES``: ``all``, ``backbones``) with their
+    defaults, as sub-pipelines (one per family and dataset), within one GPU budget (``cluster.max_parallelism``,
+    ``budget_chains``); ``data_root``: one prefix, each dataset under it. Its parameter turns tracking on for all."""
+    cluster = cluster or ClusterSettings()
+    members = composite_members(name, data_root)
+    shares = budget_chains(len(members), cluster.max_parallelism)
+    subs = []
+    for index, (family, dataset, values) in enumerate(members):
+        chain = index % len(shares)
+        label = f"{family}-{dataset}".replace("_", "-")
+        sub = build_pipeline(family, replace(cluster, max_parallelism=shares[chain]), values, name=f"alignclip-{label}")
+        subs.append((chain, label, sub, pipeline_arguments(values)))
 
     def composite_pipeline(mlflow_tracking_uri: str = tracking_uri):
-        for family, sub in subs.items():
-            sub(mlflow_tracking_uri=mlflow_tracking_uri).set_display_name(family)
+        last = {}
+        for chain, label, sub, arguments in subs:
+            # every argument explicit (kfp's ignore_upstream_failure needs them), the data prefix compiled in
+            task = sub(**{**arguments, "mlflow_tracking_uri": mlflow_tracking_uri}).set_display_name(label)
+            if chain in last:  # after the previous one of its chain, whether that succeeded or not
+                task.after(last[chain]).ignore_upstream_failure()
+            last[chain] = task
 
-    composite_pipeline.__doc__ = f"AlignCLIP {name}: {composite.description}."
-    return dsl.pipeline(name=f"alignclip-{name.replace('_', '-')}", description=composite.description[:1].upper() + composite.description[1:])(composite_pipeline)
+    composite_pipeline.__doc__ = f"AlignCLIP {name}: {COMPOSITES[name].description}."
+    description = COMPOSITES[name].description
+    return dsl.pipeline(name=f"alignclip-{name.replace('_', '-')}", description=description[:1].upper() + description[1:])(composite_pipeline)
 
 
-def build_all(cluster: ClusterSettings | None = None, tracking_uri: str = ""):
-    """Every benchmark family of the paper, as sub-pipelines."""
-    return build_composite("all", cluster, tracking_uri)
+def build_all(cluster: ClusterSettings | None = None, tracking_uri: str = "", data_root: str | None = None):
+    """Every benchmark of the paper, as sub-pipelines."""
+    return build_composite("all", cluster, tracking_uri, data_root)

@@ -78,7 +78,7 @@ def test_gpu_requests_retries_and_scheduling(compiled):
     (loop_task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
     loop = spec["components"][loop_task["componentRef"]["name"]]["dag"]["tasks"]
     assert loop["train"]["retryPolicy"]["maxRetryCount"] == 3
-    assert "retryPolicy" not in loop["evaluate"]
+    assert loop["evaluate"]["retryPolicy"] == loop["train"]["retryPolicy"]  # a preempted evaluate pod is retried too
     assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-prepare"]["container"].get("resources", {})
 
 
@@ -135,7 +135,7 @@ def test_the_all_pipeline_can_turn_tracking_on(tmp_path):
     spec = next(yaml.safe_load_all(path.read_text()))
     assert spec["root"]["inputDefinitions"]["parameters"]["mlflow_tracking_uri"]["defaultValue"] == "http://mlflow.alignclip:5000"
     tasks = spec["root"]["dag"]["tasks"]
-    assert len(tasks) == 4
+    assert len(tasks) == 19  # every dataset of tables 1-4 (test_all_runs_every_dataset_of_the_papers_tables)
     for task in tasks.values():
         assert task["inputs"]["parameters"]["mlflow_tracking_uri"]["componentInputParameter"] == "mlflow_tracking_uri"
 
@@ -194,7 +194,7 @@ def test_submit_sends_the_intended_arguments_and_cluster_settings(monkeypatch, c
     with pytest.raises(SystemExit) as done:
         main()
     assert done.value.code == 0
-    assert capsys.readouterr().out.strip() == "http://kfp.example:8080/#/runs/details/run-123"
+    assert capsys.readouterr().out.splitlines()[0] == "http://kfp.example:8080/#/runs/details/run-123"
     (call,) = StubClient.calls
     assert (call["host"], call["experiment"], call["run_name"]) == ("http://kfp.example:8080", "domain-shift", "pacs-check")
     domains = ["art_painting", "cartoon", "photo", "sketch"]
@@ -279,7 +279,10 @@ def test_dry_run_prints_every_task(capsys):
     lines = capsys.readouterr().out.splitlines()
     trains = [line for line in lines if line.startswith("train ")]
     assert len(trains) == 4 and "--test-domain 'Real World'" in trains[-1] and "--lr 3e-06" in trains[-1]
-    assert sum(line.startswith("evaluate ") for line in lines) == 4 and lines[1].startswith("prepare: alignclip prepare office_home")
+    assert sum(line.startswith("evaluate ") for line in lines) == 4 and lines[2].startswith("prepare: alignclip prepare office_home")
+    # the first task and the last: the MLflow parent run (none without a tracking URI) and the report
+    assert lines[1] == "mlflow parent: none (mlflow_tracking_uri is empty: no tracking)"
+    assert lines[-1] == "report: alignclip report <collected results> <report> --prepared-dir <prepared> --similarity-dir <matrix>"
 
 
 def test_every_family_compiles_with_its_protocol(tmp_path):
@@ -293,7 +296,8 @@ def test_every_family_compiles_with_its_protocol(tmp_path):
         assert defaults["data_protocol"]["defaultValue"] == protocol and protocol in PROTOCOLS
         assert {"prepare", "similarity", "report"} <= set(spec["root"]["dag"]["tasks"])
     spec = yaml.safe_load_all(compile_pipeline("all", tmp_path / "all.yaml").read_text()).__next__()
-    assert len(spec["root"]["dag"]["tasks"]) == len(expected)  # one sub-pipeline per family
+    protocols = {t["inputs"]["parameters"]["data_protocol"]["runtimeValue"]["constant"] for t in spec["root"]["dag"]["tasks"].values()}
+    assert protocols == set(expected.values())  # every family, one sub-pipeline per dataset
 
 
 def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
@@ -457,3 +461,132 @@ def test_a_local_data_root_is_named_before_a_cluster_run_and_embedded_shows_its_
     assert prepare[0] == "prepare: alignclip data digits <prepared>/images"
     assert prepare[1].startswith("prepare: alignclip prepare rotated_digits <prepared>/images <prepared> ")
     assert "path on this machine" not in dry("--data-root", "s3://bucket/digits").stderr
+
+
+# the paper's tables, written out from the paper (tables 1-4) independently of alignclip/config.py
+TABLES = {
+    "domainbed": {"pacs", "vlcs", "office_home", "terra_incognita", "domain_net"},
+    "base2new": {"imagenet", "caltech101", "oxford_pets", "stanford_cars", "flowers102", "food101", "fgvc_aircraft",
+                 "sun397", "dtd", "eurosat", "ucf101"},
+    "imagenet": {"imagenet"},
+    "wild": {"office_home", "domain_net"},
+}
+
+
+def _sub_pipelines(spec):
+    """Root tasks of a composite: name -> (constant inputs, parallelism limit of its grid loop, dependencies)."""
+    found = {}
+    for name, task in spec["root"]["dag"]["tasks"].items():
+        inputs = {k: v["runtimeValue"]["constant"] for k, v in task["inputs"]["parameters"].items() if "runtimeValue" in v}
+        inner = spec["components"][task["componentRef"]["name"]]["dag"]["tasks"]
+        (loop,) = [t for t in inner.values() if "parameterIterator" in t]
+        found[name] = (inputs, loop["iteratorPolicy"]["parallelismLimit"], task.get("dependentTasks", []), task.get("triggerPolicy"))
+    return found
+
+
+def test_all_runs_every_dataset_of_the_papers_tables_under_one_data_prefix(tmp_path, capsys):
+    from alignclip.cli import main
+
+    out = tmp_path / "all.yaml"
+    old, sys.argv = sys.argv, ["alignclip", "pipeline", "compile", "all", "-o", str(out), "--data-root", "s3://bucket/prefix/"]
+    try:
+        with pytest.raises(SystemExit) as done:
+            main()
+    finally:
+        sys.argv = old
+    assert done.value.code == 0, capsys.readouterr()
+    subs = _sub_pipelines(next(yaml.safe_load_all(out.read_text())))
+    seen = {}
+    for inputs, _, _, _ in subs.values():
+        seen.setdefault(inputs["data_protocol"], set()).add(inputs["data_dataset"])
+        assert inputs["data_root"] == f"s3://bucket/prefix/{inputs['data_dataset']}"
+    assert seen == TABLES and len(subs) == sum(len(v) for v in TABLES.values())
+
+
+@pytest.mark.parametrize("composite, budget", [("all", 1), ("all", 8), ("backbones", 3)])
+def test_a_composite_never_allows_more_gpu_pods_at_once_than_max_parallelism(composite, budget, tmp_path):
+    """Sub-pipelines form chains (each after the previous, failed or not); chains run at once. The most GPU pods at
+    once is the sum over chains of the largest grid parallelism in each: at most the budget."""
+    path = compile_pipeline(composite, tmp_path / "c.yaml", cluster_settings(max_parallelism=budget))
+    subs = _sub_pipelines(next(yaml.safe_load_all(path.read_text())))
+    dependants = {}
+    for name, (_, _, after, trigger) in subs.items():
+        assert len(after) <= 1  # a chain: one predecessor at most ...
+        for previous in after:
+            dependants.setdefault(previous, []).append(name)
+            assert trigger == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}  # a failed benchmark does not stop the rest
+    assert all(len(v) == 1 for v in dependants.values())  # ... and one successor at most
+    heads = [name for name, (_, _, after, _) in subs.items() if not after]
+    widest = 0
+    for head in heads:
+        chain, name = [], head
+        while name:
+            chain.append(name)
+            name = (dependants.get(name) or [None])[0]
+        widest += max(subs[n][1] for n in chain)
+    assert sum(1 for _ in heads) >= 1 and widest <= budget
+    assert widest == budget or len(subs) < budget  # the budget is used, not wasted
+
+
+def test_gpu_tasks_have_no_default_node_selector_and_shm_is_half_the_memory(tmp_path):
+    def gpu_executors(cluster):
+        path = compile_pipeline("demo", tmp_path / "p.yaml", cluster)
+        _, platform = list(yaml.safe_load_all(path.read_text()))
+        executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        return [executors[n] for n in ("exec-train", "exec-evaluate")]
+
+    for executor in gpu_executors(cluster_settings()):
+        assert "nodeSelector" not in executor  # the nvidia.com/gpu request places the pod
+        assert executor["emptyDirMounts"][0]["sizeLimit"] == "16G"  # half of the default 32G
+    for memory, shm in (("64Gi", "32Gi"), ("90G", "45G"), ("3G", f"{int(1.5e9 // 2**20)}Mi")):
+        assert [e["emptyDirMounts"][0]["sizeLimit"] for e in gpu_executors(cluster_settings(memory=memory))] == [shm] * 2
+
+
+class FollowedClient(StubClient):
+    """kfp.Client whose run goes through scripted states (``get_run``), as `submit --wait` polls it."""
+
+    script = []
+
+    def get_run(self, run_id):
+        assert run_id == "run-123"
+        state, tasks = FollowedClient.script.pop(0)
+        task = lambda i, name, st: type("Task", (), {"task_id": str(i), "display_name": name, "state": st, "create_time": str(i)})()  # noqa: E731
+        details = type("Details", (), {"task_details": [task(i, n, st) for i, (n, st) in enumerate(tasks)]})()
+        return type("Run", (), {"state": state, "run_details": details})()
+
+
+@pytest.mark.parametrize("final, code", [("SUCCEEDED", 0), ("FAILED", 1)])
+def test_submit_wait_follows_the_run_and_exits_with_its_result(final, code, monkeypatch, capsys):
+    import kfp
+
+    from alignclip.cli import main
+
+    monkeypatch.setattr(kfp, "Client", FollowedClient)
+    monkeypatch.setattr(pipeline_cli, "check_kfp_host", lambda host: host)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    FollowedClient.script = [
+        ("PENDING", []),
+        ("RUNNING", [("prepare", "RUNNING")]),
+        ("RUNNING", [("prepare", "SUCCEEDED"), ("train", "RUNNING")]),
+        ("RUNNING", [("prepare", "SUCCEEDED"), ("train", "RUNNING")]),  # no change: nothing printed
+        (final, [("prepare", "SUCCEEDED"), ("train", final)]),
+    ]
+    monkeypatch.setattr(sys, "argv", ["alignclip", "pipeline", "submit", "demo", "--host", "http://kfp.example:8080",
+                                      "--data-root", "embedded", "--image", "registry.example/alignclip:0.1.0", "--wait"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == code
+    assert capsys.readouterr().out.splitlines() == [
+        "http://kfp.example:8080/#/runs/details/run-123", "  prepare: RUNNING", "  prepare: SUCCEEDED",
+        "  train: RUNNING", f"  train: {final}", f"run run-123: {final}"]
+    assert FollowedClient.script == []
+
+
+def test_follow_gives_up_when_the_api_stops_answering():
+    class Gone:
+        def get_run(self, run_id):
+            raise ConnectionError("port-forward closed")
+
+    lines = []
+    assert pipeline_cli.follow_run(Gone(), "r", lines.append, poll_s=0, sleep=lambda s: None, attempts=3) == 2
+    assert lines == ["run r: the KFP API stopped answering (port-forward closed); the run goes on"]

@@ -4,15 +4,19 @@ Servers are started by the tests on 127.0.0.1."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from alignclip import tracking, tracking_transport
 from alignclip.resume import Preempted
 from tests.servers import free_port, mlflow_local_server
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -85,6 +89,37 @@ def test_concurrent_first_use_of_a_fresh_sqlite_store(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("concurrent").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["run-0", "run-1", "run-2"]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_a_tracked_run_in_a_checkout_leaves_no_untracked_file(tmp_path, monkeypatch):
+    """`make demo` tracks into the repository's mlflow.db: the store, its artifacts and its lock must leave `git
+    status` clean (the project's own .gitignore, a run made by the stages' tracking code from the checkout)."""
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", ".gitignore"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"], check=True)
+    monkeypatch.chdir(repo)
+    artifact = tmp_path / "train.json"
+    artifact.write_text("{}")
+    _log_a_run(f"sqlite:///{repo / 'mlflow.db'}", artifact, steps=2)
+    assert (repo / "mlflow.db").is_file()
+    status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=all"],
+                            capture_output=True, text=True, check=True).stdout
+    assert status == ""
+
+
+def test_the_store_lock_excludes_another_process(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    code = ("import sys; from alignclip.tracking_transport import store_lock\n"
+            "with store_lock(sys.argv[1]):\n    print('taken')\n")
+    with tracking_transport.store_lock(uri):
+        waiting = subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.communicate(timeout=3)
+    assert waiting.communicate(timeout=60)[0] == "taken\n"
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == []  # nothing left beside the store
 
 
 @pytest.mark.slow
