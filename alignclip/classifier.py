@@ -13,7 +13,7 @@ import torch
 
 from alignclip.artifacts import Checkpoint, load_checkpoint
 from alignclip.data.registry import prompt
-from alignclip.methods import MethodConfig
+from alignclip.methods import MODEL_TAU, MethodConfig
 from alignclip.model import AlignCLIPVisual
 from alignclip.presets import load_clip
 
@@ -51,10 +51,18 @@ def load_trained(checkpoint: str | Path, device) -> tuple[object, AlignCLIPVisua
     """Rebuild the model of a ``train`` checkpoint: the base weights, then the fine-tuned image encoder."""
     state = load_checkpoint(checkpoint)
     bundle = load_clip(state.architecture, state.pretrained, device=device)
-    visual = make_visual(bundle, MethodConfig(**state.method))
+    # a checkpoint records the temperatures it trained with (numbers); `model` is resolved for any that does not
+    visual = make_visual(bundle, MethodConfig(**state.method).for_model(bundle.tau))
     if state.visual is not None:
         visual.visual.load_state_dict(state.visual)
     return bundle, visual.to(device).eval(), state
+
+
+def checkpoint_tau(state: Checkpoint, bundle) -> float:
+    """Eq. 1's temperature a checkpoint was trained with (train resolves `model` to the CLIP's own before saving);
+    evaluation, zero-shot and the registered classifier all score with it."""
+    tau = state.method["tau"]
+    return bundle.tau if tau == MODEL_TAU else float(tau)
 
 
 class ClassProbabilities(torch.nn.Module):
@@ -86,7 +94,8 @@ def log_classifier(tracker, checkpoint: str | Path, meta: dict, tags: dict) -> N
     bundle, visual, state = load_trained(checkpoint, "cpu")
     classes = [meta["classes"][g] for g in state.label_space]
     text = encode_classes(bundle.model, bundle.tokenizer, classes, meta["template"], "cpu")
-    classifier = ClassProbabilities(visual, text, state.method.get("tau", 0.01)).eval()
+    # eq. 1's temperature of training and evaluation: the checkpoint's resolved tau (the model's own by default)
+    classifier = ClassProbabilities(visual, text, checkpoint_tau(state, bundle)).eval()
     # batch of 2: torch.export specialises a size-1 dimension, which would pin the model to batch 1
     example = np.zeros((2, 3, bundle.image_size, bundle.image_size), dtype=np.float32)
     name = runs.registered_name(tags["dataset"], tags["variant"])

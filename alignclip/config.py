@@ -483,7 +483,7 @@ def check_method_switches(overrides: dict) -> dict:
     """``--set key=value`` switches typed by MethodConfig's fields: ``aligned_layers=abc`` fails here, not mid-run."""
     from dataclasses import fields as dataclass_fields
 
-    from alignclip.methods import MethodConfig
+    from alignclip.methods import TEMPERATURES, MethodConfig, parse_temperature
 
     kinds = {f.name: f.type for f in dataclass_fields(MethodConfig)}
     checked = {}
@@ -492,7 +492,12 @@ def check_method_switches(overrides: dict) -> dict:
             raise ConfigError(f"--set {key}: unknown method switch; expected one of {', '.join(sorted(kinds))}")
         kind = str(kinds[key]).replace(" ", "")
         optional = "None" in kind
-        if value is None and optional:
+        if key in TEMPERATURES:  # `model` (the loaded CLIP's own), a number, or (aal_tau) none
+            try:
+                checked[key] = parse_temperature(key, value)
+            except ValueError as err:
+                raise ConfigError(f"--set {err}") from None
+        elif value is None and optional:
             checked[key] = None
         elif kind.startswith("bool"):
             if not isinstance(value, bool):

@@ -15,7 +15,7 @@ import torch
 
 from alignclip import artifacts, determinism, protocols
 from alignclip.artifacts import Checkpoint
-from alignclip.classifier import encode_classes, load_trained, resolve_device
+from alignclip.classifier import checkpoint_tau, encode_classes, load_trained, resolve_device
 from alignclip.data.images import ManifestImages, collate_readable, eval_transform
 from alignclip.data.loader import AUTO, evaluation_loader, resolve_workers
 from alignclip.data.prepare import load_prepared
@@ -112,6 +112,7 @@ def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batc
     determinism.configure_torch(dev, warn_only=True)  # a CPU run: portable kernels; a GPU run as it is
     bundle, visual, state = load_trained(checkpoint, dev)
     test_domain = check_consistent(checkpoint, state, meta, test_domain)
+    tau = checkpoint_tau(state, bundle)  # training's eq. 1 temperature (the model's own by default)
     transform = eval_transform(bundle.image_size, bundle.mean, bundle.std)
     workers = resolve_workers(num_workers)
     images, seconds = 0, 0.0
@@ -130,7 +131,7 @@ def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batc
             dataset.stage()
         loader = evaluation_loader(dataset, batch_size, workers, dev, collate_fn=collate_readable)
         tic = time.perf_counter()
-        pred, target, index, top, top_prob = predict(visual, text, loader, dev, state.method["tau"])
+        pred, target, index, top, top_prob = predict(visual, text, loader, dev, tau)
         seconds += time.perf_counter() - tic
         images += len(target)
         correct = int((pred == target).sum())
@@ -170,6 +171,8 @@ def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batc
         "seed": state.seed,
         "checkpoint": str(checkpoint),
         "formulation": state.formulation,
+        "tau": tau,  # eq. 1's temperature (training's); aal_tau: eq. 4's, None = no temperature
+        "aal_tau": state.method.get("aal_tau"),
         "views": results,
         "num_workers": workers,
         "images_per_s": images / seconds if seconds else None,

@@ -8,6 +8,7 @@ ablation can walk from one formulation to the other one step at a time (see docs
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 METHODS = ("zeroshot", "erm", "clipood", "alignclip")
@@ -34,11 +35,15 @@ class MethodConfig:
     branch: str = "dv"  # dv: identity attention | vvv: CLIP Surgery's V-V-V (table 10)
     cls_attn_norm: str = "visual_softmax"  # visual_softmax: eq. 3 | drop_renorm: released (full softmax, drop cls, L1)
     kl_direction: str = "forward"  # forward: KL(A || G_DV), eq. 6 | reverse: KL(G_DV || A), released
-    aal_tau: float | None = 0.01  # temperature of G and G_DV (eq. 4); released: none
+    # temperature of G and G_DV (eq. 4): "model" (the loaded CLIP's pre-trained tau, the paper's one symbol tau),
+    # a number, or None (no temperature: the released code)
+    aal_tau: float | str | None = "model"
     sim_classes: str = "target"  # target: G for T_y only (eq. 4) | all: every class (released term 2)
     # model
     pooling: str = "cls"  # cls: class token | avg: average of visual tokens (table 9)
-    tau: float = 0.01
+    # eq. 1's temperature: "model" = 1 / exp(logit_scale) of the loaded CLIP ("retained at its pre-trained
+    # setting", A.1: 0.01 for OpenAI's weights), or a number (a fixed-value ablation: tau=0.01)
+    tau: float | str = "model"
     # weight averaging
     bma: bool = False
     bma_beta: float = 0.5
@@ -63,10 +68,51 @@ class MethodConfig:
                 raise ValueError(f"method {self.name!r}: {field}={value!r}, expected one of {allowed}")
         if not 0.0 <= self.eps <= 1.0:
             raise ValueError(f"method {self.name!r}: eps={self.eps}, expected 0..1")
+        for field in TEMPERATURES:
+            value = getattr(self, field)
+            if parse_temperature(field, value) != value:
+                raise ValueError(f"method {self.name!r}: {field}={value!r}, expected {_TEMPERATURE_TEXT[field]}")
         return self
+
+    def for_model(self, model_tau: float) -> "MethodConfig":
+        """The method with every ``model`` temperature replaced by the loaded CLIP's pre-trained tau
+        (``presets.CLIPBundle.tau``): what training runs with and what the checkpoint, train.json, MLflow and
+        evaluation record."""
+        model_tau = parse_temperature("model tau", model_tau)
+        if model_tau == MODEL_TAU:
+            raise ValueError("the model's pre-trained tau must be a number")
+        return replace(self, **{f: model_tau for f in TEMPERATURES if getattr(self, f) == MODEL_TAU})
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MODEL_TAU = "model"  # a temperature switch's value meaning: the loaded CLIP's own, 1 / exp(logit_scale)
+TEMPERATURES = ("tau", "aal_tau")
+_TEMPERATURE_TEXT = {
+    "tau": "'model' (the loaded CLIP's pre-trained temperature) or a positive number",
+    "aal_tau": "'model' (the loaded CLIP's pre-trained temperature), a positive number, or none (no temperature)",
+}
+
+
+def parse_temperature(field: str, value):
+    """A temperature switch's value from code, params or ``--set``: ``model``, a positive number (or its text), or
+    for ``aal_tau`` also none/null (no temperature). Anything else is a ValueError naming the switch."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if field == "aal_tau":
+            return None
+        raise ValueError(f"{field}={value!r}: expected {_TEMPERATURE_TEXT.get(field, 'a positive number')}")
+    number = value
+    if isinstance(value, str):
+        if value.strip().lower() == MODEL_TAU:
+            return MODEL_TAU
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{field}={value!r}: expected {_TEMPERATURE_TEXT.get(field, 'a positive number')}")
+    return float(number)
 
 
 PAPER = {
@@ -123,4 +169,5 @@ def get_method(name: str, formulation: str = "paper", **overrides) -> MethodConf
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown method switch(es) {unknown}: expected some of {sorted(known)}")
+    overrides = {k: parse_temperature(k, v) if k in TEMPERATURES else v for k, v in overrides.items()}
     return replace(config, **overrides).validate()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from alignclip import losses
-from alignclip.methods import MethodConfig
+from alignclip.methods import MODEL_TAU, TEMPERATURES, MethodConfig
 from alignclip.model import AlignCLIPVisual
 
 
@@ -63,8 +63,36 @@ def compute_loss(
     text: torch.Tensor,
     class_sim: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One step's loss and its logged parts (detached tensors on the loss's device). ``text`` holds the frozen
-    class text features [C, D]."""
+    """One step's loss and its logged parts (``loss_terms`` without the terms' graphs)."""
+    total, parts, _ = loss_terms(method, visual, images, targets, text, class_sim)
+    return total, parts
+
+
+def term_names(method: MethodConfig) -> list[str]:
+    """The terms of the method's total loss, as ``loss_terms`` names them: ``cls_loss`` (CE, LS or SLS) and, with
+    the alignment loss, ``aal_attn`` and ``aal_sim`` where switched on."""
+    names = ["cls_loss"]
+    if method.aal:
+        names += [name for name, on in (("aal_attn", method.attn_term), ("aal_sim", method.sim_term)) if on]
+    return names
+
+
+def loss_terms(
+    method: MethodConfig,
+    visual: AlignCLIPVisual,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    text: torch.Tensor,
+    class_sim: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One step's loss, its logged parts (detached tensors on the loss's device), and each term as it enters the
+    total (weight included, graph kept; named as ``term_names``), whose gradients train_step measures on log
+    steps. ``text`` holds the frozen class text features [C, D]. ``method``'s temperatures are numbers: ``model`` is resolved against the loaded
+    CLIP first (``method.for_model(bundle.tau)``, as train.setup does)."""
+    unresolved = [f for f in TEMPERATURES if getattr(method, f) == MODEL_TAU]
+    if unresolved:
+        raise ValueError(f"{', '.join(unresolved)}={MODEL_TAU!r} is not resolved: use method.for_model(bundle.tau), "
+                         "the loaded CLIP's pre-trained temperature")
     if method.aal:
         out = visual(images, align=True)
         image = out.embedding
@@ -74,14 +102,17 @@ def compute_loss(
     cls_loss = classification_loss(method, logits, targets, class_sim)
     total = method.sls_weight * cls_loss if method.smoothing in ("sls", "sls_release") else cls_loss
     parts = {"cls_loss": cls_loss.detach()}
+    contributions = {"cls_loss": total}
     if method.aal:
         terms = alignment_terms(method, out, text, targets)
         aal = sum(terms.values()) if terms else torch.zeros((), device=images.device)
         total = total + method.aal_weight * aal
+        contributions.update({k: method.aal_weight * v for k, v in terms.items()})
         parts.update({k: v.detach() for k, v in terms.items()})
         parts["aal"] = aal.detach()
     parts["loss"] = total.detach()
     with torch.no_grad():
         # a percentage, like every accuracy the project reports (test_acc_pct)
         parts["train_acc_pct"] = 100.0 * (logits.argmax(dim=-1) == targets).float().mean()
-    return total, parts  # detached 0-d tensors: read by the caller every few steps, never a host sync per step
+    # parts: detached 0-d tensors, read by the caller every few steps, never a host sync per step
+    return total, parts, contributions

@@ -62,6 +62,18 @@ class CLIPBundle:
     std: tuple[float, float, float]
     architecture: str
     pretrained: str | None
+    # the loaded model's pre-trained softmax temperature, 1 / exp(logit_scale): 0.01 for OpenAI's CLIPs (scale 100),
+    # about 0.073 for the tiny preset's digits pre-training; eq. 1 and eq. 4 use it unless a method fixes a value
+    tau: float
+
+
+def pretrained_tau(model: torch.nn.Module) -> float:
+    """1 / exp(logit_scale) of an open_clip CLIP: the temperature its contrastive pre-training learned."""
+    scale = getattr(model, "logit_scale", None)
+    if not isinstance(scale, torch.Tensor):
+        raise ValueError(f"{type(model).__name__} has no logit_scale: cannot read its pre-trained temperature; "
+                         "fix tau with --set tau=VALUE (and aal_tau)")
+    return float(1.0 / scale.detach().float().exp().item())
 
 
 def _register_tiny() -> None:
@@ -165,5 +177,6 @@ def load_clip(name: str = "tiny", pretrained: str | None = "default", device: st
     mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
     tokenizer = open_clip.get_tokenizer(architecture)
-    log.info("loaded %s (weights: %s)", architecture, pretrained or "random")
-    return CLIPBundle(model, tokenizer, int(size), mean, std, architecture, pretrained)
+    tau = pretrained_tau(model)
+    log.info("loaded %s (weights: %s, pre-trained tau %.4g)", architecture, pretrained or "random", tau)
+    return CLIPBundle(model, tokenizer, int(size), mean, std, architecture, pretrained, tau)

@@ -217,7 +217,8 @@ def find_runs(results_dir: str | Path) -> list[RunRecord]:
         info = read_json(train_json, TRAIN_SUMMARY, "the summary of `alignclip train`")
         settings = info.get("settings", {})
         try:
-            variant = variant_label(MethodConfig(**info["method"]), _Settings(settings.get("recipe"), settings.get("formulation", "paper")))
+            # train.json's own label: its method holds the resolved temperatures, not the `model` they were set to
+            variant = info.get("variant") or variant_label(MethodConfig(**info["method"]), _Settings(settings.get("recipe"), settings.get("formulation", "paper")))
         except (TypeError, KeyError, ValueError):
             continue
         key = (variant, settings.get("formulation", "paper"), settings.get("test_domain") or "", settings.get("seed"),
@@ -265,22 +266,30 @@ def pick_runs(runs: list[RunRecord], wanted: list[str], domains: list[str], need
 
 
 def plot_training_curves(logs: dict[str, pd.DataFrame], path: str | Path, runs: dict[str, RunRecord] | None = None) -> None:
-    """Loss terms per step, one line per run: colour = method/formulation, line style = held-out domain."""
-    columns = [c for c in ("loss", "cls_loss", "aal_attn", "aal_sim") if any(c in df for df in logs.values())]
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6), squeeze=False)
+    """Loss terms per step, then the gradient norm of each term (as it enters the total) on the steps that measured
+    it, one line per run: colour = method/formulation, line style = held-out domain."""
+    wanted = ("loss", "cls_loss", "aal_attn", "aal_sim", "grad_norm_cls_loss", "grad_norm_aal_attn", "grad_norm_aal_sim")
+    columns = [c for c in wanted if any(c in df and df[c].notna().any() for df in logs.values())]
+    per_row = min(4, len(columns))  # losses above, gradient norms below: readable at the page's width
+    fig, axes = plt.subplots(math.ceil(len(columns) / per_row), per_row, figsize=(4.2 * per_row, 3.6 * math.ceil(len(columns) / per_row)), squeeze=False)
+    for ax in axes.flat[len(columns):]:
+        ax.axis("off")
     runs = runs or {}
     labels = sorted({runs[n].label if n in runs else n for n in logs})
     domains = sorted({runs[n].test_domain for n in logs if n in runs})
     colours = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
     styles = {domain: ("-", "--", ":", "-.")[i % 4] for i, domain in enumerate(domains)}
-    for ax, column in zip(axes[0], columns):
+    for ax, column in zip(axes.flat, columns):
         for name, df in logs.items():
             if column in df and len(df):
                 record = runs.get(name)
                 legend = record.caption() if record else name
+                df = df[df[column].notna()]  # gradient norms: measured on log steps only
                 ax.plot(df["step"], df[column], label=legend, color=colours[record.label if record else name],
                         linestyle=styles.get(record.test_domain, "-") if record else "-", linewidth=1.2)
         ax.set_title(column, fontsize=LABEL_SIZE + 1)
+        if column.startswith("grad_norm") and ax.lines:
+            ax.set_yscale("log")  # the terms' gradients can differ by orders of magnitude
         ax.set_xlabel("step", fontsize=LABEL_SIZE)
         ax.tick_params(labelsize=LABEL_SIZE)
     handles, names = axes[0][0].get_legend_handles_labels()
@@ -333,7 +342,7 @@ def attention_maps(runs: list[RunRecord], prepared_dir: Path, path: Path, count:
     panels = []
     for run, bundle, _, state in loaded:
         own = state.method
-        settings = MethodConfig(**(own if own.get("aal") else (reference or MethodConfig().to_dict())))
+        settings = MethodConfig(**(own if own.get("aal") else (reference or MethodConfig().to_dict()))).for_model(bundle.tau)
         depth = attention_depth(bundle.model.visual)
         # borrowed settings may ask for more layers than this model has (a CLIP ResNet has one attention pool)
         aligned = settings.aligned_layers if own.get("aal") else min(settings.aligned_layers, depth)
@@ -495,8 +504,9 @@ def _build_report(results_dir: Path, out: Path, prepared_dir=None, similarity_di
         captions[name], blocks[name], scores[name] = _write_table(name, table, results, out)
     choice = selection.selection_summary(searched)
     figures = _figures(results_dir, out, results, prepared_dir, similarity_dir)
-    (out / artifacts.REPORT_MARKDOWN).write_text(_markdown(intro, blocks, captions, choice, figures))
-    (out / artifacts.REPORT_PAGE).write_text(_html(intro, blocks, captions, choice, figures))
+    overview = method_overview(results)  # source-val beside held-out accuracy, with the temperatures used
+    (out / artifacts.REPORT_MARKDOWN).write_text(_markdown(intro, blocks, captions, choice, figures, overview))
+    (out / artifacts.REPORT_PAGE).write_text(_html(intro, blocks, captions, choice, figures, overview))
     (out / artifacts.SCORES).write_text(json.dumps(scores, indent=2) + "\n")
     chosen = [{"dataset": r["dataset"], "protocol": r["protocol"], "variant": r["variant"], "test_domain": r["test_domain"],
                "hparams": json.loads(r["hparams"]), "val_mean": r["val_mean"]} for _, r in searched[searched["chosen"]].iterrows()]
@@ -606,6 +616,54 @@ def _model_figures(runs: list[RunRecord], prepared_dir: Path, meta: dict, out: P
     return figures
 
 
+OVERVIEW_COLUMNS = ["method", "source_val", "held-out test", "cells", "tau (eq. 1)", "aal_tau (eq. 4)"]
+
+
+def method_overview(results: pd.DataFrame) -> dict[str, list[list[str]]]:
+    """Per dataset of a protocol with source-domain validation (``source_val``): each variant's mean accuracy on
+    the source domains' validation split and on the held-out test view over its cells (held-out domain x seed),
+    beside the temperatures its runs used (metrics.json: training's, resolved from the model's own by default)."""
+    from alignclip.protocols.base import ordered_labels
+
+    temperatures = {}
+    for source in results["source"].unique():
+        metrics = json.loads(Path(source).read_text())
+        temperatures[source] = (_temperature(metrics, "tau"), _temperature(metrics, "aal_tau"))
+    tables = {}
+    for (dataset, protocol), part in results.groupby(["dataset", "protocol"], sort=True):
+        if not (part["view"] == "source_val").any():
+            continue
+        rows = []
+        for variant in ordered_labels(part["variant"].unique()):
+            mine = part[part["variant"] == variant]
+            accuracy = {view: mine[mine["view"] == view]["accuracy"] for view in ("source_val", "test")}
+            cells = mine[["test_domain", "seed"]].drop_duplicates().shape[0]
+            taus = sorted({temperatures[s][0] for s in mine["source"]})
+            aal_taus = sorted({temperatures[s][1] for s in mine["source"]})
+            rows.append([variant, *(_fmt(a.mean()) if len(a) else "—" for a in accuracy.values()), str(cells),
+                         "/".join(taus), "/".join(aal_taus)])
+        tables[f"{protocols.get_protocol(protocol).table_prefix}_{dataset}"] = rows
+    return tables
+
+
+def _temperature(metrics: dict, key: str) -> str:
+    if key not in metrics:
+        return "—"  # evaluated before metrics.json recorded it
+    value = metrics[key]
+    return "none" if value is None else f"{float(value):.4g}"
+
+
+def _overview_markdown(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(OVERVIEW_COLUMNS) + " |", "|" + "---|" * len(OVERVIEW_COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+OVERVIEW_CAPTION = ("Mean accuracy (%) over the variant's cells (held-out domain x seed): `source_val` = the training "
+                    "domains' validation split (the only split a model may be selected or tuned on), held-out test = "
+                    "the table above's test view. tau: eq. 1's temperature, the loaded CLIP's 1/exp(logit_scale) "
+                    "unless a run fixed it; aal_tau: eq. 4's (none: no temperature, the released code).")
+
+
 def _run_list(runs: list[dict]) -> str:
     return "; ".join(f"{r['variant']} ({r['formulation']}) `{r['run']}`, seed {r['seed']}" for r in runs)
 
@@ -620,7 +678,7 @@ def _table_key(name: str, results: pd.DataFrame) -> tuple[str, str]:
 SELECTION_TITLE = "Source-validation accuracy of each searched setting"
 
 
-def _markdown(intro, blocks, captions, choice, figures) -> str:
+def _markdown(intro, blocks, captions, choice, figures, overview=None) -> str:
     from alignclip.report_tables import blocks_markdown
 
     sections = ["# AlignCLIP results\n", intro + "\n"]
@@ -628,12 +686,14 @@ def _markdown(intro, blocks, captions, choice, figures) -> str:
         sections.append(f"## {name}\n\n{blocks_markdown(shown)}\n{captions[name]}\n")
     statement, header, rows = choice
     sections.append(f"## Model selection\n\n{statement}\n" + (f"\n{blocks_markdown([(SELECTION_TITLE, header, rows)])}" if rows else ""))
+    for name, rows in (overview or {}).items():
+        sections.append(f"## Source validation and held-out accuracy per method: {name}\n\n{_overview_markdown(rows)}\n{OVERVIEW_CAPTION}\n")
     for title, name, caption in figures:
         sections.append(f"## {title}\n\n![{title}]({name})\n\n{caption}\n")
     return "\n".join(sections)
 
 
-def _html(intro, blocks, captions, choice, figures) -> str:
+def _html(intro, blocks, captions, choice, figures, overview=None) -> str:
     from alignclip.report_tables import blocks_html
 
     body = ["<h1>AlignCLIP results</h1>", f"<p>{html.escape(intro, quote=False).replace('`', '')}</p>"]
@@ -644,6 +704,10 @@ def _html(intro, blocks, captions, choice, figures) -> str:
     body.append(f"<h2>Model selection</h2><p>{html.escape(statement, quote=False).replace('`', '')}</p>")
     if rows:
         body.append(blocks_html([(SELECTION_TITLE, header, rows)]))
+    for name, rows in (overview or {}).items():
+        body.append(f"<h2>Source validation and held-out accuracy per method: {html.escape(name)}</h2>")
+        body.append(blocks_html([("", OVERVIEW_COLUMNS, rows)]))
+        body.append(f"<p class='caption'>{html.escape(OVERVIEW_CAPTION, quote=False).replace('`', '')}</p>")
     for title, name, caption in figures:
         body.append(f"<h2>{html.escape(title)}</h2><img src='{html.escape(name)}' style='max-width:100%'>"
                     f"<p class='caption'>{html.escape(caption, quote=False).replace('`', '')}</p>")

@@ -32,7 +32,7 @@ from alignclip.files import output_lock, stage_output
 from alignclip.log import get_logger
 from alignclip.methods import MethodConfig, get_method, split_method
 from alignclip.model import AlignCLIPVisual
-from alignclip.objective import compute_loss
+from alignclip.objective import compute_loss, loss_terms, term_names
 from alignclip.presets import check_model, load_clip
 from alignclip.resume import CheckpointStore, Preempted, default_location, ResumeOptions, Schedule, StopRequest, rng_state, set_rng_state, store_for
 from alignclip.similarity import class_similarity_matrix, load_similarity
@@ -142,6 +142,8 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
     # a CPU run: portable kernels (alignclip/determinism.py), the same numbers on any x86-64 CPU; a GPU run as it is
     cpu = {**determinism.configure_torch(device, warn_only=True), "model": determinism.cpu_model()} if device.type == "cpu" else None
     bundle = load_clip(settings.model, settings.pretrained, device=device)
+    asked = method  # the switches as set (variant label); the run uses the loaded CLIP's own tau where they say `model`
+    method = method.for_model(bundle.tau)
     class_names = [meta["classes"][g] for g in label_space]
     text = encode_classes(bundle.model, bundle.tokenizer, class_names, meta["template"], device)
     if similarity_path:
@@ -158,7 +160,9 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
         "protocol": meta["protocol"],
         "train_images": int(len(rows)),
         "label_space": label_space,
-        "variant": variant_label(method, settings),
+        "variant": variant_label(asked, settings),
+        # the loaded CLIP's pre-trained temperature, 1 / exp(logit_scale); method.tau / method.aal_tau are the ones used
+        "model_tau": bundle.tau,
         # what the encoder aligned: a CLIP ResNet has one attention layer whatever aligned_layers asks for
         "attention_layers": {"aligned": visual.aligned_layers, "dv": visual.dv_layers},
         "cpu": cpu,  # the kernels and CPU of a CPU run (None on a GPU)
@@ -236,15 +240,46 @@ def train_step(
     text: torch.Tensor,
     class_sim: torch.Tensor,
     autocast,
+    grad_norms: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One optimiser step of the method's loss; returns the loss's logged parts as detached device tensors
-    (reading them is a host sync: the loop does it every ``log_every`` steps). bench/ times exactly this."""
+    (reading them is a host sync: the loop does it every ``log_every`` steps). bench/ times exactly this.
+
+    ``grad_norms`` (the loop's log steps only): also the L2 norm of the gradient of each loss term as it enters the
+    total (``grad_norm_<term>``, weight included) and of the total (``grad_norm_loss``) with respect to the
+    trainable encoder parameters, one extra backward pass per term; the update itself is the same."""
+    if not grad_norms:
+        with autocast:
+            loss, parts = compute_loss(method, visual, images, targets, text, class_sim)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return parts
     with autocast:
-        loss, parts = compute_loss(method, visual, images, targets, text, class_sim)
+        loss, parts, terms = loss_terms(method, visual, images, targets, text, class_sim)
+    params = [p for p in visual.parameters() if p.requires_grad]
+    if len(terms) > 1:  # one term alone is the total, whose gradient backward() leaves in .grad
+        for name, term in terms.items():
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            parts[f"grad_norm_{name}"] = gradient_norm(grads)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    parts["grad_norm_loss"] = gradient_norm([p.grad for p in params])
+    if len(terms) == 1:
+        parts[f"grad_norm_{next(iter(terms))}"] = parts["grad_norm_loss"]
     optimizer.step()
     return parts
+
+
+def gradient_norm(grads) -> torch.Tensor:
+    """L2 norm over every parameter's gradient (None: no gradient, zero), as a device tensor (no host sync)."""
+    norms = [g.detach().float().norm() for g in grads if g is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+def grad_norm_columns(method: MethodConfig) -> list[str]:
+    """train_log.csv's gradient-norm columns for a method: one per loss term, then the total's."""
+    return [f"grad_norm_{name}" for name in term_names(method)] + ["grad_norm_loss"]
 
 
 def write_checkpoint(path: str | Path, run: TrainingRun, visual: AlignCLIPVisual | None) -> Path:
@@ -253,7 +288,7 @@ def write_checkpoint(path: str | Path, run: TrainingRun, visual: AlignCLIPVisual
     checkpoint = artifacts.Checkpoint(
         visual=None if visual is None else visual.visual.state_dict(),
         method=run.method.to_dict(),
-        variant=variant_label(run.method, settings),
+        variant=run.summary["variant"],
         architecture=bundle.architecture,
         pretrained=bundle.pretrained,
         model=settings.model,
@@ -324,7 +359,8 @@ def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callback
     # the cell's MLflow run: `alignclip evaluate` of this checkpoint logs into the same run
     summary["mlflow_run_id"] = tracker.run_id if getattr(tracker, "enabled", False) else None
     if tracker is not None:
-        tracker.log_params({"method": method.to_dict(), "train": asdict(settings), "dataset": summary["dataset"]})
+        tracker.log_params({"method": method.to_dict(), "train": asdict(settings), "dataset": summary["dataset"],
+                            "model_tau": summary["model_tau"]})
     if not method.trains:
         write_checkpoint(out / artifacts.MODEL, run, None)
         (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps({**summary, "steps": 0}, indent=2) + "\n")
@@ -352,7 +388,8 @@ def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callback
     schedule = Schedule(resume) if store is not None else None
     # The log starts with the checkpoint's copy (the killed run may have logged steps past it); rows are flushed
     # window by window, so the file is readable while the run goes.
-    window = LogWindow(out / artifacts.TRAIN_LOG, steps, settings.log_every, run.device, tracker, loader, prefix)
+    window = LogWindow(out / artifacts.TRAIN_LOG, steps, settings.log_every, run.device, tracker, loader, prefix,
+                       grad_norm_columns(method))
 
     def checkpoint() -> None:
         """A resume checkpoint at the steps done so far (the open log window is written first)."""
@@ -371,7 +408,8 @@ def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callback
                 lr = cosine_lr(step - 1, steps, settings.lr)
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
-                parts = train_step(method, visual, run.optimizer, images, targets, run.text, run.class_sim, autocast)
+                parts = train_step(method, visual, run.optimizer, images, targets, run.text, run.class_sim, autocast,
+                                   grad_norms=window.measures(step))
                 bma_weight = run.bma.update(visual) if run.bma is not None else 0.0
                 for callback in callbacks or []:
                     callback(step, visual, parts)
@@ -415,8 +453,11 @@ class LogWindow:
     tracker) together: one host synchronisation per window instead of one per value per step."""
 
     def __init__(self, path: Path, total_steps: int, every: int, device: torch.device, tracker, loader: BalancedLoader,
-                 prefix: str = ""):
+                 prefix: str = "", grad_columns: list[str] | None = None):
         self.path, self.total_steps, self.every = path, total_steps, max(1, int(every))
+        # gradient norms, measured on the first step and where a window closes (``measures``); empty cells elsewhere
+        self.grad_columns = list(grad_columns or [])
+        self.grad_rows: dict[int, torch.Tensor] = {}
         self.prefix = prefix  # rows of a resumed run's earlier steps, header included
         self.device, self.tracker, self.loader = device, tracker, loader
         self.columns: list[str] | None = prefix.splitlines()[0].split(",") if prefix else None
@@ -437,10 +478,14 @@ class LogWindow:
         self.handle.close()
 
     def add(self, step: int, parts: dict[str, torch.Tensor], lr: float, bma_weight: float, images: int) -> None:
+        grads = {k: parts[k] for k in self.grad_columns if k in parts}
+        parts = {k: v for k, v in parts.items() if k not in self.grad_columns}
         if self.columns is None:
-            self.columns = ["step", *parts, "lr", "bma_weight", "images_per_s", "data_wait_s"]
+            self.columns = ["step", *parts, *self.grad_columns, "lr", "bma_weight", "images_per_s", "data_wait_s"]
             self.handle.write(",".join(self.columns) + "\n")
         self.rows.append((step, torch.stack([v.float() for v in parts.values()]), lr, bma_weight))
+        if grads:
+            self.grad_rows[step] = torch.stack([grads[k].float() for k in self.grad_columns])
         self.window_images += images
 
     def text(self) -> str:
@@ -450,6 +495,10 @@ class LogWindow:
 
     def closes(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total_steps
+
+    def measures(self, step: int) -> bool:
+        """Whether this step measures the loss terms' gradient norms: the first step and every window's last."""
+        return bool(self.grad_columns) and (step == 1 or self.closes(step))
 
     def write(self) -> dict[str, float]:
         """Read the window from the device, write its rows, return its means (with the throughput figures)."""
@@ -463,15 +512,22 @@ class LogWindow:
             "data_wait_s": (self.loader.data_wait_s - self.wait_started) / steps,
         }
         names = self.columns[1 : 1 + values.shape[1]]
+        grads = {}
+        if self.grad_rows:  # a second read, on log steps only
+            steps_measured = list(self.grad_rows)
+            grads = dict(zip(steps_measured, torch.stack([self.grad_rows[s] for s in steps_measured]).cpu().tolist()))
         for (step, _, lr, bma_weight), row in zip(self.rows, values.tolist()):
-            record = {**dict(zip(names, row)), "lr": lr, "bma_weight": bma_weight, **throughput}
-            self.handle.write(",".join([str(step), *(f"{record[c]:.6g}" for c in self.columns[1:])]) + "\n")
+            record = {**dict(zip(names, row)), **dict(zip(self.grad_columns, grads.get(step, []))), "lr": lr,
+                      "bma_weight": bma_weight, **throughput}
+            self.handle.write(",".join([str(step), *(f"{record[c]:.6g}" if c in record else "" for c in self.columns[1:])]) + "\n")
             if self.tracker is not None:
                 self.tracker.log_metrics(record, step=step)
         self.handle.flush()
         means = {**dict(zip(names, values.mean(dim=0).tolist())), **throughput}
+        if grads:  # the window's last measurement
+            means.update(zip(self.grad_columns, grads[max(grads)]))
         self.images += self.window_images
-        self.rows, self.window_images = [], 0
+        self.rows, self.window_images, self.grad_rows = [], 0, {}
         self.started, self.wait_started = time.perf_counter(), self.loader.data_wait_s
         return means
 

@@ -40,7 +40,7 @@ def build(model_name: str, method_name: str, batch: int, device: torch.device, s
 
     torch.manual_seed(0)
     bundle = load_clip(model_name, "none", device=device)
-    method = get_method(method_name)
+    method = get_method(method_name).for_model(bundle.tau)  # as train.setup: the loaded CLIP's own temperature
     visual = make_visual(bundle, method).to(device).train()
     optimizer = make_optimizer(bundle, visual, lr=1e-6, weight_decay=0.1, fused=device.type == "cuda")
     bma = BetaMovingAverage(visual, steps + 10, method.bma_beta) if method.bma else None

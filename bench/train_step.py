@@ -33,7 +33,7 @@ def setup(model_name: str, method_name: str, batch: int, device: str):
 
     torch.manual_seed(0)
     bundle = load_clip(model_name, "none", device=device)
-    method = get_method(method_name)
+    method = get_method(method_name).for_model(bundle.tau)  # as train.setup: the loaded CLIP's own temperature
     visual = make_visual(bundle, method).to(device).train()
     optimizer = make_optimizer(bundle, visual, lr=1e-6, weight_decay=0.1)
     dim = bundle.model.text_projection.shape[1] if bundle.model.text_projection is not None else 512

@@ -3,6 +3,7 @@ time, in a temporary copy of the checkout, and show that at least one test fails
 
     .venv/bin/python tests/mutation_check.py            # every mutation
     .venv/bin/python tests/mutation_check.py --list     # what each one changes
+    .venv/bin/python tests/mutation_check.py --only "restore the constant"   # the mutations named so
 
 Each mutation replaces one exact piece of source (it must occur exactly once, so a refactor that moves the code
 makes this script say so instead of passing vacuously) and runs only the tests that guard that code.
@@ -90,6 +91,48 @@ MUTATIONS = [
         ("tests/test_objective.py",),
     ),
     Mutation(
+        "restore the constant: the loaded CLIP's tau read as 0.01 whatever its logit_scale",
+        "alignclip/presets.py",
+        "    tau = pretrained_tau(model)\n",
+        "    tau = 0.01\n",
+        ("tests/test_objective.py", "tests/test_presets.py::test_tau_is_read_from_the_loaded_weights"),
+    ),
+    Mutation(
+        "restore the constant: eq. 1's tau defaults to 0.01 instead of the model's",
+        "alignclip/methods.py",
+        '    tau: float | str = "model"',
+        "    tau: float | str = 0.01",
+        ("tests/test_objective.py",),
+    ),
+    Mutation(
+        "restore the constant: eq. 4's aal_tau defaults to 0.01 instead of the model's",
+        "alignclip/methods.py",
+        '    aal_tau: float | str | None = "model"',
+        "    aal_tau: float | str | None = 0.01",
+        ("tests/test_objective.py",),
+    ),
+    Mutation(
+        "restore the constant: the release formulation's margin logits x 100 instead of logit_scale.exp()",
+        "alignclip/methods.py",
+        '    "aal_tau": None,\n',
+        '    "aal_tau": None,\n    "tau": 0.01,\n',
+        ("tests/test_objective.py",),
+    ),
+    Mutation(
+        "restore the constant: evaluation scores at tau 0.01 instead of training's",
+        "alignclip/evaluate.py",
+        "    tau = checkpoint_tau(state, bundle)",
+        "    tau = 0.01",
+        ("tests/test_evaluate_report.py::test_accuracy_matches_an_independent_open_clip_computation",),
+    ),
+    Mutation(
+        "gradient norms of the alignment terms measured without their weight",
+        "alignclip/objective.py",
+        "contributions.update({k: method.aal_weight * v for k, v in terms.items()})",
+        "contributions.update({k: v for k, v in terms.items()})",
+        ("tests/test_objective.py::test_measured_gradient_norms_are_each_terms_gradient_and_leave_the_update_alone",),
+    ),
+    Mutation(
         "swap the held-out cut: the held-out domain's 20% split -> its 80% split",
         "alignclip/protocols/domainbed.py",
         'target = target[target["split"] == "val"]',
@@ -139,9 +182,11 @@ def run_tests(copy: Path, tests: tuple[str, ...]) -> subprocess.CompletedProcess
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--list", action="store_true", help="print the mutations and exit")
+    parser.add_argument("--only", default="", help="only the mutations whose name contains this text")
     args = parser.parse_args()
+    mutations = [m for m in MUTATIONS if args.only in m.name]
     if args.list:
-        for m in MUTATIONS:
+        for m in mutations:
             print(f"{m.name}\n    {m.path}: {m.old!r}\n    -> {m.new!r}\n    guarded by {', '.join(m.tests)}")
         return 0
     survived = 0
@@ -152,7 +197,7 @@ def main() -> int:
                                env=dict(os.environ, PYTHONPATH=str(copy)), capture_output=True, text=True, check=True)
         if not check.stdout.strip().startswith(str(copy)):
             raise SystemExit(f"the copy's alignclip is not the one imported ({check.stdout.strip()})")
-        for m in MUTATIONS:
+        for m in mutations:
             path = copy / m.path
             original = path.read_text()
             if original.count(m.old) != 1:
@@ -168,9 +213,9 @@ def main() -> int:
             for name in failed:
                 print(f"           failing: {name}")
         # the unmutated copy passes the same tests, so a kill is the mutation's doing
-        baseline = run_tests(copy, tuple(sorted({t for m in MUTATIONS for t in m.tests})))
+        baseline = run_tests(copy, tuple(sorted({t for m in mutations for t in m.tests})))
         print(f"{'passes' if baseline.returncode == 0 else 'FAILS'}   unmutated copy, same tests")
-    print(f"{len(MUTATIONS) - survived}/{len(MUTATIONS)} mutations killed")
+    print(f"{len(mutations) - survived}/{len(mutations)} mutations killed")
     return 1 if survived or baseline.returncode else 0
 
 

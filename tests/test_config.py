@@ -166,6 +166,8 @@ BAD = [
     (["train", "{prep}", "{tmp}/o", "--batch-size", "100000", "--dry-run"], "train.batch_size=100000: expected at most 4096"),
     (["train", "{prep}", "{tmp}/o", "--set", "aligned_layers=abc", "--dry-run"], "--set aligned_layers='abc': expected an integer"),
     (["train", "{prep}", "{tmp}/o", "--set", "nosuch=1", "--dry-run"], "--set nosuch: unknown method switch"),
+    (["train", "{prep}", "{tmp}/o", "--set", "tau=warm", "--dry-run"], "--set tau='warm': expected 'model' (the loaded CLIP's pre-trained temperature) or a positive number"),
+    (["train", "{prep}", "{tmp}/o", "--set", "aal_tau=-1", "--dry-run"], "--set aal_tau=-1: expected 'model'"),
     (["prepare", "rotated_digits", "{tmp}", "{tmp}/p", "--template", "{0} {1}"], "expected exactly one {}"),
     (["prepare", "rotated_digits", "{tmp}", "{tmp}/p", "--template", "a photo"], "expected exactly one {}"),
     (["prepare", "rotated_digits", "{tmp}", "{tmp}/p", "--shots", "0"], "data.shots=0: expected at least 1"),
@@ -376,3 +378,11 @@ def test_a_batch_larger_than_a_training_domain_is_refused_not_clamped(digits_pre
     with pytest.raises(ValueError, match=rf"batch_size={smallest + 1} is larger than the smallest training stream \({smallest} images\)"):
         train(digits_prepared, tmp_path / "o", TrainSettings(method="erm", test_domain="rotated_0", steps=1, batch_size=smallest + 1, progress=False))
     assert not (tmp_path / "o" / "model.pt").exists()
+
+
+def test_temperature_switches_take_model_a_number_or_none():
+    from alignclip.config import check_method_switches
+
+    assert check_method_switches({"tau": "model", "aal_tau": "model"}) == {"tau": "model", "aal_tau": "model"}
+    assert check_method_switches({"tau": 0.01, "aal_tau": "none"}) == {"tau": 0.01, "aal_tau": None}
+    assert check_method_switches({"aal_tau": None, "tau": 1}) == {"aal_tau": None, "tau": 1.0}

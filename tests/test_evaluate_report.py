@@ -49,9 +49,12 @@ def test_accuracy_matches_an_independent_open_clip_computation(zeroshot_run, dig
     predictions = pd.read_parquet(zeroshot_run / "predictions.parquet")
     test = predictions[predictions["view"] == "test"]
     assert (test["pred"] == test["label"]).sum() == correct
-    # top-5 probabilities: softmax(cos / 0.01) of the same computation, in decreasing order
+    # top-5 probabilities: softmax(cos / tau) of the same computation at the model's own temperature,
+    # tau = 1 / exp(logit_scale) (about 0.073 for the tiny CLIP: training's, recorded in metrics.json), decreasing
     with torch.no_grad():
-        probs = (F.normalize(bundle.model.encode_image(images), dim=-1) @ text.T / 0.01).softmax(-1)
+        tau = 1.0 / bundle.model.logit_scale.exp().item()
+        probs = (F.normalize(bundle.model.encode_image(images), dim=-1) @ text.T / tau).softmax(-1)
+    assert metrics["tau"] == pytest.approx(tau, rel=1e-6) and abs(tau - 0.01) > 0.05
     first = [float(x) for x in test["top5_prob"].iloc[0].split(",")]  # the loader keeps the rows' order
     assert first == sorted(first, reverse=True)
     assert first[0] == pytest.approx(probs[0].max().item(), abs=1e-4)
@@ -111,11 +114,36 @@ def test_ablation_variants_get_their_own_rows_and_the_papers_ablation_numbers(tm
     assert pd.isna(table.loc[("alignclip[eps=0.3]", "SUN09")]["paper"])  # not reported by the paper
 
 
+def test_overview_shows_source_validation_and_temperatures_per_variant(tmp_path):
+    """The page's per-method section: source_val beside the held-out accuracy, the no-AAL ablation on its own row,
+    and the temperatures each variant ran with (from metrics.json)."""
+    from alignclip.report import method_overview
+
+    runs = {"erm": (60.0, 80.0), "alignclip": (40.0, 50.0), "alignclip[aal=False]": (62.0, 84.0)}
+    for variant, (test, source_val) in runs.items():
+        for domain in ("rotated_0", "rotated_75"):
+            fake_metrics(tmp_path, "rotated_digits", "domainbed", variant.split("[")[0], domain, 0,
+                         {"test": test + (2.0 if domain == "rotated_0" else 0.0), "source_val": source_val}, variant=variant)
+    for path in tmp_path.rglob("metrics.json"):
+        metrics = json.loads(path.read_text())
+        path.write_text(json.dumps({**metrics, "tau": 0.0725768, "aal_tau": None if "aal=False" in str(path) else 0.0725768}))
+    rows = {row[0]: row for row in method_overview(collect(tmp_path))["domain_shift_rotated_digits"]}
+    assert rows["alignclip"][1:] == ["50.0", "41.0", "2", "0.07258", "0.07258"]
+    assert rows["alignclip[aal=False]"][1:4] == ["84.0", "63.0", "2"] and rows["alignclip[aal=False]"][5] == "none"
+    assert list(rows) == ["erm", "alignclip", "alignclip[aal=False]"]
+    build_report(tmp_path, tmp_path / "report")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Source validation and held-out accuracy per method" in page and "alignclip[aal=False]" in page
+
+
 def test_variant_labels(digits_prepared, tmp_path):
     from alignclip.methods import get_method
     from alignclip.train import variant_label
 
     assert variant_label(get_method("erm", pooling="avg"), TrainSettings(method="erm")) == "erm[pooling=avg]"
+    assert variant_label(get_method("alignclip", aal=False), TrainSettings(method="alignclip")) == "alignclip[aal=False]"
+    assert variant_label(get_method("alignclip", tau="0.01"), TrainSettings(method="alignclip")) == "alignclip[tau=0.01]"
+    assert variant_label(get_method("alignclip", tau="model"), TrainSettings(method="alignclip")) == "alignclip"
     assert variant_label(get_method("alignclip", "release"), TrainSettings(method="alignclip", formulation="release")) == "alignclip+release"
     assert variant_label(get_method("clipood", margin_alpha=0.1, bma_beta=0.1), TrainSettings(method="clipood", recipe="wild/office_home")) == "clipood"
 

@@ -69,3 +69,36 @@ def test_random_weights_are_the_same_in_every_stage():
     assert torch.equal(before, after)
     for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def save_openai_layout(model, path, logit_scale: float) -> None:
+    """A CLIP's weights the way OpenAI's CLIP stores them: the same key names as open_clip's CLIP (`visual.*`, the
+    text tower's `transformer.*`, `token_embedding`, `positional_embedding`, `ln_final`, `text_projection`,
+    `logit_scale`), weight matrices and projections in half precision as OpenAI's `convert_weights` leaves
+    them, `logit_scale` in float32."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state["logit_scale"] = torch.tensor(logit_scale, dtype=torch.float32)
+    for key, value in state.items():
+        if key != "logit_scale" and value.is_floating_point() and (value.ndim >= 2 or key.endswith(("in_proj_bias", ".bias"))):
+            state[key] = value.half()
+    torch.save(state, path)
+
+
+def test_tau_is_read_from_the_loaded_weights(tiny, tmp_path):
+    """tau = 1 / exp(logit_scale) of the weights actually loaded: the tiny preset's digits pre-training
+    (logit scale about 13.8, tau about 0.073) and OpenAI-layout weights with OpenAI's logit scale ln 100 (0.01)."""
+    import math
+
+    from alignclip import pretrain
+
+    cached = torch.load(pretrain.cached_weights(), weights_only=True)
+    assert tiny.tau == pytest.approx(1.0 / math.exp(float(cached["logit_scale"])), rel=1e-6)
+    assert tiny.tau == pytest.approx(0.073, abs=0.002) and 1.0 / tiny.tau == pytest.approx(13.8, abs=0.2)
+    path = tmp_path / "openai-layout.pt"
+    save_openai_layout(tiny.model, path, math.log(100.0))
+    openai = load_clip("tiny", pretrained=str(path))
+    assert openai.tau == pytest.approx(0.01, rel=1e-6)
+    assert float(openai.model.logit_scale.detach()) == pytest.approx(math.log(100.0))
+    # and a third value, so neither number above can be a constant the loader falls back to
+    save_openai_layout(tiny.model, path, math.log(25.0))
+    assert load_clip("tiny", pretrained=str(path)).tau == pytest.approx(0.04, rel=1e-6)

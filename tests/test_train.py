@@ -111,3 +111,57 @@ def test_workers_give_the_same_run_and_values_are_logged_per_step(digits_prepare
     assert summaries[2]["images_per_s"] > 0 and summaries[2]["data_wait_s"] >= 0
     with pytest.raises(ValueError, match="num_workers: expected a count >= 0 or 'auto', got 'lots'"):
         train(digits_prepared, tmp_path / "bad", settings("erm", num_workers="lots"))
+
+
+def test_runs_record_the_loaded_models_temperature(digits_prepared, tmp_path, tiny):
+    """tau of eq. 1 and eq. 4 is the loaded CLIP's 1 / exp(logit_scale), recorded in train.json, the checkpoint
+    and metrics.json: about 0.073 for the tiny preset, 0.01 for OpenAI-layout weights with logit scale ln 100,
+    the fixed value for `--set tau=...`; evaluation scores with the checkpoint's."""
+    import math
+
+    from alignclip.evaluate import evaluate
+    from tests.test_presets import save_openai_layout
+
+    openai = tmp_path / "openai-layout.pt"
+    save_openai_layout(tiny.model, openai, math.log(100.0))
+    expected_tiny = 1.0 / math.exp(float(tiny.model.logit_scale.detach()))
+    cases = {
+        "tiny": (settings("zeroshot"), expected_tiny, expected_tiny),
+        "openai": (settings("zeroshot", pretrained=str(openai)), 0.01, 0.01),
+        "align": (settings("alignclip", steps=2, batch_size=4), expected_tiny, expected_tiny),
+        "fixed": (settings("alignclip", steps=2, batch_size=4, overrides={"tau": 0.02, "aal_tau": None}), 0.02, None),
+    }
+    for name, (run, tau, aal_tau) in cases.items():
+        out = tmp_path / name
+        summary = train(digits_prepared, out, run)
+        recorded = json.loads((out / "train.json").read_text())
+        checkpoint = torch.load(out / "model.pt", weights_only=False)
+        for method in (recorded["method"], checkpoint["method"]):
+            assert method["tau"] == pytest.approx(tau, rel=1e-6), name
+            assert (method["aal_tau"] is None) if aal_tau is None else method["aal_tau"] == pytest.approx(aal_tau, rel=1e-6), name
+        assert recorded["model_tau"] == pytest.approx(0.01 if name == "openai" else expected_tiny, rel=1e-6)
+        assert summary["variant"] == checkpoint["variant"] == {"tiny": "zeroshot", "openai": "zeroshot", "align": "alignclip",
+                                                               "fixed": "alignclip[aal_tau=None,tau=0.02]"}[name]
+        if name in ("openai", "fixed"):
+            metrics = evaluate(digits_prepared, out / "model.pt", out, batch_size=64, num_workers=0)
+            assert metrics["tau"] == pytest.approx(tau, rel=1e-6)
+            assert metrics["aal_tau"] is None if aal_tau is None else metrics["aal_tau"] == pytest.approx(aal_tau, rel=1e-6)
+
+
+def test_gradient_norms_are_logged_on_log_steps(digits_prepared, tmp_path):
+    """Each loss term's gradient norm on step 1 and every log_every-th step (and the last), empty cells elsewhere,
+    and the same weights as a run that measures less often (the measurement does not touch the update)."""
+    for every in (2, 100):
+        train(digits_prepared, tmp_path / str(every), settings("alignclip", steps=5, batch_size=4, log_every=every))
+    log = pd.read_csv(tmp_path / "2" / "train_log.csv")
+    columns = ["grad_norm_cls_loss", "grad_norm_aal_attn", "grad_norm_aal_sim", "grad_norm_loss"]
+    assert set(columns) <= set(log.columns)
+    measured = log.dropna(subset=columns)["step"].tolist()
+    assert measured == [1, 2, 4, 5] and log[log["step"] == 3][columns].isna().all(axis=None)
+    assert (log.dropna(subset=columns)[columns] > 0).all(axis=None)
+    sparse = pd.read_csv(tmp_path / "100" / "train_log.csv")
+    assert sparse.dropna(subset=columns)["step"].tolist() == [1, 5]
+    a, b = (torch.load(tmp_path / n / "model.pt", weights_only=False)["visual"] for n in ("2", "100"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pd.testing.assert_frame_equal(log.drop(columns=columns + ["images_per_s", "data_wait_s"]),
+                                  sparse.drop(columns=columns + ["images_per_s", "data_wait_s"]))
