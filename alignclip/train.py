@@ -37,6 +37,7 @@ from alignclip.resume import CheckpointStore, Preempted, ResumeOptions, Schedule
 from alignclip.similarity import class_similarity_matrix, load_similarity
 
 log = get_logger(__name__)
+IN_MEMORY_BYTES = 256 * 2**20  # decoded training images kept in memory when no worker process reads them
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TrainSettings:
     method: str = "alignclip"
     formulation: str = "paper"
     overrides: dict = field(default_factory=dict)  # individual method switches (ablations)
+    hparams: dict = field(default_factory=dict)  # a selection grid cell's varied settings (already applied), recorded
     model: str = "tiny"
     pretrained: str | None = "default"
     test_domain: str | None = None
@@ -158,6 +160,7 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
         "train_images": int(len(rows)),
         "label_space": label_space,
         "variant": variant_label(method, settings),
+        "hparams": dict(settings.hparams),  # what the selection grid varied: the report selects among these cells
         # what the encoder aligned: a CLIP ResNet has one attention layer whatever aligned_layers asks for
         "attention_layers": {"aligned": visual.aligned_layers, "dv": visual.dv_layers},
     }
@@ -175,12 +178,14 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
     if settings.batch_size > smallest:  # refused, not clamped: train.json would report a batch that never ran
         raise ValueError(f"batch_size={settings.batch_size} is larger than the smallest training stream ({smallest} images); "
                          f"expected at most {smallest}")
+    workers = resolve_workers(settings.num_workers)
     for group in groups:
         dataset = ManifestImages(meta, group["path"].tolist(), group["label"].tolist(), label_space, transform)
         if settings.stage_remote:
             dataset.stage()
+        if not workers:  # read in this process: decode each image once (small data such as the embedded digits)
+            dataset.keep_decoded_bytes = IN_MEMORY_BYTES // len(groups)
         run.datasets.append(dataset)
-    workers = resolve_workers(settings.num_workers)
     run.loader = BalancedLoader(run.datasets, settings.batch_size, settings.seed, run.steps, workers, device)
     summary["num_workers"] = workers
     run.optimizer = make_optimizer(
@@ -507,7 +512,8 @@ def variant_label(method: MethodConfig, settings: TrainSettings) -> str:
 
     recipe = get_recipe(settings.recipe).method if settings.recipe else {}
     base = get_method(method.name, settings.formulation, **recipe).to_dict()
-    changed = {k: v for k, v in method.to_dict().items() if base.get(k) != v}
+    # a selection grid's varied switches are not an ablation: the selected cell stands for the method
+    changed = {k: v for k, v in method.to_dict().items() if base.get(k) != v and k not in settings.hparams}
     label = method.name if settings.formulation == "paper" else f"{method.name}+{settings.formulation}"
     if changed:
         label += "[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
