@@ -186,6 +186,8 @@ def prepare(
     given = {"data_protocol": protocol, "data_holdout_fraction": holdout_fraction, "data_trial_seed": trial_seed,
              "data_shots": shots, "train_seeds": list(seeds) if seeds else None, "data_templates": templates,
              "data_class_names": class_names, "data_listing": listing}
+    if from_file.get("data_sample_seeds") is not None:  # the few-shot samples' own seeds (config.py) beat train.seeds
+        from_file["train_seeds"] = from_file["data_sample_seeds"]
     value = {name: check(name, v, f"--{BY_NAME[name].field.replace('_', '-')}: ") if v is not None else from_file.get(name, BY_NAME[name].default)
              for name, v in given.items()}
     check_template(template)
@@ -275,6 +277,7 @@ def train(
     method: str = typer.Option("alignclip", help="zeroshot | erm | clipood | alignclip, optionally +paper or +release"),
     formulation: Optional[str] = typer.Option(None, help="paper (default) | release (the authors' released code)"),
     set_: List[str] = typer.Option([], "--set", help="method switch override key=value (repeatable), e.g. aal=false"),
+    hparam: List[str] = typer.Option([], "--hparam", help="a selection grid cell's setting key=value (repeatable): lr, batch_size, steps or a method switch; applied and recorded as the cell's hparams"),
     recipe: Optional[str] = typer.Option(None, help="named recipe (`alignclip recipes`); default: the benchmark's for the prepared dataset, else paper"),
     model: Optional[str] = typer.Option(None, help="model preset or open_clip architecture (default: tiny)"),
     pretrained: Optional[str] = typer.Option(None, help="weights: tag, file, s3:// URI, none, or the preset's default"),
@@ -311,7 +314,21 @@ def train(
     from alignclip.methods import get_method
     from alignclip.recipes import apply_recipe
 
-    switches = _parse_overrides(set_)
+    from alignclip.config import _grid_value, parse_entry, typed_grid_values
+
+    method, in_brackets = parse_entry(method, "--method: ")  # alignclip[aal=false]: switches of the entry
+    entry_switches, entry_train = typed_grid_values(in_brackets, "--method: ")
+    hparams = {}
+    for item in hparam:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--hparam {item!r}: expected key=value")
+        hparams[key.strip()] = _grid_value(value.strip())
+    grid_switches, grid_train = typed_grid_values(hparams, "--hparam ")
+    hparams = {k: grid_switches.get(k, grid_train.get(f"train_{k}")) for k in hparams}
+    switches = {**entry_switches, **_parse_overrides(set_), **grid_switches}
+    lr, batch_size, steps = (grid_train.get(n, entry_train.get(n, v)) for n, v in
+                             (("train_lr", lr), ("train_batch_size", batch_size), ("train_steps", steps)))
     check("train_seeds", [seed], "--seed: ")
     if weight_decay < 0:
         raise ConfigError(f"--weight-decay {weight_decay}: expected 0 or more")
@@ -338,7 +355,7 @@ def train(
     from alignclip.train import TrainSettings, cell_tags, resolve, train as run_train
 
     settings = TrainSettings(
-        method=method, formulation=values["train_formulation"], overrides=switches, model=values["model_name"],
+        method=method, formulation=values["train_formulation"], overrides=switches, hparams=hparams, model=values["model_name"],
         pretrained=values["model_pretrained"], test_domain=test_domain or None, seed=seed, weight_decay=weight_decay,
         num_workers=num_workers, stage_remote=stage_remote, device=device, progress=progress,
     )
@@ -358,7 +375,9 @@ def train(
     hold_output_lock(out_dir)  # one writer per output, taken before its MLflow run: a refused second one leaves no trace
 
     test_domain = settings.test_domain
-    cell_key = f"train-{method}-{test_domain or 'all'}-s{seed}"  # names the resume checkpoint's place
+    from alignclip.config import cell_name
+
+    cell_key = f"train-{cell_name(method, hparams)}-{test_domain or 'all'}-s{seed}"  # names the resume checkpoint's place
     if checkpoint_dir is None and os.environ.get("ALIGNCLIP_CHECKPOINT_ROOT"):
         from alignclip.resume import keyed_location
 
@@ -495,6 +514,37 @@ def _echo_view(line: str | None) -> None:
     """The MLflow link of a stage's runs, on stderr (stdout stays what scripts read)."""
     if line:
         typer.echo(line, err=True)
+
+
+@app.command("grid")
+def grid_cells(
+    prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
+    out_dir: Path = typer.Argument(..., help="where each cell's folder goes (<cell>-<domain>-s<seed>: train and evaluate outputs)"),
+    params_file: Path = typer.Option(Path("params.yaml"), help="settings file: train.methods x train.grid x train.test_domains x train.seeds are the cells"),
+    test_domain: List[str] = typer.Option([], help="only the cells of this held-out domain (repeatable; default: all)"),
+    seed: List[int] = typer.Option([], "--seed", help="only the cells of this seed (repeatable; default: all)"),
+    part: str = typer.Option("all", help="all | zeroshot (once per held-out domain) | trained"),
+    similarity_path: Optional[Path] = typer.Option(None, "--similarity", help="similarity.pt from `alignclip similarity`"),
+    jobs: str = typer.Option("auto", help="cells at a time, one process each (auto: one per CPU)"),
+    scores: Optional[Path] = typer.Option(None, help="also write every cell's accuracies here (JSON, a DVC metrics file)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print each cell's effective settings (train --dry-run) and stop"),
+):
+    """Train and evaluate the cells of the grid: each runs `alignclip train` and `alignclip evaluate` with the
+    arguments of a KFP cell, in this process (one worker per core), so a cell costs no process start-up."""
+    from alignclip.cells import cell_commands, run_cells, select_cells
+    from alignclip.config import resolve
+
+    values = resolve(None, params_file)
+    cells = select_cells(values, test_domain or None, seed or None, part)
+    if dry_run:
+        from alignclip.cells import _run
+
+        for cell in cells:
+            _run(cell_commands(values, str(prepared_dir), str(out_dir), cell, similarity_path and str(similarity_path))[0] + ["--dry-run"])
+        return
+    check_output_dir(out_dir)
+    done = run_cells(values, str(prepared_dir), out_dir, cells, similarity_path and str(similarity_path), jobs, scores)
+    typer.echo(f"{len(done)} grid cell(s) -> {out_dir}")
 
 
 def _warn_local_root(values: dict) -> None:

@@ -11,8 +11,10 @@ benchmark's (recipe) value applies. It is never 0.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Setting:
     key: str  # section.key, as in params.yaml
-    type: str  # str | int | float | bool | list[str] | list[int]
+    type: str  # str | int | float | bool | list[str] | list[int] | grid (method entry -> {key: [values]})
     default: Any
     help: str
     choices: tuple = ()
@@ -65,6 +67,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("data.templates", "str", "paper", "prompt templates: paper (appendix A.2) | release (the released code's: CoOp's CUSTOM_TEMPLATES)", ("paper", "release")),
     Setting("data.class_names", "str", "paper", "class names in prompts: paper ('_' and '-' become spaces) | release (only '_', as the released code)", ("paper", "release")),
     Setting("data.listing", "str", "sorted", "imagenet: image order of the few-shot picks: sorted (the same everywhere) | filesystem (CoOp's os.listdir order)", ("sorted", "filesystem")),
+    Setting("data.sample_seeds", "list[int]", None, "few-shot protocols: seeds of the few-shot samples that prepare draws (not set: train.seeds); unused by the others, so a new training seed re-runs no prepare", minimum=0, optional=True),
     Setting("data.test_split", "str", "holdout", "held-out domain: holdout = its 20% split (CLIPood) | in = its 80% split (DomainBed) | full", ("holdout", "in", "full")),
     Setting("model.name", "str", "tiny", "preset (tiny, vit-b-16, vit-b-32, rn50, vit-l-14) or open_clip architecture"),
     Setting("model.pretrained", "str", "default", "preset default, open_clip tag, checkpoint path, s3:// URI, or none"),
@@ -73,6 +76,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("train.methods", "list[str]", PAPER_METHODS, "methods of the grid; method+formulation overrides train.formulation"),
     Setting("train.test_domains", "list[str]", None, "held-out domains of the grid (not set: every domain of the dataset; [\"\"] where none is held out)", optional=True),
     Setting("train.seeds", "list[int]", [0, 1, 2], "seeds of the grid", minimum=0),
+    Setting("train.grid", "grid", {}, "selection grid: method entry of train.methods -> {key: [values]} with key lr, batch_size, steps or a method switch; every combination is a cell, and training-domain validation picks one"),
     Setting("train.steps", "int", None, "optimiser steps (not set: the recipe's)", minimum=1, maximum=10_000_000, optional=True),
     Setting("train.epochs", "int", None, "epochs instead of steps (not set: the recipe's)", minimum=1, maximum=100_000, optional=True),
     Setting("train.batch_size", "int", None, "images per training domain and step (not set: the recipe's)", minimum=1, maximum=4096, optional=True),
@@ -95,10 +99,14 @@ class Family:
 PAPER_MODEL = {"model_name": "vit-b-16", "model_pretrained": "openai"}
 DATA_BUCKET = "s3://alignclip-data/{dataset}"  # the bucket infra/ creates, one prefix per dataset
 FAMILIES: dict[str, Family] = {
+    # every held-out image scored (test_split full: ~300 per domain), 3 seeds, a selection grid per method (README)
     "demo": Family("demo-domain-shift", "the embedded demo: tiny preset on RotatedDigits, CPU minutes", {
-        "data_protocol": "domainbed", "train_recipe": "demo", "train_methods": PAPER_METHODS + ["alignclip+release"],
-        "train_test_domains": ["rotated_0", "rotated_75"], "train_seeds": [0], "train_steps": 200,
-        "train_batch_size": 16, "train_lr": 0.001, "train_hflip": False}),
+        "data_protocol": "domainbed", "data_test_split": "full", "train_recipe": "demo",
+        "train_methods": PAPER_METHODS + ["alignclip[aal=false]", "alignclip+release"],
+        "train_test_domains": ["rotated_0", "rotated_75"], "train_seeds": [0, 1, 2],
+        "train_grid": {"erm": {"lr": [0.0003, 0.001]}, "clipood": {"lr": [0.0003, 0.001]},
+                       "alignclip": {"lr": [0.0003, 0.001], "aal_weight": [0.3, 1.0]},
+                       "alignclip[aal=false]": {"lr": [0.0003, 0.001]}, "alignclip+release": {"lr": [0.0003, 0.001]}}}),
     "domain_shift": Family("domain-shift", "DomainBed leave-one-domain-out (table 1)", {
         **PAPER_MODEL, "data_dataset": "office_home", "data_root": DATA_BUCKET, "data_protocol": "domainbed"}),
     "imagenet": Family("imagenet-variants", "ImageNet 16 shots -> its four variants (table 3)", {
@@ -159,7 +167,7 @@ def composite_members(name: str, data_root: str | None = None) -> list[tuple[str
 
 
 # A family's values that hold for its dataset only: not set again when the user chooses another dataset
-DATASET_BOUND = ("train_test_domains", "train_recipe")
+DATASET_BOUND = ("train_test_domains", "train_recipe", "train_grid")
 
 # The benchmark's recipe for a (protocol, dataset) is the protocol's ``recipe`` pattern when that recipe exists
 FALLBACK_RECIPE = "paper"
@@ -217,6 +225,8 @@ def coerce(setting: Setting, value, where: str = ""):
         if not setting.optional:
             raise ConfigError(f"{where}{setting.key} must be set ({setting.help})")
         return None
+    if setting.type == "grid":
+        return _coerce_grid(setting, value, where)
     if setting.type.startswith("list["):
         kind = setting.type[5:-1]
         if isinstance(value, str):
@@ -241,6 +251,30 @@ def coerce(setting: Setting, value, where: str = ""):
         raise ConfigError(f"{where}{setting.key}={value!r}: expected one of {', '.join(setting.choices)}")
     _check_range(setting, value, where)
     return value
+
+
+def _coerce_grid(setting: Setting, value, where: str) -> dict:
+    """``{entry: {key: [values]}}`` (YAML mapping or JSON text); a single value stands for a list of one. The keys
+    are checked against the methods and switches in ``derive``, where train.methods is known."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{where}{setting.key}={value!r}: malformed JSON mapping ({err.msg})") from None
+    expected = f"{setting.key}: expected a mapping of method entry -> {{key: [values]}}, e.g. {{alignclip: {{lr: [0.0003, 0.001]}}}}"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}{expected}; got {value!r}")
+    checked = {}
+    for entry, axes in value.items():
+        if not isinstance(axes, dict) or not axes:
+            raise ConfigError(f"{where}{setting.key}.{entry}: {expected.split(': ', 1)[1]}; got {axes!r}")
+        checked[str(entry)] = {}
+        for key, values in axes.items():
+            values = list(values) if isinstance(values, (list, tuple)) else [values]
+            if not values or any(isinstance(v, (dict, list)) or v is None for v in values):
+                raise ConfigError(f"{where}{setting.key}.{entry}.{key}={values!r}: expected a list of one or more values")
+            checked[str(entry)][str(key)] = values
+    return checked
 
 
 def _check_range(setting: Setting, value, where: str) -> None:
@@ -357,10 +391,22 @@ def derive(values: dict) -> dict:
     if values["train_recipe"] not in RECIPES:
         raise ConfigError(f"train.recipe={values['train_recipe']!r}: unknown recipe; expected one of {', '.join(RECIPES)}")
     for method in values["train_methods"]:
-        name, formulation = split_method(method, values["train_formulation"])
+        base, switches = parse_entry(method, "train.methods: ")
+        name, formulation = split_method(base, values["train_formulation"])
         if name not in METHODS or formulation not in FORMULATIONS:
             raise ConfigError(f"train.methods: unknown method {method!r}; expected one of {', '.join(METHODS)}, "
-                              f"optionally with +{' or +'.join(FORMULATIONS)}")
+                              f"optionally with +{' or +'.join(FORMULATIONS)} and [switch=value,...]")
+        typed_grid_values(switches, f"train.methods: {method}: ")
+    if len(set(values["train_methods"])) != len(values["train_methods"]):
+        raise ConfigError(f"train.methods={values['train_methods']}: an entry is listed twice")
+    for entry, axes in (values.get("train_grid") or {}).items():
+        if entry not in values["train_methods"]:
+            raise ConfigError(f"train.grid: {entry!r} is not an entry of train.methods ({', '.join(values['train_methods'])})")
+        if is_zeroshot(entry):
+            raise ConfigError(f"train.grid: {entry!r} trains nothing, so it has no settings to select")
+        for key, options in axes.items():
+            for option in options:
+                typed_grid_values({key: option}, f"train.grid.{entry}: ")
     spec = dataset_spec(dataset)
     # before the domains: a dataset of another protocol lists none, and that is not what is wrong
     allowed = [name for name, p in protocols.PROTOCOLS.items() if spec is not None and spec.protocol in p.layouts]
@@ -389,21 +435,124 @@ def derive(values: dict) -> dict:
         if values["train_test_domains"] not in (None, [""]):
             raise ConfigError(f"train.test_domains={values['train_test_domains']}: the {protocol} protocol holds out no domain; leave it unset")
         values["train_test_domains"] = [""]  # one cell per (method, seed); DVC's matrix needs a list
+        # few-shot: prepare draws a sample per seed; a params file states them (DVC's prepare depends on them alone)
+        if values.get("data_sample_seeds") is None:
+            values["data_sample_seeds"] = list(values["train_seeds"])
+        missing = [s for s in values["train_seeds"] if s not in values["data_sample_seeds"]]
+        if missing:
+            raise ConfigError(f"data.sample_seeds={values['data_sample_seeds']} lacks train.seeds {missing}: prepare draws "
+                              "the few-shot samples of data.sample_seeds only; add them")
     return values
 
 
+# -- the grid: method entries, their selection grids, cells -------------------------------------------------------
+
+# what a selection grid (train.grid) may vary besides method switches: the training settings of one cell
+GRID_TRAIN_KEYS = {"lr": "train_lr", "batch_size": "train_batch_size", "steps": "train_steps"}
+ENTRY = re.compile(r"^(?P<method>[A-Za-z_]+(?:[+@][A-Za-z_]+)?)(?:\[(?P<switches>[^\[\]]*)\])?$")
+
+
+def _grid_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def typed_grid_values(switches: dict, where: str = "") -> tuple[dict, dict]:
+    """``{key: value}`` of an entry's brackets or a grid cell split into (method switches, training settings by
+    pipeline name), each typed (``aal=flase`` or ``lr=abc`` fails here, naming the key)."""
+    train = {GRID_TRAIN_KEYS[k]: coerce(BY_NAME[GRID_TRAIN_KEYS[k]], v, where) for k, v in switches.items() if k in GRID_TRAIN_KEYS}
+    try:
+        method = check_method_switches({k: v for k, v in switches.items() if k not in GRID_TRAIN_KEYS})
+    except ConfigError as err:
+        raise ConfigError(f"{where}{str(err).removeprefix('--set ')} (or one of {', '.join(GRID_TRAIN_KEYS)})") from None
+    return method, train
+
+
+def parse_entry(entry: str, where: str = "") -> tuple[str, dict]:
+    """A method entry of train.methods (or a cell name): ``alignclip``, ``alignclip+release``, ``alignclip[aal=false]``,
+    ``alignclip[aal_weight=0.5,lr=0.001]`` -> (``alignclip+release``-style method, {key: value}) with the bracket's
+    values parsed (numbers, true/false) but not yet typed (``typed_grid_values``)."""
+    match = ENTRY.match(entry.strip())
+    if match is None:
+        raise ConfigError(f"{where}method {entry!r}: expected METHOD, METHOD+FORMULATION or METHOD[key=value,...]")
+    switches = {}
+    for item in filter(None, (part.strip() for part in (match["switches"] or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{where}method {entry!r}: {item!r} is not key=value")
+        switches[key.strip()] = _grid_value(value.strip())
+    return match["method"], switches
+
+
+def _format_grid_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def cell_name(entry: str, hparams: dict) -> str:
+    """The entry with the cell's varied settings in its brackets: ``alignclip[aal=false,lr=0.001]``. Names the cell's
+    output folder and DVC/KFP labels; the variant label (the report's row) leaves the varied settings out."""
+    method, switches = parse_entry(entry)
+    merged = {**switches, **hparams}
+    if not merged:
+        return method
+    return method + "[" + ",".join(f"{k}={_format_grid_value(v)}" for k, v in sorted(merged.items())) + "]"
+
+
+def entry_hparams(values: dict, entry: str) -> list[dict]:
+    """The selection grid of one method entry, every combination of its keys' values (keys sorted); ``[{}]``
+    without a grid, and for zero-shot, which trains nothing."""
+    from alignclip.methods import split_method
+
+    axes = (values.get("train_grid") or {}).get(entry)
+    if not axes or split_method(parse_entry(entry)[0])[0] == "zeroshot":
+        return [{}]
+    keys = sorted(axes)
+    return [dict(zip(keys, combination)) for combination in itertools.product(*(axes[k] for k in keys))]
+
+
+def is_zeroshot(entry: str) -> bool:
+    from alignclip.methods import split_method
+
+    return split_method(parse_entry(entry)[0])[0] == "zeroshot"
+
+
+def cell_dir(cell: dict) -> str:
+    """A cell's output folder: ``<cell name>-<held-out domain>-s<seed>``; zero-shot, run once per domain, has no seed."""
+    domain = cell["test_domain"] or "all"
+    return f"{cell['name']}-{domain}" if cell.get("seed") is None else f"{cell['name']}-{domain}-s{int(cell['seed'])}"
+
+
 def grid(values: dict) -> list[dict]:
-    """The (method, held-out domain, seed) cells of a resolved configuration; "" when no domain is held out.
+    """The cells of a resolved configuration: (method entry, held-out domain, seed, varied settings), "" when no
+    domain is held out. Each cell: ``method`` (the entry), ``test_domain``, ``seed``, ``hparams`` (the selection
+    grid's values of this cell, {} without one) and ``name`` (``cell_name``). Zero-shot is deterministic and trains
+    nothing: one cell per held-out domain and no ``seed`` key (KFP's items hold no nulls); the report reuses it for
+    every seed.
 
     Where the recipe's length differs per held-out domain (``wild/domain_net``) and no length is set, each cell
     carries its own ``steps``."""
     from alignclip.recipes import get_recipe
 
     domains = values["train_test_domains"] or [""]
-    cells = [{"method": m, "test_domain": d, "seed": int(s)} for d in domains for m in values["train_methods"] for s in values["train_seeds"]]
+    cells = []
+    for d in domains:
+        for m in values["train_methods"]:
+            if is_zeroshot(m):
+                cells.append({"method": m, "test_domain": d, "hparams": {}, "name": cell_name(m, {})})  # no seed
+                continue
+            for hparams in entry_hparams(values, m):
+                cells += [{"method": m, "test_domain": d, "seed": int(s), "hparams": hparams, "name": cell_name(m, hparams)}
+                          for s in values["train_seeds"]]
     if values["train_steps"] is None and values["train_epochs"] is None and get_recipe(values["train_recipe"]).epochs_by_domain:
         for cell in cells:
-            cell["steps"] = int(effective_train(values, cell["test_domain"] or None)["steps"])
+            if "steps" not in cell["hparams"]:
+                cell["steps"] = int(effective_train(values, cell["test_domain"] or None)["steps"])
     return cells
 
 
@@ -421,6 +570,11 @@ TRAIN_NAMES = ("model_name", "model_pretrained", "train_recipe", "train_formulat
 # what `alignclip train --params-file` reads (a DVC train stage's `params:` list): not the grid's lists, so adding a
 # seed, a method or a domain adds stages and re-runs nothing else
 TRAIN_KEYS = tuple(BY_NAME[n].key for n in TRAIN_NAMES) + ("data.dataset", "data.protocol")
+# what `alignclip grid --part trained` of one (held-out domain, seed) reads (dvc.yaml's train stage): the training
+# settings, the group's cells (methods x selection grid) and the evaluation split; not the seeds or domains
+GRID_KEYS = TRAIN_KEYS + ("data.test_split", "train.methods", "train.grid")
+# what a zero-shot cell reads (dvc.yaml's zeroshot stage): no training setting, so none of them re-runs it
+ZEROSHOT_KEYS = ("model.name", "model.pretrained", "data.dataset", "data.protocol", "data.test_split", "train.formulation")
 
 
 def train_config(params_file: str | Path | None = None, explicit: dict | None = None, meta: dict | None = None) -> dict:

@@ -43,6 +43,37 @@ def mlflow_view(env: dict, root: Path, bin_dir: Path) -> str:
     return f"{runs.view_url(uri, *found)}  (after: {serve})"
 
 
+def cpu_model() -> str:
+    """The CPU the demo ran on (its numbers are that machine's: docs/reliability.md)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_readme_table(root: Path, report: Path, seconds: float) -> Path:
+    """outputs/demo_table.md: the report's tables with the sha256 of the tiny weights this run used and the CPU it
+    ran on, the block the README shows (paste it there as is)."""
+    import hashlib
+
+    summary = json.loads((report / "report.json").read_text())
+    weights = sorted((root / "outputs" / "pretrained").glob("*.pt"))
+    digests = [f"`{w.name}` sha256 `{hashlib.sha256(w.read_bytes()).hexdigest()}`" for w in weights]
+    lines = [f"Demo run on {cpu_model()} ({os.cpu_count()} CPUs), {seconds / 60:.1f} min; tiny weights: "
+             + (", ".join(digests) or "none found") + "."]
+    for name in summary["tables"]:
+        lines += ["", f"**{name}**", "", (report / (name + ".md")).read_text().rstrip(),
+                  summary.get("captions", {}).get(name, "").strip()]
+    path = root / "outputs" / "demo_table.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
 def main() -> int:
     started = time.perf_counter()
     root = Path.cwd()
@@ -65,11 +96,13 @@ def main() -> int:
     subprocess.run(dvc + ["repro"], check=True, env=env)
     report = root / "outputs" / "report"
     print_tables(report)
+    table = write_readme_table(root, report, time.perf_counter() - started)
+    print(f"\n{table.read_text().splitlines()[0]}")
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)
     print(
         f"\nDemo finished in {minutes} min {seconds} s.\n"
         f"  results page : {report / 'index.html'} (Markdown: {report / 'index.md'})\n"
-        f"  tables       : {report}/*.csv\n"
+        f"  tables       : {report}/*.csv (README block: {table})\n"
         f"  models       : {root / 'outputs' / 'runs'}/*/model.pt\n"
         f"  MLflow       : {mlflow_view(env, root, bin_dir)}\n"
         f"  DVC          : dvc metrics show / dvc plots show\n"

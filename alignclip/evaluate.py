@@ -173,6 +173,7 @@ def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batc
         "formulation": state.formulation,
         "tau": tau,  # eq. 1's temperature (training's); aal_tau: eq. 4's, None = no temperature
         "aal_tau": state.method.get("aal_tau"),
+        "hparams": _trained_hparams(checkpoint),
         "views": results,
         "num_workers": workers,
         "images_per_s": images / seconds if seconds else None,
@@ -186,6 +187,12 @@ def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batc
     if prediction_frames:
         pd.concat(prediction_frames, ignore_index=True).to_parquet(out / artifacts.PREDICTIONS, index=False)
     return summary
+
+
+def _trained_hparams(checkpoint) -> dict:
+    """The selection grid's settings of the cell (train.json beside the checkpoint); {} for a plain run."""
+    trained = Path(checkpoint).parent / artifacts.TRAIN_SUMMARY
+    return json.loads(trained.read_text()).get("hparams", {}) if trained.is_file() else {}
 
 
 def flat_metrics(summary: dict) -> dict[str, float]:

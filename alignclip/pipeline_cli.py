@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from alignclip.config import COMPOSITES, ConfigError, check_family, effective_train, grid, resolve
+from alignclip.config import COMPOSITES, ConfigError, cell_dir, check_family, effective_train, grid, resolve
 from alignclip.log import get_logger
 
 log = get_logger(__name__)
@@ -282,7 +282,7 @@ def dry_run(family: str, values: dict) -> str:
         values["data_class_names"], values["data_listing"])))
     lines.append("similarity: alignclip " + " ".join(similarity_args("<prepared>", "<matrix>", values["model_name"], values["model_pretrained"])))
     for cell in grid(values):
-        label = f"{cell['method']}/{cell['test_domain'] or '-'}/s{cell['seed']}"
+        label = cell_dir(cell)  # the cell's folder name: its varied settings, held-out domain and seed (none: zero-shot)
         lines.append(f"train {label}: alignclip " + " ".join(_quote(x) for x in train_args(
             "<prepared>", "<model>", cell, values["train_formulation"], values["train_recipe"], a["steps"], a["epochs"],
             a["batch_size"], a["lr"], a["hflip"], values["model_name"], values["model_pretrained"], "<matrix>/similarity.pt")))

@@ -6,6 +6,7 @@ that the image (and the local runner's interpreter) already has.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,10 +67,18 @@ def train_args(prepared: str, out: str, cell: dict, formulation: str, recipe: st
                batch_size: int, lr: float, hflip: bool, model_name: str, pretrained: str, similarity: str) -> list[str]:
     """Every training setting explicit (resolved before submission): the pipeline's parameters are what runs.
     The length is ``steps``, or ``epochs`` passes over the training set when steps is 0 (known only from the data)."""
-    cmd = ["train", prepared, out, "--method", cell["method"], "--seed", str(int(cell["seed"])),
-           "--formulation", formulation, "--model", model_name, "--pretrained", pretrained, "--no-progress",
-           "--similarity", similarity, "--recipe", recipe, "--batch-size", str(int(batch_size)), "--lr", repr(float(lr)),
-           "--hflip" if hflip else "--no-hflip", "--num-workers", "auto"]  # the pod's CPU limit sizes the workers
+    cmd = ["train", prepared, out, "--method", cell["method"]]
+    if cell.get("seed") is not None:  # zero-shot: one cell per held-out domain, no seed
+        cmd += ["--seed", str(int(cell["seed"]))]
+    for key, value in sorted((cell.get("hparams") or {}).items()):  # the selection grid's settings of this cell
+        cmd += ["--hparam", f"{key}={json.dumps(value)}"]
+    cmd += ["--formulation", formulation, "--model", model_name, "--pretrained", pretrained, "--no-progress",
+            "--similarity", similarity, "--num-workers", "auto"]  # the pod's CPU limit sizes the workers
+    from alignclip.config import is_zeroshot
+
+    if is_zeroshot(cell["method"]):  # trains nothing: no training setting reaches it (nor its record)
+        return cmd + (["--test-domain", cell["test_domain"]] if cell["test_domain"] else [])
+    cmd += ["--recipe", recipe, "--batch-size", str(int(batch_size)), "--lr", repr(float(lr)), "--hflip" if hflip else "--no-hflip"]
     steps = cell.get("steps", steps)  # a recipe whose length depends on the held-out domain: the cell's own
     if int(steps) > 0:
         cmd += ["--steps", str(int(steps))]

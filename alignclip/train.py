@@ -38,6 +38,7 @@ from alignclip.resume import CheckpointStore, Preempted, default_location, Resum
 from alignclip.similarity import class_similarity_matrix, load_similarity
 
 log = get_logger(__name__)
+IN_MEMORY_BYTES = 256 * 2**20  # decoded training images kept in memory when no worker process reads them
 
 
 @dataclass
@@ -45,6 +46,7 @@ class TrainSettings:
     method: str = "alignclip"
     formulation: str = "paper"
     overrides: dict = field(default_factory=dict)  # individual method switches (ablations)
+    hparams: dict = field(default_factory=dict)  # a selection grid cell's varied settings (already applied), recorded
     model: str = "tiny"
     pretrained: str | None = "default"
     test_domain: str | None = None
@@ -163,6 +165,7 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
         "variant": variant_label(asked, settings),
         # the loaded CLIP's pre-trained temperature, 1 / exp(logit_scale); method.tau / method.aal_tau are the ones used
         "model_tau": bundle.tau,
+        "hparams": dict(settings.hparams),  # what the selection grid varied: the report selects among these cells
         # what the encoder aligned: a CLIP ResNet has one attention layer whatever aligned_layers asks for
         "attention_layers": {"aligned": visual.aligned_layers, "dv": visual.dv_layers},
         "cpu": cpu,  # the kernels and CPU of a CPU run (None on a GPU)
@@ -181,12 +184,14 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
     if settings.batch_size > smallest:  # refused, not clamped: train.json would report a batch that never ran
         raise ValueError(f"batch_size={settings.batch_size} is larger than the smallest training stream ({smallest} images); "
                          f"expected at most {smallest}")
+    workers = resolve_workers(settings.num_workers)
     for group in groups:
         dataset = ManifestImages(meta, group["path"].tolist(), group["label"].tolist(), label_space, transform)
         if settings.stage_remote:
             dataset.stage()
+        if not workers:  # read in this process: decode each image once (small data such as the embedded digits)
+            dataset.keep_decoded_bytes = IN_MEMORY_BYTES // len(groups)
         run.datasets.append(dataset)
-    workers = resolve_workers(settings.num_workers)
     run.loader = BalancedLoader(run.datasets, settings.batch_size, settings.seed, run.steps, workers, device)
     summary["num_workers"] = workers
     run.optimizer = make_optimizer(
@@ -566,7 +571,8 @@ def variant_label(method: MethodConfig, settings: TrainSettings) -> str:
 
     recipe = get_recipe(settings.recipe).method if settings.recipe else {}
     base = get_method(method.name, settings.formulation, **recipe).to_dict()
-    changed = {k: v for k, v in method.to_dict().items() if base.get(k) != v}
+    # a selection grid's varied switches are not an ablation: the selected cell stands for the method
+    changed = {k: v for k, v in method.to_dict().items() if base.get(k) != v and k not in settings.hparams}
     label = method.name if settings.formulation == "paper" else f"{method.name}+{settings.formulation}"
     if changed:
         label += "[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"

@@ -157,7 +157,7 @@ def pipeline_arguments(values: dict) -> dict:
 
 PARAMETER_HELP = {
     **{name: setting.help for name, setting in BY_NAME.items()},
-    "train_grid": "(method, test_domain, seed) cells: train.methods x train.test_domains x train.seeds",
+    "train_grid": "cells {method, test_domain, seed, hparams, name}: train.methods x train.grid x train.test_domains x train.seeds (zero-shot once per domain, seed null)",
     "train_seeds": "seeds of the grid; also the few-shot sampling seeds of prepare",
     "train_steps": "optimiser steps (the recipe's unless set); 0: the length is train_epochs passes over the data",
     "train_epochs": "passes over the training set when train_steps is 0",

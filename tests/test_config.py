@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from alignclip.config import (
-    BY_NAME, FAMILIES, TRAIN_KEYS, ConfigError, effective_train, grid, parse_assignments, render_params, resolve,
+    BY_NAME, FAMILIES, GRID_KEYS, TRAIN_KEYS, ZEROSHOT_KEYS, ConfigError, effective_train, grid, parse_assignments, render_params, resolve,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ def test_choosing_a_dataset_brings_its_domains_and_recipe():
     values = resolve("domain_shift", overrides={"data_dataset": "pacs", "data_root": "s3://bucket/pacs"})
     assert values["train_recipe"] == "domain_shift/pacs"
     assert values["train_test_domains"] == ["art_painting", "cartoon", "photo", "sketch"]
-    assert len(grid(values)) == 4 * 4 * 3
+    assert len(grid(values)) == 4 * (1 + 3 * 3)  # zero-shot once per held-out domain, the others per seed
     assert resolve("domain_shift", overrides={"data_dataset": "vlcs"})["data_root"] == "s3://alignclip-data/vlcs"  # not office_home's
     wild = resolve("wild", overrides={"data_dataset": "domain_net"})
     assert wild["train_recipe"] == "wild/domain_net" and len(wild["train_test_domains"]) == 6
@@ -104,7 +104,10 @@ def test_another_dataset_replaces_what_the_family_chose_for_its_own(capsys):
     assert code == 0, err
     shown = yaml.safe_load(out)["train"]
     assert shown["test_domains"] == ["art_painting", "cartoon", "photo", "sketch"] and shown["recipe"] == "domain_shift/pacs"
-    assert shown["steps"] == FAMILIES["demo"].defaults["train_steps"]  # the family's, not bound to its dataset
+    # the family's seeds and methods are not bound to its dataset; its selection grid (lr values for the demo
+    # recipe's scale) is, so PACS trains its recipe's one setting per method
+    assert shown["seeds"] == FAMILIES["demo"].defaults["train_seeds"] and shown["methods"] == FAMILIES["demo"].defaults["train_methods"]
+    assert shown["grid"] == {} and shown["steps"] is None
     # what the user sets still wins, from the command line or a params file
     values = resolve("demo", overrides={"data_dataset": "pacs", "train_test_domains": "sketch", "train_recipe": "demo"})
     assert values["train_test_domains"] == ["sketch"] and values["train_recipe"] == "demo"
@@ -236,7 +239,8 @@ def test_a_package_path_in_missing_folders_creates_them(tmp_path, capsys):
 
 # What each recipe trains with, from the released scripts (recipes.py cites them) and the paper's A.1
 EXPECTED = {
-    "demo": {"recipe": "demo", "lr": 0.001, "batch_size": 16, "steps": 200, "epochs": None, "hflip": False, "model": "tiny"},
+    # the demo's last AlignCLIP cell: its selection grid's lr (the recipe's too)
+    "demo": {"recipe": "demo", "lr": 0.001, "batch_size": 8, "steps": 40, "epochs": None, "hflip": False, "model": "tiny"},
     "domain_shift": {"recipe": "domain_shift/office_home", "lr": 1e-5, "batch_size": 36, "steps": 5000, "epochs": None, "hflip": True, "model": "vit-b-16"},
     "wild": {"recipe": "wild/office_home", "lr": 3e-6, "batch_size": 36, "steps": 5000, "epochs": None, "hflip": True, "model": "vit-b-16"},
     # the authors' trainopenclass.sh: 1 epoch x main.py's 500 iterations
@@ -256,6 +260,7 @@ def _cli_command(values, cell):
     flags = {"model_name": "--model", "model_pretrained": "--pretrained", "train_recipe": "--recipe", "train_formulation": "--formulation",
              "train_steps": "--steps", "train_epochs": "--epochs", "train_batch_size": "--batch-size", "train_lr": "--lr"}
     cmd = ["train", "<prepared>", "<out>", "--method", cell["method"], "--seed", str(cell["seed"])]
+    cmd += [f"--hparam={k}={v}" for k, v in cell["hparams"].items()]
     if cell["test_domain"]:
         cmd += ["--test-domain", cell["test_domain"]]
     for name, flag in flags.items():
@@ -267,7 +272,8 @@ def _cli_command(values, cell):
 
 
 def _dvc_command(values, cell, project):
-    """The train stage command of the cell as DVC renders it from dvc.yaml and the family's params.yaml."""
+    """The train stage command of the cell's (held-out domain, seed) group as DVC renders it from dvc.yaml and the
+    family's params.yaml (`alignclip grid`: every trained cell of the group)."""
     from dvc.repo import Repo
 
     for name in ("dvc.yaml",):
@@ -276,7 +282,7 @@ def _dvc_command(values, cell, project):
     (project / ".dvc").mkdir(exist_ok=True)
     (project / ".dvc" / "config").write_text("[core]\n    no_scm = True\n")
     stages = {s.name: s for s in Repo(str(project)).index.stages}
-    stage = stages[f"train@{cell['method']}-{cell['test_domain']}-{int(cell['seed'])}"]
+    stage = stages[f"train@{cell['test_domain']}-{int(cell['seed'])}"]
     argv = shlex.split(stage.cmd)
     assert argv[0] == "alignclip"
     return argv[1:]
@@ -321,12 +327,17 @@ def test_a_grid_cell_trains_with_the_same_settings_via_cli_dvc_and_kfp(case, tmp
     for runner, cmd in (("cli", cli_cmd), ("dvc", dvc_cmd), ("kfp", kfp_cmd)):
         code, out, err = run_cli([*cmd, "--dry-run"], capsys, cwd=tmp_path)
         assert code == 0, (runner, err)
-        shown[runner] = json.loads(out.strip().splitlines()[-1])
-    assert shown["cli"] == shown["dvc"] == shown["kfp"]
+        shown[runner] = [json.loads(line) for line in out.strip().splitlines() if line.startswith("{")]
+    # DVC's stage runs the cells of the group, this one among them
+    assert len(shown["cli"]) == len(shown["kfp"]) == 1 and len(shown["dvc"]) == len(
+        [c for c in grid(values) if (c["test_domain"], c.get("seed")) == (cell["test_domain"], cell["seed"])])
+    assert shown["cli"][0] == shown["kfp"][0] and shown["kfp"][0] in shown["dvc"]
+    shown = {runner: lines[0] for runner, lines in shown.items()}
     expected = EXPECTED[case]
     settings = shown["kfp"]
     assert {k: settings[k] for k in ("recipe", "lr", "batch_size", "steps", "epochs", "hflip", "model")} == expected
     assert (settings["method"], settings["seed"], settings["test_domain"] or "") == (cell["method"], cell["seed"], cell["test_domain"])
+    assert settings["hparams"] == cell["hparams"] == ({"aal_weight": 1.0, "lr": 0.001} if case == "demo" else {})
     assert settings["test_domain"] == {"domain_shift": "Real World", "wild": "Real World", "custom": "Straße 2"}.get(case, settings["test_domain"])
     # the compiled package's defaults are those settings too
     assert (defaults["train_lr"], defaults["train_batch_size"], defaults["train_steps"], defaults["train_epochs"]) == (
@@ -335,11 +346,15 @@ def test_a_grid_cell_trains_with_the_same_settings_via_cli_dvc_and_kfp(case, tmp
 
 def test_dvc_stages_list_exactly_the_settings_they_read():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert sorted(stages["train"]["params"]) == sorted(TRAIN_KEYS)
-    # the grid's lists are not among them: a new seed/method/domain only adds cells
-    assert not {"train.seeds", "train.methods", "train.test_domains"} & set(stages["train"]["params"])
+    assert sorted(stages["train"]["params"]) == sorted(GRID_KEYS)
+    # the grid's seeds and domains are not among them: a new seed or domain only adds (domain, seed) groups
+    assert not {"train.seeds", "train.test_domains"} & set(stages["train"]["params"])
+    # zero-shot reads no training setting (issue 21.4: a new train.steps re-runs no zero-shot stage)
+    assert sorted(stages["zeroshot"]["params"]) == sorted(ZEROSHOT_KEYS)
+    assert not (set(TRAIN_KEYS) - {"model.name", "model.pretrained", "data.dataset", "data.protocol", "train.formulation"}) & set(ZEROSHOT_KEYS)
     used = {m for m in __import__("re").findall(r"\$\{((?:data|model|train)\.[a-z_]+)\}", stages["prepare"]["cmd"])}
-    assert used | {"train.seeds"} == set(stages["prepare"]["params"])
+    # the few-shot samples' seeds, not the training seeds: a new seed re-runs no DomainBed prepare
+    assert used | {"data.sample_seeds"} == set(stages["prepare"]["params"])
     assert set(stages["similarity"]["params"]) == {"model.name", "model.pretrained"}
 
 

@@ -59,6 +59,11 @@ class ManifestImages(Dataset):
         self.transform = transform
         self.skip_unreadable = skip_unreadable
         self.skipped: list[str] = []
+        # decoded images kept in memory up to this many bytes (0: none); for small data read in the main process
+        # (the embedded digits: decoding each image again at every step was a third of a step's time)
+        self.keep_decoded_bytes = 0
+        self._decoded: dict[int, object] = {}
+        self._decoded_bytes = 0
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -69,6 +74,17 @@ class ManifestImages(Dataset):
         self.roots.append(os.path.realpath(storage.s3.cache_root(cache_dir) / "s3"))
 
     def _open(self, i: int):
+        """Fetch and decode one image (or take it from the in-memory copies, ``keep_decoded_bytes``)."""
+        image = self._decoded.get(i)
+        if image is None:
+            image = self._fetch(i)
+            size = image.width * image.height * len(image.getbands())
+            if self._decoded_bytes + size <= self.keep_decoded_bytes:
+                self._decoded[i] = image
+                self._decoded_bytes += size
+        return image
+
+    def _fetch(self, i: int):
         """Fetch and decode one image, retrying transient storage errors with exponential back-off."""
         retry_s = float(os.environ.get("ALIGNCLIP_STORAGE_RETRY_S", "120"))
         deadline, delay = None, 0.5

@@ -129,9 +129,13 @@ class SeededDomains(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         domain, local = self.locate(index)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.datasets[domain][local]
+        # Seeding the global RNG is the sample's business; keeping the caller's RNG intact is the reader's: a
+        # worker process owns its RNG, and the main process saves and restores it once per batch (BalancedLoader),
+        # not once per image (fork_rng per image cost as much as decoding it). Only the CPU generator, which the
+        # transforms draw from: torch.manual_seed also queues a lazy CUDA seeding with a formatted stack trace,
+        # which made seeding cost more than reading and augmenting the image.
+        torch.default_generator.manual_seed(seed)
+        return self.datasets[domain][local]
 
 
 class BalancedBatchSampler(Sampler):
@@ -234,7 +238,11 @@ class BalancedLoader:
         while True:
             tic = time.perf_counter()
             try:
-                images, targets, *_ = next(batches)
+                if self.num_workers:
+                    images, targets, *_ = next(batches)
+                else:  # read here: the samples' seeding must not move the training process's RNG
+                    with torch.random.fork_rng(devices=[]):
+                        images, targets, *_ = next(batches)
             except StopIteration:
                 return
             images = images.to(self.device, non_blocking=non_blocking)
