@@ -616,6 +616,13 @@ def _model_figures(runs: list[RunRecord], prepared_dir: Path, meta: dict, out: P
     return figures
 
 
+def _fmt(mean: float | None) -> str:
+    """One accuracy of the overview table, one decimal ("—" when there is none)."""
+    if mean is None or (isinstance(mean, float) and np.isnan(mean)):
+        return "—"
+    return f"{mean:.1f}"
+
+
 OVERVIEW_COLUMNS = ["method", "source_val", "held-out test", "cells", "tau (eq. 1)", "aal_tau (eq. 4)"]
 
 
