@@ -94,6 +94,7 @@ def _dvc_project(tmp_path: Path) -> Path:
         for s in params["seeds"]:
             (project / "outputs" / "scores").mkdir(exist_ok=True)
             (project / "outputs" / "scores" / f"{d}-s{s}.json").write_text("{}")
+    (project / "outputs" / "report_scores.json").write_text("{}")  # the report stage's metrics file
     for png in ("outputs/report/training_curves.png", "outputs/similarity/similarity.png"):
         (project / png).write_text("x")
     dvc = [str(Path(sys.executable).parent / "dvc")]
