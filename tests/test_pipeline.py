@@ -205,7 +205,10 @@ def test_submit_sends_the_intended_arguments_and_cluster_settings(monkeypatch, c
         "data_trial_seed": 0, "data_shots": 16, "data_templates": "paper", "data_class_names": "paper",
         "data_listing": "sorted", "data_test_split": "holdout", "model_name": "vit-b-16", "model_pretrained": "openai",
         "train_recipe": "domain_shift/pacs", "train_formulation": "paper",
-        "train_grid": [{"method": m, "test_domain": d, "seed": s} for d in domains for m in ("zeroshot", "erm", "clipood", "alignclip") for s in (0, 1)],
+        # zero-shot once per held-out domain (no seed), each trained method once per seed; no selection grid here
+        "train_grid": [cell for d in domains for cell in
+                       [{"method": "zeroshot", "test_domain": d, "hparams": {}, "name": "zeroshot"}]
+                       + [{"method": m, "test_domain": d, "seed": s, "hparams": {}, "name": m} for m in ("erm", "clipood", "alignclip") for s in (0, 1)]],
         "train_seeds": [0, 1], "train_steps": 5000, "train_epochs": 0, "train_batch_size": 36, "train_lr": 5e-6, "train_hflip": True,
         "mlflow_tracking_uri": "http://mlflow.alignclip:5000", "mlflow_experiment": "domain-shift",
     }
