@@ -312,7 +312,10 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, "-m", "alignclip", "pipeline", "run", "demo", "--pipeline-root", str(tmp_path / "kfp"),
            "--params-file", os.path.join(ROOT, "params.yaml"),
-           "--param", "data_root=embedded", "--param", "train_steps=4", "--param", f"mlflow_tracking_uri=sqlite:///{db}"]
+           "--param", "data_root=embedded", "--param", "train_steps=4", "--param", f"mlflow_tracking_uri=sqlite:///{db}",
+           # the demo's methods but one seed, no selection grid, the old batch and split: 10 cells, counted below
+           "--param", "train_methods=zeroshot,erm,clipood,alignclip,alignclip+release", "--param", "train_seeds=0",
+           "--param", "train_grid={}", "--param", "train_batch_size=16", "--param", "data_test_split=holdout"]
     # cwd: a sqlite tracking store keeps artifacts in ./mlruns of the working directory
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
