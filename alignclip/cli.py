@@ -70,6 +70,17 @@ class _Command(_WholeSummary, typer.core.TyperCommand):
         return pieces
 
 
+def _show_bad_parameter(self, file=None) -> None:
+    """A value the parser refuses (``--steps abc``, a missing argument) is the project's one ``error:`` line, exit 2,
+    as every other bad value, not click's usage block."""
+    command = self.ctx.command_path if self.ctx is not None else "alignclip"
+    typer.secho(f"error: {self.format_message()} (see '{command} --help')", fg=typer.colors.RED, err=True)
+
+
+# typer parses with its own copy of click (typer._click); its BadParameter covers bad and missing values
+typer._click.exceptions.BadParameter.show = _show_bad_parameter  # exit code stays 2
+
+
 class _Typer(typer.Typer):
     """Plain (click) help layout: rich's table cuts long option and variable names at 80 columns (a pipe, a CI
     log: ``--checkpoint-minu…``) and shows ``<bool>`` as the type of every flag; click's wraps the text instead."""

@@ -105,6 +105,8 @@ def _refusals(tmp):
     (listed / "meta.json").write_text("{}")
     return [
         ["train", prep, out, "--steps", "-5"],  # issue 20's example
+        ["train", prep, out, "--steps", "abc"],  # a value the parser refuses: the same one error: line
+        ["train", prep],  # a missing argument, likewise
         ["train", prep, out, "--method", "sgd"],
         ["train", prep, out, "--set", "aal=3"],
         ["train", prep, out, "--num-workers", "many"],
