@@ -222,3 +222,19 @@ def _reset(connection: socket.socket) -> None:
         connection.close()
     except OSError:
         pass
+
+
+@contextmanager
+def s3_bucket(monkeypatch, cache_dir, bucket: str):
+    """A moto S3 endpoint holding ``bucket``, with this process's AWS settings and ALIGNCLIP_CACHE pointed at it;
+    yields a boto3 client. moto's buckets outlive the server within one process: give each test module its own
+    bucket name."""
+    import boto3
+
+    with s3_server() as endpoint:
+        for key, value in S3_ENV.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        monkeypatch.setenv("ALIGNCLIP_CACHE", str(cache_dir))
+        make_bucket(endpoint, bucket)
+        yield boto3.client("s3", endpoint_url=endpoint)

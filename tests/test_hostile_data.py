@@ -15,7 +15,7 @@ from alignclip.data import storage
 from alignclip.data.images import ManifestImages, eval_transform
 from alignclip.data.prepare import PrepareSettings, load_prepared, prepare, write_prepared
 from alignclip.paths import PathOutsideRoot, confined
-from tests.servers import S3_ENV, make_bucket, s3_server
+from tests.servers import s3_bucket
 from tests.test_prepare import domainbed_tree, write_png
 
 TRANSFORM = eval_transform(8, (0.5,) * 3, (0.5,) * 3)
@@ -23,15 +23,7 @@ TRANSFORM = eval_transform(8, (0.5,) * 3, (0.5,) * 3)
 
 @pytest.fixture()
 def s3(monkeypatch, tmp_path):
-    with s3_server() as endpoint:
-        for key, value in S3_ENV.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-        monkeypatch.setenv("ALIGNCLIP_CACHE", str(tmp_path / "cache"))
-        make_bucket(endpoint, "hostile")  # moto's buckets outlive its server in this process: a name of our own
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=endpoint)
+    with s3_bucket(monkeypatch, tmp_path / "cache", "hostile") as client:  # a bucket name of this module's own
         yield client
         for listed in client.list_objects_v2(Bucket="hostile").get("Contents", []):
             client.delete_object(Bucket="hostile", Key=listed["Key"])

@@ -4,21 +4,14 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.servers import S3_ENV, make_bucket, s3_server
+from tests.servers import s3_bucket
 from tests.test_prepare import domainbed_tree
 
 
 @pytest.fixture()
 def s3(monkeypatch, tmp_path):
-    with s3_server() as endpoint:
-        for key, value in S3_ENV.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-        monkeypatch.setenv("ALIGNCLIP_CACHE", str(tmp_path / "cache"))
-        make_bucket(endpoint, "bucket")
-        import boto3
-
-        yield boto3.client("s3", endpoint_url=endpoint)
+    with s3_bucket(monkeypatch, tmp_path / "cache", "bucket") as client:
+        yield client
 
 
 def test_checkpoint_from_s3(s3, tiny, tmp_path):
