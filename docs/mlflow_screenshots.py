@@ -36,7 +36,11 @@ def make_store(uri: str) -> tuple[str, list[dict]]:
     """A pipeline run and its cells, logged the way the stages log them; returns the URL line a stage prints and
     what each cell's row must show (run name, display accuracy, method, formulation, held-out domain)."""
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    import mlflow
+
     from alignclip import runs, tracking
+
+    mlflow.set_tracking_uri(uri)  # as each stage does; a URI set earlier in this process would otherwise win
 
     parent = runs.open_pipeline_run(EXPERIMENT, "dvc repro: rotated_digits (domainbed)", {"data.dataset": "rotated_digits",
                                                                                           "data.protocol": "domainbed"})

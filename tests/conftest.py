@@ -55,3 +55,20 @@ def _tiny_stays_as_loaded(request):
     yield
     changed = [name for name, value in bundle.model.state_dict().items() if not torch.equal(value, before[name])]
     assert not changed, f"{request.node.nodeid} changed the shared tiny CLIP in place ({changed[:3]}): deep-copy it"
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uri_stays_per_test():
+    """``mlflow.set_tracking_uri`` is process-global (and exports MLFLOW_TRACKING_URI): a test that sets it would
+    redirect every later test's tracking to its store (in CI, tests/test_image.py once sent test_mlflow_view's
+    parent run elsewhere). Each test starts and ends with no URI set."""
+    import sys
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._tracking_service import utils
+
+        if utils._tracking_uri is not None:
+            sys.modules["mlflow"].set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None) if before is None else os.environ.update(MLFLOW_TRACKING_URI=before)
