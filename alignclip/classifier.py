@@ -85,11 +85,10 @@ class ClassProbabilities(torch.nn.Module):
 def log_classifier(tracker, checkpoint: str | Path, meta: dict, tags: dict) -> None:
     """Log the trained model of a checkpoint as an MLflow model that returns class probabilities over its
     training label space (``ClassProbabilities``), register it as ``alignclip-<dataset>-<variant>`` and tag it
-    (``tags``: the cell's tags, ``alignclip.runs.cell_tags``)."""
+    (``tags``: the cell's tags, ``alignclip.tracking.cell_tags``)."""
     import numpy as np
-    from mlflow import MlflowClient
 
-    from alignclip import runs
+    from alignclip import tracking
 
     bundle, visual, state = load_trained(checkpoint, "cpu")
     classes = [meta["classes"][g] for g in state.label_space]
@@ -98,25 +97,9 @@ def log_classifier(tracker, checkpoint: str | Path, meta: dict, tags: dict) -> N
     classifier = ClassProbabilities(visual, text, checkpoint_tau(state, bundle)).eval()
     # batch of 2: torch.export specialises a size-1 dimension, which would pin the model to batch 1
     example = np.zeros((2, 3, bundle.image_size, bundle.image_size), dtype=np.float32)
-    name = runs.registered_name(tags["dataset"], tags["variant"])
+    name = tracking.registered_name(tags["dataset"], tags["variant"])
     metadata = {"classes": classes, "label_space": state.label_space, "output": "class probabilities [N, C]"}
     version = tracker.log_model(classifier, "classifier", name, example, metadata=metadata)
     if not tracker.online:  # the server is away: the model was not logged (a warning said so); nothing to tag
         return
-    client = MlflowClient()
-    model_tags = {k: tags[k] for k in ("dataset", "protocol", "method", "variant", "formulation")}
-    for key, value in model_tags.items():
-        client.set_registered_model_tag(name, key, value)
-    client.update_registered_model(
-        name,
-        description=(
-            f"{tags['variant']} (formulation: {tags['formulation']}) fine-tuned on {tags['dataset']} "
-            f"({tags['protocol']}). One version per grid cell (held-out domain, seed); the alias "
-            "`best-<held-out domain>-<split>` marks the most accurate. Input: float32 images [N, 3, H, W]; "
-            "output: class probabilities [N, C] over the version's `classes`."
-        ),
-    )
-    if version is not None:
-        version_tags = {**model_tags, "held_out_domain": tags["held_out_domain"], "seed": tags["seed"], "classes": ",".join(classes)}
-        for key, value in version_tags.items():
-            client.set_model_version_tag(name, str(version), key, str(value)[:5000])
+    tracking.describe_registered_model(name, version, tags, classes, tracker.uri)

@@ -237,12 +237,10 @@ def similarity(
 
     parent = tracking.pipeline_run_id(experiment)
     if parent:  # one per pipeline: the pipeline run's own artifacts
-        from mlflow import MlflowClient
-
         meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracking.Tracker(False))
         try:
             for name in ("similarity.png", "similarity.csv"):
-                MlflowClient().log_artifact(parent, str(out_dir / name), "similarity")
+                tracking.log_pipeline_artifact(parent, out_dir / name, "similarity")
         except Exception as err:  # noqa: BLE001 - the matrix is on disk; tracking must not cost it
             log.warning("could not log the similarity matrix to MLflow (%s)", str(err).splitlines()[0][:200])
     else:
@@ -360,7 +358,7 @@ def train(
     get_method(method, values["train_formulation"], **switches)  # an unknown method is refused before torch loads
     if not dry_run:  # a dry run may come before `prepare` (a pipeline's cell)
         _check_prepared(prepared_dir)
-    from alignclip import artifacts, runs, tracking
+    from alignclip import artifacts, tracking
     from alignclip.classifier import log_classifier
     from alignclip.data.prepare import load_prepared
     from alignclip.train import TrainSettings, cell_tags, resolve, train as run_train
@@ -397,12 +395,12 @@ def train(
     previous_run = pending_run_id(out_dir, resume_options)  # a resumed training continues its MLflow run
     manifest, meta = load_prepared(prepared_dir)
     tags = cell_tags(settings, meta)
-    note = f"Grid cell: training (params, curves, model) and evaluation (accuracies) of one run. {runs.PERCENT_NOTE}"
+    note = f"Grid cell: training (params, curves, model) and evaluation (accuracies) of one run. {tracking.PERCENT_NOTE}"
     with tracking.start_run(
-        experiment, runs.cell_run_name(tags["variant"], test_domain, seed),
-        tags={**tags, **runs.data_tags(meta, manifest), "mlflow.note.content": note}, resume_run_id=previous_run,
+        experiment, tracking.cell_run_name(tags["variant"], test_domain, seed),
+        tags={**tags, **tracking.data_tags(meta, manifest), "mlflow.note.content": note}, resume_run_id=previous_run,
     ) as tracker:
-        tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], runs.manifest_digest(manifest), "training")
+        tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], tracking.manifest_digest(manifest), "training")
         summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path, resume=resume_options)
         tracker.log_artifact(out_dir / artifacts.TRAIN_LOG)
         tracker.log_artifact(out_dir / artifacts.TRAIN_SUMMARY)
@@ -434,7 +432,7 @@ def evaluate(
     _check_prepared(prepared_dir)
     if not checkpoint.is_file():  # load_checkpoint's check, before torch loads
         raise ConfigError(f"checkpoint not found: {checkpoint} (the model.pt of `alignclip train`)")
-    from alignclip import artifacts, runs, tracking
+    from alignclip import artifacts, tracking
     from alignclip.data.prepare import load_prepared
     from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
 
@@ -449,21 +447,21 @@ def evaluate(
     parent = tracking.pipeline_run_id(experiment)
     resume = info.get("mlflow_run_id") if tracking.tracking_uri() and tracking.resumable(info.get("mlflow_run_id"), parent) else None
     trained_settings = info.get("settings", {})
-    run_name = runs.cell_run_name(info.get("variant", checkpoint.parent.name), trained_settings.get("test_domain"), trained_settings.get("seed", "?"))
+    run_name = tracking.cell_run_name(info.get("variant", checkpoint.parent.name), trained_settings.get("test_domain"), trained_settings.get("seed", "?"))
     with tracking.start_run(experiment, run_name, parent_run_id=parent, resume_run_id=resume) as tracker:
         summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain or None, test_split, batch_size, num_workers,
                                device, stage_remote)
         if tracker.enabled and tracker.run_id:
             manifest, meta = load_prepared(prepared_dir)
-            tags = runs.cell_tags(summary["dataset"], summary["protocol"], summary["method"], summary["variant"],
+            tags = tracking.cell_tags(summary["dataset"], summary["protocol"], summary["method"], summary["variant"],
                                   summary["formulation"], summary["test_domain"], summary["seed"])
-            tracker.set_tags({**tags, **runs.data_tags(meta, manifest), "test_split": summary.get("test_split") or "-"})
-            tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], runs.manifest_digest(manifest), "evaluation")
+            tracker.set_tags({**tags, **tracking.data_tags(meta, manifest), "test_split": summary.get("test_split") or "-"})
+            tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], tracking.manifest_digest(manifest), "evaluation")
             flat = flat_metrics(summary)  # and rounded copies for the runs table's columns (the view below)
-            tracker.log_metrics({**flat, **runs.display_metrics(flat), **{f"{v}_images": r["total"] for v, r in summary["views"].items()}})
+            tracker.log_metrics({**flat, **tracking.display_metrics(flat), **{f"{v}_images": r["total"] for v, r in summary["views"].items()}})
             tracker.log_artifact(out_dir / artifacts.METRICS)
             tracker.log_artifact(out_dir / artifacts.PREDICTIONS)
-            runs.describe_model_version(tracker.run_id, summary)
+            tracking.describe_model_version(tracker.run_id, summary, tracker.uri)
     typer.echo(json.dumps(flat_metrics(summary)))
     _echo_view(tracking.view_line(tracker.parent_run_id, tracker.run_id))
 
@@ -490,7 +488,7 @@ def report(
     if similarity_dir is not None and not (similarity_dir / artifacts.SIMILARITY_MATRIX).is_file():
         raise ConfigError(f"--similarity-dir {similarity_dir}: no {artifacts.SIMILARITY_MATRIX} there; expected an "
                           "`alignclip similarity` output")
-    from alignclip import runs, tracking
+    from alignclip import tracking
     from alignclip.report import build_report, reported_results
 
     parent = tracking.pipeline_run_id(experiment)
@@ -498,10 +496,10 @@ def report(
         try:
             page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
         except BaseException:
-            runs.mark_failed(parent, "report")
+            tracking.mark_failed(parent, "report")
             raise
         try:
-            runs.finish_pipeline_run(parent, reported_results(results_dir), out_dir)
+            tracking.finish_pipeline_run(parent, reported_results(results_dir), out_dir)
         except Exception as err:  # noqa: BLE001 - the page is on disk; tracking must not cost it
             log.warning("could not end the pipeline's MLflow run %s (%s)", parent, str(err).splitlines()[0][:200])
     else:
@@ -510,9 +508,9 @@ def report(
             tracker.log_artifact(out_dir, "report")
             if tracker.enabled:
                 results = reported_results(results_dir)
-                tracker.log_metrics({**runs.summary_metrics(results), **runs.report_metrics(out_dir)})
+                tracker.log_metrics({**tracking.summary_metrics(results), **tracking.report_metrics(out_dir)})
                 for dataset in sorted(results["dataset"].unique()):
-                    runs.set_best_aliases(dataset)
+                    tracking.set_best_aliases(dataset, tracker.uri)
     if metrics_file is not None:
         from alignclip.files import atomic_write_text
 
@@ -719,7 +717,7 @@ def tracking_sync(
     uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="only records for this tracking URI (default: all)"),
 ):
     """Send the spooled records (ALIGNCLIP_TRACKING_SPOOL) to their MLflow server; each file goes once it is through."""
-    from alignclip.tracking_transport import pending_spools, spool_dir, sync
+    from alignclip.tracking import pending_spools, spool_dir, sync
 
     pending = pending_spools(uri)
     if not pending:

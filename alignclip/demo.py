@@ -30,11 +30,8 @@ def mlflow_view(env: dict, root: Path, bin_dir: Path) -> str:
     serve = f"{bin_dir / 'mlflow'} ui --backend-store-uri {uri}"
     try:
         os.environ["MLFLOW_TRACKING_URI"] = uri
-        import mlflow
+        from alignclip.tracking import runs
 
-        from alignclip import runs
-
-        mlflow.set_tracking_uri(uri)
         found = runs.dvc_pipeline_view(env["ALIGNCLIP_EXPERIMENT"], str(root))
     except Exception:  # noqa: BLE001 - a link is a convenience; the results are printed above
         found = None

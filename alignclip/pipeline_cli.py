@@ -177,7 +177,8 @@ def mlflow_view_lines(family: str, values: dict, kfp_run_id: str) -> list[str]:
     uri = values.get("mlflow_tracking_uri") or ""
     if not uri:
         return []
-    from alignclip import runs, tracking
+    from alignclip import tracking
+    from alignclip.tracking import runs
 
     members = ([(name, member) for name, _, member in _composite(family, values)] if family in COMPOSITES
                else [(family, values)])
@@ -188,10 +189,7 @@ def mlflow_view_lines(family: str, values: dict, kfp_run_id: str) -> list[str]:
         experiment = member.get("mlflow_experiment") or check_family(name).experiment
         if reachable and experiment not in ids:
             try:
-                import mlflow
-
-                mlflow.set_tracking_uri(uri)
-                ids[experiment] = runs.use_experiment(experiment).experiment_id  # created now if new: same id later
+                ids[experiment] = tracking.use_experiment(experiment, uri=uri).experiment_id  # created now if new: same id later
             except Exception as err:  # noqa: BLE001 - a link is a convenience
                 log.warning("could not look up MLflow experiment %r (%s)", experiment, str(err).splitlines()[0][:200])
                 reachable = False

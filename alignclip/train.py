@@ -580,12 +580,12 @@ def variant_label(method: MethodConfig, settings: TrainSettings) -> str:
 
 
 def cell_tags(settings: TrainSettings, meta: dict) -> dict:
-    """The MLflow tags of the grid cell this training belongs to (``alignclip.runs.cell_tags``)."""
-    from alignclip import runs
+    """The MLflow tags of the grid cell this training belongs to (``alignclip.tracking.cell_tags``)."""
+    from alignclip import tracking
 
     name, formulation = split_method(settings.method, settings.formulation)
     settings = replace(settings, method=name, formulation=formulation)
     method = get_method(name, formulation, **settings.overrides)
-    return runs.cell_tags(
+    return tracking.cell_tags(
         meta["dataset"], meta["protocol"], name, variant_label(method, settings), formulation, settings.test_domain, settings.seed
     )

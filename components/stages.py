@@ -29,11 +29,11 @@ def start_run(experiment: str, tracking_uri: str, run_name: str, params_json: st
 
     run_id = ""
     if tracking_uri:
-        from alignclip.runs import open_pipeline_run
+        from alignclip.tracking import open_pipeline_run
 
         # the library's tracking layer reads the URI from the environment, as in every other stage (no mlflow here)
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        from alignclip.runs import kfp_view_key
+        from alignclip.tracking import kfp_view_key
 
         params = json.loads(params_json)
         # the comparison view's key is the KFP run's id (with the dataset): `pipeline submit` prints its URL

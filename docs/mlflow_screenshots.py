@@ -1,12 +1,12 @@
 """How docs/mlflow-runs.png is taken, and what tests/test_mlflow_view.py checks: the MLflow URL a stage prints (the
-experiment's stored comparison view, alignclip.runs.comparison_view), opened by a plain page load in headless
+experiment's stored comparison view, alignclip.tracking.runs.comparison_view), opened by a plain page load in headless
 Chromium (Debian's `chromium` package) with a fresh profile: nothing is clicked, typed or expanded first.
 
     .venv/bin/python docs/mlflow_screenshots.py                            # a small store made here, in-process
     .venv/bin/python docs/mlflow_screenshots.py sqlite:///$PWD/mlflow.db   # the store of a `make demo` run
 
 Without an argument the store is made by the project's tracking code, in-process, as the stages log: one pipeline
-run (alignclip.runs.open_pipeline_run, which stores the view) and one cell run per (method, held-out domain) under
+run (alignclip.tracking.open_pipeline_run, which stores the view) and one cell run per (method, held-out domain) under
 it, with the accuracies and tags evaluate logs (the numbers are made up: this shows the view, not results). The UI
 is the lock's MLflow (`.venv/bin/mlflow ui`) on a free port; only the standard library is needed besides.
 """
@@ -35,12 +35,9 @@ DOMAINS = ("rotated_0", "rotated_75")
 def make_store(uri: str) -> tuple[str, list[dict]]:
     """A pipeline run and its cells, logged the way the stages log them; returns the URL line a stage prints and
     what each cell's row must show (run name, display accuracy, method, formulation, held-out domain)."""
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    import mlflow
-
-    from alignclip import runs, tracking
-
-    mlflow.set_tracking_uri(uri)  # as each stage does; a URI set earlier in this process would otherwise win
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # as each stage's tracking resolves it (a URI set earlier cannot win)
+    from alignclip import tracking
+    from alignclip.tracking import runs
 
     parent = runs.open_pipeline_run(EXPERIMENT, "dvc repro: rotated_digits (domainbed)", {"data.dataset": "rotated_digits",
                                                                                           "data.protocol": "domainbed"})
@@ -140,11 +137,8 @@ def main(argv: list[str]) -> int:
     if argv:
         uri = argv[0]
         os.environ["MLFLOW_TRACKING_URI"] = uri
-        import mlflow
+        from alignclip.tracking import runs
 
-        from alignclip import runs
-
-        mlflow.set_tracking_uri(uri)
         found = runs.dvc_pipeline_view(argv[1] if len(argv) > 1 else EXPERIMENT, str(ROOT))
         if found is None:
             raise SystemExit(f"error: {uri} holds no pipeline run of {ROOT} with a stored view")

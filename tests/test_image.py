@@ -133,7 +133,7 @@ def test_provenance_is_inside(client, image):
               entrypoint=["python"])
     tags = json.loads(out.strip().splitlines()[-1])
     assert tags["git_commit"] == commit
-    # the data version belongs to the data a stage read (alignclip.runs.data_tags), not to the image's checkout
+    # the data version belongs to the data a stage read (alignclip.tracking.data_tags), not to the image's checkout
     assert "data_version" not in tags
     assert tags["image"] == IMAGE
 

@@ -325,7 +325,7 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
     import pandas as pd
     from mlflow import MlflowClient
 
-    from alignclip.runs import manifest_digest
+    from alignclip.tracking import manifest_digest
 
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     client = MlflowClient()

@@ -1,23 +1,24 @@
-"""The MLflow model of a pipeline run (alignclip.runs) against a real sqlite store: the DVC parent's life cycle,
+"""The MLflow model of a pipeline run (alignclip.tracking.runs) against a real sqlite store: the DVC parent's life cycle,
 the summary metrics, the data-version tag. The whole flows (KFP local run, dvc repro) are in test_pipeline.py and
 test_services.py."""
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from alignclip import runs
+from alignclip.tracking import provenance, runs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    import mlflow
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)  # the sqlite store keeps artifacts in ./mlruns
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as a stage is told its store
     yield uri
 
 
@@ -26,14 +27,14 @@ def test_dvc_parent_is_reused_until_the_report_ends_it(store, tmp_path, monkeypa
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    defaults = yaml.safe_load((runs.Path(runs.__file__).parent.parent / "params.yaml").read_text())
+    defaults = yaml.safe_load((ROOT / "params.yaml").read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump(defaults))
     assert runs.dvc_parent_run("exp") is None  # not a DVC stage
     monkeypatch.setenv("DVC_ROOT", str(repo))
     monkeypatch.setenv("DVC_STAGE", "train@0")
     monkeypatch.chdir(repo)  # DVC runs a stage in its working directory
     first = runs.dvc_parent_run("exp")
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=store)
     run = client.get_run(first)
     assert run.info.status == "RUNNING" and run.data.tags["run_type"] == "pipeline"
     assert run.data.params["train.steps"] == str(defaults["train"]["steps"])
@@ -83,11 +84,57 @@ def test_data_version_names_where_the_data_came_from(tmp_path, monkeypatch):
     (tmp_path / "data" / "rotated_digits").mkdir(parents=True)
     (tmp_path / "data.dvc").write_text(yaml.safe_dump({"outs": [{"md5": "abc123.dir", "path": "data"}]}))
     monkeypatch.chdir(tmp_path)
-    tracked = runs.data_tags({"root": "data/rotated_digits"}, manifest)
+    tracked = provenance.data_tags({"root": "data/rotated_digits"}, manifest)
     assert tracked["data_version"] == "dvc:abc123.dir" and tracked["data_source"] == "data/rotated_digits"
     (tmp_path / "elsewhere").mkdir()
-    other = runs.data_tags({"root": str(tmp_path / "elsewhere")}, manifest)
-    assert other["data_version"] == f"manifest:{runs.manifest_digest(manifest)}"
-    assert runs.data_tags({"root": "s3://bucket/pacs"}, manifest)["data_version"].startswith("manifest:")
+    other = provenance.data_tags({"root": str(tmp_path / "elsewhere")}, manifest)
+    assert other["data_version"] == f"manifest:{provenance.manifest_digest(manifest)}"
+    assert provenance.data_tags({"root": "s3://bucket/pacs"}, manifest)["data_version"].startswith("manifest:")
     # the digest follows the manifest's content
-    assert runs.manifest_digest(manifest) != runs.manifest_digest(manifest.assign(label=[1, 0]))
+    assert provenance.manifest_digest(manifest) != provenance.manifest_digest(manifest.assign(label=[1, 0]))
+
+
+def test_a_uri_set_earlier_in_the_process_does_not_redirect_tracking(store, tmp_path, monkeypatch):
+    """The store is the one the stage resolves (an explicit URI, else MLFLOW_TRACKING_URI), never MLflow's
+    process-global URI: a notebook, an earlier test or an earlier stage in the same process may have set that."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from alignclip import tracking
+
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    mlflow.set_tracking_uri(elsewhere)  # set earlier in this process (it also exports MLFLOW_TRACKING_URI)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # then the stage is told its store
+    parent = runs.open_pipeline_run("exp", "pipeline", {"protocol": "domainbed"})
+    client = MlflowClient(tracking_uri=store)
+    assert client.get_run(parent).info.status == "RUNNING"
+    assert runs.pipeline_view(parent)[0] == client.get_experiment_by_name("exp").experiment_id
+    # an explicit URI wins over the global one too: the stage's run, the failure mark on its parent and its link
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(ValueError), tracking.start_run("exp", "cell", uri=store, parent_run_id=parent) as tracker:
+        tracker.log_metrics({"x": 1.0}, step=1)
+        raise ValueError("the stage failed")
+    assert client.get_run(parent).info.status == "FAILED" and client.get_run(parent).data.tags["failed_stage"] == "cell"
+    assert client.get_run(tracker.run_id).data.tags["mlflow.parentRunId"] == parent
+    assert tracking.resumable(tracker.run_id, parent, uri=store)
+    assert f"--backend-store-uri {store}" in tracking.view_line(parent, uri=store)
+    assert MlflowClient(tracking_uri=elsewhere).get_experiment_by_name("exp") is None  # nothing went there
+
+
+def test_the_fluent_uri_is_put_back_after_the_block(store, tmp_path, monkeypatch):
+    """log_model needs MLflow's global URI for its block; afterwards the global URI and MLFLOW_TRACKING_URI are
+    as they were, so the next stage in the process resolves its own store."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    from alignclip.tracking.client import fluent_uri
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    with fluent_uri(other):
+        assert mlflow.get_tracking_uri() == other
+    assert utils._tracking_uri is None and mlflow.get_tracking_uri() == store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with fluent_uri(other):
+        pass
+    assert "MLFLOW_TRACKING_URI" not in __import__("os").environ
+

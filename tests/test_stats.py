@@ -225,7 +225,7 @@ def test_report_shows_the_papers_shape_intervals_and_the_selection(grid, tmp_pat
 
 
 def test_the_reports_scores_become_parent_run_metrics_and_selection_tags(grid, tmp_path):
-    from alignclip import runs
+    from alignclip.tracking import runs
 
     build_report(grid, tmp_path / "report")
     metrics = runs.report_metrics(tmp_path / "report")
@@ -249,18 +249,18 @@ def test_dvc_reads_the_reports_scores_from_the_file_the_report_stage_writes():
 
 def test_the_parent_run_gets_the_intervals_and_the_chosen_setting(grid, tmp_path, monkeypatch):
     """`alignclip report` inside a pipeline ends its MLflow parent run (a real sqlite store) with the report's numbers."""
-    import mlflow
     from mlflow import MlflowClient
 
-    from alignclip import runs
     from alignclip.report import reported_results
+    from alignclip.tracking import runs
 
     monkeypatch.chdir(tmp_path)  # the sqlite store keeps artifacts in ./mlruns
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     parent = runs.open_pipeline_run("exp", "pipeline", {})
     build_report(grid, tmp_path / "report")
     runs.finish_pipeline_run(parent, reported_results(grid), tmp_path / "report")
-    run = MlflowClient().get_run(parent)
+    run = MlflowClient(tracking_uri=uri).get_run(parent)
     scores = json.loads((tmp_path / "report" / "scores.json").read_text())["domain_shift_rotated_digits"]
     assert run.data.metrics["report/domain_shift_rotated_digits/alignclip/rotated_75/vs_erm_high"] == pytest.approx(
         scores["alignclip"]["rotated_75"]["vs_erm_high"])

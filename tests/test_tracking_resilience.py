@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from alignclip import tracking, tracking_transport
+from alignclip import tracking
+from alignclip.tracking import transport
 from alignclip.resume import Preempted
 from tests.servers import free_port, mlflow_local_server
 
@@ -112,9 +113,9 @@ def test_a_tracked_run_in_a_checkout_leaves_no_untracked_file(tmp_path, monkeypa
 
 def test_the_store_lock_excludes_another_process(tmp_path):
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    code = ("import sys; from alignclip.tracking_transport import store_lock\n"
+    code = ("import sys; from alignclip.tracking.transport import store_lock\n"
             "with store_lock(sys.argv[1]):\n    print('taken')\n")
-    with tracking_transport.store_lock(uri):
+    with transport.store_lock(uri):
         waiting = subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, text=True)
         with pytest.raises(subprocess.TimeoutExpired):
             waiting.communicate(timeout=3)
@@ -173,7 +174,7 @@ def test_a_server_killed_mid_training_does_not_stop_it_and_the_missed_metrics_ar
     assert (out / "model.pt").is_file() and len((out / "train_log.csv").read_text().splitlines()) == steps + 1
     assert "stopped answering" in stderr and "alignclip tracking sync" in stderr
     with mlflow_local_server(tmp_path / "server", port):
-        done = tracking_transport.sync(uri)
+        done = transport.sync(uri)
         assert len(done) == 1
         client = _client(uri)
         [run] = client.search_runs([client.get_experiment_by_name("alignclip").experiment_id])

@@ -1,5 +1,5 @@
-"""How tracking records travel to MLflow, so that tracking never costs a result (``alignclip/tracking.py`` decides
-what is logged; this module only sends it).
+"""How tracking records travel to MLflow, so that tracking never costs a result (``alignclip.tracking.tracker``
+decides what is logged; this module only sends it).
 
 * Short timeouts and few retries for MLflow's HTTP client (``MLFLOW_HTTP_REQUEST_*``; the user's settings win),
   and a 3-second probe of the server before a run starts: an unreachable tracking URI costs seconds, not minutes.
@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from alignclip.log import get_logger
+from alignclip.tracking.client import _client
 
 log = get_logger(__name__)
 
@@ -93,12 +94,6 @@ def store_lock(uri: str):
 # ------------------------------------------------------------------------------------------------ applying
 
 
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 def apply_record(client, run_id: str, record: dict) -> None:
     """Send one record to a run (the same code path live and in replay)."""
     from mlflow.entities import Metric, Param, RunTag
@@ -128,21 +123,25 @@ def apply_record(client, run_id: str, record: dict) -> None:
         raise ValueError(f"unknown tracking record {op!r}")
 
 
+def experiment_id_of(client, name: str) -> str:
+    """The id of the experiment called ``name``, created if there is none."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # noqa: BLE001 - another stage created it meanwhile
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
 def create_run(client, header: dict) -> str:
     """Create the run a spool header describes (the server was down when the stage started)."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-    experiment = client.get_experiment_by_name(header["experiment"])
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
-    else:
-        try:
-            experiment_id = client.create_experiment(header["experiment"])
-        except Exception:  # noqa: BLE001 - another stage created it meanwhile
-            experiment = client.get_experiment_by_name(header["experiment"])
-            if experiment is None:
-                raise
-            experiment_id = experiment.experiment_id
+    experiment_id = experiment_id_of(client, header["experiment"])
     tags = dict(header.get("tags") or {})
     if header.get("parent_run_id"):
         tags[MLFLOW_PARENT_RUN_ID] = header["parent_run_id"]

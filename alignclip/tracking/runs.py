@@ -23,6 +23,10 @@ import re
 from pathlib import Path
 
 from alignclip.log import get_logger
+from alignclip.tracking.client import _client
+from alignclip.tracking.provenance import provenance_tags
+from alignclip.tracking.registry import set_best_aliases
+from alignclip.tracking.transport import experiment_id_of
 
 log = get_logger(__name__)
 
@@ -43,16 +47,6 @@ def metric_key(*parts: str) -> str:
     return "/".join(re.sub(r"[^\w\-. :]", "-", str(p)) for p in parts)
 
 
-def registered_name(dataset: str, variant: str) -> str:
-    return "alignclip-" + re.sub(r"[^\w\-.]", "-", f"{dataset}-{variant}")
-
-
-def alias_for(test_domain: str | None, test_split: str | None) -> str:
-    """The registry alias of the best version per held-out domain (aliases allow letters, digits, _ and -)."""
-    parts = ["best"] + [p for p in (test_domain, test_split) if p]
-    return re.sub(r"[^\w\-]", "_", "-".join(parts))
-
-
 def cell_run_name(variant: str, test_domain: str | None, seed) -> str:
     return f"{variant} | {test_domain or 'all'} | seed {seed}"
 
@@ -68,47 +62,6 @@ def cell_tags(dataset: str, protocol: str, method: str, variant: str, formulatio
         "held_out_domain": test_domain or "-",
         "seed": str(seed),
     }
-
-
-def manifest_digest(manifest) -> str:
-    """Content hash of a prepared manifest (paths, labels, domains, splits): the dataset's identity in MLflow."""
-    import pandas as pd
-
-    values = pd.util.hash_pandas_object(manifest.reset_index(drop=True), index=False).to_numpy()
-    return hashlib.sha256(values.tobytes()).hexdigest()[:16]
-
-
-def data_tags(meta: dict, manifest) -> dict:
-    """Where the data came from, truthfully: the DVC hash only when the root is the folder ``data.dvc`` tracks
-    (as the pipeline checked it out), else the manifest's content digest; the root is always named."""
-    root = str(meta.get("root", ""))
-    digest = manifest_digest(manifest)
-    tags = {"data_source": root, "data_digest": digest}
-    explicit = os.environ.get("ALIGNCLIP_DATA_VERSION")
-    dvc_md5 = _dvc_tracked_md5(root)
-    if explicit:
-        tags["data_version"] = explicit
-    elif dvc_md5:
-        tags["data_version"] = f"dvc:{dvc_md5}"
-    else:
-        tags["data_version"] = f"manifest:{digest}"
-    return tags
-
-
-def _dvc_tracked_md5(root: str) -> str | None:
-    """The md5 of the ``.dvc`` file whose output holds ``root`` (searched from ``root`` upwards), or None."""
-    if not root or "://" in root:
-        return None
-    import yaml
-
-    path = Path(root).resolve()
-    for folder in (path, *path.parents):
-        dvc_file = folder.parent / f"{folder.name}.dvc"
-        if dvc_file.is_file():
-            for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", []):
-                if (dvc_file.parent / out.get("path", "")).resolve() == folder and out.get("md5"):
-                    return str(out["md5"])
-    return None
 
 
 # ------------------------------------------------------------------------------------------------ the view
@@ -149,11 +102,11 @@ def comparison_view(parent_run_id: str, metrics: list[str]) -> dict:
     }
 
 
-def save_comparison_view(experiment_id: str, parent_run_id: str, key: str, metrics: list[str]) -> None:
+def save_comparison_view(experiment_id: str, parent_run_id: str, key: str, metrics: list[str], uri: str | None = None) -> None:
     """Store the comparison view of a pipeline run (when it opens: the columns are its protocol's headline)."""
     import json
 
-    _client().set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + key, json.dumps(comparison_view(parent_run_id, metrics)))
+    _client(uri).set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + key, json.dumps(comparison_view(parent_run_id, metrics)))
 
 
 def ui_base(uri: str | None) -> str:
@@ -178,9 +131,9 @@ def view_hint(uri: str | None, experiment_id: str, key: str | None = None, run_i
     return line
 
 
-def pipeline_view(parent_run_id: str) -> tuple[str, str] | None:
+def pipeline_view(parent_run_id: str, uri: str | None = None) -> tuple[str, str] | None:
     """(experiment id, view key) of a pipeline run; None when the run has no view (a run of an older version)."""
-    run = _client().get_run(parent_run_id)
+    run = _client(uri).get_run(parent_run_id)
     key = run.data.tags.get(VIEW_KEY_TAG)
     return (run.info.experiment_id, key) if key else None
 
@@ -188,21 +141,17 @@ def pipeline_view(parent_run_id: str) -> tuple[str, str] | None:
 # ------------------------------------------------------------------------------------------------ the parent run
 
 
-def _client():
-    from mlflow import MlflowClient
-
-    return MlflowClient()
-
-
-def use_experiment(name: str):
-    """``mlflow.set_experiment`` that also tags the experiment as model training (``mlflow.experimentKind``), for
+def use_experiment(name: str, uri: str | None = None):
+    """The experiment called ``name`` (created if new), tagged as model training (``mlflow.experimentKind``), for
     the MLflow UIs that choose the experiment's view by that tag; a user's choice stays. MLflow 3.17's UI follows
     its "Model training" toggle (or ``?workflowType=machine_learning`` in the URL) instead: see the README."""
-    import mlflow
-
-    experiment = mlflow.set_experiment(name)
+    client = _client(uri)
+    experiment = client.get_experiment(experiment_id_of(client, name))
+    if experiment.lifecycle_stage == "deleted":  # as mlflow.set_experiment: its runs could not be created
+        raise RuntimeError(f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore) or "
+                           "name another")
     if "mlflow.experimentKind" not in (experiment.tags or {}):
-        _client().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
+        client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
     return experiment
 
 
@@ -211,37 +160,38 @@ def kfp_view_key(kfp_run_id: str, dataset: str, protocol: str) -> str:
     return re.sub(r"[^\w\-.]", "-", f"{kfp_run_id}-{dataset}-{protocol}")
 
 
-def dvc_pipeline_view(experiment: str, dvc_root: str) -> tuple[str, str] | None:
+def dvc_pipeline_view(experiment: str, dvc_root: str, uri: str | None = None) -> tuple[str, str] | None:
     """(experiment id, view key) of the latest pipeline run of this DVC configuration, or None."""
-    exp = _client().get_experiment_by_name(experiment)
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    found = _client().search_runs([exp.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{dvc_pipeline_key(dvc_root)}'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-    return pipeline_view(found[0].info.run_id) if found else None
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{dvc_pipeline_key(dvc_root)}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return pipeline_view(found[0].info.run_id, uri) if found else None
 
 
-def open_pipeline_run(experiment: str, run_name: str, params: dict, tags: dict | None = None, view_key: str = "") -> str:
+def open_pipeline_run(experiment: str, run_name: str, params: dict, tags: dict | None = None, view_key: str = "",
+                      uri: str | None = None) -> str:
     """Create the parent run and leave it RUNNING: the report stage ends it (``finish_pipeline_run``). Its cells'
     comparison view is stored with it, under ``view_key`` (KFP: the KFP run's id, which `submit` knows) or the
     parent's own id."""
     from mlflow.entities import Param
 
-    from alignclip.tracking import provenance_tags
-
-    exp = use_experiment(experiment)
+    exp = use_experiment(experiment, uri)
     all_tags = {
         **provenance_tags(),
         "run_type": "pipeline",
         "mlflow.note.content": f"One pipeline run; its children are the grid cells. {PERCENT_NOTE}",
         **(tags or {}),
     }
-    client = _client()
+    client = _client(uri)
     run = client.create_run(exp.experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     key = f"cells-{view_key or run.info.run_id}"
     try:
-        save_comparison_view(exp.experiment_id, run.info.run_id, key, headline_columns(params.get("protocol") or params.get("data.protocol")))
+        save_comparison_view(exp.experiment_id, run.info.run_id, key,
+                             headline_columns(params.get("protocol") or params.get("data.protocol")), uri)
         client.set_tag(run.info.run_id, VIEW_KEY_TAG, key)
     except Exception as err:  # noqa: BLE001 - a view is a convenience; the pipeline runs without it
         log.warning("could not store the MLflow comparison view (%s)", str(err).splitlines()[0][:200])
@@ -257,7 +207,7 @@ def dvc_pipeline_key(dvc_root: str) -> str:
     return hashlib.sha256(str(root).encode() + b"\0" + content).hexdigest()[:16]
 
 
-def dvc_parent_run(experiment: str) -> str | None:
+def dvc_parent_run(experiment: str, uri: str | None = None) -> str | None:
     """Inside a ``dvc repro`` stage: the open (or failed, being resumed) parent run of this configuration, created
     on first use. None outside DVC."""
     if not os.environ.get("DVC_ROOT") or not os.environ.get("DVC_STAGE"):
@@ -266,8 +216,8 @@ def dvc_parent_run(experiment: str) -> str | None:
     # (with its own params.yaml) while DVC_ROOT names the original one.
     dvc_root = os.getcwd()
     key = dvc_pipeline_key(dvc_root)
-    exp = use_experiment(experiment)
-    client = _client()
+    exp = use_experiment(experiment, uri)
+    client = _client(uri)
     found = client.search_runs(
         [exp.experiment_id],
         filter_string=f"tags.`{KEY_TAG}` = '{key}' and attributes.status != 'FINISHED'",
@@ -288,17 +238,23 @@ def dvc_parent_run(experiment: str) -> str | None:
     dataset = params.get("data.dataset", "")
     protocol = params.get("data.protocol", "")
     name = f"dvc repro: {dataset} ({protocol})" if dataset else "dvc repro"
-    return open_pipeline_run(experiment, name, params, tags={KEY_TAG: key, "orchestrator": "dvc", "dvc_root": str(Path(dvc_root).resolve())})
+    return open_pipeline_run(experiment, name, params, tags={KEY_TAG: key, "orchestrator": "dvc", "dvc_root": str(Path(dvc_root).resolve())},
+                             uri=uri)
 
 
-def mark_failed(parent_run_id: str, stage: str) -> None:
+def mark_failed(parent_run_id: str, stage: str, uri: str | None = None) -> None:
     """A stage failed: the pipeline run says so (a DVC re-run reopens it; a KFP report that still runs ends it)."""
     try:
-        client = _client()
+        client = _client(uri)
         client.set_tag(parent_run_id, "failed_stage", stage)
         client.set_terminated(parent_run_id, status="FAILED")
     except Exception as err:  # noqa: BLE001 - reporting a failure must not hide the failure itself
         log.warning("could not mark pipeline run %s failed: %s", parent_run_id, err)
+
+
+def log_pipeline_artifact(parent_run_id: str, path: Path, artifact_path: str, uri: str | None = None) -> None:
+    """A pipeline-level output (the similarity matrix, its heatmap) as an artifact of the pipeline run."""
+    _client(uri).log_artifact(parent_run_id, str(path), artifact_path)
 
 
 def summary_metrics(results) -> dict[str, float]:
@@ -349,13 +305,14 @@ def selection_tags(report_dir: Path) -> dict[str, str]:
             for c in chosen if c.get("hparams")}
 
 
-def finish_pipeline_run(parent_run_id: str, results, report_dir: Path, status: str = "FINISHED") -> dict[str, float]:
+def finish_pipeline_run(parent_run_id: str, results, report_dir: Path, status: str = "FINISHED",
+                        uri: str | None = None) -> dict[str, float]:
     """Log the summary metrics and the results page into the parent run, set the best-version aliases, end it."""
     import time
 
     from mlflow.entities import Metric
 
-    client = _client()
+    client = _client(uri)
     metrics = {**summary_metrics(results), **report_metrics(report_dir)}
     now = int(time.time() * 1000)
     items = [Metric(k, v, now, 0) for k, v in sorted(metrics.items())]
@@ -368,58 +325,9 @@ def finish_pipeline_run(parent_run_id: str, results, report_dir: Path, status: s
         client.set_tag(parent_run_id, key, value)
     if not results.empty:
         for dataset in sorted(results["dataset"].unique()):
-            set_best_aliases(dataset)
+            set_best_aliases(dataset, uri)
     client.set_terminated(parent_run_id, status=status)
     log.info("pipeline run %s ended (%s) with %d summary metrics", parent_run_id, status, len(metrics))
     return metrics
 
 
-# ------------------------------------------------------------------------------------------------ registry
-
-
-def describe_model_version(run_id: str, summary: dict) -> None:
-    """After evaluation: the registered version of this cell's model gets its accuracy, split and description."""
-    try:
-        _describe_model_version(run_id, summary)
-    except Exception as err:  # noqa: BLE001 - the metrics are on disk; tracking must not cost them
-        log.warning("could not describe the registered model of run %s (%s)", run_id, str(err).splitlines()[0][:200])
-
-
-def _describe_model_version(run_id: str, summary: dict) -> None:
-    client = _client()
-    versions = client.search_model_versions(f"run_id = '{run_id}'")
-    test = summary["views"].get("test") or next(iter(summary["views"].values()), None)
-    for version in versions:
-        if test is not None:
-            client.set_model_version_tag(version.name, version.version, "test_acc_pct", f"{test['accuracy']:.2f}")
-            client.set_model_version_tag(version.name, version.version, "test_images", str(test["total"]))
-        client.set_model_version_tag(version.name, version.version, "test_split", str(summary.get("test_split") or "-"))
-        accuracy = f"{test['accuracy']:.1f}% top-1 on {test['total']} test images" if test is not None else "not evaluated"
-        where = f"held-out domain {summary['test_domain']}" if summary.get("test_domain") else "its protocol's test set"
-        client.update_model_version(
-            version.name,
-            version.version,
-            description=(
-                f"{summary['variant']} (formulation: {summary['formulation']}) fine-tuned on {summary['dataset']} "
-                f"({summary['protocol']}), seed {summary['seed']}: {accuracy} ({where}, split "
-                f"{summary.get('test_split') or '-'}). Input: float32 images [N, 3, H, W], normalised as the "
-                "CLIP preset; output: class probabilities [N, C] over the training label space (tag `classes`)."
-            ),
-        )
-
-
-def set_best_aliases(dataset: str) -> None:
-    """Alias ``best-<held-out domain>-<split>`` on the most accurate version of each registered model of a dataset."""
-    client = _client()
-    prefix = registered_name(dataset, "")
-    for model in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"):
-        best: dict[str, tuple[float, str]] = {}
-        for version in client.search_model_versions(f"name = '{model.name}'"):
-            if "test_acc_pct" not in version.tags:
-                continue
-            alias = alias_for(version.tags.get("held_out_domain", "-").strip("-"), version.tags.get("test_split", "").strip("-"))
-            accuracy = float(version.tags["test_acc_pct"])
-            if alias not in best or accuracy > best[alias][0]:
-                best[alias] = (accuracy, version.version)
-        for alias, (_, version) in best.items():
-            client.set_registered_model_alias(model.name, alias, version)

@@ -1,19 +1,23 @@
-"""The one place that talks to MLflow. Without MLflow configured every call is a no-op, so the library runs alone.
+"""A stage's tracked run: the run handle it logs into (``Tracker``) and the run's life (``start_run``). Without
+MLflow configured every call is a no-op, so the library runs alone.
 
 Tracking is on when ``MLFLOW_TRACKING_URI`` is set (a server, or ``sqlite:///mlflow.db``) or a URI is passed.
 A parent run id (an argument, ``ALIGNCLIP_PARENT_RUN_ID``, or the open pipeline run of a ``dvc repro``) makes the
-run a nested child of a pipeline run. What is logged where is described in ``alignclip.runs``.
+run a nested child of a pipeline run. What is logged where is described in ``alignclip.tracking.runs``.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import alignclip.tracking.runs as runs
+import alignclip.tracking.transport as transport
 from alignclip.log import get_logger
+from alignclip.tracking.client import _client, fluent_uri, tracking_uri
+from alignclip.tracking.provenance import provenance_tags
 
 log = get_logger(__name__)
 
@@ -29,32 +33,9 @@ def _flatten(params: dict, prefix: str = "") -> dict:
     return flat
 
 
-def provenance_tags() -> dict[str, str]:
-    """git commit and image tag, so every number leads back to the code that made it."""
-    tags = {}
-    # The code's own checkout, not the working directory: stages may run anywhere (a KFP task's cwd, a temp dir).
-    project = Path(__file__).resolve().parent.parent
-    commit = os.environ.get("ALIGNCLIP_GIT_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(
-                ["git", "-C", str(project), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            commit = None
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-        tags["git_commit"] = commit
-    # The data version is not a property of the checkout (data.dvc) but of the data a stage read:
-    # alignclip.runs.data_tags, from the prepared dataset's root and manifest.
-    if os.environ.get("ALIGNCLIP_IMAGE"):
-        tags["image"] = os.environ["ALIGNCLIP_IMAGE"]
-    return tags
-
-
 class Tracker:
     """A thin run handle: no-op when disabled, MLflow when enabled. It decides what is logged; the transport
-    (``alignclip.tracking_transport``) sends it in the background and keeps on disk what the server missed."""
+    (``alignclip.tracking.transport``) sends it in the background and keeps on disk what the server missed."""
 
     def __init__(self, enabled: bool, flush_every: int = 200, transport=None):
         self.enabled = enabled
@@ -63,6 +44,11 @@ class Tracker:
         self.flush_every = flush_every
         self._pending: list = []
         self._transport = transport
+
+    @property
+    def uri(self) -> str | None:
+        """The tracking store of this run (None: tracking is off)."""
+        return self._transport.uri if self._transport is not None else None
 
     @property
     def online(self) -> bool:
@@ -110,8 +96,6 @@ class Tracker:
             from mlflow.entities import DatasetInput, InputTag
             from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-            from alignclip import tracking_transport as transport
-
             with warnings.catch_warnings():  # schema-inference hints about integer columns: not actionable here
                 warnings.simplefilter("ignore", UserWarning)
                 try:
@@ -120,7 +104,7 @@ class Tracker:
                     dataset = mlflow.data.from_pandas(frame, name=name, digest=digest)
                 entity = dataset._to_mlflow_entity()  # infers the schema (the hints above come from here too)
             entry = DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
-            transport._client(self._transport.uri).log_inputs(self.run_id, datasets=[entry])
+            _client(self._transport.uri).log_inputs(self.run_id, datasets=[entry])
         except Exception as err:  # noqa: BLE001 - the result is on disk; tracking must not cost it
             log.warning("could not log the dataset input to MLflow (%s)", str(err).splitlines()[0][:200])
 
@@ -140,8 +124,7 @@ class Tracker:
             import mlflow.pytorch
             import torch
 
-            mlflow.set_tracking_uri(self._transport.uri)
-            with mlflow.start_run(run_id=self.run_id):
+            with fluent_uri(self._transport.uri), mlflow.start_run(run_id=self.run_id):
                 # pt2 (torch.export) is the safe format; it needs the input example, which also records the signature.
                 # The requirements are stated: inferring them re-imports the model in a subprocess (a minute on a CPU).
                 info = mlflow.pytorch.log_model(
@@ -159,10 +142,6 @@ class Tracker:
             return None
 
 
-def tracking_uri(uri: str | None = None) -> str | None:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-
-
 def pipeline_run_id(experiment: str, uri: str | None = None) -> str | None:
     """The parent run of the pipeline this process is a stage of (KFP: ``ALIGNCLIP_PARENT_RUN_ID``; DVC: the open
     run of this configuration, created on first use), or None (tracking off, a stage run by hand, or a store that
@@ -175,12 +154,7 @@ def pipeline_run_id(experiment: str, uri: str | None = None) -> str | None:
     if not _answers(uri):  # start_run then warns once; without the probe MLflow's own retries take minutes
         return None
     try:
-        import mlflow
-
-        from alignclip import runs
-
-        mlflow.set_tracking_uri(uri)
-        return runs.dvc_parent_run(experiment)
+        return runs.dvc_parent_run(experiment, uri)
     except Exception as err:  # noqa: BLE001 - tracking must not cost a result
         log.warning("could not find or open the pipeline's MLflow run (%s)", str(err).splitlines()[0][:200])
         return None
@@ -201,10 +175,8 @@ def start_run(
     ``resume_run_id`` continues an existing run (evaluate logs into its cell's training run, a resumed training).
     The run ends FINISHED, FAILED (an exception; the pipeline run is marked FAILED too) or KILLED (interrupted,
     preempted). An unreachable server costs a few seconds and a warning: the stage runs, and the records wait on
-    disk (see ``alignclip.tracking_transport``).
+    disk (see ``alignclip.tracking.transport``).
     """
-    from alignclip import tracking_transport as transport
-
     uri = tracking_uri(uri)
     if not uri:
         yield Tracker(False)
@@ -225,36 +197,30 @@ def start_run(
         yield tracker
     except KeyboardInterrupt:  # Ctrl-C: the stage was stopped, it did not fail
         status = "KILLED"
-        _mark_parent(parent_run_id, run_name)
+        _mark_parent(parent_run_id, run_name, uri)
         raise
     except BaseException as err:  # a preempted stage (resume.Preempted) says so itself
         status = getattr(err, "stage_status", "FAILED")
-        _mark_parent(parent_run_id, run_name)
+        _mark_parent(parent_run_id, run_name, uri)
         raise
     finally:
         tracker.flush()
         sender.close(status)
 
 
-def view_line(parent_run_id: str | None = None, run_id: str | None = None) -> str | None:
+def view_line(parent_run_id: str | None = None, run_id: str | None = None, uri: str | None = None) -> str | None:
     """The line a stage prints after its run: ``MLflow: <url>`` of its pipeline's comparison view, or of its own
     run's page when it has no pipeline; None without tracking."""
-    uri = tracking_uri()
+    uri = tracking_uri(uri)
     if not uri or not (parent_run_id or run_id) or not _answers(uri):
         return None
     try:
-        import mlflow
-        from mlflow import MlflowClient
-
-        from alignclip import runs
-
-        mlflow.set_tracking_uri(uri)
         if parent_run_id:
-            found = runs.pipeline_view(parent_run_id)
+            found = runs.pipeline_view(parent_run_id, uri)
             if found:
                 return runs.view_hint(uri, *found)
         if run_id:
-            return runs.view_hint(uri, MlflowClient().get_run(run_id).info.experiment_id, run_id=run_id)
+            return runs.view_hint(uri, _client(uri).get_run(run_id).info.experiment_id, run_id=run_id)
     except Exception as err:  # noqa: BLE001 - a link is a convenience; tracking must not cost a result
         log.warning("could not find the run's MLflow view (%s)", str(err).splitlines()[0][:200])
     return None
@@ -262,8 +228,6 @@ def view_line(parent_run_id: str | None = None, run_id: str | None = None) -> st
 
 def _open_run(uri: str, header: dict, resume_run_id: str | None) -> str | None:
     """Create (or re-open) the run; None when the store cannot be reached (the stage then runs offline)."""
-    from alignclip import tracking_transport as transport
-
     ok, why = transport.reachable(uri)
     if not ok:
         log.warning("MLflow at %s is unreachable (%s): the stage runs without it; its records are kept on disk", uri, why)
@@ -271,7 +235,7 @@ def _open_run(uri: str, header: dict, resume_run_id: str | None) -> str | None:
     try:
         transport.sync(uri, quiet=True)  # what earlier stages could not send
         with transport.store_lock(uri):
-            client = transport._client(uri)  # the client creates (and migrates) a sqlite store: under the lock
+            client = _client(uri)  # the client creates (and migrates) a sqlite store: under the lock
             if resume_run_id:
                 try:
                     client.update_run(resume_run_id, status="RUNNING")
@@ -287,17 +251,13 @@ def _open_run(uri: str, header: dict, resume_run_id: str | None) -> str | None:
         return None
 
 
-def _mark_parent(parent_run_id: str | None, stage: str) -> None:
+def _mark_parent(parent_run_id: str | None, stage: str, uri: str) -> None:
     if parent_run_id:
-        from alignclip import runs
-
-        runs.mark_failed(parent_run_id, stage)
+        runs.mark_failed(parent_run_id, stage, uri)
 
 
 def _answers(uri: str) -> bool:
     """The 3 s probe, with MLflow's HTTP retries bounded, before any request a stage makes to the store."""
-    from alignclip import tracking_transport as transport
-
     transport.configure_http()
     known = _PROBED.get(uri)
     if known is None or time.monotonic() - known[0] > 30:  # one probe serves the stage's first requests
@@ -308,20 +268,19 @@ def _answers(uri: str) -> bool:
 _PROBED: dict[str, tuple[float, bool]] = {}
 
 
-def resumable(run_id: str | None, parent_run_id: str | None) -> bool:
+def resumable(run_id: str | None, parent_run_id: str | None, uri: str | None = None) -> bool:
     """Whether ``run_id`` (a cell's training run, from train.json) is in this store under this pipeline run."""
-    if not run_id:
+    uri = tracking_uri(uri)
+    if not run_id or not uri:  # without a store there is no run to continue
         return False
-    uri = tracking_uri()
-    if uri and not _answers(uri):
+    if not _answers(uri):
         # the server is down: continue the checkpoint's run anyway; the records wait on disk under that run id
         # and `tracking sync` (or the next stage) puts them into it
         return True
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     try:
-        run = MlflowClient().get_run(run_id)
+        run = _client(uri).get_run(run_id)
     except (MlflowException, OSError, ValueError):  # not in this store, or the store cannot answer
         return False
     return run.data.tags.get("mlflow.parentRunId") == parent_run_id

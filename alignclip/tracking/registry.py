@@ -1,0 +1,91 @@
+"""The MLflow model registry: one registered model per (dataset, method variant), one version per grid cell, its
+description and tags, and the ``best-<held-out domain>-<split>`` alias."""
+
+from __future__ import annotations
+
+import re
+
+from alignclip.log import get_logger
+from alignclip.tracking.client import _client
+
+log = get_logger(__name__)
+
+
+def registered_name(dataset: str, variant: str) -> str:
+    return "alignclip-" + re.sub(r"[^\w\-.]", "-", f"{dataset}-{variant}")
+
+
+def alias_for(test_domain: str | None, test_split: str | None) -> str:
+    """The registry alias of the best version per held-out domain (aliases allow letters, digits, _ and -)."""
+    parts = ["best"] + [p for p in (test_domain, test_split) if p]
+    return re.sub(r"[^\w\-]", "_", "-".join(parts))
+
+
+def describe_registered_model(name: str, version, tags: dict, classes: list[str], uri: str | None = None) -> None:
+    """After a cell's model was logged: the registered model gets the cell's tags and its description, the new
+    ``version`` (None: not registered) its held-out domain, seed and classes."""
+    client = _client(uri)
+    model_tags = {k: tags[k] for k in ("dataset", "protocol", "method", "variant", "formulation")}
+    for key, value in model_tags.items():
+        client.set_registered_model_tag(name, key, value)
+    client.update_registered_model(
+        name,
+        description=(
+            f"{tags['variant']} (formulation: {tags['formulation']}) fine-tuned on {tags['dataset']} "
+            f"({tags['protocol']}). One version per grid cell (held-out domain, seed); the alias "
+            "`best-<held-out domain>-<split>` marks the most accurate. Input: float32 images [N, 3, H, W]; "
+            "output: class probabilities [N, C] over the version's `classes`."
+        ),
+    )
+    if version is not None:
+        version_tags = {**model_tags, "held_out_domain": tags["held_out_domain"], "seed": tags["seed"], "classes": ",".join(classes)}
+        for key, value in version_tags.items():
+            client.set_model_version_tag(name, str(version), key, str(value)[:5000])
+
+
+def describe_model_version(run_id: str, summary: dict, uri: str | None = None) -> None:
+    """After evaluation: the registered version of this cell's model gets its accuracy, split and description."""
+    try:
+        _describe_model_version(run_id, summary, uri)
+    except Exception as err:  # noqa: BLE001 - the metrics are on disk; tracking must not cost them
+        log.warning("could not describe the registered model of run %s (%s)", run_id, str(err).splitlines()[0][:200])
+
+
+def _describe_model_version(run_id: str, summary: dict, uri: str | None) -> None:
+    client = _client(uri)
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    test = summary["views"].get("test") or next(iter(summary["views"].values()), None)
+    for version in versions:
+        if test is not None:
+            client.set_model_version_tag(version.name, version.version, "test_acc_pct", f"{test['accuracy']:.2f}")
+            client.set_model_version_tag(version.name, version.version, "test_images", str(test["total"]))
+        client.set_model_version_tag(version.name, version.version, "test_split", str(summary.get("test_split") or "-"))
+        accuracy = f"{test['accuracy']:.1f}% top-1 on {test['total']} test images" if test is not None else "not evaluated"
+        where = f"held-out domain {summary['test_domain']}" if summary.get("test_domain") else "its protocol's test set"
+        client.update_model_version(
+            version.name,
+            version.version,
+            description=(
+                f"{summary['variant']} (formulation: {summary['formulation']}) fine-tuned on {summary['dataset']} "
+                f"({summary['protocol']}), seed {summary['seed']}: {accuracy} ({where}, split "
+                f"{summary.get('test_split') or '-'}). Input: float32 images [N, 3, H, W], normalised as the "
+                "CLIP preset; output: class probabilities [N, C] over the training label space (tag `classes`)."
+            ),
+        )
+
+
+def set_best_aliases(dataset: str, uri: str | None = None) -> None:
+    """Alias ``best-<held-out domain>-<split>`` on the most accurate version of each registered model of a dataset."""
+    client = _client(uri)
+    prefix = registered_name(dataset, "")
+    for model in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"):
+        best: dict[str, tuple[float, str]] = {}
+        for version in client.search_model_versions(f"name = '{model.name}'"):
+            if "test_acc_pct" not in version.tags:
+                continue
+            alias = alias_for(version.tags.get("held_out_domain", "-").strip("-"), version.tags.get("test_split", "").strip("-"))
+            accuracy = float(version.tags["test_acc_pct"])
+            if alias not in best or accuracy > best[alias][0]:
+                best[alias] = (accuracy, version.version)
+        for alias, (_, version) in best.items():
+            client.set_registered_model_alias(model.name, alias, version)
