@@ -382,7 +382,7 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
         key = f"test_acc_pct/{cell.data.tags['variant'].replace('+', '-')}/{cell.data.tags['held_out_domain']}"
         assert parent.data.metrics[f"{key}/mean"] == pytest.approx(cell.data.metrics["test_acc_pct"])
         assert parent.data.metrics[f"{key}/std"] == 0.0
-    # registered models: only the trained methods, tagged, described, the best version aliased
+    # registered models: only the trained methods, tagged, described, the best version (by source validation) aliased
     models = {m.name: m for m in client.search_registered_models()}
     assert set(models) == {f"alignclip-rotated_digits-{v}" for v in ("erm", "clipood", "alignclip", "alignclip-release")}
     for model in models.values():
@@ -396,7 +396,7 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
             assert version.tags["formulation"] == run.data.tags["formulation"]
         for domain in ("rotated_0", "rotated_75"):
             best = client.get_model_version_by_alias(model.name, f"best-{domain}-holdout")
-            assert float(best.tags["test_acc_pct"]) == max(float(v.tags["test_acc_pct"]) for v in versions if v.tags["held_out_domain"] == domain)
+            assert float(best.tags["source_val_acc_pct"]) == max(float(v.tags["source_val_acc_pct"]) for v in versions if v.tags["held_out_domain"] == domain)
     # the registered model returns class probabilities over its label space: the evaluation's own top-5
     from alignclip.data.images import ManifestImages, eval_transform
     from alignclip.data.prepare import load_prepared

@@ -138,3 +138,37 @@ def test_the_fluent_uri_is_put_back_after_the_block(store, tmp_path, monkeypatch
         pass
     assert "MLFLOW_TRACKING_URI" not in __import__("os").environ
 
+
+def test_the_best_alias_follows_source_validation_not_test_accuracy(store, tmp_path):
+    """Issue 19: the registered model's `best-...` alias obeys the declared model-selection rule (training-domain
+    validation: best source-validation accuracy, alignclip.selection), never a test accuracy. Versions are tagged
+    by the production path (the classifier's registration tags, then evaluate's description)."""
+    from mlflow import MlflowClient
+
+    from alignclip import tracking
+
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.create_experiment("cells")
+    name = tracking.registered_name("rotated_digits", "erm")
+    client.create_registered_model(name)
+    # seed: (held-out domain, test accuracy, source-validation accuracy or None: a protocol without one)
+    cells = {0: ("rotated_0", 90.0, 60.0), 1: ("rotated_0", 70.0, 80.0), 2: ("rotated_0", 95.0, 80.0),
+             3: ("rotated_75", 99.0, None)}
+    versions = {}
+    for seed, (domain, test, validation) in cells.items():
+        run_id = client.create_run(experiment).info.run_id
+        (tmp_path / f"model{seed}").mkdir()
+        versions[seed] = client.create_model_version(name, str(tmp_path / f"model{seed}"), run_id=run_id).version
+        tags = tracking.cell_tags("rotated_digits", "domainbed", "erm", "erm", "paper", domain, seed)
+        tracking.describe_registered_model(name, versions[seed], tags, ["a", "b"])
+        views = {"test": {"accuracy": test, "total": 100}}
+        if validation is not None:
+            views["source_val"] = {"accuracy": validation, "total": 50}
+        summary = {"views": views, "test_split": "holdout", "test_domain": domain, "variant": "erm",
+                   "formulation": "paper", "dataset": "rotated_digits", "protocol": "domainbed", "seed": seed}
+        tracking.describe_model_version(run_id, summary)
+    tracking.set_best_aliases("rotated_digits")
+    # seed 1 and seed 2 tie on source validation (80.0): the earlier version; seed 2's better test accuracy and
+    # seed 0's and seed 3's are not read, and seed 3 (no source validation) gets no alias at all
+    assert client.get_registered_model(name).aliases == {"best-rotated_0-holdout": versions[1]}
+    assert client.get_model_version(name, versions[1]).tags["source_val_acc_pct"] == "80.00"
