@@ -50,6 +50,7 @@ __all__ = [
     "PERCENT_NOTE", "Tracker", "alias_for", "cell_run_name", "cell_tags", "data_tags", "describe_model_version",
     "describe_registered_model", "display_metrics", "dvc_pipeline_view", "finish_pipeline_run", "kfp_view_key",
     "log_pipeline_artifact", "manifest_digest", "mark_failed", "metric_key", "open_pipeline_run", "pending_spools",
-    "pipeline_run_id", "provenance_tags", "report_metrics", "resumable", "set_best_aliases", "spool_dir",
-    "start_run", "summary_metrics", "sync", "tracking_uri", "ui_base", "use_experiment", "view_line", "view_url",
+    "pipeline_run_id", "provenance_tags", "registered_name", "report_metrics", "resumable", "set_best_aliases",
+    "spool_dir", "start_run", "summary_metrics", "sync", "tracking_uri", "ui_base", "use_experiment", "view_line",
+    "view_url",
 ]
