@@ -3,6 +3,7 @@ the summary metrics, the data-version tag. The whole flows (KFP local run, dvc r
 test_services.py."""
 
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -136,7 +137,7 @@ def test_the_fluent_uri_is_put_back_after_the_block(store, tmp_path, monkeypatch
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     with fluent_uri(other):
         pass
-    assert "MLFLOW_TRACKING_URI" not in __import__("os").environ
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_the_best_alias_follows_source_validation_not_test_accuracy(store, tmp_path):
