@@ -1,5 +1,5 @@
 """`alignclip grid`: the cells of a configuration's grid (``config.grid``), each trained and evaluated by the same
-`alignclip train` and `alignclip evaluate` commands a KFP task runs (``tasks.train_args``/``evaluate_args``), called
+`alignclip train` and `alignclip evaluate` commands a KFP task runs (``commands.train_args``/``evaluate_args``), called
 in this process rather than in a new one per stage.
 
 Why in-process: for the tiny demo model a new process costs more than a cell's work (imports and model load,
@@ -42,9 +42,9 @@ def select_cells(values: dict, domains: list[str] | None = None, seeds: list[int
 
 
 def cell_commands(values: dict, prepared: str, out: str, cell: dict, similarity: str | None) -> tuple[list[str], list[str]]:
-    """The `alignclip train` and `alignclip evaluate` arguments of one cell: the KFP tasks' own (tasks.py), with
+    """The `alignclip train` and `alignclip evaluate` arguments of one cell: the KFP tasks' own (commands.py), with
     every training setting explicit (the effective values of the resolved configuration)."""
-    from alignclip.tasks import evaluate_args, train_args
+    from alignclip.commands import evaluate_args, train_args
 
     train = effective_train(values)
     cmd = train_args(prepared, out, cell, values["train_formulation"], values["train_recipe"], int(train["steps"] or 0),

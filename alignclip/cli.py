@@ -557,7 +557,7 @@ def grid_cells(
 
 
 def _warn_local_root(values: dict) -> None:
-    from alignclip.pipeline_cli import local_data_root
+    from alignclip_kfp.client import local_data_root
 
     root = local_data_root(values)
     if root:
@@ -573,7 +573,7 @@ DATASET_HELP = "dataset (registry name): its protocol's recipe and every held-ou
 def _settings(family: str, dataset: Optional[str], data_root: Optional[str], param: list[str], params_file: Optional[Path]) -> dict:
     """Resolved settings of a pipeline command: family < params file < --dataset/--data-root < --param."""
     from alignclip.config import parse_assignments
-    from alignclip.pipeline_cli import resolve_pipeline
+    from alignclip_kfp.arguments import resolve_pipeline
 
     overrides = {}
     if dataset is not None:
@@ -585,7 +585,7 @@ def _settings(family: str, dataset: Optional[str], data_root: Optional[str], par
 
 
 def _cluster(gpu_type, gpus, node_selector, toleration, retries, cpu, memory, image, max_parallelism):
-    from alignclip.pipeline_cli import cluster_settings
+    from alignclip_kfp.client import cluster_settings
 
     return cluster_settings(gpu_type, gpus, node_selector or None, toleration or None, retries, cpu, memory, image, max_parallelism)
 
@@ -626,7 +626,7 @@ def pipeline_compile(
     force: bool = typer.Option(False, help="replace an existing output file"),
 ):
     """Compile a pipeline to a KFP YAML package; its parameter defaults are the resolved settings."""
-    from alignclip.pipeline_cli import compile_pipeline, is_placeholder_image
+    from alignclip_kfp.client import compile_pipeline, is_placeholder_image
 
     values = _settings(family, dataset, data_root, param, params_file)
     cluster = _cluster(gpu_type, gpus, node_selector, toleration, retries, cpu, memory, image, max_parallelism)
@@ -667,7 +667,7 @@ def pipeline_submit(
     wait: bool = typer.Option(False, "--wait", help="follow the run: print each task's state as it changes until the run ends; exit 0 if it succeeded, 1 if not"),
 ):
     """Submit a run to a Kubeflow Pipelines cluster and print its URL (and its MLflow view's)."""
-    from alignclip.pipeline_cli import dry_run as plan, is_placeholder_image, submit
+    from alignclip_kfp.client import dry_run as plan, is_placeholder_image, submit
 
     values = _settings(family, dataset, data_root, param, params_file)
     cluster = _cluster(gpu_type, gpus, node_selector, toleration, retries, cpu, memory, image, max_parallelism)
@@ -698,7 +698,7 @@ def pipeline_run(
 ):
     """Run the real DAG locally: every component as a subprocess of this machine (kfp's SubprocessRunner);
     `alignclip pipeline submit` runs it on a cluster."""
-    from alignclip.pipeline_cli import dry_run as plan, run_local
+    from alignclip_kfp.client import dry_run as plan, run_local
 
     if family in COMPOSITES:
         raise ConfigError(f"the {family} pipeline runs on a cluster only; run one of its families locally: "

@@ -3,8 +3,8 @@
 They are lightweight components on the project's image with ``install_kfp_package=False``: the same definition
 runs in kfp's local SubprocessRunner (tests, `alignclip pipeline run --local`) and on a cluster, where the image
 (built from the Dockerfile) already holds alignclip and kfp. The image is a compile-time choice:
-``build_components(image)`` makes the set for one image. Each task's command line comes from alignclip.tasks, which
-`alignclip pipeline ... --dry-run` prints too. Artifacts are typed (Dataset, Model, Metrics,
+``build_components(image)`` makes the set for one image. Each task's command line comes from alignclip.commands,
+which `alignclip pipeline ... --dry-run` prints too; how the task runs it, from ``runtime`` beside this module. Artifacts are typed (Dataset, Model, Metrics,
 HTML, Markdown); nothing passes paths in strings. (No `from __future__ import annotations`: kfp reads the
 annotations as types.)
 """
@@ -58,7 +58,8 @@ def prepare(
     prepared: Output[Dataset],
 ):
     """List and split the dataset; `root: embedded` builds RotatedDigits into the artifact itself."""
-    from alignclip.tasks import prepare_args, run_cli
+    from alignclip.commands import prepare_args
+    from alignclip_kfp.components.runtime import run_cli
 
     if root == "embedded":
         root = prepared.path + "/images"
@@ -80,7 +81,8 @@ def similarity(
 ):
     """Class similarity matrix of the class prompts and its heatmap."""
     from alignclip import artifacts
-    from alignclip.tasks import run_cli, similarity_args, task_env
+    from alignclip.commands import similarity_args
+    from alignclip_kfp.components.runtime import run_cli, task_env
     import base64
     import os
 
@@ -111,7 +113,8 @@ def train(
 ):
     """Fine-tune one (method, held-out domain, seed); a nested MLflow run under the pipeline's run."""
     from alignclip import artifacts
-    from alignclip.tasks import run_cli, task_env, train_args
+    from alignclip.commands import train_args
+    from alignclip_kfp.components.runtime import run_cli, task_env
     import os
 
     env = task_env(parent_run.path, experiment, tracking_uri)
@@ -133,7 +136,8 @@ def evaluate(
 ) -> float:
     """Top-1 accuracy on each view; returns the protocol's headline metric (held-out domain, H, ImageNet...)."""
     from alignclip import artifacts
-    from alignclip.tasks import evaluate_args, run_cli, task_env
+    from alignclip.commands import evaluate_args
+    from alignclip_kfp.components.runtime import run_cli, task_env
     import json
     import os
     import shutil
@@ -169,7 +173,8 @@ def report(
 ):
     """Fan-in: tables, figures and the results page over every evaluation."""
     from alignclip import artifacts
-    from alignclip.tasks import report_args, run_cli, task_env
+    from alignclip.commands import report_args
+    from alignclip_kfp.components.runtime import run_cli, task_env
     import base64
     import os
     import re

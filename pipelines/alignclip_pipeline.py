@@ -12,12 +12,14 @@ them in the local runner.
 
 import re
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import List
 
 from kfp import dsl, kubernetes
 
 from alignclip import __version__
-from alignclip.config import BY_NAME, COMPOSITES, FAMILIES, check_family, composite_members, effective_train, grid, resolve
+from alignclip.config import COMPOSITES, FAMILIES, check_family, composite_members, resolve
+from alignclip_kfp.arguments import PARAMETER_HELP, pipeline_arguments
 from alignclip_kfp.components.stages import build_components
 
 # The default image tag follows the package version; the registry is a placeholder until an image is pushed.
@@ -123,50 +125,6 @@ def _secrets(task, cluster: ClusterSettings):
     return task
 
 
-def pipeline_arguments(values: dict) -> dict:
-    """Resolved settings (``alignclip.config.resolve``) as the pipeline's parameters: the grid's lists become
-    ``train_grid``, and the training settings are the effective ones (recipe applied), so nothing is left to a
-    default inside a task. ``train_steps`` is 0 only when the length is ``train_epochs`` passes over the data."""
-    train = effective_train(values)
-    return {
-        "data_dataset": values["data_dataset"],
-        "data_root": values["data_root"],
-        "data_protocol": values["data_protocol"],
-        "data_holdout_fraction": values["data_holdout_fraction"],
-        "data_trial_seed": values["data_trial_seed"],
-        "data_shots": values["data_shots"],
-        "data_templates": values["data_templates"],
-        "data_class_names": values["data_class_names"],
-        "data_listing": values["data_listing"],
-        "data_test_split": values["data_test_split"],
-        "model_name": values["model_name"],
-        "model_pretrained": values["model_pretrained"],
-        "train_recipe": values["train_recipe"],
-        "train_formulation": values["train_formulation"],
-        "train_grid": grid(values),
-        "train_seeds": [int(s) for s in values["train_seeds"]],
-        "train_steps": int(train["steps"] or 0),
-        "train_epochs": int(train["epochs"] or 0),
-        "train_batch_size": int(train["batch_size"]),
-        "train_lr": float(train["lr"]),
-        "train_hflip": bool(train["hflip"]),
-        "mlflow_tracking_uri": values["mlflow_tracking_uri"],
-        "mlflow_experiment": values["mlflow_experiment"],
-    }
-
-
-PARAMETER_HELP = {
-    **{name: setting.help for name, setting in BY_NAME.items()},
-    "train_grid": "cells {method, test_domain, seed, hparams, name}: train.methods x train.grid x train.test_domains x train.seeds (zero-shot once per domain, seed null)",
-    "train_seeds": "seeds of the grid; also the few-shot sampling seeds of prepare",
-    "train_steps": "optimiser steps (the recipe's unless set); 0: the length is train_epochs passes over the data",
-    "train_epochs": "passes over the training set when train_steps is 0",
-    "train_batch_size": "images per training domain and step (the recipe's unless set)",
-    "train_lr": "peak learning rate (the recipe's unless set)",
-    "train_hflip": "random horizontal flip (the recipe's unless set)",
-}
-
-
 def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None, values: dict | None = None,
                    name: str | None = None):
     """The pipeline function of one benchmark family; ``values``: resolved settings (default: the family's);
@@ -174,7 +132,7 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
     check_family(family)
     cluster = cluster or ClusterSettings()
     stages = build_components(cluster.image)
-    p = pipeline_arguments(values if values is not None else resolve(family))
+    p = pipeline_arguments(family, values if values is not None else resolve(family))
 
     def alignclip_pipeline(
         data_dataset: str = p["data_dataset"],
@@ -201,52 +159,62 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
         mlflow_tracking_uri: str = p["mlflow_tracking_uri"],
         mlflow_experiment: str = p["mlflow_experiment"],
     ):
-        parent = stages.start_run(
-            experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, run_name=f"kfp {family}: {data_dataset} ({data_protocol})",
-            params_json=f'{{"dataset": "{data_dataset}", "protocol": "{data_protocol}", "model": "{model_name}", "formulation": "{train_formulation}", "test_split": "{data_test_split}", "steps": "{train_steps}"}}',
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        ).set_display_name("mlflow parent run")
-        # Caching: on for the pure tasks (prepare, similarity), off where a task has side effects (the MLflow parent
-        # run, training and evaluation runs, the report): a cached parent would hand a resubmission an old run id.
-        _secrets(parent.set_caching_options(False), cluster)
-        prepared = stages.prepare(
-            dataset=data_dataset, root=data_root, protocol=data_protocol, holdout_fraction=data_holdout_fraction,
-            trial_seed=data_trial_seed, shots=data_shots, seeds=train_seeds, templates=data_templates,
-            class_names=data_class_names, listing=data_listing,
-        ).set_display_name("prepare")
-        _secrets(prepared.set_caching_options(True), cluster)
-        matrix = stages.similarity(
-            prepared=prepared.outputs["prepared"], model_name=model_name, pretrained=model_pretrained,
-            experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
-        )
-        _secrets(matrix.set_display_name("similarity matrix").set_caching_options(True), cluster)
-        with dsl.ParallelFor(items=train_grid, name="method-domain-seed", parallelism=cluster.max_parallelism) as cell:
-            trained = stages.train(
-                prepared=prepared.outputs["prepared"], matrix=matrix.outputs["matrix"], cell=cell,
-                formulation=train_formulation, recipe=train_recipe, steps=train_steps, epochs=train_epochs,
-                batch_size=train_batch_size, lr=train_lr, hflip=train_hflip, model_name=model_name,
-                pretrained=model_pretrained, experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri,
-                parent_run=parent.outputs["run"],
-            ).set_display_name("train")
-            _secrets(_on_gpu(trained.set_caching_options(False), cluster, retries=cluster.retries), cluster)
-            scored = stages.evaluate(
-                prepared=prepared.outputs["prepared"], model=trained.outputs["model"], test_split=data_test_split,
-                experiment=mlflow_experiment, tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
-            ).set_display_name("evaluate")
-            _secrets(_on_gpu(scored.set_caching_options(False), cluster, retries=cluster.retries), cluster)
-        final = stages.report(
-            results=dsl.Collected(scored.outputs["results"]), models=dsl.Collected(trained.outputs["model"]),
-            accuracies=dsl.Collected(scored.outputs["Output"]),
-            prepared=prepared.outputs["prepared"], matrix=matrix.outputs["matrix"], experiment=mlflow_experiment,
-            tracking_uri=mlflow_tracking_uri, parent_run=parent.outputs["run"],
-        ).set_display_name("report")
-        _secrets(final.set_caching_options(False), cluster)
+        # kfp calls this once, at compile time, with one channel per parameter; the tasks read them by name
+        given = dict(locals())
+        _add_tasks(stages, cluster, family, SimpleNamespace(**{key: given[key] for key in p}))
 
     # the docstring's Args become the parameters' descriptions in the compiled package
     alignclip_pipeline.__doc__ = f"AlignCLIP {family}: {FAMILIES[family].description}.\n\nArgs:\n" + "\n".join(
         f"    {name}: {PARAMETER_HELP[name]}" for name in p
     )
     return dsl.pipeline(name=name or f"alignclip-{family.replace('_', '-')}", description=f"AlignCLIP {family}: prepare, similarity, train x evaluate, report")(alignclip_pipeline)
+
+
+def _add_tasks(stages: SimpleNamespace, cluster: ClusterSettings, family: str, a: SimpleNamespace) -> None:
+    """The DAG of one family, ``a``: the pipeline's parameters (channels). Caching: on for the pure tasks (prepare,
+    similarity), off where a task has side effects (the MLflow parent run, training and evaluation runs, the
+    report): a cached parent would hand a resubmission an old run id."""
+    tracking = dict(experiment=a.mlflow_experiment, tracking_uri=a.mlflow_tracking_uri)
+    parent = stages.start_run(
+        **tracking, run_name=f"kfp {family}: {a.data_dataset} ({a.data_protocol})",
+        params_json=f'{{"dataset": "{a.data_dataset}", "protocol": "{a.data_protocol}", "model": "{a.model_name}", "formulation": "{a.train_formulation}", "test_split": "{a.data_test_split}", "steps": "{a.train_steps}"}}',
+        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    ).set_display_name("mlflow parent run")
+    _secrets(parent.set_caching_options(False), cluster)
+    tracking["parent_run"] = parent.outputs["run"]
+    prepared = stages.prepare(
+        dataset=a.data_dataset, root=a.data_root, protocol=a.data_protocol, holdout_fraction=a.data_holdout_fraction,
+        trial_seed=a.data_trial_seed, shots=a.data_shots, seeds=a.train_seeds, templates=a.data_templates,
+        class_names=a.data_class_names, listing=a.data_listing,
+    ).set_display_name("prepare")
+    _secrets(prepared.set_caching_options(True), cluster)
+    matrix = stages.similarity(prepared=prepared.outputs["prepared"], model_name=a.model_name,
+                               pretrained=a.model_pretrained, **tracking)
+    _secrets(matrix.set_display_name("similarity matrix").set_caching_options(True), cluster)
+    trained, scored = _add_cells(stages, cluster, a, prepared, matrix, tracking)
+    final = stages.report(
+        results=dsl.Collected(scored.outputs["results"]), models=dsl.Collected(trained.outputs["model"]),
+        accuracies=dsl.Collected(scored.outputs["Output"]),
+        prepared=prepared.outputs["prepared"], matrix=matrix.outputs["matrix"], **tracking,
+    ).set_display_name("report")
+    _secrets(final.set_caching_options(False), cluster)
+
+
+def _add_cells(stages: SimpleNamespace, cluster: ClusterSettings, a: SimpleNamespace, prepared, matrix, tracking: dict):
+    """train -> evaluate of each grid cell (method x held-out domain x seed), at most ``cluster.max_parallelism``
+    at once, each on a GPU; returns the two tasks, whose outputs the report collects."""
+    with dsl.ParallelFor(items=a.train_grid, name="method-domain-seed", parallelism=cluster.max_parallelism) as cell:
+        trained = stages.train(
+            prepared=prepared.outputs["prepared"], matrix=matrix.outputs["matrix"], cell=cell,
+            formulation=a.train_formulation, recipe=a.train_recipe, steps=a.train_steps, epochs=a.train_epochs,
+            batch_size=a.train_batch_size, lr=a.train_lr, hflip=a.train_hflip, model_name=a.model_name,
+            pretrained=a.model_pretrained, **tracking,
+        ).set_display_name("train")
+        _secrets(_on_gpu(trained.set_caching_options(False), cluster, retries=cluster.retries), cluster)
+        scored = stages.evaluate(prepared=prepared.outputs["prepared"], model=trained.outputs["model"],
+                                 test_split=a.data_test_split, **tracking).set_display_name("evaluate")
+        _secrets(_on_gpu(scored.set_caching_options(False), cluster, retries=cluster.retries), cluster)
+    return trained, scored
 
 
 PAPER_FAMILIES = COMPOSITES["all"].families
@@ -272,7 +240,7 @@ def build_composite(name: str, cluster: ClusterSettings | None = None, tracking_
         chain = index % len(shares)
         label = f"{family}-{dataset}".replace("_", "-")
         sub = build_pipeline(family, replace(cluster, max_parallelism=shares[chain]), values, name=f"alignclip-{label}")
-        subs.append((chain, label, sub, pipeline_arguments(values)))
+        subs.append((chain, label, sub, pipeline_arguments(family, values)))
 
     def composite_pipeline(mlflow_tracking_uri: str = tracking_uri):
         last = {}

@@ -291,8 +291,8 @@ def _dvc_command(values, cell, project):
 def _kfp_command(family, values, tmp_path, monkeypatch):
     """The command the compiled package's train task runs: its inputs wired from the package's parameter defaults
     into the component function (the code the task executes), with the CLI call captured."""
-    import alignclip.tasks
-    from alignclip.pipeline_cli import cluster_settings, compile_pipeline
+    import alignclip_kfp.components.runtime
+    from alignclip_kfp.client import cluster_settings, compile_pipeline
     from alignclip_kfp.components import stages
 
     path = compile_pipeline(family, tmp_path / "p.yaml", cluster_settings(image="registry.example/alignclip:test"), values)
@@ -310,7 +310,7 @@ def _kfp_command(family, values, tmp_path, monkeypatch):
     arguments["cell"] = next(c for c in reversed(defaults["train_grid"]) if c["method"] == "alignclip")
     artifact = lambda p: SimpleNamespace(path=str(p), metadata={})  # noqa: E731
     captured = []
-    monkeypatch.setattr(alignclip.tasks, "run_cli", lambda *args, env=None: captured.append(list(args)))
+    monkeypatch.setattr(alignclip_kfp.components.runtime, "run_cli", lambda *args, env=None: captured.append(list(args)))
     stages.train(prepared=artifact("<prepared>"), matrix=artifact("<matrix>"), parent_run=artifact(tmp_path / "run"),
                  model=artifact("<model>"), **arguments)
     return captured[0], arguments["cell"], defaults

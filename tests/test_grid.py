@@ -56,7 +56,7 @@ def test_bad_grids_are_one_line_naming_the_key(tmp_path, train, message):
 
 def test_zero_shot_runs_once_per_held_out_domain_in_every_compiled_family(tmp_path):
     from alignclip.config import FAMILIES
-    from alignclip.pipeline_cli import cluster_settings, compile_pipeline
+    from alignclip_kfp.client import cluster_settings, compile_pipeline
 
     for family in ("demo", "domain_shift", "wild"):
         values = resolve(family)

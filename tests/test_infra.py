@@ -217,7 +217,7 @@ def test_network_policies_admit_only_pipeline_pods_to_mlflow_and_the_store(rende
 def test_every_pipeline_task_carries_the_admitted_label_limits_a_deadline_and_a_non_root_user(tmp_path):
     """The compiled KFP package: every task pod has the label the NetworkPolicies admit, CPU/memory limits, an
     activeDeadlineSeconds and the image's non-root user."""
-    from alignclip.pipeline_cli import compile_pipeline
+    from alignclip_kfp.client import compile_pipeline
 
     spec, platform = list(yaml.safe_load_all(compile_pipeline("demo", tmp_path / "demo.yaml").read_text()))
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]

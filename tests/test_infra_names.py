@@ -62,7 +62,7 @@ def test_rendered_names_are_the_readmes(overlay):
 
 
 def test_infra_readme_documents_every_secret_and_config_map(tmp_path):
-    from alignclip.pipeline_cli import cluster_settings, compile_pipeline
+    from alignclip_kfp.client import cluster_settings, compile_pipeline
 
     names = set()
     for overlay in ("dev", "prod"):

@@ -11,9 +11,9 @@ import time
 import pytest
 import yaml
 
-from alignclip import pipeline_cli
+from alignclip_kfp import client as kfp_client
 from alignclip.config import ConfigError
-from alignclip.pipeline_cli import cluster_settings, compile_pipeline
+from alignclip_kfp.client import cluster_settings, compile_pipeline
 from tests.servers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,12 +52,12 @@ def test_tasks_and_edges(compiled):
 
 def test_parameters_are_the_resolved_settings(compiled):
     from alignclip.config import resolve
-    from alignclip_kfp.pipelines.alignclip_pipeline import pipeline_arguments
+    from alignclip_kfp.arguments import pipeline_arguments
 
     spec, _, _ = compiled
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     defaults = {name: p.get("defaultValue") for name, p in parameters.items()}
-    assert defaults == pipeline_arguments(resolve("demo"))  # the compiled defaults are what a run gets
+    assert defaults == pipeline_arguments("demo", resolve("demo"))  # the compiled defaults are what a run gets
     assert "train_grid" in defaults  # methods x test_domains x seeds
     assert "optimiser steps" in parameters["train_steps"]["description"]  # the schema's help text
 
@@ -185,7 +185,7 @@ def test_submit_sends_the_intended_arguments_and_cluster_settings(monkeypatch, c
     from alignclip.cli import main
 
     monkeypatch.setattr(kfp, "Client", StubClient)
-    monkeypatch.setattr(pipeline_cli, "check_kfp_host", lambda host: host)  # kfp.example is not there to probe
+    monkeypatch.setattr(kfp_client, "check_kfp_host", lambda host: host)  # kfp.example is not there to probe
     StubClient.calls.clear()
     monkeypatch.setattr(sys, "argv", [
         "alignclip", "pipeline", "submit", "domain_shift", "--host", "http://kfp.example:8080", "--dataset", "pacs",
@@ -263,9 +263,9 @@ def test_the_host_probe_leaves_http_answers_to_kfp_but_not_a_down_api():
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         # 401/404: e.g. a sign-in proxy in front of the API, which kfp may hold a token for
-        assert pipeline_cli.check_kfp_host(f"{base}/404/") == f"{base}/404"
+        assert kfp_client.check_kfp_host(f"{base}/404/") == f"{base}/404"
         with pytest.raises(ConfigError, match="answered HTTP 503"):
-            pipeline_cli.check_kfp_host(f"{base}/503")
+            kfp_client.check_kfp_host(f"{base}/503")
     finally:
         server.shutdown()
         server.server_close()
@@ -570,7 +570,7 @@ def test_submit_wait_follows_the_run_and_exits_with_its_result(final, code, monk
     from alignclip.cli import main
 
     monkeypatch.setattr(kfp, "Client", FollowedClient)
-    monkeypatch.setattr(pipeline_cli, "check_kfp_host", lambda host: host)
+    monkeypatch.setattr(kfp_client, "check_kfp_host", lambda host: host)
     monkeypatch.setattr(time, "sleep", lambda seconds: None)
     FollowedClient.script = [
         ("PENDING", []),
@@ -596,5 +596,5 @@ def test_follow_gives_up_when_the_api_stops_answering():
             raise ConnectionError("port-forward closed")
 
     lines = []
-    assert pipeline_cli.follow_run(Gone(), "r", lines.append, poll_s=0, sleep=lambda s: None, attempts=3) == 2
+    assert kfp_client.follow_run(Gone(), "r", lines.append, poll_s=0, sleep=lambda s: None, attempts=3) == 2
     assert lines == ["run r: the KFP API stopped answering (port-forward closed); the run goes on"]

@@ -1,52 +1,14 @@
-"""What a pipeline task needs to run a stage: the CLI command and the environment of a nested MLflow run.
+"""The `alignclip` command line of each stage, built in one place: `alignclip grid` (the DVC stages) runs the
+train and evaluate commands of its cells in-process, the KFP components (alignclip_kfp.components) run all five as
+subprocesses, and `alignclip pipeline ... --dry-run` prints them.
 
-KFP lightweight components are serialised as their function source, so shared code lives here, in the package
-that the image (and the local runner's interpreter) already has.
+Plain lists of strings, no kfp: the library's own grid needs them, so they live in the library, and the KFP layer
+(which the library never imports) builds on them.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-
-
-def task_env(parent_run_file: str, experiment: str, tracking_uri: str) -> dict:
-    """The process environment of a stage: MLflow URI, experiment, and the pipeline's parent run id (read from
-    the parent-run artifact)."""
-    with open(parent_run_file) as handle:
-        parent = handle.read().strip()
-    env = dict(os.environ, ALIGNCLIP_PARENT_RUN_ID=parent, ALIGNCLIP_EXPERIMENT=str(experiment))
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    return env
-
-
-def run_cli(*args: str, env: dict | None = None) -> None:
-    """`alignclip ARGS...` with this interpreter: the same CLI as the image's entrypoint.
-
-    SIGTERM (Kubernetes stopping the pod) is passed on to the stage, which then writes its resume checkpoint;
-    otherwise only this wrapper would hear it and the stage would be killed at the end of the grace period."""
-    import signal
-
-    command = [sys.executable, "-m", "alignclip", *map(str, args)]
-    process = subprocess.Popen(command, env=env)
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
-    except ValueError:  # not the main thread: no handler to install
-        previous = None
-    try:
-        code = process.wait()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    if code:
-        raise subprocess.CalledProcessError(code, command)
-
-
-# The CLI command of each pipeline stage, built in one place: the KFP components run exactly these, and
-# `alignclip pipeline submit|run --dry-run` prints them.
 
 
 def prepare_args(dataset: str, root: str, out: str, protocol: str, holdout_fraction: float, trial_seed: int, shots: int,

@@ -1,5 +1,7 @@
-"""`alignclip pipeline compile|submit|run`: the KFP side of the CLI. kfp (the optional extra ``alignclip[kfp]``)
-is imported only inside these functions, from the installed ``alignclip_kfp`` package."""
+"""The KFP client: compile a family's pipeline, submit it to a cluster (and follow the run), run it in kfp's local
+runner, or print what a run would do (dry run). `alignclip pipeline compile|submit|run` parses its options and
+calls these. kfp (the optional extra ``alignclip[kfp]``) is imported only inside the functions that use it, so the
+settings checks and the dry run work without it."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import os
 import re
 from pathlib import Path
 
-from alignclip.config import COMPOSITES, ConfigError, cell_dir, check_family, effective_train, grid, resolve
+from alignclip.config import COMPOSITES, ConfigError, cell_dir, check_family
 from alignclip.log import get_logger
+from alignclip_kfp.arguments import pipeline_arguments, resolve_pipeline
 
 log = get_logger(__name__)
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
@@ -24,24 +27,6 @@ def _pipelines():
             raise ConfigError("the pipeline commands need kfp: pip install 'alignclip[kfp]'") from None
         raise
     return alignclip_pipeline
-
-
-COMPOSITE_SETTINGS = ("mlflow_tracking_uri", "data_root")
-
-
-def resolve_pipeline(family: str, params_file: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """Resolved settings of a family (a composite such as ``all``: the MLflow server and the data prefix, shared by
-    every sub-pipeline; each dataset is a folder under the prefix)."""
-    if family in COMPOSITES:
-        extra = sorted(set(overrides or {}) - set(COMPOSITE_SETTINGS))
-        if params_file is not None or extra:
-            raise ConfigError(f"the {family} pipeline takes only --data-root (a prefix: <prefix>/<dataset>) and "
-                              f"mlflow_tracking_uri (got {extra or '--params-file'}); compile or submit a family to "
-                              "change its settings")
-        return {"mlflow_tracking_uri": (overrides or {}).get("mlflow_tracking_uri", ""),
-                "data_root": (overrides or {}).get("data_root") or None}
-    check_family(family)
-    return resolve(family, params_file, overrides)
 
 
 def cluster_settings(gpu_type=None, gpus=None, node_selector=None, tolerations=None, retries=None, cpu=None,
@@ -96,12 +81,6 @@ def cluster_settings(gpu_type=None, gpus=None, node_selector=None, tolerations=N
 
 def is_placeholder_image(cluster) -> bool:
     return cluster.image == _pipelines().PLACEHOLDER_IMAGE
-
-
-def pipeline_arguments(family: str, values: dict) -> dict:
-    if family in COMPOSITES:  # the data prefix is compiled into the sub-pipelines' defaults
-        return {"mlflow_tracking_uri": values.get("mlflow_tracking_uri", "")}
-    return _pipelines().pipeline_arguments(values)
 
 
 def _build(family: str, cluster, values: dict):
@@ -251,41 +230,41 @@ def run_local(family: str, pipeline_root: str | Path, values: dict):
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     # Locally a failure is a bug to see at once: no retries with minute-long back-offs.
     func = module.build_pipeline(family, module.ClusterSettings(retries=0), values)
-    return func(**module.pipeline_arguments(values))
+    return func(**pipeline_arguments(family, values))
 
 
 def dry_run(family: str, values: dict) -> str:
     """The effective parameters of every task of the run, one line each: the pipeline's arguments and the exact
-    `alignclip` command each task runs (artifact paths shown as <placeholders>)."""
-    from alignclip.tasks import evaluate_args, prepare_args, report_args, similarity_args, train_args
+    `alignclip` command each task runs (artifact paths shown as <placeholders>), built from the arguments the run
+    gets (``pipeline_arguments``) by the same functions the components call."""
+    from alignclip.artifacts import MODEL, SIMILARITY_MATRIX
+    from alignclip.commands import evaluate_args, prepare_args, report_args, similarity_args, train_args
 
     if family in COMPOSITES:
         return f"{family}: " + json.dumps(values) + "\n" + "\n".join(dry_run(name, member) for name, _, member in _composite(family, values))
-    train = effective_train(values)
-    a = {"steps": int(train["steps"] or 0), "epochs": int(train["epochs"] or 0), "batch_size": train["batch_size"],
-         "lr": train["lr"], "hflip": train["hflip"]}
+    p = pipeline_arguments(family, values)
     lines = [f"{family}: {json.dumps({k: v for k, v in values.items()}, ensure_ascii=False)}"]
     # the first task and the last, as components/stages.py runs them (start_run opens the parent, report ends it)
-    uri = values.get("mlflow_tracking_uri") or ""
-    lines.append(f"mlflow parent: open run 'kfp {family}: {values['data_dataset']} ({values['data_protocol']})' in "
-                 f"experiment {values.get('mlflow_experiment')!r} at {uri} (the cells' parent; the report ends it)"
+    uri = p["mlflow_tracking_uri"] or ""
+    lines.append(f"mlflow parent: open run 'kfp {family}: {p['data_dataset']} ({p['data_protocol']})' in "
+                 f"experiment {p['mlflow_experiment']!r} at {uri} (the cells' parent; the report ends it)"
                  if uri else "mlflow parent: none (mlflow_tracking_uri is empty: no tracking)")
-    root = values["data_root"]
+    root = p["data_root"]
     if root == "embedded":  # the prepare task builds RotatedDigits into its own artifact first (components/stages.py)
         root = "<prepared>/images"
         lines.append(f"prepare: alignclip data digits {root}")
     lines.append("prepare: alignclip " + " ".join(prepare_args(
-        values["data_dataset"], root, "<prepared>", values["data_protocol"], values["data_holdout_fraction"],
-        values["data_trial_seed"], values["data_shots"], values["train_seeds"], values["data_templates"],
-        values["data_class_names"], values["data_listing"])))
-    lines.append("similarity: alignclip " + " ".join(similarity_args("<prepared>", "<matrix>", values["model_name"], values["model_pretrained"])))
-    for cell in grid(values):
+        p["data_dataset"], root, "<prepared>", p["data_protocol"], p["data_holdout_fraction"], p["data_trial_seed"],
+        p["data_shots"], p["train_seeds"], p["data_templates"], p["data_class_names"], p["data_listing"])))
+    lines.append("similarity: alignclip " + " ".join(similarity_args("<prepared>", "<matrix>", p["model_name"], p["model_pretrained"])))
+    for cell in p["train_grid"]:
         label = cell_dir(cell)  # the cell's folder name: its varied settings, held-out domain and seed (none: zero-shot)
         lines.append(f"train {label}: alignclip " + " ".join(_quote(x) for x in train_args(
-            "<prepared>", "<model>", cell, values["train_formulation"], values["train_recipe"], a["steps"], a["epochs"],
-            a["batch_size"], a["lr"], a["hflip"], values["model_name"], values["model_pretrained"], "<matrix>/similarity.pt")))
+            "<prepared>", "<model>", cell, p["train_formulation"], p["train_recipe"], p["train_steps"], p["train_epochs"],
+            p["train_batch_size"], p["train_lr"], p["train_hflip"], p["model_name"], p["model_pretrained"],
+            f"<matrix>/{SIMILARITY_MATRIX}")))
         lines.append(f"evaluate {label}: alignclip " + " ".join(_quote(x) for x in evaluate_args(
-            "<prepared>", "<model>/model.pt", "<results>", values["data_test_split"])))
+            "<prepared>", f"<model>/{MODEL}", "<results>", p["data_test_split"])))
     lines.append("report: alignclip " + " ".join(report_args("<collected results>", "<report>", "<prepared>", "<matrix>")))
     return "\n".join(lines)
 
