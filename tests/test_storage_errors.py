@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from botocore.stub import Stubber
 
-from alignclip.data import storage
+from alignclip import storage
 from alignclip.data.prepare import PrepareSettings, prepare, write_prepared
-from alignclip.data.storage import StorageError, UnreadableImage
+from alignclip.storage import StorageError, UnreadableImage
 from tests.servers import S3_ENV, TcpOutage, free_port, make_bucket, s3_server
 
 
@@ -33,7 +33,7 @@ def _stubbed(monkeypatch, code, status):
     for _ in range(4):
         stubber.add_client_error("list_objects_v2", service_error_code=code, http_status_code=status)
     stubber.activate()
-    monkeypatch.setattr("alignclip.s3.client", lambda: client)
+    monkeypatch.setattr("alignclip.storage.client", lambda: client)
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_prepare_against_an_unreachable_endpoint_is_one_line(monkeypatch, s3_env
     started = time.monotonic()
     with pytest.raises(StorageError, match=f"S3 endpoint {endpoint} unreachable") as caught:
         prepare(PrepareSettings("rotated_digits", "s3://data/digits"))
-    assert caught.value.transient and time.monotonic() - started < 180  # botocore: 10 adaptive attempts (alignclip/s3.py)
+    assert caught.value.transient and time.monotonic() - started < 180  # botocore: 10 adaptive attempts (alignclip/storage.py)
 
 
 def test_cli_prepare_of_a_missing_bucket_exits_2_in_one_line(s3_env, tmp_path):
@@ -123,7 +123,7 @@ def _upload(endpoint, root, bucket):
 
 
 def _logged(out) -> int:
-    from alignclip.files import live_staging
+    from alignclip.publish import live_staging
 
     try:
         return max(0, len((live_staging(out, "train")[0] / "train_log.csv").read_text().splitlines()) - 1)
