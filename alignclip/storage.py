@@ -419,7 +419,7 @@ def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = 
     if not remote:
         return list(paths)
     targets = {uri: cache_path(uri, cache_dir) for uri in remote}  # every key confined before anything is fetched
-    client = client()
+    s3 = client()  # one client for the threads (boto3 clients are thread-safe)
     local: dict[str, str] = {}
     failed: list[tuple[str, str]] = []
 
@@ -430,7 +430,7 @@ def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = 
 
             bucket, key = parse_uri(uri)
             try:
-                body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
             except (BotoCoreError, ClientError) as err:
                 failed.append((uri, f"{type(err).__name__}: {err}"))
                 return

@@ -51,6 +51,33 @@ def test_prepare_names_a_missing_bucket_or_rejected_credentials(monkeypatch, cod
     assert "\n" not in str(caught.value) and not caught.value.transient
 
 
+def test_the_resume_checkpoint_store_fails_in_the_same_one_line_as_the_data(monkeypatch):
+    """CheckpointStore reads, writes and deletes through alignclip.storage: one translation of S3 errors for
+    checkpoints and images alike; a missing object is no checkpoint yet (None), not an error."""
+    import boto3
+
+    from alignclip.resume import CheckpointStore
+
+    client = boto3.client("s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+    stubber = Stubber(client)
+    stubber.add_client_error("get_object", service_error_code="NoSuchKey", http_status_code=404)
+    stubber.add_client_error("get_object", service_error_code="AccessDenied", http_status_code=403)
+    stubber.add_client_error("put_object", service_error_code="NoSuchBucket", http_status_code=404)
+    stubber.add_client_error("delete_object", service_error_code="SlowDown", http_status_code=503)
+    stubber.activate()
+    monkeypatch.setattr("alignclip.storage.client", lambda: client)
+    store = CheckpointStore("s3://ckpt/run-1")
+    assert store.info() is None
+    with pytest.raises(StorageError, match=r"S3 credentials rejected by .* for s3://ckpt \(AccessDenied\)") as denied:
+        store.load()
+    with pytest.raises(StorageError, match="bucket 'ckpt' does not exist at") as missing:
+        store.save({"step": 1}, {"step": 1})
+    with pytest.raises(StorageError, match=r"S3 error at .* reading s3://ckpt/run-1/resume.pt: SlowDown$") as slow:
+        store.clear()
+    assert not denied.value.transient and not missing.value.transient and slow.value.transient
+    stubber.assert_no_pending_responses()
+
+
 def test_prepare_without_credentials_says_so(tmp_path):
     """A fresh process (boto3's default session caches credentials it found once, so not in-process)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
