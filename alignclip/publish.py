@@ -325,7 +325,7 @@ def _staged(out: Path, stage: str, owns, allowed, keep_staging_on_error: bool) -
             shutil.rmtree(staging, ignore_errors=True)
         raise
     if owns is None:
-        _replace_folder(staging, out)
+        replace_folder(staging, out)
     else:
         publish_files(staging, out, owns)
         shutil.rmtree(staging, ignore_errors=True)
@@ -347,8 +347,8 @@ def publish_files(staging: str | Path, out: str | Path, names: Iterable[str]) ->
     _fsync_dir(out)
 
 
-def _replace_folder(new: Path, out: Path) -> None:
-    """Swap ``new`` in as ``out``. Two renames: the old folder moves aside, the new one takes its name, then the
+def replace_folder(new: Path, out: Path) -> None:
+    """Swap the finished folder ``new`` in as ``out`` (same file system). Two renames: the old folder moves aside, the new one takes its name, then the
     old one is deleted. A crash between the renames leaves ``.<name>.old`` holding the previous outputs, which
     the next publish of this folder removes."""
     old = out.parent / f".{out.name}.old"
