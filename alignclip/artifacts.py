@@ -7,14 +7,15 @@
     report      -> REPORT_PAGE, REPORT_MARKDOWN, tables and figures
 
 DVC (dvc.yaml) and the KFP components name the same files; tests/test_artifacts.py checks dvc.yaml against this.
+Reading a checkpoint back is here too (``load_torch``, ``load_checkpoint``); writing one is ``publish.save_checkpoint``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-# torch is imported where a checkpoint is written or read: the CLI reads these names before a command runs
+# torch is imported where a checkpoint is read: the CLI reads these names before a command runs
 
 MANIFEST = "manifest.parquet"
 META = "meta.json"
@@ -61,12 +62,35 @@ class Checkpoint:
     schema: int = CHECKPOINT_SCHEMA
 
 
-def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
-    """Written to a temporary file and renamed: a killed process never leaves a half-written checkpoint."""
-    from alignclip.files import save_torch
+def load_torch(source, what: str = "checkpoint"):
+    """``torch.load`` with ``weights_only=True`` on CPU; a bad or unsafe file is one ``ValueError`` naming it.
 
-    # serialised in memory, then one atomic write: a full disk is one DiskFull line naming the file and its size
-    return save_torch(asdict(checkpoint), Path(path))
+    ``source`` is a path or a binary file object (bytes read from object storage). The one way the project reads
+    a ``.pt`` file: ``weights_only=True`` refuses any pickle that would build objects other than tensors and plain
+    containers, so a checkpoint shared by someone else cannot run code here. (Written by ``alignclip.publish``.)
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    name = source if isinstance(source, (str, Path)) else getattr(source, "name", "<bytes>")
+    if isinstance(source, (str, Path)) and not Path(source).is_file():
+        raise FileNotFoundError(f"{what} not found: {source}")
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch names a refused global (e.g. "unsupported GLOBAL posix.system"); other unpickling errors mean
+        # the bytes are not a pickle at all.
+        refused = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)
+        if refused:
+            raise ValueError(
+                f"{name}: refused to load this {what}: it holds Python objects other than tensors and plain data, "
+                f"which could run code ({refused})"
+            ) from None
+        raise ValueError(f"{name}: not a valid {what} (not a torch file)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, AttributeError, IndexError) as err:
+        raise ValueError(f"{name}: not a valid {what} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'empty or truncated file'})") from None
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -74,8 +98,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (the {MODEL} of `alignclip train`)")
-    from alignclip.files import load_torch
-
     # weights_only: a pickle that would run code is refused; any other bad file is one line naming it
     state = load_torch(path, "model checkpoint")
     expected = {f.name for f in fields(Checkpoint)}

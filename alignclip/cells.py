@@ -134,9 +134,7 @@ def run_cells(values: dict, prepared: str, out: str | Path, cells: list[dict], s
             for name, result in pool.imap(_run_cell, work):
                 scores[name] = result
     if scores_path is not None:
-        path = Path(scores_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
-        partial.replace(path)
+        from alignclip.publish import atomic_write_text
+
+        atomic_write_text(scores_path, json.dumps(scores, indent=2, sort_keys=True) + "\n")
     return scores

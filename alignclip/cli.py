@@ -378,7 +378,7 @@ def train(
         typer.echo(json.dumps(shown, sort_keys=True))
         return
     check_output_dir(out_dir)
-    from alignclip.files import hold_output_lock
+    from alignclip.publish import hold_output_lock
     from alignclip.resume import ResumeOptions, pending_run_id
 
     hold_output_lock(out_dir)  # one writer per output, taken before its MLflow run: a refused second one leaves no trace
@@ -436,7 +436,7 @@ def evaluate(
     from alignclip.data.prepare import load_prepared
     from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
 
-    from alignclip.files import hold_output_lock
+    from alignclip.publish import hold_output_lock
 
     hold_output_lock(out_dir)  # one writer per output, before the MLflow run it would continue
     # The cell's training run (named in train.json) if it belongs to this pipeline run; else a new cell run.
@@ -512,7 +512,7 @@ def report(
                 for dataset in sorted(results["dataset"].unique()):
                     tracking.set_best_aliases(dataset, tracker.uri)
     if metrics_file is not None:
-        from alignclip.files import atomic_write_text
+        from alignclip.publish import atomic_write_text
 
         atomic_write_text(metrics_file, (out_dir / artifacts.SCORES).read_text())
     typer.echo(f"results page: {page}")

@@ -19,7 +19,7 @@ from alignclip.classifier import checkpoint_tau, encode_classes, load_trained, r
 from alignclip.data.images import ManifestImages, collate_readable, eval_transform
 from alignclip.data.loader import AUTO, evaluation_loader, resolve_workers
 from alignclip.data.prepare import load_prepared
-from alignclip.files import stage_output
+from alignclip.publish import stage_output
 from alignclip.log import get_logger
 from alignclip.losses import cosine_logits
 

@@ -3,7 +3,7 @@
 A preset is data, as in open_clip: an architecture name plus a default ``pretrained`` source. The source can be
 - an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``...), downloaded by open_clip on first use;
 - a local checkpoint file (``/models/ViT-B-16.pt``), the usual way on an offline cluster;
-- an ``s3://bucket/key`` URI, fetched once with boto3 into a local cache (``ALIGNCLIP_CACHE``);
+- an ``s3://bucket/key`` URI, fetched once into the local cache (``storage.fetch_object``, ``ALIGNCLIP_CACHE``);
 - ``alignclip:digits``: the ``tiny`` preset's default, a small ViT CLIP pre-trained contrastively by the project
   on printed digits (alignclip/pretrain.py), built deterministically on first use and cached;
 - ``none`` for random weights (seeded).
@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from alignclip import s3
+from alignclip import storage
 from alignclip.log import get_logger
 
 log = get_logger(__name__)
@@ -96,8 +96,8 @@ def resolve_weights(pretrained: str | None) -> str | None:
         if source != pretrain.SOURCE:
             raise ValueError(f"unknown project weights {source!r}: expected {pretrain.SOURCE!r}")
         return str(pretrain.cached_weights())
-    if s3.is_s3(source):
-        return str(s3.fetch_object(source))
+    if storage.is_s3(source):
+        return str(storage.fetch_object(source))
     looks_like_path = os.sep in source or source.endswith((".pt", ".pth", ".bin", ".safetensors"))
     if looks_like_path and not Path(source).is_file():
         raise FileNotFoundError(f"checkpoint file not found: {source} (model.pretrained)")

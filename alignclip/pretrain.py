@@ -33,7 +33,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from alignclip.log import get_logger
+from alignclip.publish import publish_files, stage_output
 
 log = get_logger(__name__)
 
@@ -302,7 +302,9 @@ def settings_digest(settings: PretrainSettings = PretrainSettings()) -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ALIGNCLIP_CACHE", Path.home() / ".cache" / "alignclip")) / "pretrained"
+    from alignclip.storage import cache_root
+
+    return cache_root() / "pretrained"
 
 
 def cached_weights(settings: PretrainSettings = PretrainSettings(), rebuild: bool = False) -> Path:
@@ -312,29 +314,29 @@ def cached_weights(settings: PretrainSettings = PretrainSettings(), rebuild: boo
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("building the tiny preset's pre-trained weights (once; cached as %s)", target)
-    # Build beside the target and rename: a concurrent reader never sees a half-written file.
+    # Build beside the target and rename: a concurrent reader never sees a half-written file; the weights last,
+    # so that a cache hit (weights and summary present) finds the log and summary that go with them.
+    log_file, summary_file = target.with_suffix(".csv").name, target.with_suffix(".json").name
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        weights = Path(scratch) / target.name
-        summary = build(weights, settings, log_path=Path(scratch) / "pretrain_log.csv")
+        summary = build(Path(scratch) / target.name, settings, log_path=Path(scratch) / log_file)
         summary["weights"] = target.name
-        Path(scratch, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(Path(scratch) / "pretrain_log.csv", target.with_suffix(".csv"))
-        os.replace(Path(scratch, "summary.json"), target.with_suffix(".json"))
-        os.replace(weights, target)
+        Path(scratch, summary_file).write_text(json.dumps(summary, indent=2) + "\n")
+        publish_files(scratch, target.parent, (log_file, summary_file, target.name))
     return target
 
 
 def export(out_dir: str | Path, settings: PretrainSettings = PretrainSettings(), rebuild: bool = False) -> dict:
     """Copy the (cached or freshly built) weights, their summary and training log into ``out_dir``."""
     weights = cached_weights(settings, rebuild)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(weights, out / f"{WEIGHTS_NAME}.pt")
-    shutil.copyfile(weights.with_suffix(".csv"), out / "pretrain_log.csv")
-    summary = json.loads(weights.with_suffix(".json").read_text())
-    summary["weights"] = f"{WEIGHTS_NAME}.pt"
-    summary["cached_as"] = str(weights)
-    (out / f"{WEIGHTS_NAME}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if _sha256(out / f"{WEIGHTS_NAME}.pt") != summary["sha256"]:
-        raise RuntimeError(f"{weights} does not match the sha256 in its summary: delete it and run `alignclip pretrain` again")
+    names = (f"{WEIGHTS_NAME}.pt", "pretrain_log.csv", f"{WEIGHTS_NAME}.json")
+    # out_dir may hold the user's other files: only these three are replaced, together, once checked
+    with stage_output(out_dir, "pretrain", owns=names) as staging:
+        shutil.copyfile(weights, staging / names[0])
+        shutil.copyfile(weights.with_suffix(".csv"), staging / names[1])
+        summary = json.loads(weights.with_suffix(".json").read_text())
+        summary["weights"] = names[0]
+        summary["cached_as"] = str(weights)
+        (staging / names[2]).write_text(json.dumps(summary, indent=2) + "\n")
+        if _sha256(staging / names[0]) != summary["sha256"]:
+            raise RuntimeError(f"{weights} does not match the sha256 in its summary: delete it and run `alignclip pretrain` again")
     return summary

@@ -320,7 +320,7 @@ def attention_maps(runs: list[RunRecord], prepared_dir: Path, path: Path, count:
     from alignclip import losses
     from alignclip.data.images import ManifestImages, eval_transform
     from alignclip.data.prepare import load_prepared
-    from alignclip.data.storage import open_image
+    from alignclip.storage import open_image
     from alignclip.classifier import encode_classes, load_trained
     from alignclip.methods import MethodConfig
     from alignclip.model import AlignCLIPVisual, attention_depth
@@ -473,7 +473,7 @@ def build_report(results_dir, out_dir, prepared_dir=None, similarity_dir=None) -
     """Write the report into a staging folder that then replaces ``out_dir`` whole (no stale table or figure of
     an earlier report stays beside the new ones; a failure leaves the previous report). A non-empty folder that
     is not a report of ours (no report.json) is refused, so nothing of the user's is replaced."""
-    from alignclip.files import stage_output
+    from alignclip.publish import stage_output
 
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():

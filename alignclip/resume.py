@@ -21,14 +21,14 @@ import io
 import json
 import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from alignclip import s3
-from alignclip.files import atomic_write_bytes, load_torch, torch_bytes
+from alignclip import storage
+from alignclip.artifacts import load_torch
+from alignclip.publish import torch_bytes
 from alignclip.log import get_logger
 
 log = get_logger(__name__)
@@ -62,41 +62,14 @@ class CheckpointStore:
     def __init__(self, location: str | Path):
         self.location = str(location)
 
-    @property
-    def is_s3(self) -> bool:
-        return self.location.startswith("s3://")
-
     def _key(self, name: str) -> str:
         return f"{self.location.rstrip('/')}/{name}"
 
     def _write(self, name: str, data: bytes) -> None:
-        with _s3_errors(self._key(name)):
-            self._write_unchecked(name, data)
+        storage.write_bytes(self._key(name), data)  # whole or not at all; failures are one StorageError line
 
     def _read(self, name: str) -> bytes | None:
-        with _s3_errors(self._key(name)):
-            return self._read_unchecked(name)
-
-    def _write_unchecked(self, name: str, data: bytes) -> None:
-        if self.is_s3:
-            bucket, key = s3.parse_uri(self._key(name))
-            s3.client().put_object(Bucket=bucket, Key=key, Body=data)  # an S3 PUT is all or nothing
-        else:
-            atomic_write_bytes(Path(self.location) / name, data)
-
-    def _read_unchecked(self, name: str) -> bytes | None:
-        if self.is_s3:
-            from botocore.exceptions import ClientError
-
-            bucket, key = s3.parse_uri(self._key(name))
-            try:
-                return s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
-            except ClientError as err:
-                if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                    return None
-                raise
-        path = Path(self.location) / name
-        return path.read_bytes() if path.is_file() else None
+        return storage.read_if_exists(self._key(name))
 
     def info(self) -> dict | None:
         data = self._read(INFO_FILE)
@@ -127,31 +100,11 @@ class CheckpointStore:
 
     def clear(self) -> None:
         for name in (STATE_FILE, INFO_FILE):
-            if self.is_s3:
-                bucket, key = s3.parse_uri(self._key(name))
-                s3.client().delete_object(Bucket=bucket, Key=key)
-            else:
-                folder = Path(self.location)
-                (folder / name).unlink(missing_ok=True)
-                # a process killed while writing leaves atomic_write's temporary file (.resume.pt.XXXX.tmp) behind
-                for stale in folder.glob(f".{name}.*.tmp"):
-                    stale.unlink(missing_ok=True)
+            # locally with the temporary files of a process killed while writing (.resume.pt.XXXX.tmp)
+            storage.delete(self._key(name))
 
     def __str__(self) -> str:
         return self._key(STATE_FILE)
-
-
-@contextmanager
-def _s3_errors(uri: str):
-    """Object-store failures of the checkpoint are one line naming bucket, endpoint and cause (StorageError)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from alignclip.data.storage import storage_error
-
-    try:
-        yield
-    except (BotoCoreError, ClientError) as err:
-        raise storage_error(err, uri) from None
 
 
 def rng_state() -> dict:

@@ -35,7 +35,7 @@ def load_similarity(path, architecture: str, label_space: list[int], scale: floa
     The softmax is taken over the label space's own columns, exactly as ``class_similarity_matrix`` of those
     classes' text features would.
     """
-    from alignclip.files import load_torch
+    from alignclip.artifacts import load_torch
 
     state = load_torch(path, "similarity matrix")
     missing = [k for k in ("cosine", "architecture") if not isinstance(state, dict) or k not in state]
@@ -69,7 +69,7 @@ def similarity_stage(prepared_dir, out_dir, model: str, pretrained: str | None, 
     from alignclip.presets import load_clip
     from alignclip.report import plot_similarity
 
-    from alignclip.files import stage_output
+    from alignclip.publish import stage_output
 
     out_dir = Path(out_dir)
     _, meta = load_prepared(prepared_dir)

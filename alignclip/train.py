@@ -26,9 +26,9 @@ from alignclip.bma import BetaMovingAverage
 from alignclip.classifier import encode_classes, make_visual, resolve_device
 from alignclip.data.images import ManifestImages, train_transform
 from alignclip.data.loader import AUTO, BalancedLoader, resolve_workers
-from alignclip.data.storage import StorageError
+from alignclip.storage import StorageError
 from alignclip.data.prepare import load_prepared
-from alignclip.files import output_lock, stage_output
+from alignclip.publish import output_lock, save_checkpoint, stage_output
 from alignclip.log import get_logger
 from alignclip.methods import MethodConfig, get_method, split_method
 from alignclip.model import AlignCLIPVisual
@@ -306,7 +306,7 @@ def write_checkpoint(path: str | Path, run: TrainingRun, visual: AlignCLIPVisual
         label_space=run.label_space,
         classes=run.classes,
     )
-    return artifacts.save_checkpoint(path, checkpoint)
+    return save_checkpoint(path, checkpoint)
 
 
 def train(

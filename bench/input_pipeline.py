@@ -110,8 +110,7 @@ def new_client_per_image_rate(uris: list[str]) -> float:
 def s3_figures(local: dict[str, list[str]], root: Path, workers: int, images: int) -> dict[str, float]:
     from moto.server import ThreadedMotoServer
 
-    from alignclip import s3
-    from alignclip.data import storage
+    from alignclip import storage
     from tests.servers import free_port
 
     port = free_port()
@@ -121,7 +120,7 @@ def s3_figures(local: dict[str, list[str]], root: Path, workers: int, images: in
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
-        client = s3.client()
+        client = storage.client()
         client.create_bucket(Bucket="bench")
         remote = {}
         for domain, paths in local.items():

@@ -10,8 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from alignclip import artifacts
-from alignclip.data import storage
+from alignclip import artifacts, storage
 from alignclip.data.images import ManifestImages, eval_transform
 from alignclip.data.prepare import PrepareSettings, load_prepared, prepare, write_prepared
 from alignclip.paths import PathOutsideRoot, confined
@@ -35,7 +34,7 @@ def s3(monkeypatch, tmp_path):
 def test_a_bucket_whose_keys_climb_out_writes_nothing_outside_the_cache(s3, tmp_path):
     """Keys with `../` segments and a leading `/`: prepare refuses the listing naming the key; staging and the
     --pretrained cache refuse the key before any GET; no file appears outside the cache."""
-    from alignclip.s3 import fetch_object
+    from alignclip.storage import fetch_object
 
     root = domainbed_tree(tmp_path / "pacs")
     for path in root.rglob("*.png"):

@@ -5,7 +5,7 @@ import collections
 import pytest
 import torch
 
-from alignclip.data import storage
+from alignclip import storage
 from alignclip.data.images import ManifestImages, train_transform
 from alignclip.data.loader import (
     BalancedBatchSampler,

@@ -7,7 +7,7 @@ import pytest
 
 from alignclip.data.images import ManifestImages
 from alignclip.data.prepare import DatasetError, PrepareSettings, image_path, load_prepared, prepare, write_prepared
-from alignclip.data.storage import open_image
+from alignclip.storage import open_image
 
 
 def _first_image_opens(prepared):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from alignclip.presets import PRESETS, load_clip
-from alignclip.s3 import parse_uri
+from alignclip.storage import parse_uri
 
 
 def test_tiny_builds_and_encodes(tiny):

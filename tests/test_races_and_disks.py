@@ -11,7 +11,7 @@ import torch
 
 from alignclip import artifacts
 from alignclip.datafiles import DataFileError
-from alignclip.files import OutputLocked, live_staging, lock_path, save_torch, stage_output
+from alignclip.publish import OutputLocked, live_staging, lock_path, save_torch, stage_output
 from alignclip.paths import DiskFull
 
 

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from alignclip.files import live_staging, load_torch
+from alignclip.artifacts import load_torch
+from alignclip.publish import live_staging
 from alignclip.resume import CheckpointStore, ResumeOptions, default_location
 from alignclip.train import TrainSettings, train
 

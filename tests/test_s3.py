@@ -42,5 +42,9 @@ def test_dataset_prefix_on_s3_matches_the_local_folder(s3, tmp_path):
     rows = remote.head(3)
     data = ManifestImages(meta, rows["path"].tolist(), rows["label"].tolist(), [0, 1, 2, 3], eval_transform(8, (0.5,) * 3, (0.5,) * 3))
     assert data[0][0].shape == (3, 8, 8) and data.paths[0].startswith("s3://bucket/datasets/pacs/")
+    uris, read_from_s3 = list(data.paths), data[0][0]
+    data.stage()  # parallel GETs into the local cache (ALIGNCLIP_CACHE); training then reads local files
+    assert data.paths == [str(tmp_path / "cache" / "s3" / "bucket" / uri[len("s3://bucket/"):]) for uri in uris]
+    assert torch.equal(data[0][0], read_from_s3)
     with pytest.raises(FileNotFoundError, match="s3://bucket/nothing"):
         prepare(PrepareSettings("pacs", "s3://bucket/nothing"))

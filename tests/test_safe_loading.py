@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignclip.classifier import load_trained
-from alignclip.files import load_torch
+from alignclip.artifacts import load_torch
 from alignclip.presets import load_clip
 from alignclip.report import build_report
 from alignclip.similarity import load_similarity

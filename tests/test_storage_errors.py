@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from botocore.stub import Stubber
 
-from alignclip.data import storage
+from alignclip import storage
 from alignclip.data.prepare import PrepareSettings, prepare, write_prepared
-from alignclip.data.storage import StorageError, UnreadableImage
+from alignclip.storage import StorageError, UnreadableImage
 from tests.servers import S3_ENV, TcpOutage, free_port, make_bucket, s3_server
 
 
@@ -33,7 +33,7 @@ def _stubbed(monkeypatch, code, status):
     for _ in range(4):
         stubber.add_client_error("list_objects_v2", service_error_code=code, http_status_code=status)
     stubber.activate()
-    monkeypatch.setattr("alignclip.s3.client", lambda: client)
+    monkeypatch.setattr("alignclip.storage.client", lambda: client)
 
 
 @pytest.mark.parametrize(
@@ -49,6 +49,33 @@ def test_prepare_names_a_missing_bucket_or_rejected_credentials(monkeypatch, cod
     with pytest.raises(StorageError, match=message) as caught:
         prepare(PrepareSettings("rotated_digits", "s3://data/digits"))
     assert "\n" not in str(caught.value) and not caught.value.transient
+
+
+def test_the_resume_checkpoint_store_fails_in_the_same_one_line_as_the_data(monkeypatch):
+    """CheckpointStore reads, writes and deletes through alignclip.storage: one translation of S3 errors for
+    checkpoints and images alike; a missing object is no checkpoint yet (None), not an error."""
+    import boto3
+
+    from alignclip.resume import CheckpointStore
+
+    client = boto3.client("s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+    stubber = Stubber(client)
+    stubber.add_client_error("get_object", service_error_code="NoSuchKey", http_status_code=404)
+    stubber.add_client_error("get_object", service_error_code="AccessDenied", http_status_code=403)
+    stubber.add_client_error("put_object", service_error_code="NoSuchBucket", http_status_code=404)
+    stubber.add_client_error("delete_object", service_error_code="SlowDown", http_status_code=503)
+    stubber.activate()
+    monkeypatch.setattr("alignclip.storage.client", lambda: client)
+    store = CheckpointStore("s3://ckpt/run-1")
+    assert store.info() is None
+    with pytest.raises(StorageError, match=r"S3 credentials rejected by .* for s3://ckpt \(AccessDenied\)") as denied:
+        store.load()
+    with pytest.raises(StorageError, match="bucket 'ckpt' does not exist at") as missing:
+        store.save({"step": 1}, {"step": 1})
+    with pytest.raises(StorageError, match=r"S3 error at .* reading s3://ckpt/run-1/resume.pt: SlowDown$") as slow:
+        store.clear()
+    assert not denied.value.transient and not missing.value.transient and slow.value.transient
+    stubber.assert_no_pending_responses()
 
 
 def test_prepare_without_credentials_says_so(tmp_path):
@@ -69,7 +96,7 @@ def test_prepare_against_an_unreachable_endpoint_is_one_line(monkeypatch, s3_env
     started = time.monotonic()
     with pytest.raises(StorageError, match=f"S3 endpoint {endpoint} unreachable") as caught:
         prepare(PrepareSettings("rotated_digits", "s3://data/digits"))
-    assert caught.value.transient and time.monotonic() - started < 180  # botocore: 10 adaptive attempts (alignclip/s3.py)
+    assert caught.value.transient and time.monotonic() - started < 180  # botocore: 10 adaptive attempts (alignclip/storage.py)
 
 
 def test_cli_prepare_of_a_missing_bucket_exits_2_in_one_line(s3_env, tmp_path):
@@ -123,7 +150,7 @@ def _upload(endpoint, root, bucket):
 
 
 def _logged(out) -> int:
-    from alignclip.files import live_staging
+    from alignclip.publish import live_staging
 
     try:
         return max(0, len((live_staging(out, "train")[0] / "train_log.csv").read_text().splitlines()) - 1)

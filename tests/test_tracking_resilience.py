@@ -184,7 +184,7 @@ def test_a_server_killed_mid_training_does_not_stop_it_and_the_missed_metrics_ar
 
 
 def _partial_log(tmp_path):
-    from alignclip.files import live_staging
+    from alignclip.publish import live_staging
 
     folders = live_staging(tmp_path / "run", "train")
     return (folders[0] if folders else tmp_path / "no-staging-yet") / "train_log.csv"

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from alignclip.artifacts import CELL_FILES
-from alignclip.files import stage_output, staging_dir
+from alignclip.publish import stage_output, staging_dir
 
 
 def _write(folder, **files):

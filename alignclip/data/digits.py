@@ -10,7 +10,6 @@ Everything is deterministic: two builds produce the same bytes.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from alignclip.log import get_logger
+from alignclip.publish import replace_folder
 
 log = get_logger(__name__)
 
@@ -92,8 +92,6 @@ def build_rotated_digits(out_dir: str | Path, size: int = DEFAULT_SIZE, force: b
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(out, final)
+    replace_folder(out, final)
     log.info("wrote RotatedDigits (%d images, %d domains) to %s", len(images), len(ANGLES), final)
     return summary

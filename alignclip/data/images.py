@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 
-from alignclip.data import storage
+from alignclip import storage
 from alignclip.data.prepare import allowed_roots, image_path
 from alignclip.log import get_logger
 
@@ -71,7 +71,7 @@ class ManifestImages(Dataset):
     def stage(self, cache_dir=None) -> None:
         """Read ``s3://`` images from local copies, fetched once in parallel (``storage.stage``)."""
         self.paths = storage.stage(self.paths, cache_dir)
-        self.roots.append(os.path.realpath(storage.s3.cache_root(cache_dir) / "s3"))
+        self.roots.append(os.path.realpath(storage.cache_root(cache_dir) / "s3"))
 
     def _open(self, i: int):
         """Fetch and decode one image (or take it from the in-memory copies, ``keep_decoded_bytes``)."""

@@ -23,8 +23,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from alignclip import artifacts
-from alignclip.data import splits, storage
+from alignclip import artifacts, storage
+from alignclip.data import splits
 from alignclip.data.registry import (
     CLASS_NAME_CHOICES, DATASETS, LAYOUT_KINDS, TEMPLATE_CHOICES, clean_class_name, default_protocol, get_dataset,
 )
@@ -481,7 +481,7 @@ def write_prepared(manifest: pd.DataFrame, meta: dict, out_dir: str | Path) -> P
     """Write manifest.parquet and meta.json together (both or neither; the folder may hold other things, e.g.
     the images of a pipeline's embedded dataset). A root inside the output folder is stored relative to it, so
     the prepared folder can move with its images."""
-    from alignclip.files import stage_output
+    from alignclip.publish import stage_output
 
     out = Path(out_dir)
     root = meta.get("root")
@@ -555,7 +555,7 @@ def check_rows(paths: pd.Series, meta: dict, source) -> None:
 
     paths = paths.astype(str)
     dotdot = paths.str.contains(r"(?:^|/)\.\.(?:/|$)", regex=True)
-    absolute = paths.str.startswith("/") | paths.str.startswith(storage.s3.SCHEME)
+    absolute = paths.str.startswith("/") | paths.str.startswith(storage.SCHEME)
     inside = pd.Series(False, index=paths.index)
     for root in allowed_roots(meta):
         inside |= paths.str.startswith(root.rstrip("/") + "/")

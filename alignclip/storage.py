@@ -1,4 +1,17 @@
-"""Where images live: a local folder or an ``s3://bucket/prefix``. Listing never decodes an image."""
+"""Storage: local files and S3 (or an S3-compatible store) behind one set of functions, with one error translation.
+
+Everything the project reads or writes by URI goes through here: dataset listings and images (``alignclip.data``),
+the resume checkpoint (``alignclip.resume.CheckpointStore``), the pre-trained weights fetched from ``s3://``
+(``alignclip.presets``) and the local cache of fetched objects.
+
+* URIs: ``is_s3``, ``parse_uri``, ``join``; the client (``client``: one per process and endpoint).
+* Reading: ``list_files``, ``list_dirs``, ``read_bytes``, ``read_text``, ``read_if_exists``, ``exists``,
+  ``open_image``; writing: ``write_bytes`` (local: ``publish.atomic_write_bytes``; S3: one PUT); ``delete``.
+* Caching: ``cache_root``, ``cache_path``, ``fetch_object`` (one object), ``stage`` (a dataset's images).
+* Errors: a failed S3 request becomes a ``StorageError`` (``storage_error``: one line naming the bucket, the
+  endpoint and the cause; ``transient`` when worth retrying). Bytes that were read but are unusable as an image
+  are an ``UnreadableImage``.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +22,80 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
-
-from alignclip import s3
 from alignclip.log import get_logger
-from alignclip.paths import confined, confined_key
+from alignclip.paths import PathOutsideRoot, confined, confined_key
 
 log = get_logger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
+# ------------------------------------------------------------------------------------------ URIs and the client
 
-is_s3 = s3.is_s3
+SCHEME = "s3://"
+
+
+def is_s3(path) -> bool:
+    return str(path).startswith(SCHEME)
+
+
+def parse_uri(uri: str, prefix: bool = False) -> tuple[str, str]:
+    """``s3://bucket/key/with/slashes`` -> (bucket, key) naming one object; anything else is a ValueError naming
+    the URI. ``prefix=True``: a folder, ``s3://bucket[/some/prefix[/]]`` -> (bucket, ``some/prefix/`` or ``""``)."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len(SCHEME) :].partition("/")
+    if prefix:
+        if not bucket:
+            raise ValueError(f"bad S3 prefix {uri!r}: expected s3://<bucket>/<prefix>")
+        key = key.strip("/")
+        return bucket, (key + "/" if key else "")
+    if not bucket or not key or key.endswith("/"):
+        raise ValueError(f"bad S3 URI {uri!r}: expected s3://<bucket>/<key> naming one object")
+    return bucket, key
 
 
 def join(root: str, relative: str) -> str:
     return f"{str(root).rstrip('/')}/{relative}" if is_s3(root) else os.path.join(root, relative)
 
 
+# Retries with exponential back-off and client-side rate limiting when the store throttles (botocore's "adaptive"
+# mode); a connection pool large enough for the threads that stage a dataset (``stage``).
+RETRY_ATTEMPTS = 10
+POOL_CONNECTIONS = 64
+_clients: dict = {}
+_clients_lock = threading.Lock()
+
+
+def endpoint_url() -> str | None:
+    """The S3-compatible store's endpoint (``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``); None: AWS S3."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def client():
+    """This process's boto3 S3 client: made once per process (a forked DataLoader worker makes its own) and per
+    endpoint/credentials; honours ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for S3-compatible stores. Errors
+    left after the retries are raised as botocore exceptions, for the caller to classify."""
+    endpoint = endpoint_url()
+    key = (os.getpid(), endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    made = _clients.get(key)
+    if made is None:
+        with _clients_lock:  # boto3's default session is not thread-safe while it builds a client
+            made = _clients.get(key)
+            if made is None:
+                import boto3
+                from botocore.config import Config
+
+                config = Config(retries={"max_attempts": RETRY_ATTEMPTS, "mode": "adaptive"},
+                                max_pool_connections=POOL_CONNECTIONS)
+                made = _clients[key] = boto3.client("s3", endpoint_url=endpoint, config=config)
+    return made
+
+
+# ------------------------------------------------------------------------------------------ errors
+
 class StorageError(RuntimeError):
-    """Bytes could not be fetched: the store, the network, the credentials or a missing file, not the image.
+    """Bytes could not be fetched (or stored): the store, the network, the credentials or a missing file, not the
+    image or checkpoint.
     It stops the stage with one line naming the bucket/endpoint (or file) and the cause. ``transient``: worth
     retrying (the endpoint is down or overloaded), as opposed to a missing bucket or rejected credentials."""
 
@@ -47,7 +114,7 @@ _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestT
 
 
 def _endpoint() -> str:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    return endpoint_url() or "AWS S3"
 
 
 def storage_error(err: Exception, uri: str) -> StorageError:
@@ -93,6 +160,8 @@ def _s3_call(uri: str, call):
         raise storage_error(err, uri) from err
 
 
+# ------------------------------------------------------------------------------------------ listing
+
 def list_files(root: str, suffixes: tuple[str, ...] | None = IMG_EXTENSIONS) -> list[str]:
     """Every file below ``root`` (recursively) as a posix path relative to it, sorted; filtered by suffix.
 
@@ -131,8 +200,8 @@ def list_dirs(root: str) -> list[str]:
 
 
 def _list_s3_dirs(root: str) -> list[str]:
-    bucket, prefix = s3.parse_uri(root, prefix=True)
-    paginator = s3.client().get_paginator("list_objects_v2")
+    bucket, prefix = parse_uri(root, prefix=True)
+    paginator = client().get_paginator("list_objects_v2")
     names = set()
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
         for common in page.get("CommonPrefixes", []):
@@ -141,8 +210,8 @@ def _list_s3_dirs(root: str) -> list[str]:
 
 
 def _list_s3(root: str, suffixes) -> list[str]:
-    bucket, prefix = s3.parse_uri(root, prefix=True)
-    paginator = s3.client().get_paginator("list_objects_v2")
+    bucket, prefix = parse_uri(root, prefix=True)
+    paginator = client().get_paginator("list_objects_v2")
     found = []
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
@@ -155,6 +224,8 @@ def _list_s3(root: str, suffixes) -> list[str]:
     found.sort()
     return found
 
+
+# ------------------------------------------------------------------------------------------ reading and writing
 
 # The most bytes read for one image: a bounded read, so a huge or endless file cannot exhaust memory. Far above
 # any image of the benchmarks (ImageNet's largest JPEG is ~15 MB).
@@ -178,8 +249,8 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
     a device never end) and again on the opened descriptor (opened non-blocking, in case it was swapped).
     """
     if is_s3(path):
-        bucket, key = s3.parse_uri(path)
-        response = _s3_call(path, lambda: s3.client().get_object(Bucket=bucket, Key=key))
+        bucket, key = parse_uri(path)
+        response = _s3_call(path, lambda: client().get_object(Bucket=bucket, Key=key))
         if limit is not None and response.get("ContentLength", 0) > limit:
             raise UnreadableImage(f"{path}: {response['ContentLength']} bytes, more than the {limit}-byte cap")
         data = _s3_call(path, lambda: response["Body"].read() if limit is None else response["Body"].read(limit + 1))
@@ -217,13 +288,126 @@ def check_inside(path: str, roots: list[str]) -> None:
         raise UnreadableImage(f"{path}: resolves to {real}, outside the dataset root: not opened")
 
 
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def exists(path: str) -> bool:
+    if is_s3(path):
+        from botocore.exceptions import ClientError
+
+        bucket, key = parse_uri(path)
+
+        def head() -> bool:
+            try:
+                client().head_object(Bucket=bucket, Key=key)
+                return True
+            except ClientError as err:
+                if str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")) == "404":
+                    return False
+                raise
+
+        return _s3_call(path, head)
+    return os.path.exists(path)
+
+
+def read_if_exists(path: str) -> bytes | None:
+    """The bytes of ``path``, or None where there is no such object or file (a checkpoint not written yet)."""
+    if is_s3(path):
+        from botocore.exceptions import ClientError
+
+        bucket, key = parse_uri(path)
+
+        def get() -> bytes | None:
+            try:
+                return client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+
+        return _s3_call(path, get)
+    local = Path(path)
+    return local.read_bytes() if local.is_file() else None
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``path`` whole or not at all: an S3 PUT is all or nothing; a local file is written atomically
+    (``publish.atomic_write_bytes``: a temporary file renamed over it)."""
+    if is_s3(path):
+        bucket, key = parse_uri(path)
+        _s3_call(path, lambda: client().put_object(Bucket=bucket, Key=key, Body=data))
+        return
+    from alignclip.publish import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
+
+
+def delete(path: str) -> None:
+    """Remove ``path`` if it exists. A local file goes with the temporary files that an atomic write of it killed
+    mid-way left behind (``publish.leftover_temporaries``)."""
+    if is_s3(path):
+        bucket, key = parse_uri(path)
+        _s3_call(path, lambda: client().delete_object(Bucket=bucket, Key=key))
+        return
+    from alignclip.publish import leftover_temporaries
+
+    Path(path).unlink(missing_ok=True)
+    for stale in leftover_temporaries(path):
+        stale.unlink(missing_ok=True)
+
+
+def open_image(path: str):
+    """Decode one image fully as RGB. Fetching the bytes can raise StorageError; bytes that do not decode (not
+    an image, truncated), a file that is not a regular one or larger than ``MAX_IMAGE_BYTES`` raise UnreadableImage
+    (``check_inside`` refuses a file outside the dataset's roots before this)."""
+    from PIL import Image  # here: the CLI, resume and presets import this module and never decode an image
+
+    data = read_bytes(path, MAX_IMAGE_BYTES)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes; all mean "not an image"
+        raise UnreadableImage(f"{path}: {type(err).__name__}: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------ the local cache
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The local cache of fetched objects: ``cache_dir``, else ``ALIGNCLIP_CACHE``, else ~/.cache/alignclip."""
+    return Path(cache_dir or os.environ.get("ALIGNCLIP_CACHE", Path.home() / ".cache" / "alignclip"))
+
+
 def cache_path(uri: str, cache_dir: str | Path | None = None) -> Path:
-    """Where ``s3://bucket/key`` is kept locally: ``<cache>/s3/<bucket>/<key>`` (as for checkpoints), confined to
-    the cache (``s3.cache_path``: a key that climbs out is refused)."""
-    return s3.cache_path(uri, cache_dir)
+    """Where ``s3://bucket/key`` is kept locally: ``<cache>/s3/<bucket>/<key>``, the key confined to its bucket's
+    folder (a key with ``..`` segments or a leading ``/`` is refused, never written outside the cache)."""
+    bucket, key = parse_uri(uri)
+    if bucket in ("", ".", "..") or "/" in bucket:
+        raise PathOutsideRoot(f"S3 bucket {bucket!r} of {uri} refused: not a bucket name")
+    return confined(cache_root(cache_dir) / "s3" / bucket, key, f"S3 key of {uri}:")
 
 
-def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = s3.POOL_CONNECTIONS) -> list[str]:
+def fetch_object(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """Download one S3 object to the local cache (once) and return its path."""
+    target = cache_path(uri, cache_dir)
+    bucket, key = parse_uri(uri)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    partial = target.with_suffix(target.suffix + ".partial")
+    try:
+        client().download_file(bucket, key, str(partial))
+    except (ClientError, BotoCoreError) as err:
+        partial.unlink(missing_ok=True)
+        raise FileNotFoundError(f"cannot fetch {uri}: {err}") from err
+    partial.rename(target)
+    return target
+
+
+def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = POOL_CONNECTIONS) -> list[str]:
     """Copy the ``s3://`` images among ``paths`` to the local cache with parallel GETs, once per machine (a
     cached file is reused), and return the paths to read: local copies, or the remote path where the copy failed
     (reading it then raises the storage error). Local paths pass through.
@@ -235,7 +419,7 @@ def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = 
     if not remote:
         return list(paths)
     targets = {uri: cache_path(uri, cache_dir) for uri in remote}  # every key confined before anything is fetched
-    client = s3.client()
+    s3 = client()  # one client for the threads (boto3 clients are thread-safe)
     local: dict[str, str] = {}
     failed: list[tuple[str, str]] = []
 
@@ -244,9 +428,9 @@ def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = 
         if not target.is_file():
             from botocore.exceptions import BotoCoreError, ClientError
 
-            bucket, key = s3.parse_uri(uri)
+            bucket, key = parse_uri(uri)
             try:
-                body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
             except (BotoCoreError, ClientError) as err:
                 failed.append((uri, f"{type(err).__name__}: {err}"))
                 return
@@ -261,39 +445,7 @@ def stage(paths: list[str], cache_dir: str | Path | None = None, threads: int = 
     if failed:
         log.warning("%d of %d images could not be staged (first: %s %s); they are read from S3", len(failed),
                     len(remote), *failed[0])
-    log.info("staged %d images from S3 into %s", len(local), s3.cache_root(cache_dir) / "s3")
+    log.info("staged %d images from S3 into %s", len(local), cache_root(cache_dir) / "s3")
     return [local.get(p, p) for p in paths]
 
 
-def read_text(path: str) -> str:
-    return read_bytes(path).decode("utf-8")
-
-
-def exists(path: str) -> bool:
-    if is_s3(path):
-        bucket, key = s3.parse_uri(path)
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            s3.client().head_object(Bucket=bucket, Key=key)
-            return True
-        except ClientError as err:
-            if str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")) == "404":
-                return False
-            raise storage_error(err, path) from err
-        except BotoCoreError as err:
-            raise storage_error(err, path) from err
-    return os.path.exists(path)
-
-
-def open_image(path: str) -> Image.Image:
-    """Decode one image fully as RGB. Fetching the bytes can raise StorageError; bytes that do not decode (not
-    an image, truncated), a file that is not a regular one or larger than ``MAX_IMAGE_BYTES`` raise UnreadableImage
-    (``check_inside`` refuses a file outside the dataset's roots before this)."""
-    data = read_bytes(path, MAX_IMAGE_BYTES)
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image.convert("RGB")
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes; all mean "not an image"
-        raise UnreadableImage(f"{path}: {type(err).__name__}: {err}") from None

@@ -1,14 +1,18 @@
-"""Reading and writing the project's files safely: torch files without code execution, atomic writes, and stage
-outputs published as a whole.
+"""Publishing outputs: what the project writes is seen whole or not at all, by one writer per output.
 
-* ``load_torch`` is the one way the project reads a ``.pt`` file: ``torch.load(weights_only=True)``, which
-  refuses any pickle that would build objects other than tensors and plain containers (a checkpoint shared by
-  someone else cannot run code here). A file that is not a valid checkpoint is one clear ``ValueError``.
 * ``atomic_write_bytes`` / ``save_torch`` write to a temporary file in the same folder, fsync it and rename it
   over the target: a reader (or a run killed mid-write) sees the old file or the new one, never half of one.
+  ``save_checkpoint`` writes ``model.pt`` this way.
+* ``output_lock`` / ``hold_output_lock``: one writer per output (an exclusive ``flock`` beside it).
 * ``stage_output`` makes a stage's outputs a transaction: the stage writes into a staging folder beside its
   output folder; on success the staging folder replaces the outputs (old files that the new run did not write
   are gone: no stale metrics beside a new model); on failure the previous outputs are untouched.
+  ``publish_files`` moves finished files into place (a stage sharing its folder, the pre-trained weights cache).
+
+Reading lives elsewhere: ``artifacts.load_torch`` (beside ``load_checkpoint``, the schema it checks) is the one
+way a ``.pt`` file is read. Reading takes no lock and no staging folder, and the CLI reads artefact names before
+any stage runs; the module that defines what a file holds is the one that reads it back. Local and ``s3://``
+bytes that are not stage outputs (the resume checkpoint, caches) go through ``alignclip.storage``.
 """
 
 from __future__ import annotations
@@ -19,46 +23,22 @@ import fcntl
 import glob
 import io
 import os
-import pickle
 import shutil
 import socket
 import tempfile
 import time
-import zipfile
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from alignclip.log import get_logger
 from alignclip.paths import DiskFull
 
 log = get_logger(__name__)
 
-
-def load_torch(source, what: str = "checkpoint"):
-    """``torch.load`` with ``weights_only=True`` on CPU; a bad or unsafe file is one ``ValueError`` naming it.
-
-    ``source`` is a path or a binary file object (bytes read from object storage).
-    """
-    name = source if isinstance(source, (str, Path)) else getattr(source, "name", "<bytes>")
-    if isinstance(source, (str, Path)) and not Path(source).is_file():
-        raise FileNotFoundError(f"{what} not found: {source}")
-    try:
-        return torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch names a refused global (e.g. "unsupported GLOBAL posix.system"); other unpickling errors mean
-        # the bytes are not a pickle at all.
-        refused = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)
-        if refused:
-            raise ValueError(
-                f"{name}: refused to load this {what}: it holds Python objects other than tensors and plain data, "
-                f"which could run code ({refused})"
-            ) from None
-        raise ValueError(f"{name}: not a valid {what} (not a torch file)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, AttributeError, IndexError) as err:
-        raise ValueError(f"{name}: not a valid {what} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'empty or truncated file'})") from None
+if TYPE_CHECKING:
+    from alignclip.artifacts import Checkpoint
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -88,7 +68,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def leftover_temporaries(path: str | Path) -> list[Path]:
+    """The temporary files of ``atomic_write_bytes(path)`` that a process killed mid-write left behind."""
+    target = Path(path)
+    return sorted(target.parent.glob(f".{glob.escape(target.name)}.*.tmp"))
+
+
 def torch_bytes(obj) -> bytes:
+    """``torch.save`` into memory. The bytes do not depend on a file name (torch names its zip records after the
+    file it saves to), and a full disk is then one ``DiskFull`` of the atomic write, naming the size."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
@@ -97,6 +87,12 @@ def torch_bytes(obj) -> bytes:
 def save_torch(obj, path: str | Path) -> Path:
     """``torch.save`` made atomic (temporary file + rename)."""
     return atomic_write_bytes(path, torch_bytes(obj))
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
+    """``model.pt`` (schema: ``artifacts.Checkpoint``) written to a temporary file and renamed: a killed process
+    never leaves a half-written checkpoint, and a full disk is one DiskFull line naming the file and its size."""
+    return save_torch(asdict(checkpoint), Path(path))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -329,23 +325,30 @@ def _staged(out: Path, stage: str, owns, allowed, keep_staging_on_error: bool) -
             shutil.rmtree(staging, ignore_errors=True)
         raise
     if owns is None:
-        _replace_folder(staging, out)
+        replace_folder(staging, out)
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in owns:
-            new = staging / name
-            if new.exists():
-                os.replace(new, out / name)
-            elif (out / name).is_dir():
-                shutil.rmtree(out / name)
-            else:
-                (out / name).unlink(missing_ok=True)
+        publish_files(staging, out, owns)
         shutil.rmtree(staging, ignore_errors=True)
-        _fsync_dir(out)
 
 
-def _replace_folder(new: Path, out: Path) -> None:
-    """Swap ``new`` in as ``out``. Two renames: the old folder moves aside, the new one takes its name, then the
+def publish_files(staging: str | Path, out: str | Path, names: Iterable[str]) -> None:
+    """Move each of ``names`` from ``staging`` into ``out`` (same file system), in the given order, each by one
+    atomic rename; a name the staging folder lacks is removed from ``out`` (no stale file beside new ones)."""
+    staging, out = Path(staging), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        new = staging / name
+        if new.exists():
+            os.replace(new, out / name)
+        elif (out / name).is_dir():
+            shutil.rmtree(out / name)
+        else:
+            (out / name).unlink(missing_ok=True)
+    _fsync_dir(out)
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Swap the finished folder ``new`` in as ``out`` (same file system). Two renames: the old folder moves aside, the new one takes its name, then the
     old one is deleted. A crash between the renames leaves ``.<name>.old`` holding the previous outputs, which
     the next publish of this folder removes."""
     old = out.parent / f".{out.name}.old"
