@@ -1,5 +1,6 @@
-"""The same bytes on any x86-64 CPU (alignclip/determinism.py): builds of the tiny weights under two hosts' kernel
-choices, the CLI's decision which runs to pin, and the README's sha256 against what `alignclip pretrain` builds."""
+"""The same bytes on any x86-64 CPU (alignclip/determinism.py): builds of the tiny weights, and a short `alignclip
+train` + `alignclip evaluate`, under two hosts' kernel choices; the CLI's decision which runs to pin; and the
+README's sha256 against what `alignclip pretrain` builds."""
 
 import hashlib
 import json
@@ -146,3 +147,121 @@ def test_the_readme_states_the_sha256_that_alignclip_pretrain_builds(tmp_path):
     assert summary["cpu"]["cpu_kernels"] == "portable" and summary["cpu"]["aten_cpu_capability"] == "DEFAULT"
     stale = [s for s in stated if not built.startswith(s)]
     assert not stale, f"README.md states sha256 {stale}; `alignclip pretrain` builds {built}"
+
+
+# `alignclip evaluate` through the CLI's own entry point (cli.main: its pinning, its evaluate command), recording
+# on the way every logits tensor the evaluation computes (alignclip.evaluate.predict's cosine_logits), in full
+# float32: predictions.parquet keeps only the argmax and four-decimal probabilities, too coarse to show a last-bit
+# difference.
+EVALUATE = """
+import sys
+from alignclip import determinism
+argv, logits_out = sys.argv[1:-1], sys.argv[-1]
+determinism.pin_for_command(argv)  # before torch loads, as cli.main does (which repeats it)
+import torch
+from alignclip import evaluate, cli
+recorded, original = [], evaluate.cosine_logits
+def recording(*args, **kwargs):
+    logits = original(*args, **kwargs)
+    recorded.append(logits.detach().clone())
+    return logits
+evaluate.cosine_logits = recording
+sys.argv = ["alignclip", *argv]
+code = 0
+try:
+    cli.main()
+except SystemExit as exit:
+    code = exit.code or 0
+if code == 0:
+    assert recorded, "evaluate computed no logits through alignclip.evaluate.cosine_logits"
+    torch.save(recorded, logits_out)
+sys.exit(code)
+"""
+
+
+def _run_on_hosts(commands: dict[str, list[str]], kernels: str, tmp_path) -> None:
+    """One command per emulated host, all at once (the kernels are chosen when torch loads), in ``kernels`` mode,
+    each with its own MLflow store and cache; each must succeed."""
+    processes = {}
+    for host, variables in _hosts().items():
+        env = {k: v for k, v in os.environ.items() if k not in determinism.PORTABLE_ENVIRONMENT}  # a fresh shell's
+        for name in ("ALIGNCLIP_CHECKPOINT_ROOT", "ALIGNCLIP_CHECKPOINT_DIR"):
+            env.pop(name, None)
+        home = tmp_path / f"{kernels}-{host}"
+        env.update(variables, ALIGNCLIP_CPU_KERNELS=kernels, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                   MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_TRACKING_URI=f"file:{home}/mlruns",
+                   ALIGNCLIP_CACHE=str(home / "cache"))
+        processes[host] = subprocess.Popen(commands[host], env=env, cwd=home, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True)
+    for host, process in processes.items():
+        _, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, f"{host}: {stderr[-3000:]}"
+
+
+def _train_and_evaluate_on_hosts(tmp_path, prepared, start, kernels: str) -> dict[str, dict]:
+    """A short AlignCLIP `alignclip train` (attention alignment, semantic label smoothing, BMA: every kernel of the
+    objective) from the same starting weights, then `alignclip evaluate` of its model.pt, under each emulated
+    host in ``kernels`` mode; per host: model.pt's and predictions.parquet's bytes, the logits, train.json."""
+    hosts = list(_hosts())
+    for host in hosts:
+        (tmp_path / f"{kernels}-{host}").mkdir()
+    out = {host: tmp_path / f"{kernels}-{host}" for host in hosts}
+    _run_on_hosts({host: [sys.executable, "-m", "alignclip", "train", str(prepared), str(out[host] / "train"),
+                          "--method", "alignclip", "--test-domain", "rotated_30", "--pretrained", str(start),
+                          "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--seed", "0", "--num-workers", "0",
+                          "--no-progress", "--device", "cpu"] for host in hosts}, kernels, tmp_path)
+    _run_on_hosts({host: [sys.executable, "-c", EVALUATE, "evaluate", str(prepared), str(out[host] / "train" / "model.pt"),
+                          str(out[host] / "eval"), "--batch-size", "64", "--num-workers", "0", "--device", "cpu",
+                          str(out[host] / "logits.pt")] for host in hosts}, kernels, tmp_path)
+    import torch
+
+    results = {}
+    for host in hosts:
+        logits = torch.load(out[host] / "logits.pt")
+        results[host] = {
+            "model": (out[host] / "train" / "model.pt").read_bytes(),
+            "predictions": (out[host] / "eval" / "predictions.parquet").read_bytes(),
+            "logits": torch.cat(logits),
+            "train": json.loads((out[host] / "train" / "train.json").read_text()),
+        }
+    return results
+
+
+@pytest.mark.slow
+def test_training_and_evaluation_for_two_cpu_kinds_are_byte_identical_with_the_portable_kernels(tmp_path, digits_prepared):
+    """`alignclip train` (AlignCLIP: AAL + SLS + BMA, 3 steps of 5 domains x 4 images) and `alignclip evaluate`
+    under two emulated CPU kinds: with the portable kernels, model.pt and predictions.parquet are the same bytes
+    and every logit the evaluation computed is the same float. With the native kernels the same two runs differ,
+    so the identity is the pinning's doing: measured on an AMD EPYC with AVX-512 (playing an AVX2 and an AVX-512
+    host), model.pt's bytes differ and the logits by up to 8.3e-6, while predictions.parquet happened to agree (the
+    same argmax and four-decimal probabilities), so only the first two are required to differ. Mutation: leaving
+    oneDNN on in configure_torch (with this test's state check skipped) gives two different model.pt files."""
+    import torch
+
+    from alignclip.presets import load_clip
+
+    start = tmp_path / "start.pt"  # both hosts start from the same bytes: only their kernels differ
+    torch.manual_seed(0)
+    torch.save(load_clip("tiny", "none").model.state_dict(), start)
+    portable = _train_and_evaluate_on_hosts(tmp_path, digits_prepared, start, "portable")
+    native = _train_and_evaluate_on_hosts(tmp_path, digits_prepared, start, "native")
+    a, b = list(portable)
+
+    for result in portable.values():
+        cpu = result["train"]["cpu"]
+        assert (cpu["aten_cpu_capability"], cpu["mkl_cbwr"], cpu["mkldnn"], cpu["nnpack"], cpu["threads"]) == \
+            ("DEFAULT", "COMPATIBLE", False, False, 1), cpu
+        method = result["train"]["method"]
+        assert method["aal"] and method["smoothing"] == "sls" and method["bma"], method
+    assert native[a]["train"]["cpu"]["aten_cpu_capability"] != native[b]["train"]["cpu"]["aten_cpu_capability"]
+
+    native_logit_spread = (native[a]["logits"] - native[b]["logits"]).abs().max().item()
+    differs = {name: native[a][name] != native[b][name] for name in ("model", "predictions")}
+    differs["logits"] = not torch.equal(native[a]["logits"], native[b]["logits"])
+    assert differs["model"] and differs["logits"], (differs, native_logit_spread)
+
+    assert hashlib.sha256(portable[a]["model"]).hexdigest() == hashlib.sha256(portable[b]["model"]).hexdigest()
+    assert portable[a]["predictions"] == portable[b]["predictions"]
+    assert portable[a]["logits"].shape == portable[b]["logits"].shape and portable[a]["logits"].numel() > 0
+    assert torch.equal(portable[a]["logits"], portable[b]["logits"]), \
+        (portable[a]["logits"] - portable[b]["logits"]).abs().max().item()
