@@ -44,7 +44,11 @@ def test_mlflow_server_with_postgres_and_s3_artifacts(digits_prepared, tmp_path)
             (cell,) = client.search_runs([experiment.experiment_id])
             assert cell.data.tags["run_type"] == "cell" and "mlflow.parentRunId" not in cell.data.tags
             assert [m.step for m in client.get_metric_history(cell.info.run_id, "aal")] == [1, 2, 3]
-            assert "test_acc_pct" in cell.data.metrics and cell.data.params["train.steps"] == "3"
+            assert cell.data.params["train.steps"] == "3"
+            import pandas as pd
+
+            test = pd.read_parquet(tmp_path / "run" / "predictions.parquet").query("view == 'test'")
+            assert cell.data.metrics["test_acc_pct"] == pytest.approx(100.0 * (test["pred"] == test["label"]).mean())
             artifacts = {a.path for a in client.list_artifacts(cell.info.run_id)}
             assert {"train_log.csv", "metrics.json"} <= artifacts
             local = client.download_artifacts(cell.info.run_id, "train_log.csv", str(tmp_path / "dl"))
