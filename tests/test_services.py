@@ -24,6 +24,7 @@ def cli(*args, env=None, cwd=None):
     return done
 
 
+@pytest.mark.slow
 def test_mlflow_server_with_postgres_and_s3_artifacts(digits_prepared, tmp_path):
     import boto3
     import mlflow
@@ -61,6 +62,7 @@ def test_mlflow_server_with_postgres_and_s3_artifacts(digits_prepared, tmp_path)
         assert any(k.endswith("train_log.csv") for k in keys)
 
 
+@pytest.mark.slow
 def test_dvc_push_pull_round_trip_through_s3(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
@@ -83,6 +85,7 @@ def test_dvc_push_pull_round_trip_through_s3(tmp_path):
         assert pulled == original and len(pulled) == 1798
 
 
+@pytest.mark.slow
 def test_the_committed_data_dvc_matches_the_digits_build(tmp_path):
     """data.dvc tracks data/ = RotatedDigits; a fresh build hashes to the committed md5."""
     out = yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]
@@ -94,6 +97,7 @@ def test_the_committed_data_dvc_matches_the_digits_build(tmp_path):
     assert yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"] == out["md5"]
 
 
+@pytest.mark.slow
 def test_dvc_repro_runs_the_pipeline(tmp_path):
     project = tmp_path / "repo"
     project.mkdir()

@@ -196,6 +196,7 @@ def _logged_steps(path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_evaluate_of_a_tracked_model_with_the_server_down_costs_seconds(tmp_path, spool, digits_prepared):
     """The server goes away between train and evaluate: evaluate must not wait on MLflow's own retries (minutes)
     to ask whether the training run can be continued; its records are spooled under that run."""
