@@ -132,6 +132,7 @@ def test_each_family_compiles_with_the_papers_setting(family, tmp_path):
     assert d["mlflow_experiment"] == {"domain_shift": "domain-shift", "wild": "in-the-wild", "base2new": "base-to-new", "imagenet": "imagenet-variants"}[family]
 
 
+@pytest.mark.slow  # compiles the `all` composite (every family): the costliest compile
 def test_the_all_pipeline_can_turn_tracking_on(tmp_path):
     path = compile_pipeline("all", tmp_path / "all.yaml", values={"mlflow_tracking_uri": "http://mlflow.alignclip:5000"})
     spec = next(yaml.safe_load_all(path.read_text()))
@@ -290,6 +291,7 @@ def test_dry_run_prints_every_task(capsys):
     assert lines[-1] == "report: alignclip report <collected results> <report> --prepared-dir <prepared> --similarity-dir <matrix>"
 
 
+@pytest.mark.slow  # compiles the `all` composite (every family): the costliest compile
 def test_every_family_compiles_with_its_protocol(tmp_path):
     from alignclip.protocols import PROTOCOLS
 
@@ -492,6 +494,7 @@ def _sub_pipelines(spec):
     return found
 
 
+@pytest.mark.slow  # compiles the `all` composite (every family): the costliest compile
 def test_all_runs_every_dataset_of_the_papers_tables_under_one_data_prefix(tmp_path, capsys):
     from alignclip.cli import main
 
@@ -511,7 +514,8 @@ def test_all_runs_every_dataset_of_the_papers_tables_under_one_data_prefix(tmp_p
     assert seen == TABLES and len(subs) == sum(len(v) for v in TABLES.values())
 
 
-@pytest.mark.parametrize("composite, budget", [("all", 1), ("all", 8), ("backbones", 3)])
+# `all` compiles every family: slow (make test); the backbones composite proves the same rule in the fast tier
+@pytest.mark.parametrize("composite, budget", [pytest.param("all", 1, marks=pytest.mark.slow), pytest.param("all", 8, marks=pytest.mark.slow), ("backbones", 3)])
 def test_a_composite_never_allows_more_gpu_pods_at_once_than_max_parallelism(composite, budget, tmp_path):
     """Sub-pipelines form chains (each after the previous, failed or not); chains run at once. The most GPU pods at
     once is the sum over chains of the largest grid parallelism in each: at most the budget."""
