@@ -11,11 +11,12 @@ export HF_HUB_OFFLINE ?= 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test bench lock clean-demo help image mlflow-image
+.PHONY: demo test test-fast bench lock clean-demo help image mlflow-image
 
 help:
 	@echo "make demo   - set up .venv and run the pipeline (dvc repro) on the embedded RotatedDigits"
-	@echo "make test   - set up .venv and run the test suite"
+	@echo "make test   - set up .venv and run the whole test suite (what CI runs; under 20 min on 2 cores)"
+	@echo "make test-fast - the unit and in-process tests only (pytest -m 'not slow'; under 5 min)"
 	@echo "make bench  - print the benchmark figures (bench/)"
 	@echo "make lock   - re-resolve requirements*.lock from requirements*.in (needs uv)"
 	@echo "make image  - build the image (IMAGE=..., BASE_IMAGE=..., PIP_CONF=..., DOCKER_BUILD_FLAGS=...)"
@@ -33,6 +34,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# No pipeline, server, image, dvc repro or killed process: the tests marked slow are left to `make test`.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py

@@ -1,6 +1,7 @@
 """The same bytes on any x86-64 CPU (alignclip/determinism.py): builds of the tiny weights, and a short `alignclip
 train` + `alignclip evaluate`, under two hosts' kernel choices; the CLI's decision which runs to pin; and the
-README's sha256 against what `alignclip pretrain` builds."""
+README's sha256 against what `alignclip pretrain` builds.
+The rest of the suite runs the native kernels (tests/conftest.py); the runs here name their mode explicitly."""
 
 import hashlib
 import json
@@ -73,6 +74,7 @@ def _build_on_hosts(tmp_path, kernels: str) -> dict[str, dict]:
     return results
 
 
+@pytest.mark.slow
 def test_builds_for_two_cpu_kinds_are_byte_identical_with_the_portable_kernels_and_differ_without(tmp_path):
     portable = _build_on_hosts(tmp_path, "portable")
     native = _build_on_hosts(tmp_path, "native")
@@ -130,13 +132,15 @@ def test_device_auto_is_pinned_when_no_gpu_is_visible_and_native_mode_pins_nothi
         determinism.pin_for_command(["pretrain", "out"])
 
 
+@pytest.mark.slow
 def test_the_readme_states_the_sha256_that_alignclip_pretrain_builds(tmp_path):
     """Every sha256 the README gives for the tiny weights is (a prefix of) what the CLI builds, here, with the
     portable kernels. Uses the weights cache (ALIGNCLIP_CACHE): a cached file is named by the digest of the code,
     settings, library versions and kernels that built it, so it is this build."""
     stated = re.findall(r"sha256 `([0-9a-f]{12,64})(?:…|\.\.\.)?`", (ROOT / "README.md").read_text())
     assert stated, "README.md states no sha256 of the tiny weights (sha256 `<hex>…`)"
-    env = {k: v for k, v in os.environ.items() if k not in determinism.PORTABLE_ENVIRONMENT}  # as a user's shell
+    # as a user's shell: neither the portable environment nor the suite's ALIGNCLIP_CPU_KERNELS=native (conftest.py)
+    env = {k: v for k, v in os.environ.items() if k not in determinism.PORTABLE_ENVIRONMENT and k != determinism.MODE_VARIABLE}
     done = subprocess.run([sys.executable, "-m", "alignclip", "pretrain", str(tmp_path / "out")], env=env,
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -156,21 +156,6 @@ def test_pipeline_compile_for_every_family(compiled):
         assert images == {IMAGE}, family  # every task runs on the image that compiled it (ALIGNCLIP_IMAGE)
 
 
-def test_short_training_run_of_the_tiny_model_on_the_embedded_data(client, image, tmp_path):
-    out = writable_dir(tmp_path / "out")
-    script = ("alignclip data digits /tmp/raw && alignclip prepare rotated_digits /tmp/raw /tmp/prepared"
-              " && alignclip train /tmp/prepared /out/run --method alignclip --steps 3 --test-domain rotated_0 --no-progress"
-              " && alignclip evaluate /tmp/prepared /out/run/model.pt /out/eval --test-domain rotated_0")
-    run(client, "-c", script, entrypoint=["sh"], volumes={str(out): {"bind": "/out", "mode": "rw"}})
-    summary = json.loads((out / "run" / "train.json").read_text())
-    assert summary["settings"]["steps"] == 3 and summary["settings"]["model"] == "tiny"
-    log = (out / "run" / "train_log.csv").read_text().splitlines()
-    assert len(log) == 1 + 3  # header and one row per step
-    assert (out / "run" / "model.pt").stat().st_size > 0
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
-    assert 0.0 <= metrics["views"]["test"]["accuracy"] <= 100.0
-
-
 def test_no_secret_in_any_layer_or_the_history_and_nothing_left_from_the_build(client, image):
     history = json.dumps(client.api.history(IMAGE))
     assert CANARY not in history and CANARY not in json.dumps(image.attrs)
@@ -236,7 +221,7 @@ def test_demo_dag_with_kfp_docker_runner_each_task_in_its_own_container(client, 
     assert [m.step for m in tracking.get_metric_history(cell.info.run_id, "loss")] == [1, 2, 3]
     # provenance tags come from the image
     assert cell.data.tags["git_commit"] == expected_commit() and cell.data.tags["image"] == IMAGE
-    assert 0.0 <= cell.data.metrics["test_acc_pct"] <= 100.0 and cell.data.tags["held_out_domain"] == "rotated_15"
+    assert cell.data.tags["held_out_domain"] == "rotated_15"
     files = [a.path for a in tracking.list_artifacts(parent.info.run_id, "report")]
     assert "report/index.html" in files and "report/domain_shift_rotated_digits.csv" in files
     assert {"alignclip-rotated_digits-erm", "alignclip-rotated_digits-alignclip"} == {m.name for m in tracking.search_registered_models()}
@@ -244,6 +229,16 @@ def test_demo_dag_with_kfp_docker_runner_each_task_in_its_own_container(client, 
     assert len(list(root.rglob("model.pt"))) == len(grid)
     metrics = [json.loads(p.read_text()) for p in root.rglob("evaluate/results/metrics.json")]
     assert sorted(m["method"] for m in metrics) == ["alignclip", "erm"]
+    # the held-out accuracy tracked is the container's own count: 100 * correct / total of its metrics.json
+    test = next(m for m in metrics if m["method"] == "alignclip")["views"]["test"]
+    assert cell.data.metrics["test_acc_pct"] == pytest.approx(100.0 * test["correct"] / test["total"])
+    # the training run inside a container: the tiny model for the steps asked, one log row per step
+    # (what a by-hand `alignclip train` in the image did, before the DAG covered it)
+    summaries = [json.loads(p.read_text()) for p in root.rglob("train.json")]
+    summary = next(s for s in summaries if s["settings"]["method"] == "alignclip")
+    assert summary["settings"]["steps"] == 3 and summary["settings"]["model"] == "tiny"
+    logs = [p for p in root.rglob("train_log.csv")]
+    assert len(logs) == len(grid) and all(len(p.read_text().splitlines()) == 1 + 3 for p in logs)
     tables = list(root.rglob("domain_shift_rotated_digits.csv"))  # the table is named after the dataset
     assert tables and "alignclip" in tables[0].read_text()
     assert {p.stat().st_uid for p in root.rglob("model.pt")} == {1000}

@@ -119,6 +119,8 @@ def test_mlflow_requires_authentication_with_credentials_from_secrets(rendered):
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["mlflow", "server"]
     assert "--app-name=basic-auth" in container["args"]
+    # artifacts through the server (no store credentials in clients), requests only for the service's own host names
+    assert {a.split("=")[0] for a in container["args"]} >= {"--serve-artifacts", "--allowed-hosts"}
     env = {e["name"]: e for e in container["env"]}
     for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGUSER", "PGPASSWORD"):
         assert "secretKeyRef" in env[name]["valueFrom"], name

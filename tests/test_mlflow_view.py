@@ -54,6 +54,7 @@ def test_the_printed_url_names_the_stored_view_of_the_pipelines_cells(store):
         assert run.data.metrics["test_acc_pct_1dp"] == round(full, 1) and full != round(full, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which(shots.CHROMIUM), reason="needs Chromium (apt-get install chromium)")
 def test_a_fresh_browser_shows_every_cell_without_a_click(store):
     from tests.servers import free_port

@@ -90,6 +90,7 @@ def test_prepare_without_credentials_says_so(tmp_path):
     assert "error: no S3 credentials for s3://data" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # waits out the client's connect retries
 def test_prepare_against_an_unreachable_endpoint_is_one_line(monkeypatch, s3_env):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
