@@ -58,11 +58,10 @@ def cell_commands(values: dict, prepared: str, out: str, cell: dict, similarity:
     return cmd, evaluate_args(prepared, str(Path(out) / artifacts.MODEL), out, values["data_test_split"])
 
 
-def _run(argv: list[str]) -> None:
-    """One `alignclip` command in this process (the CLI's own parsing and checks); errors propagate."""
-    from alignclip.cli import app
-
-    app(argv, standalone_mode=False, prog_name="alignclip")
+# The command runner: the CLI's own `app` (parsing and checks included), given by the CLI itself (``run_cells``'s
+# ``run_command``), so this module needs nothing of the CLI above it. Set before the worker pool forks: every worker
+# inherits it.
+_run_command = None
 
 
 def _run_cell(job: tuple) -> tuple[str, dict]:
@@ -70,8 +69,8 @@ def _run_cell(job: tuple) -> tuple[str, dict]:
 
     name, train_cmd, evaluate_cmd = job
     try:
-        _run(train_cmd)
-        _run(evaluate_cmd)
+        _run_command(train_cmd)
+        _run_command(evaluate_cmd)
     except Preempted:
         raise
     except Exception as err:  # the one line the user sees names the cell; its own command reproduces it
@@ -102,11 +101,13 @@ def resolve_jobs(jobs: str, cells: int) -> int:
     return min(count, max(1, cells))
 
 
-def run_cells(values: dict, prepared: str, out: str | Path, cells: list[dict], similarity: str | None = None,
+def run_cells(values: dict, prepared: str, out: str | Path, cells: list[dict], run_command, similarity: str | None = None,
               jobs: str = "auto", scores_path: str | Path | None = None) -> dict:
-    """Train and evaluate ``cells`` into ``out/<cell_dir>``, ``jobs`` at a time; {cell_dir: scores}. With
-    ``scores_path`` the scores are also written there (a DVC metrics file). A failed cell stops the run and names
-    the cell; finished cells keep their outputs."""
+    """Train and evaluate ``cells`` into ``out/<cell_dir>``, ``jobs`` at a time; {cell_dir: scores}. Each cell's
+    `alignclip train` and `alignclip evaluate` arguments are run by ``run_command(argv)`` (the CLI's, in this
+    process; errors propagate). With ``scores_path`` the scores are also written there (a DVC metrics file). A
+    failed cell stops the run and names the cell; finished cells keep their outputs."""
+    global _run_command
     if not cells:
         raise ConfigError("no grid cell selected: check train.methods, --test-domain, --seed and --part")
     out = Path(out)
@@ -117,6 +118,7 @@ def run_cells(values: dict, prepared: str, out: str | Path, cells: list[dict], s
         train_cmd, evaluate_cmd = cell_commands(values, str(prepared), str(out / folder), cell, similarity)
         work.append((folder, train_cmd, evaluate_cmd))
     log.info("%d grid cell(s) -> %s, %d at a time", len(work), out, jobs_n)
+    _run_command = run_command
     # the heavy imports before the fork: every worker then starts with them done
     import alignclip.evaluate  # noqa: F401
     import alignclip.train  # noqa: F401

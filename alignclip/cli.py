@@ -546,14 +546,17 @@ def grid_cells(
     values = resolve(None, params_file)
     cells = select_cells(values, test_domain or None, seed or None, part)
     if dry_run:
-        from alignclip.cells import _run
-
         for cell in cells:
-            _run(cell_commands(values, str(prepared_dir), str(out_dir), cell, similarity_path and str(similarity_path))[0] + ["--dry-run"])
+            _run_here(cell_commands(values, str(prepared_dir), str(out_dir), cell, similarity_path and str(similarity_path))[0] + ["--dry-run"])
         return
     check_output_dir(out_dir)
-    done = run_cells(values, str(prepared_dir), out_dir, cells, similarity_path and str(similarity_path), jobs, scores)
+    done = run_cells(values, str(prepared_dir), out_dir, cells, _run_here, similarity_path and str(similarity_path), jobs, scores)
     typer.echo(f"{len(done)} grid cell(s) -> {out_dir}")
+
+
+def _run_here(argv: list[str]) -> None:
+    """One `alignclip` command in this process (the CLI's own parsing and checks); errors propagate (grid cells)."""
+    app(argv, standalone_mode=False, prog_name="alignclip")
 
 
 def _warn_local_root(values: dict) -> None:

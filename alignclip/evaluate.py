@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -113,54 +114,16 @@ def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batc
     bundle, visual, state = load_trained(checkpoint, dev)
     test_domain = check_consistent(checkpoint, state, meta, test_domain)
     tau = checkpoint_tau(state, bundle)  # training's eq. 1 temperature (the model's own by default)
-    transform = eval_transform(bundle.image_size, bundle.mean, bundle.std)
-    workers = resolve_workers(num_workers)
-    images, seconds = 0, 0.0
+    reader = ViewReader(meta, bundle, eval_transform(bundle.image_size, bundle.mean, bundle.std), batch_size,
+                        resolve_workers(num_workers), dev, stage_remote)
     results: dict[str, dict] = {}
     prediction_frames = []
     for view in protocols.evaluation_views(manifest, meta, test_domain, test_split):
         if view.rows.empty:
             log.warning("view %s has no images: skipped", view.name)
             continue
-        names = [meta["classes"][g] for g in view.label_space]
-        text = encode_classes(bundle.model, bundle.tokenizer, names, meta["template"], dev)
-        # unreadable images are left out and counted (never replaced by another image)
-        dataset = ManifestImages(meta, view.rows["path"].tolist(), view.rows["label"].tolist(), view.label_space, transform,
-                                 skip_unreadable=True)
-        if stage_remote:
-            dataset.stage()
-        loader = evaluation_loader(dataset, batch_size, workers, dev, collate_fn=collate_readable)
-        tic = time.perf_counter()
-        pred, target, index, top, top_prob = predict(visual, text, loader, dev, tau)
-        seconds += time.perf_counter() - tic
-        images += len(target)
-        correct = int((pred == target).sum())
-        # read from the indices that came back, so the count is right with DataLoader workers too
-        unreadable = sorted(set(range(len(dataset))) - set(index.tolist()))
-        if not len(target):
-            raise ValueError(f"view {view.name}: none of its {len(dataset)} images is readable (first: {dataset.paths[0]})")
-        results[view.name] = {
-            "accuracy": 100.0 * correct / len(target),
-            "correct": correct,
-            "total": int(len(target)),
-            "classes": len(view.label_space),
-            "unreadable": len(unreadable),
-            "skipped_images": [dataset.paths[i] for i in unreadable],
-        }
-        space = np.asarray(view.label_space)
-        prediction_frames.append(
-            pd.DataFrame(
-                {
-                    "view": view.name,
-                    "path": view.rows["path"].to_numpy()[index.numpy()],
-                    "label": space[target.numpy()],
-                    "pred": space[pred.numpy()],
-                    "top5": [",".join(str(space[j]) for j in row) for row in top.numpy()],
-                    "top5_prob": [",".join(f"{p:.4f}" for p in row) for row in top_prob.numpy()],
-                }
-            )
-        )
-        log.info("%s: %.2f%% (%d/%d)", view.name, results[view.name]["accuracy"], correct, len(target))
+        results[view.name], frame = reader.evaluate(view, visual, tau)
+        prediction_frames.append(frame)
     summary = {
         "dataset": meta["dataset"],
         "protocol": meta["protocol"],
@@ -175,18 +138,75 @@ def _evaluate(prepared_dir, checkpoint, out: Path, test_domain, test_split, batc
         "aal_tau": state.method.get("aal_tau"),
         "hparams": _trained_hparams(checkpoint),
         "views": results,
-        "num_workers": workers,
-        "images_per_s": images / seconds if seconds else None,
+        "num_workers": reader.workers,
+        "images_per_s": reader.images / reader.seconds if reader.seconds else None,
     }
     summary.update(protocol.derived_metrics(results))
     headline = protocol.headline(summary)
     summary["headline"] = None if headline is None else {"metric": headline[0], "value": headline[1]}
+    _write_metrics(out, summary, prediction_frames)
+    return summary
+
+
+@dataclass
+class ViewReader:
+    """Scores the views of one evaluation with one model: their images read the same way, the time counted."""
+
+    meta: dict
+    bundle: object  # presets.CLIPBundle
+    transform: object
+    batch_size: int
+    workers: int
+    device: torch.device
+    stage_remote: bool
+    images: int = 0
+    seconds: float = 0.0
+
+    def evaluate(self, view, visual, tau: float) -> tuple[dict, pd.DataFrame]:
+        """A view's accuracy (with its unreadable images, left out and counted, never replaced) and predictions."""
+        names = [self.meta["classes"][g] for g in view.label_space]
+        text = encode_classes(self.bundle.model, self.bundle.tokenizer, names, self.meta["template"], self.device)
+        dataset = ManifestImages(self.meta, view.rows["path"].tolist(), view.rows["label"].tolist(), view.label_space,
+                                 self.transform, skip_unreadable=True)
+        if self.stage_remote:
+            dataset.stage()
+        loader = evaluation_loader(dataset, self.batch_size, self.workers, self.device, collate_fn=collate_readable)
+        tic = time.perf_counter()
+        pred, target, index, top, top_prob = predict(visual, text, loader, self.device, tau)
+        self.seconds += time.perf_counter() - tic
+        self.images += len(target)
+        correct = int((pred == target).sum())
+        # read from the indices that came back, so the count is right with DataLoader workers too
+        unreadable = sorted(set(range(len(dataset))) - set(index.tolist()))
+        if not len(target):
+            raise ValueError(f"view {view.name}: none of its {len(dataset)} images is readable (first: {dataset.paths[0]})")
+        result = {
+            "accuracy": 100.0 * correct / len(target),
+            "correct": correct,
+            "total": int(len(target)),
+            "classes": len(view.label_space),
+            "unreadable": len(unreadable),
+            "skipped_images": [dataset.paths[i] for i in unreadable],
+        }
+        log.info("%s: %.2f%% (%d/%d)", view.name, result["accuracy"], correct, len(target))
+        space = np.asarray(view.label_space)
+        frame = pd.DataFrame({
+            "view": view.name,
+            "path": view.rows["path"].to_numpy()[index.numpy()],
+            "label": space[target.numpy()],
+            "pred": space[pred.numpy()],
+            "top5": [",".join(str(space[j]) for j in row) for row in top.numpy()],
+            "top5_prob": [",".join(f"{p:.4f}" for p in row) for row in top_prob.numpy()],
+        })
+        return result, frame
+
+
+def _write_metrics(out: Path, summary: dict, prediction_frames: list[pd.DataFrame]) -> None:
     (out / artifacts.METRICS).write_text(json.dumps(summary, indent=2) + "\n")
     # DVC's metrics file: only the numbers a comparison needs, so `dvc metrics show` / `dvc exp show` stay narrow
     (out / artifacts.SCORES).write_text(json.dumps(flat_metrics(summary), indent=2) + "\n")
     if prediction_frames:
         pd.concat(prediction_frames, ignore_index=True).to_parquet(out / artifacts.PREDICTIONS, index=False)
-    return summary
 
 
 def _trained_hparams(checkpoint) -> dict:

@@ -171,3 +171,18 @@ def get_method(name: str, formulation: str = "paper", **overrides) -> MethodConf
         raise ValueError(f"unknown method switch(es) {unknown}: expected some of {sorted(known)}")
     overrides = {k: parse_temperature(k, v) if k in TEMPERATURES else v for k, v in overrides.items()}
     return replace(config, **overrides).validate()
+
+
+def variant_label(method: MethodConfig, formulation: str = "paper", recipe: str | None = None,
+                  hparams: dict | None = None) -> str:
+    """``alignclip``, ``alignclip+release``, or with the switches that differ from the method's (and ``recipe``'s)
+    defaults: ``erm[pooling=avg]``. Reports label rows with it, so ablations do not mix with the method. The
+    switches a selection grid varied (``hparams``) are not an ablation: the selected cell stands for the method."""
+    from alignclip.recipes import get_recipe
+
+    base = get_method(method.name, formulation, **(get_recipe(recipe).method if recipe else {})).to_dict()
+    changed = {k: v for k, v in method.to_dict().items() if base.get(k) != v and k not in (hparams or {})}
+    label = method.name if formulation == "paper" else f"{method.name}+{formulation}"
+    if changed:
+        label += "[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
+    return label

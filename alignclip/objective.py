@@ -26,13 +26,30 @@ def classification_loss(method: MethodConfig, logits, targets, class_sim) -> tor
     return F.cross_entropy(logits.float(), targets)
 
 
+def target_similarity(method: MethodConfig, tokens: torch.Tensor, target_text: torch.Tensor) -> torch.Tensor:
+    """G of eq. 4 for each image's own class: the softmax over an image's tokens [B, M, D] of their similarity to
+    its class's text feature [B, D], at the method's ``aal_tau``."""
+    return losses.token_text_similarity(tokens, target_text, method.aal_tau)
+
+
+def attention_maps(method: MethodConfig, visual: AlignCLIPVisual, images: torch.Tensor, text: torch.Tensor,
+                   targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The three maps the alignment loss compares, each [B, M] over an image's tokens, for the image's own class:
+    ``A_c`` the class-token attention, ``G`` the token/text similarity of the aligned tokens, ``G_DV`` that of the
+    D-V branch (eq. 2-4). The forward pass and the maps are the loss's own (``loss_terms``, ``alignment_terms``)."""
+    out = visual(images, align=True)
+    target_text = text[targets]
+    return {"A_c": out.cls_attn, "G": target_similarity(method, out.tokens, target_text),
+            "G_DV": target_similarity(method, out.dv_tokens, target_text)}
+
+
 def alignment_terms(method: MethodConfig, out, text: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """AL (class-token attention vs G_DV) and AS (G vs G_DV) of the attention alignment loss."""
     if out.dv_tokens is None:
         raise ValueError("the attention alignment loss needs the D-V branch: dv_layers must be > 0")
     terms: dict[str, torch.Tensor] = {}
     target_text = text[targets]  # [B, D]
-    g_dv_y = losses.token_text_similarity(out.dv_tokens, target_text, method.aal_tau)  # [B, M], no grad
+    g_dv_y = target_similarity(method, out.dv_tokens, target_text)  # [B, M], no grad
     if method.attn_term:
         if method.kl_direction == "forward":  # eq. 6: sum A log(A / G_DV)
             terms["aal_attn"] = losses.kl_divergence(out.cls_attn, g_dv_y).mean()
@@ -45,7 +62,7 @@ def alignment_terms(method: MethodConfig, out, text: torch.Tensor, targets: torc
             with torch.no_grad():
                 g_dv = losses.token_text_similarity(out.dv_tokens, classes, method.aal_tau)
         else:
-            g = losses.token_text_similarity(out.tokens, target_text, method.aal_tau)
+            g = target_similarity(method, out.tokens, target_text)
             g_dv = g_dv_y
         if method.kl_direction == "forward":
             kl = losses.kl_divergence(g, g_dv)  # [B], or [B, C] with every class

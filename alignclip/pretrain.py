@@ -175,7 +175,6 @@ def build(out_path: str | Path, settings: PretrainSettings = PretrainSettings(),
     Returns the build summary (settings, source sizes, losses, source-validation zero-shot accuracy, sha256).
     """
     from alignclip import determinism
-    from alignclip.presets import load_clip
 
     threads, mkldnn, nnpack = torch.get_num_threads(), torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled()
     precision = torch.get_float32_matmul_precision()
@@ -185,7 +184,7 @@ def build(out_path: str | Path, settings: PretrainSettings = PretrainSettings(),
     started = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[]):
-            summary = _train(out_path, settings, load_clip, log_path)
+            summary = _train(out_path, settings, log_path)
         summary["cpu"] = {**determinism.state(), "model": determinism.cpu_model()}
     finally:
         torch.set_num_threads(threads)
@@ -197,8 +196,10 @@ def build(out_path: str | Path, settings: PretrainSettings = PretrainSettings(),
     return summary
 
 
-def _train(out_path, settings: PretrainSettings, load_clip, log_path) -> dict:
-    bundle = load_clip("tiny", pretrained="none")  # random weights drawn under the preset's fixed seed
+def _train(out_path, settings: PretrainSettings, log_path) -> dict:
+    from alignclip.clip_factory import build_clip
+
+    bundle = build_clip(ARCHITECTURE, None, "none")  # random weights drawn under the factory's fixed seed
     model, tokenizer = bundle.model, bundle.tokenizer
     images, labels = source_images(settings.variants, settings.seed, bundle.image_size)
     val_images, val_labels = source_images(settings.val_variants, settings.seed + 1, bundle.image_size)
@@ -208,26 +209,12 @@ def _train(out_path, settings: PretrainSettings, load_clip, log_path) -> dict:
     per_class = captions()
     caption_tokens = tokenizer([c for group in per_class for c in group])
     caption_labels = torch.arange(len(per_class)).repeat_interleave(len(per_class[0]))
-
-    # The token embedding (49,408 x 64) keeps its seeded initialisation: the text transformer learns on top of
-    # it, and the optimiser does not rewrite 3M unused rows each step.
-    model.token_embedding.weight.requires_grad_(False)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr,
-    )
+    optimizer = _optimizer(model, settings)
     generator = torch.Generator().manual_seed(settings.seed)
     model.train()
     rows = []
     for step in range(settings.steps):
-        if step < settings.warmup_steps:
-            lr = settings.lr * (step + 1) / settings.warmup_steps
-        else:
-            progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-            lr = 0.5 * settings.lr * (1.0 + math.cos(math.pi * progress))
+        lr = warmup_cosine_lr(step, settings)
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = torch.randint(len(y), (settings.batch_size,), generator=generator)
@@ -244,6 +231,36 @@ def _train(out_path, settings: PretrainSettings, load_clip, log_path) -> dict:
     model.eval()
     template = "a photo of the digit {}."
     accuracy = zero_shot_accuracy(model, tokenizer, val_x, val_y, template)
+    out_path = _save_weights(model, out_path)
+    if log_path is not None:
+        Path(log_path).write_text("step,loss,lr\n" + "".join(f"{s},{loss:.6g},{lr:.6g}\n" for s, loss, lr in rows))
+    return _build_summary(out_path, settings, len(y), len(val_y), per_class, rows, accuracy, template)
+
+
+def _optimizer(model: torch.nn.Module, settings: PretrainSettings) -> torch.optim.AdamW:
+    """AdamW over the whole CLIP but its token embedding; biases, norms and embeddings without weight decay.
+
+    The token embedding (49,408 x 64) keeps its seeded initialisation: the text transformer learns on top of
+    it, and the optimiser does not rewrite 3M unused rows each step."""
+    model.token_embedding.weight.requires_grad_(False)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embedding" not in n)]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+    )
+
+
+def warmup_cosine_lr(step: int, settings: PretrainSettings) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay towards 0 at ``steps`` (``step`` counts from 0)."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return 0.5 * settings.lr * (1.0 + math.cos(math.pi * progress))
+
+
+def _save_weights(model: torch.nn.Module, out_path) -> Path:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Through a buffer: torch.save names its zip records after the file, so a direct save would make the bytes
@@ -251,8 +268,11 @@ def _train(out_path, settings: PretrainSettings, load_clip, log_path) -> dict:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     out_path.write_bytes(buffer.getvalue())
-    if log_path is not None:
-        Path(log_path).write_text("step,loss,lr\n" + "".join(f"{s},{loss:.6g},{lr:.6g}\n" for s, loss, lr in rows))
+    return out_path
+
+
+def _build_summary(out_path: Path, settings: PretrainSettings, train_images: int, val_images: int, per_class: list,
+                   rows: list, accuracy: float, template: str) -> dict:
     return {
         "weights": out_path.name,
         "sha256": _sha256(out_path),
@@ -261,8 +281,8 @@ def _train(out_path, settings: PretrainSettings, load_clip, log_path) -> dict:
         "source": {
             "kind": "printed digits (matplotlib's bundled fonts), upright (±10° slant), UCI 8x8 preprocessing",
             "fonts": list(FONTS),
-            "train_images": int(len(y)),
-            "val_images": int(len(val_y)),
+            "train_images": int(train_images),
+            "val_images": int(val_images),
             "captions": per_class[3],
         },
         "final_loss": round(rows[-1][1], 4) if rows else None,
@@ -287,13 +307,13 @@ def settings_digest(settings: PretrainSettings = PretrainSettings()) -> str:
     import open_clip
     import PIL
 
-    from alignclip import determinism, presets
+    from alignclip import clip_factory, determinism
     from alignclip.data import digits
 
     parts = [
         Path(__file__).read_bytes(),
         Path(digits.__file__).read_bytes(),
-        (presets.RESOURCES / "model_configs" / f"{ARCHITECTURE}.json").read_bytes(),
+        (clip_factory.RESOURCES / "model_configs" / f"{ARCHITECTURE}.json").read_bytes(),
         json.dumps(asdict(settings), sort_keys=True).encode(),
         f"{torch.__version__} {open_clip.__version__} {PIL.__version__} {np.__version__}".encode(),
         json.dumps(determinism.kernels(), sort_keys=True).encode(),  # portable or the host's kernels

@@ -24,6 +24,7 @@ import pandas as pd  # noqa: E402
 
 from alignclip import artifacts, protocols  # noqa: E402
 from alignclip.datafiles import METRICS, TRAIN_SUMMARY, read_json  # noqa: E402
+from alignclip.figures import LABEL_SIZE, class_order, figure_provenance, save_figure  # noqa: E402
 from alignclip.log import get_logger  # noqa: E402
 
 log = get_logger(__name__)
@@ -106,71 +107,6 @@ _NO_DIFFS = pd.DataFrame(columns=["method", "baseline", "column", "diff", "low",
 
 # ------------------------------------------------------------------------------------------------ figures
 
-FIGURE_DPI = 110
-LABEL_SIZE = 9  # every title, tick label and legend of the figures: readable at the page's width
-
-
-def save_figure(fig, path: str | Path, provenance: dict) -> None:
-    """Save a PNG whose metadata names what it was drawn from (``Description``: JSON with the runs used)."""
-    fig.savefig(path, dpi=FIGURE_DPI, metadata={"Title": provenance.get("figure", ""), "Description": json.dumps(provenance)})
-    plt.close(fig)
-
-
-def figure_provenance(path: str | Path) -> dict:
-    """The provenance ``save_figure`` wrote into a PNG (empty if none)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        text = image.text.get("Description")
-    return json.loads(text) if text else {}
-
-
-def class_order(meta: dict, cosine: np.ndarray | None = None) -> tuple[list[int], str]:
-    """Order of the classes in the heatmap, and how it was chosen.
-
-    RotatedDigits: zero..nine. DomainBed folder datasets list classes alphabetically (ImageFolder), which means
-    nothing, so their classes are ordered by average-linkage clustering of the text features (similar classes
-    side by side). Other datasets keep their own label order."""
-    classes = meta["classes"]
-    if meta.get("dataset") == "rotated_digits":
-        from alignclip.data.digits import CLASS_NAMES
-
-        if sorted(classes) == sorted(CLASS_NAMES):
-            return [classes.index(name) for name in CLASS_NAMES], "digit order"
-    if meta.get("protocol") in ("domainbed", "wild") and cosine is not None and len(classes) > 2:
-        from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
-        from scipy.spatial.distance import squareform
-
-        distance = np.clip(1.0 - (cosine + cosine.T) / 2.0, 0.0, None)
-        np.fill_diagonal(distance, 0.0)
-        condensed = squareform(distance, checks=False)
-        tree = optimal_leaf_ordering(linkage(condensed, "average"), condensed)
-        return [int(i) for i in leaves_list(tree)], "clustered (average linkage on text cosine)"
-    return list(range(len(classes))), "dataset label order"
-
-
-def plot_similarity(matrix: np.ndarray, classes: list[str], path: str | Path, meta: dict | None = None,
-                    cosine: np.ndarray | None = None, provenance: dict | None = None) -> None:
-    """Fig. 6: the row-softmaxed class similarity matrix, classes in a meaningful order (``class_order``)."""
-    order, how = class_order(meta, cosine) if meta else (list(range(len(classes))), "label order")
-    matrix = np.asarray(matrix)[np.ix_(order, order)]
-    names = [classes[i] for i in order]
-    n = len(names)
-    size = min(max(5.0, 0.35 * n + 2.5), 24)
-    fig, ax = plt.subplots(figsize=(size, size))
-    image = ax.imshow(matrix, cmap="viridis")
-    if n <= 60:
-        ax.set_xticks(range(n), names, rotation=90, fontsize=LABEL_SIZE)
-        ax.set_yticks(range(n), names, fontsize=LABEL_SIZE)
-    ax.set_xlabel("class c", fontsize=LABEL_SIZE)
-    ax.set_ylabel("class y", fontsize=LABEL_SIZE)
-    ax.set_title(f"class similarity: row softmax of text cosine\nclasses: {how}", fontsize=LABEL_SIZE + 1)
-    bar = fig.colorbar(image, ax=ax, fraction=0.046)
-    bar.set_label("similarity (rows sum to 1)", fontsize=LABEL_SIZE)
-    fig.tight_layout()
-    save_figure(fig, path, {"figure": "class similarity (fig. 6)", "class_order": how, "classes": names, **(provenance or {})})
-
-
 @dataclass
 class RunRecord:
     """One evaluated run of the results folder: what it is and where its files are."""
@@ -205,9 +141,8 @@ def find_runs(results_dir: str | Path) -> list[RunRecord]:
     The checkpoint is the ``model.pt`` beside the metrics (DVC layout) or, when models live elsewhere (the KFP
     report's ``models/NNN``), the one whose train.json has the same method, formulation, held-out domain, seed
     and method switches."""
-    from alignclip.methods import MethodConfig
+    from alignclip.methods import MethodConfig, variant_label
     from alignclip.selection import hparams_key
-    from alignclip.train import variant_label
 
     results_dir = Path(results_dir)
     trained = {}
@@ -218,7 +153,8 @@ def find_runs(results_dir: str | Path) -> list[RunRecord]:
         settings = info.get("settings", {})
         try:
             # train.json's own label: its method holds the resolved temperatures, not the `model` they were set to
-            variant = info.get("variant") or variant_label(MethodConfig(**info["method"]), _Settings(settings.get("recipe"), settings.get("formulation", "paper")))
+            variant = info.get("variant") or variant_label(MethodConfig(**info["method"]), settings.get("formulation", "paper"),
+                                                          settings.get("recipe"))
         except (TypeError, KeyError, ValueError):
             continue
         key = (variant, settings.get("formulation", "paper"), settings.get("test_domain") or "", settings.get("seed"),
@@ -237,12 +173,6 @@ def find_runs(results_dir: str | Path) -> list[RunRecord]:
         runs.append(RunRecord(str(path.parent.relative_to(results_dir)), summary["method"], formulation, variant, domain,
                               summary.get("seed"), path, predictions if predictions.exists() else None, checkpoint))
     return runs
-
-
-@dataclass
-class _Settings:  # what variant_label reads of TrainSettings
-    recipe: str | None
-    formulation: str
 
 
 def pick_runs(runs: list[RunRecord], wanted: list[str], domains: list[str], need: str) -> list[RunRecord]:
@@ -310,20 +240,14 @@ def _spread(classes_present: list[int], count: int) -> list[int]:
 def attention_maps(runs: list[RunRecord], prepared_dir: Path, path: Path, count: int = 5,
                    test_split: str = "holdout") -> dict | None:
     """Fig. 1b/4/7/8: images of several classes of one held-out domain; for each model its class-token attention
-    A_c, token/text similarity G and the D-V branch's G_DV, over the image.
+    A_c, token/text similarity G and the D-V branch's G_DV, over the image (``objective.attention_maps``: the
+    maps the alignment loss compares).
 
     The maps are computed with the attention settings of the run's own checkpoint (aligned layers, A_c
     normalisation, D-V depth and branch, temperature of G); models trained without the alignment loss take those of
     the AlignCLIP run beside them, so every column is computed the same way (or the paper's defaults, if none)."""
-    import torch
-
-    from alignclip import losses
-    from alignclip.data.images import ManifestImages, eval_transform
+    from alignclip.classifier import load_trained
     from alignclip.data.prepare import load_prepared
-    from alignclip.storage import open_image
-    from alignclip.classifier import encode_classes, load_trained
-    from alignclip.methods import MethodConfig
-    from alignclip.model import AlignCLIPVisual, attention_depth
 
     if not runs:
         return None
@@ -339,33 +263,57 @@ def attention_maps(runs: list[RunRecord], prepared_dir: Path, path: Path, count:
     rows = firsts.set_index("label").loc[_spread(present, count)].reset_index()
     loaded = [(run, *load_trained(run.checkpoint, "cpu")) for run in runs]
     reference = next((state.method for _, _, _, state in loaded if state.method.get("aal")), None)
-    panels = []
-    for run, bundle, _, state in loaded:
-        own = state.method
-        settings = MethodConfig(**(own if own.get("aal") else (reference or MethodConfig().to_dict()))).for_model(bundle.tau)
-        depth = attention_depth(bundle.model.visual)
-        # borrowed settings may ask for more layers than this model has (a CLIP ResNet has one attention pool)
-        aligned = settings.aligned_layers if own.get("aal") else min(settings.aligned_layers, depth)
-        dv_layers = settings.dv_layers if own.get("aal") or settings.dv_layers is None else min(settings.dv_layers, depth)
-        wrapped = AlignCLIPVisual(bundle.model.visual, aligned_layers=aligned, dv_layers=dv_layers,
-                                  branch=settings.branch, cls_attn_norm=settings.cls_attn_norm).eval()
-        # the fine-tuned image encoder: load_trained put its weights into bundle.model.visual
-        space = view.label_space
-        text = encode_classes(bundle.model, bundle.tokenizer, [meta["classes"][g] for g in space], meta["template"], "cpu")
-        data = ManifestImages(meta, rows["path"].tolist(), rows["label"].tolist(), space, eval_transform(bundle.image_size, bundle.mean, bundle.std))
-        images = torch.stack([data[i][0] for i in range(len(data))])
-        targets = torch.tensor(data.targets)
-        with torch.no_grad():
-            out = wrapped(images, align=True)
-            g = losses.token_text_similarity(out.tokens, text[targets], settings.aal_tau)
-            g_dv = losses.token_text_similarity(out.dv_tokens, text[targets], settings.aal_tau)
-        attention = {"aligned_layers": wrapped.aligned_layers, "cls_attn_norm": settings.cls_attn_norm,
-                     "dv_layers": wrapped.dv_layers, "branch": settings.branch, "aal_tau": settings.aal_tau,
-                     "from": "own checkpoint" if own.get("aal") else ("AlignCLIP run beside it" if reference else "paper defaults")}
-        panels.append((run, attention, {"A_c": out.cls_attn, "G": g, "G_DV": g_dv}))
-    raw = [np.asarray(open_image(p)) for p in data.paths]
-    maps = ("A_c", "G", "G_DV")
-    columns = 1 + len(maps) * len(panels)
+    panels = [(run, *_attention_panel(bundle, state.method, reference, view, rows, meta)) for run, bundle, _, state in loaded]
+    provenance = {"figure": "attention maps (fig. 1b, 4, 7, 8)", "test_domain": domain, "test_split": test_split,
+                  "classes": [meta["classes"][int(c)] for c in rows["label"]], "images": rows["path"].tolist(),
+                  "runs": [{**run.describe(), "attention": attention} for run, attention, _ in panels]}
+    _draw_attention_maps(panels, rows, meta, runs, provenance, path)
+    return provenance
+
+
+def _attention_panel(bundle, own: dict, reference: dict | None, view, rows: pd.DataFrame, meta: dict) -> tuple[dict, dict]:
+    """One model's maps of ``rows``' images (``objective.attention_maps``) and the attention settings used: its own
+    where it trained the alignment loss, else ``reference``'s (the AlignCLIP run beside it) or the paper's."""
+    import torch
+
+    from alignclip import objective
+    from alignclip.classifier import encode_classes
+    from alignclip.data.images import ManifestImages, eval_transform
+    from alignclip.methods import MethodConfig
+    from alignclip.model import AlignCLIPVisual, attention_depth
+
+    settings = MethodConfig(**(own if own.get("aal") else (reference or MethodConfig().to_dict()))).for_model(bundle.tau)
+    depth = attention_depth(bundle.model.visual)
+    # borrowed settings may ask for more layers than this model has (a CLIP ResNet has one attention pool)
+    aligned = settings.aligned_layers if own.get("aal") else min(settings.aligned_layers, depth)
+    dv_layers = settings.dv_layers if own.get("aal") or settings.dv_layers is None else min(settings.dv_layers, depth)
+    # the fine-tuned image encoder: load_trained put its weights into bundle.model.visual
+    wrapped = AlignCLIPVisual(bundle.model.visual, aligned_layers=aligned, dv_layers=dv_layers,
+                              branch=settings.branch, cls_attn_norm=settings.cls_attn_norm).eval()
+    space = view.label_space
+    text = encode_classes(bundle.model, bundle.tokenizer, [meta["classes"][g] for g in space], meta["template"], "cpu")
+    data = ManifestImages(meta, rows["path"].tolist(), rows["label"].tolist(), space, eval_transform(bundle.image_size, bundle.mean, bundle.std))
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        maps = objective.attention_maps(settings, wrapped, images, text, torch.tensor(data.targets))
+    attention = {"aligned_layers": wrapped.aligned_layers, "cls_attn_norm": settings.cls_attn_norm,
+                 "dv_layers": wrapped.dv_layers, "branch": settings.branch, "aal_tau": settings.aal_tau,
+                 "from": "own checkpoint" if own.get("aal") else ("AlignCLIP run beside it" if reference else "paper defaults")}
+    return attention, maps
+
+
+ATTENTION_MAPS = ("A_c", "G", "G_DV")
+
+
+def _draw_attention_maps(panels: list, rows: pd.DataFrame, meta: dict, runs: list[RunRecord], provenance: dict,
+                         path: Path) -> None:
+    """The images in the first column, then each model's maps over them, a colour bar under each column."""
+    from alignclip.data.prepare import image_path
+    from alignclip.storage import open_image
+
+    domain, test_split = provenance["test_domain"], provenance["test_split"]
+    raw = [np.asarray(open_image(image_path(meta, p))) for p in rows["path"]]
+    columns = 1 + len(ATTENTION_MAPS) * len(panels)
     fig, axes = plt.subplots(len(raw) + 1, columns, figsize=(1.9 * columns, 1.9 * len(raw) + 1.2), squeeze=False,
                              gridspec_kw={"height_ratios": [1] * len(raw) + [0.08]})
     grid = int(round(panels[0][2]["A_c"].shape[1] ** 0.5))
@@ -377,8 +325,8 @@ def attention_maps(runs: list[RunRecord], prepared_dir: Path, path: Path, count:
     axes[0][0].set_title(f"held out\n{domain or '-'}", fontsize=LABEL_SIZE)
     axes[-1][0].axis("off")
     col = 1
-    for run, attention, values in panels:
-        for name in maps:
+    for run, _, values in panels:
+        for name in ATTENTION_MAPS:
             column = values[name].numpy()
             top = float(column.max()) or 1.0
             for i, image in enumerate(raw):
@@ -397,11 +345,7 @@ def attention_maps(runs: list[RunRecord], prepared_dir: Path, path: Path, count:
     fig.suptitle(f"held-out domain {domain or '-'} ({test_split} split), seed {', '.join(seeds)}; each map sums to 1 "
                  "over the image's tokens, colour bars under each column", fontsize=LABEL_SIZE)
     fig.tight_layout()
-    provenance = {"figure": "attention maps (fig. 1b, 4, 7, 8)", "test_domain": domain, "test_split": test_split,
-                  "classes": [meta["classes"][int(c)] for c in rows["label"]], "images": rows["path"].tolist(),
-                  "runs": [{**run.describe(), "attention": attention} for run, attention, _ in panels]}
     save_figure(fig, path, provenance)
-    return provenance
 
 
 def top5_figure(with_sls: pd.DataFrame, without_sls: pd.DataFrame, classes: list[str], path: Path, count: int = 4,

@@ -29,6 +29,7 @@ import torch
 from alignclip import storage
 from alignclip.artifacts import load_torch
 from alignclip.publish import torch_bytes
+from alignclip.storage import StorageError
 from alignclip.log import get_logger
 
 log = get_logger(__name__)
@@ -191,3 +192,119 @@ def pending_run_id(out_dir: str | Path, options: ResumeOptions | None) -> str | 
     info = store.info() if store is not None else None
     return (info or {}).get("mlflow_run_id") or None
 
+
+
+# ------------------------------------------------------------------------------------------------ the loop's control
+
+
+def one_line(err: Exception) -> str:
+    """The message of an error, also when a DataLoader worker re-raised it with the worker's traceback."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return text
+
+
+class RunControl:
+    """Everything of a training loop that is not the algorithm: resume, preemption and storage errors.
+
+    Made before the loop, it continues the resume checkpoint in ``store`` whose ``fingerprint`` matches (weights,
+    optimiser, BMA, loader position, RNG states; the training log so far is ``log_prefix``); one of other settings
+    is ignored and replaced. ``watching(window)`` is the loop's context: SIGTERM becomes a flag, and
+    ``after_step`` writes a checkpoint when the schedule (or SIGTERM) says, then raises ``Preempted`` at SIGTERM.
+    A StorageError past the store's retries leaves the context as one line, after a checkpoint of the whole steps
+    done (the failed batch was not counted: ``loader.step``), so a re-run resumes exactly.
+
+    ``run`` is the loop's ``train.TrainingRun`` (visual, optimizer, bma, loader, steps); ``window`` its
+    ``train.LogWindow`` (the checkpoint keeps the log written so far). Without a store nothing is read or written;
+    SIGTERM still stops the loop (Preempted)."""
+
+    def __init__(self, run, store: CheckpointStore | None, options: ResumeOptions | None, fingerprint: str, tracker=None):
+        self.run, self.store, self.fingerprint, self.tracker = run, store, fingerprint, tracker
+        self.schedule = Schedule(options) if store is not None else None
+        self.stop = StopRequest()
+        self.window = None
+        self.log_prefix, self.seconds_before = "", 0.0
+        self._restore()
+        self.start = run.loader.step  # 0, or the resumed checkpoint's step
+        self.started = time.perf_counter()
+
+    def _restore(self) -> None:
+        state = self.store.load() if self.store is not None else None
+        if state is not None and state["fingerprint"] != self.fingerprint:
+            log.warning("%s belongs to a run with other settings: starting from step 0 (it will be replaced)", self.store)
+            state = None
+        if state is None:
+            return
+        run = self.run
+        run.visual.load_state_dict(state["visual"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.bma is not None:
+            run.bma.load_state_dict(state["bma"])
+        run.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.log_prefix, self.seconds_before = state["log"], float(state["seconds"])
+        log.info("resuming from step %d of %d (%s)", run.loader.step, run.steps, self.store)
+
+    def watching(self, window) -> RunControl:
+        self.window = window
+        return self
+
+    def __enter__(self) -> RunControl:
+        self.stop.__enter__()
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, kind, err, traceback) -> bool:
+        try:
+            if isinstance(err, StorageError):
+                self._stop_on_storage_error(err)
+        finally:
+            self.stop.__exit__(kind, err, traceback)
+        return False
+
+    def after_step(self, step: int) -> None:
+        """After optimiser step ``step`` (steps done): a checkpoint when due or asked; Preempted at SIGTERM."""
+        steps = self.run.steps
+        if self.store is not None and step < steps and (self.stop.requested or self.schedule.due(step)):
+            try:
+                self.checkpoint()
+            except (StorageError, OSError) as err:  # insurance: failing to write one stops nothing
+                log.warning("could not write the resume checkpoint at step %d (%s): training goes on", step, err)
+            self.schedule.done()
+        if self.stop.requested and step < steps:
+            raise Preempted(f"stopped at step {step}/{steps}; re-run the same command to resume from {self.store}")
+
+    def _stop_on_storage_error(self, err: Exception) -> None:
+        done, steps = self.run.loader.step, self.run.steps
+        if self.store is not None and done > self.start:
+            self.checkpoint()
+            raise StorageError(f"{one_line(err)}; training stopped at step {done}/{steps}, re-run the "
+                                        f"same command to resume from {self.store}") from None
+        raise StorageError(one_line(err)) from None
+
+    @property
+    def seconds(self) -> float:
+        """Training time so far, a resumed run's earlier processes included."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def checkpoint(self) -> None:
+        """A resume checkpoint at the steps done so far (the open log window is written first)."""
+        if self.window.rows:
+            self.window.write()
+        tic, run, step = time.perf_counter(), self.run, self.run.loader.step
+        state = {
+            "step": step,
+            "visual": run.visual.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "bma": run.bma.state_dict() if run.bma is not None else None,
+            "loader": run.loader.state_dict(),
+            "rng": rng_state(),
+            "log": self.window.text(),
+            "seconds": self.seconds,
+            "fingerprint": self.fingerprint,
+        }
+        run_id = getattr(self.tracker, "run_id", None)
+        self.store.save(state, {"step": step, "steps": run.steps, "mlflow_run_id": run_id, "written": time.time()})
+        log.debug("resume checkpoint at step %d -> %s (%.2fs)", step, self.store, time.perf_counter() - tic)

@@ -67,7 +67,7 @@ def similarity_stage(prepared_dir, out_dir, model: str, pretrained: str | None, 
     from alignclip.classifier import encode_classes
     from alignclip.data.prepare import load_prepared
     from alignclip.presets import load_clip
-    from alignclip.report import plot_similarity
+    from alignclip.figures import plot_similarity
 
     from alignclip.publish import stage_output
 

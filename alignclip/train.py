@@ -2,11 +2,12 @@
 
 Three parts, read in one sitting: ``setup`` builds everything a run needs (settings, training rows, model,
 frozen text features, similarity targets, the data loader, optimiser, BMA); ``train_step`` is one optimiser step of
-the method's loss (``bench/`` times it); ``write_checkpoint`` writes the result. The loop in ``train`` is the
+the method's loss (``bench/`` times it); ``write_checkpoint`` writes the result. The loop in ``_loop`` is the
 whole algorithm (Algorithm 1): text features are computed once with the frozen text encoder; each step samples a
-batch (``batch_size`` images per training domain for multi-domain data, as
-CLIPood), computes the method's loss, takes an AdamW step on a cosine schedule and folds the new weights into
-the Beta Moving Average. The averaged model is the result.
+batch (``batch_size`` images per training domain for multi-domain data, as CLIPood), computes the method's loss,
+takes an AdamW step on a cosine schedule, folds the new weights into the Beta Moving Average and logs. The
+averaged model is the result. Resume checkpoints, SIGTERM and storage failures are one object's
+(``alignclip.resume.RunControl``), so the loop reads as the algorithm.
 """
 
 from __future__ import annotations
@@ -26,15 +27,14 @@ from alignclip.bma import BetaMovingAverage
 from alignclip.classifier import encode_classes, make_visual, resolve_device
 from alignclip.data.images import ManifestImages, train_transform
 from alignclip.data.loader import AUTO, BalancedLoader, resolve_workers
-from alignclip.storage import StorageError
 from alignclip.data.prepare import load_prepared
 from alignclip.publish import output_lock, save_checkpoint, stage_output
 from alignclip.log import get_logger
-from alignclip.methods import MethodConfig, get_method, split_method
+from alignclip.methods import MethodConfig, get_method, split_method, variant_label
 from alignclip.model import AlignCLIPVisual
 from alignclip.objective import compute_loss, loss_terms, term_names
 from alignclip.presets import check_model, load_clip
-from alignclip.resume import CheckpointStore, Preempted, default_location, ResumeOptions, Schedule, StopRequest, rng_state, set_rng_state, store_for
+from alignclip.resume import CheckpointStore, ResumeOptions, RunControl, default_location, store_for
 from alignclip.similarity import class_similarity_matrix, load_similarity
 
 log = get_logger(__name__)
@@ -139,7 +139,7 @@ def resolve(prepared_dir: str | Path | None, settings: TrainSettings) -> Plan:
 def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: str | Path | None = None) -> TrainingRun:
     """Settings, training rows and label space, model, text features, similarity targets, the data loader, optimiser."""
     plan = resolve(prepared_dir, settings)
-    settings, method, meta, rows, label_space, device = plan.settings, plan.method, plan.meta, plan.rows, plan.label_space, plan.device
+    settings, method, meta, label_space, device = plan.settings, plan.method, plan.meta, plan.label_space, plan.device
     torch.manual_seed(settings.seed)
     # a CPU run: portable kernels (alignclip/determinism.py), the same numbers on any x86-64 CPU; a GPU run as it is
     cpu = {**determinism.configure_torch(device, warn_only=True), "model": determinism.cpu_model()} if device.type == "cpu" else None
@@ -153,16 +153,27 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
     else:
         class_sim = class_similarity_matrix(text, scale=method.sls_scale)
     visual = make_visual(bundle, method).to(device)
-    summary = {
+    summary = _summary(plan, bundle, method, asked, visual, cpu)
+    run = TrainingRun(settings, method, bundle, visual, text, class_sim, label_space, class_names, summary, device)
+    if method.trains:
+        _add_training(run, plan)
+    return run
+
+
+def _summary(plan: Plan, bundle, method: MethodConfig, asked: MethodConfig, visual: AlignCLIPVisual,
+             cpu: dict | None) -> dict:
+    """What train.json records of the run before it trains (``asked``: the switches as set, ``method`` as run)."""
+    settings, meta = plan.settings, plan.meta
+    return {
         "settings": asdict(settings),
         "method": method.to_dict(),
         "architecture": bundle.architecture,
         "pretrained": bundle.pretrained,
         "dataset": meta["dataset"],
         "protocol": meta["protocol"],
-        "train_images": int(len(rows)),
-        "label_space": label_space,
-        "variant": variant_label(asked, settings),
+        "train_images": int(len(plan.rows)),
+        "label_space": plan.label_space,
+        "variant": variant_label(asked, settings.formulation, settings.recipe, settings.hparams),
         # the loaded CLIP's pre-trained temperature, 1 / exp(logit_scale); method.tau / method.aal_tau are the ones used
         "model_tau": bundle.tau,
         "hparams": dict(settings.hparams),  # what the selection grid varied: the report selects among these cells
@@ -170,12 +181,14 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
         "attention_layers": {"aligned": visual.aligned_layers, "dv": visual.dv_layers},
         "cpu": cpu,  # the kernels and CPU of a CPU run (None on a GPU)
     }
-    run = TrainingRun(settings, method, bundle, visual, text, class_sim, label_space, class_names, summary, device)
-    if not method.trains:
-        return run
 
-    # Data: batch_size images of every training domain per step for multi-domain protocols (CLIPood), else
-    # batch_size images of the one group; all groups are read by one loader (one worker pool).
+
+def _add_training(run: TrainingRun, plan: Plan) -> None:
+    """The data loader, optimiser and BMA of a method that trains.
+
+    Data: batch_size images of every training domain per step for multi-domain protocols (CLIPood), else
+    batch_size images of the one group; all groups are read by one loader (one worker pool)."""
+    settings, meta, rows, bundle, device = run.settings, plan.meta, plan.rows, run.bundle, run.device
     transform = train_transform(bundle.image_size, bundle.mean, bundle.std, settings.hflip, settings.crop_scale)
     group_key = protocols.get_protocol(meta["protocol"]).group_key
     groups = [g for _, g in rows.groupby(group_key, sort=True)] if group_key else [rows]
@@ -186,19 +199,18 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
                          f"expected at most {smallest}")
     workers = resolve_workers(settings.num_workers)
     for group in groups:
-        dataset = ManifestImages(meta, group["path"].tolist(), group["label"].tolist(), label_space, transform)
+        dataset = ManifestImages(meta, group["path"].tolist(), group["label"].tolist(), run.label_space, transform)
         if settings.stage_remote:
             dataset.stage()
         if not workers:  # read in this process: decode each image once (small data such as the embedded digits)
             dataset.keep_decoded_bytes = IN_MEMORY_BYTES // len(groups)
         run.datasets.append(dataset)
     run.loader = BalancedLoader(run.datasets, settings.batch_size, settings.seed, run.steps, workers, device)
-    summary["num_workers"] = workers
+    run.summary["num_workers"] = workers
     run.optimizer = make_optimizer(
-        bundle, visual, settings.lr, settings.weight_decay, method.weight_decay_scope, fused=device.type == "cuda"
+        bundle, run.visual, settings.lr, settings.weight_decay, run.method.weight_decay_scope, fused=device.type == "cuda"
     )
-    run.bma = BetaMovingAverage(visual, run.steps, method.bma_beta) if method.bma else None
-    return run
+    run.bma = BetaMovingAverage(run.visual, run.steps, run.method.bma_beta) if run.method.bma else None
 
 
 def make_optimizer(
@@ -325,8 +337,6 @@ def train(
     With ``resume`` (the CLI's default) a resume checkpoint is written as the run goes and at SIGTERM, and a
     re-run of the same settings continues from it (see ``alignclip.resume``).
 
-    ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)``.
-
     ``callbacks`` are called after every optimiser step as ``callback(step, visual, parts)`` (``parts``: the
     loss's parts as device tensors).
 
@@ -338,7 +348,9 @@ def train(
     store = store_for(out, resume)
     with output_lock(out):  # the resume checkpoint is this output's too: written and cleared by its one writer
         with stage_output(out, "train", allowed=artifacts.CELL_FILES) as staging:
-            summary = _train(prepared_dir, staging, settings, tracker, similarity_path, callbacks, store, resume)
+            run = setup(prepared_dir, settings, similarity_path)
+            _start_tracking(run, tracker)
+            summary = _loop(run, staging, tracker, callbacks, store, resume) if run.method.trains else _zero_shot(run, staging)
         if store is not None:
             store.clear()  # after the outputs are safe: a crash in between resumes at the last step, same result
             if store.location == str(default_location(out)):
@@ -358,107 +370,76 @@ def _fingerprint(run: TrainingRun) -> str:
     )
 
 
-def _train(prepared_dir, out: Path, settings, tracker, similarity_path, callbacks, store, resume) -> dict:
-    run = setup(prepared_dir, settings, similarity_path)
-    settings, method, summary = run.settings, run.method, run.summary
-    # the cell's MLflow run: `alignclip evaluate` of this checkpoint logs into the same run
+def _start_tracking(run: TrainingRun, tracker) -> None:
+    """The cell's MLflow run: `alignclip evaluate` of this checkpoint logs into the same run."""
+    summary = run.summary
     summary["mlflow_run_id"] = tracker.run_id if getattr(tracker, "enabled", False) else None
     if tracker is not None:
-        tracker.log_params({"method": method.to_dict(), "train": asdict(settings), "dataset": summary["dataset"],
+        tracker.log_params({"method": run.method.to_dict(), "train": asdict(run.settings), "dataset": summary["dataset"],
                             "model_tau": summary["model_tau"]})
-    if not method.trains:
-        write_checkpoint(out / artifacts.MODEL, run, None)
-        (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps({**summary, "steps": 0}, indent=2) + "\n")
-        (out / artifacts.TRAIN_LOG).write_text("step,loss\n")
-        log.info("zero-shot: nothing to train")
-        return summary
 
-    visual, steps, autocast, loader = run.visual, run.steps, autocast_for(run.device), run.loader
-    fingerprint = _fingerprint(run)
-    prefix, seconds_before = "", 0.0
-    state = store.load() if store is not None else None
-    if state is not None and state["fingerprint"] != fingerprint:
-        log.warning("%s belongs to a run with other settings: starting from step 0 (it will be replaced)", store)
-        state = None
-    if state is not None:
-        visual.load_state_dict(state["visual"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        if run.bma is not None:
-            run.bma.load_state_dict(state["bma"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        prefix, seconds_before = state["log"], float(state["seconds"])
-        log.info("resuming from step %d of %d (%s)", loader.step, steps, store)
-    start = loader.step
-    schedule = Schedule(resume) if store is not None else None
-    # The log starts with the checkpoint's copy (the killed run may have logged steps past it); rows are flushed
-    # window by window, so the file is readable while the run goes.
-    window = LogWindow(out / artifacts.TRAIN_LOG, steps, settings.log_every, run.device, tracker, loader, prefix,
-                       grad_norm_columns(method))
 
-    def checkpoint() -> None:
-        """A resume checkpoint at the steps done so far (the open log window is written first)."""
-        if window.rows:
-            window.write()
-        _save_resume(store, run, loader.step, window.text(), seconds_before + time.perf_counter() - started,
-                     fingerprint, tracker)
+def _zero_shot(run: TrainingRun, out: Path) -> dict:
+    """A method that does not train (zero-shot): the pre-trained encoder's checkpoint, no steps."""
+    write_checkpoint(out / artifacts.MODEL, run, None)
+    (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps({**run.summary, "steps": 0}, indent=2) + "\n")
+    (out / artifacts.TRAIN_LOG).write_text("step,loss\n")
+    log.info("zero-shot: nothing to train")
+    return run.summary
 
+
+def _loop(run: TrainingRun, out: Path, tracker, callbacks, store: CheckpointStore | None, resume) -> dict:
+    """Algorithm 1: sample a batch (``batch_size`` images of every training domain), take an AdamW step of the
+    method's loss at the cosine schedule's rate, fold the weights into the BMA, log. Resume, preemption and
+    storage errors are ``control``'s (alignclip.resume.RunControl); the log window reads the device once a window."""
+    method, visual, optimizer, loader = run.method, run.visual, run.optimizer, run.loader
+    control = RunControl(run, store, resume, _fingerprint(run), tracker)  # continues a matching resume checkpoint
+    window = LogWindow.for_run(out / artifacts.TRAIN_LOG, run, tracker, prefix=control.log_prefix)
+    autocast = autocast_for(run.device)
     visual.train()
-    started = time.perf_counter()
-    bar = tqdm(total=steps, initial=loader.step, desc=f"{method.name}", disable=not settings.progress, dynamic_ncols=True)
-    with window, StopRequest() as stop:
-        try:
-            for images, targets in loader:
-                step = loader.step  # steps done, this one included
-                lr = cosine_lr(step - 1, steps, settings.lr)
-                for group in run.optimizer.param_groups:
-                    group["lr"] = lr
-                parts = train_step(method, visual, run.optimizer, images, targets, run.text, run.class_sim, autocast,
-                                   grad_norms=window.measures(step))
-                bma_weight = run.bma.update(visual) if run.bma is not None else 0.0
-                for callback in callbacks or []:
-                    callback(step, visual, parts)
-                window.add(step, parts, lr=lr, bma_weight=bma_weight, images=len(images))
-                bar.update(1)
-                if window.closes(step):
-                    means = window.write()
-                    bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{means['images_per_s']:.0f}")
-                    log.info("step %d/%d %s", step, steps, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
-                if store is not None and step < steps and (stop.requested or schedule.due(step)):
-                    try:
-                        checkpoint()
-                    except (StorageError, OSError) as err:  # insurance: failing to write one stops nothing
-                        log.warning("could not write the resume checkpoint at step %d (%s): training goes on", step, err)
-                    schedule.done()
-                if stop.requested and step < steps:
-                    raise Preempted(f"stopped at step {step}/{steps}; re-run the same command to resume from {store}")
-        except StorageError as err:
-            # The store failed past its retries. The failed batch was not counted (loader.step = whole steps
-            # done), so a checkpoint now resumes exactly; then stop with the store's one line.
-            if store is not None and loader.step > start:
-                checkpoint()
-                raise StorageError(f"{one_line(err)}; training stopped at step {loader.step}/{steps}, re-run the "
-                                   f"same command to resume from {store}") from None
-            raise StorageError(one_line(err)) from None
-    bar.close()
-    own = time.perf_counter() - started  # this process's share (throughput); elapsed includes a resumed run's past
-    elapsed = seconds_before + own
-    final = run.bma.module if run.bma is not None else visual
+    with window, control.watching(window):
+        for images, targets in loader:
+            step = loader.step  # steps done, this one included
+            lr = set_lr(optimizer, cosine_lr(step - 1, run.steps, run.settings.lr))
+            parts = train_step(method, visual, optimizer, images, targets, run.text, run.class_sim, autocast,
+                               grad_norms=window.measures(step))
+            bma_weight = run.bma.update(visual) if run.bma is not None else 0.0
+            for callback in callbacks or []:
+                callback(step, visual, parts)
+            window.record(step, parts, lr=lr, bma_weight=bma_weight, images=len(images))
+            control.after_step(step)  # a resume checkpoint when due; at SIGTERM one, then Preempted
+    return _finish(run, out, control, window)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _finish(run: TrainingRun, out: Path, control: RunControl, window: LogWindow) -> dict:
+    """The averaged model (BMA, else the last weights) as the checkpoint, and train.json."""
+    own = time.perf_counter() - control.started  # this process's share (throughput); elapsed includes a resumed run's past
+    elapsed = control.seconds_before + own
+    final = run.bma.module if run.bma is not None else run.visual
     skipped = sorted({p for dataset in run.datasets for p in dataset.skipped})
     write_checkpoint(out / artifacts.MODEL, run, final)
-    summary.update(steps=steps, seconds=elapsed, skipped_images=skipped, bma=method.bma, resumed_from=start or None,
-                   images_per_s=window.images / own, data_wait_s=loader.data_wait_s)
-    (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("trained %s for %d steps in %.1fs", method.name, steps, elapsed)
-    return summary
+    run.summary.update(steps=run.steps, seconds=elapsed, skipped_images=skipped, bma=run.method.bma,
+                       resumed_from=control.start or None, images_per_s=window.images / own,
+                       data_wait_s=run.loader.data_wait_s)
+    (out / artifacts.TRAIN_SUMMARY).write_text(json.dumps(run.summary, indent=2) + "\n")
+    log.info("trained %s for %d steps in %.1fs", run.method.name, run.steps, elapsed)
+    return run.summary
 
 
 class LogWindow:
     """The logged values of the last ``every`` steps, kept on the device and written to ``train_log.csv`` (and the
-    tracker) together: one host synchronisation per window instead of one per value per step."""
+    tracker) together: one host synchronisation per window instead of one per value per step. The log starts with
+    ``prefix``, a resumed run's earlier rows (the killed run may have logged steps past its checkpoint); rows are
+    flushed window by window, so the file is readable while the run goes. Shows the progress bar too."""
 
     def __init__(self, path: Path, total_steps: int, every: int, device: torch.device, tracker, loader: BalancedLoader,
-                 prefix: str = "", grad_columns: list[str] | None = None):
+                 prefix: str = "", grad_columns: list[str] | None = None, progress: bool = False, desc: str = ""):
         self.path, self.total_steps, self.every = path, total_steps, max(1, int(every))
         # gradient norms, measured on the first step and where a window closes (``measures``); empty cells elsewhere
         self.grad_columns = list(grad_columns or [])
@@ -470,17 +451,35 @@ class LogWindow:
         self.window_images = 0
         self.images = 0
         self.handle = None
+        self.progress, self.desc, self.bar = progress, desc, None
+
+    @classmethod
+    def for_run(cls, path: Path, run: TrainingRun, tracker, prefix: str = "") -> LogWindow:
+        return cls(path, run.steps, run.settings.log_every, run.device, tracker, run.loader, prefix,
+                   grad_norm_columns(run.method), run.settings.progress, run.method.name)
 
     def __enter__(self):
         self.handle = self.path.open("w")
         self.handle.write(self.prefix)
         self.handle.flush()
+        self.bar = tqdm(total=self.total_steps, initial=self.loader.step, desc=self.desc, disable=not self.progress,
+                        dynamic_ncols=True)
         self.started = time.perf_counter()
         self.wait_started = self.loader.data_wait_s
         return self
 
     def __exit__(self, *exc):
+        self.bar.close()
         self.handle.close()
+
+    def record(self, step: int, parts: dict[str, torch.Tensor], lr: float, bma_weight: float, images: int) -> None:
+        """One step's values; where a window closes, its rows are written and its means shown and logged."""
+        self.add(step, parts, lr=lr, bma_weight=bma_weight, images=images)
+        self.bar.update(1)
+        if self.closes(step):
+            means = self.write()
+            self.bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{means['images_per_s']:.0f}")
+            log.info("step %d/%d %s", step, self.total_steps, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
 
     def add(self, step: int, parts: dict[str, torch.Tensor], lr: float, bma_weight: float, images: int) -> None:
         grads = {k: parts[k] for k in self.grad_columns if k in parts}
@@ -537,48 +536,6 @@ class LogWindow:
         return means
 
 
-def one_line(err: Exception) -> str:
-    """The message of an error, also when a DataLoader worker re-raised it with the worker's traceback."""
-    text = str(err)
-    if "Original Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
-    return text
-
-
-def _save_resume(store: CheckpointStore, run: TrainingRun, step: int, log_text: str, seconds, fingerprint, tracker) -> None:
-    tic = time.perf_counter()
-    state = {
-        "step": step,
-        "visual": run.visual.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "bma": run.bma.state_dict() if run.bma is not None else None,
-        "loader": run.loader.state_dict(),
-        "rng": rng_state(),
-        "log": log_text,
-        "seconds": seconds,
-        "fingerprint": fingerprint,
-    }
-    run_id = getattr(tracker, "run_id", None)
-    store.save(state, {"step": step, "steps": run.steps, "mlflow_run_id": run_id, "written": time.time()})
-    log.debug("resume checkpoint at step %d -> %s (%.2fs)", step, store, time.perf_counter() - tic)
-
-
-def variant_label(method: MethodConfig, settings: TrainSettings) -> str:
-    """``alignclip``, ``alignclip+release``, or with the switches that differ from the method's (and recipe's)
-    defaults: ``erm[pooling=avg]``. Reports label rows with it, so ablations do not mix with the method."""
-    from alignclip.recipes import get_recipe
-
-    recipe = get_recipe(settings.recipe).method if settings.recipe else {}
-    base = get_method(method.name, settings.formulation, **recipe).to_dict()
-    # a selection grid's varied switches are not an ablation: the selected cell stands for the method
-    changed = {k: v for k, v in method.to_dict().items() if base.get(k) != v and k not in settings.hparams}
-    label = method.name if settings.formulation == "paper" else f"{method.name}+{settings.formulation}"
-    if changed:
-        label += "[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
-    return label
-
-
 def cell_tags(settings: TrainSettings, meta: dict) -> dict:
     """The MLflow tags of the grid cell this training belongs to (``alignclip.tracking.cell_tags``)."""
     from alignclip import tracking
@@ -587,5 +544,5 @@ def cell_tags(settings: TrainSettings, meta: dict) -> dict:
     settings = replace(settings, method=name, formulation=formulation)
     method = get_method(name, formulation, **settings.overrides)
     return tracking.cell_tags(
-        meta["dataset"], meta["protocol"], name, variant_label(method, settings), formulation, settings.test_domain, settings.seed
+        meta["dataset"], meta["protocol"], name, variant_label(method, formulation, settings.recipe, settings.hparams), formulation, settings.test_domain, settings.seed
     )

@@ -92,7 +92,7 @@ MUTATIONS = [
     ),
     Mutation(
         "restore the constant: the loaded CLIP's tau read as 0.01 whatever its logit_scale",
-        "alignclip/presets.py",
+        "alignclip/clip_factory.py",
         "    tau = pretrained_tau(model)\n",
         "    tau = 0.01\n",
         ("tests/test_objective.py", "tests/test_presets.py::test_tau_is_read_from_the_loaded_weights"),

@@ -183,7 +183,7 @@ def test_an_s3_outage_during_training_is_retried_and_a_long_one_stops_with_a_che
         def command(out, steps):
             return [sys.executable, "-m", "alignclip", "train", str(tmp_path / "prepared"), str(out), "--method", "erm",
                     "--test-domain", "rotated_0", "--steps", str(steps), "--batch-size", "4", "--no-progress",
-                    "--checkpoint-every", "5", "--no-stage-remote", "--num-workers", "0"]
+                    "--checkpoint-every", "25", "--no-stage-remote", "--num-workers", "0"]
 
         def cut_after(out, steps, trainer):
             """Cut S3 off once ``steps`` are logged; the trainer is paused meanwhile, so that a fast machine cannot
@@ -220,3 +220,6 @@ def test_an_s3_outage_during_training_is_retried_and_a_long_one_stops_with_a_che
     assert "Traceback" not in stderr
     info = CheckpointStore(default_location(long)).info()
     assert 12 <= info["step"] < 400 and not long.exists()
+    # the checkpoint is the one written where it stopped (every whole step done): the log is flushed every 10
+    # steps, so the cut comes at step 20, before the first scheduled checkpoint (25)
+    assert f"training stopped at step {info['step']}/400" in line

@@ -29,7 +29,7 @@ from alignclip.data.registry import (
     CLASS_NAME_CHOICES, DATASETS, LAYOUT_KINDS, TEMPLATE_CHOICES, clean_class_name, default_protocol, get_dataset,
 )
 from alignclip.log import get_logger
-from alignclip.presets import RESOURCES
+from alignclip.clip_factory import RESOURCES
 from alignclip.protocols import PROTOCOLS
 
 log = get_logger(__name__)
@@ -302,28 +302,7 @@ def prepare_imagenet(settings: PrepareSettings, base2new: bool) -> tuple[pd.Data
     ``"filesystem"`` takes CoOp's order (its picks differ from one filesystem to another)."""
     wnids, names = imagenet_classes()
     index = {w: i for i, w in enumerate(wnids)}
-    image_dir = get_dataset("imagenet").image_dir
-    frames = []
-    for split_name, folder in (("train", "train"), ("test", "val")):
-        rel_root = f"{image_dir}/{folder}"
-        if split_name == "train" and settings.listing == "filesystem":
-            files = filesystem_listing(storage.join(settings.root, rel_root))
-        else:
-            files = storage.list_files(storage.join(settings.root, rel_root))
-        rows = [(f"{rel_root}/{f}", f.split("/", 1)[0]) for f in files if "/" in f]
-        unknown = sorted({w for _, w in rows if w not in index})
-        if unknown:
-            raise DatasetError(f"{storage.join(settings.root, rel_root)}: folders {unknown[:5]} are not ImageNet WordNet ids")
-        frames.append(
-            pd.DataFrame(
-                {
-                    "path": [p for p, _ in rows],
-                    "label": np.array([index[w] for _, w in rows], dtype=np.int64),
-                    "domain": "imagenet",
-                    "split": split_name,
-                }
-            )
-        )
+    frames = [_imagenet_split(settings, split_name, folder, index) for split_name, folder in (("train", "train"), ("test", "val"))]
     train = frames[0]
     for seed in settings.seeds:
         chosen, _ = splits.coop_fewshot(train["label"].tolist(), [], settings.shots, seed)
@@ -331,36 +310,9 @@ def prepare_imagenet(settings: PrepareSettings, base2new: bool) -> tuple[pd.Data
         mark[chosen] = True
         train[f"shots_seed{seed}"] = mark
         frames[1][f"shots_seed{seed}"] = True
+    extra_roots = {}
     if not base2new:
-        parent = str(PurePosixPath(settings.root).parent) if storage.is_s3(settings.root) else str(Path(settings.root).parent)
-        folders = {**VARIANT_FOLDERS, **settings.variants}
-        extra_roots = {}
-        for variant, folder in folders.items():
-            vroot = folder if (folder.startswith("/") or storage.is_s3(folder)) else storage.join(parent, folder)
-            try:
-                files = storage.list_files(vroot)
-            except FileNotFoundError:
-                log.warning("ImageNet variant %s not found at %s: skipped (its results will be missing)", variant, vroot)
-                continue
-            rows = []
-            for f in files:
-                if "/" not in f:
-                    continue
-                key = f.split("/", 1)[0]
-                label = int(key) if variant == "imagenet_v2" else index.get(key)
-                if label is None or not 0 <= label < len(wnids):
-                    raise DatasetError(f"{vroot}: folder {key!r} is not an ImageNet class ({variant})")
-                rows.append((f, label))
-            frame = pd.DataFrame(
-                {
-                    "path": [storage.join(vroot, f) for f, _ in rows],  # outside root: stored absolute, under an extra root
-                    "label": np.array([y for _, y in rows], dtype=np.int64),
-                    "domain": variant,
-                    "split": "test",
-                }
-            )
-            for seed in settings.seeds:
-                frame[f"shots_seed{seed}"] = True
+        for variant, (frame, vroot) in _imagenet_variants(settings, index, len(wnids)).items():
             frames.append(frame)
             extra_roots[variant] = vroot  # where load_prepared lets this variant's absolute rows be read
     manifest = pd.concat(frames, ignore_index=True)
@@ -382,6 +334,58 @@ def prepare_imagenet(settings: PrepareSettings, base2new: bool) -> tuple[pd.Data
     if not base2new and extra_roots:
         meta["extra_roots"] = extra_roots
     return manifest, meta
+
+
+def _imagenet_split(settings: PrepareSettings, split_name: str, folder: str, index: dict[str, int]) -> pd.DataFrame:
+    """The rows of ImageNet's ``train`` or ``val`` folder (one sub-folder per WordNet id)."""
+    rel_root = f"{get_dataset('imagenet').image_dir}/{folder}"
+    if split_name == "train" and settings.listing == "filesystem":
+        files = filesystem_listing(storage.join(settings.root, rel_root))
+    else:
+        files = storage.list_files(storage.join(settings.root, rel_root))
+    rows = [(f"{rel_root}/{f}", f.split("/", 1)[0]) for f in files if "/" in f]
+    unknown = sorted({w for _, w in rows if w not in index})
+    if unknown:
+        raise DatasetError(f"{storage.join(settings.root, rel_root)}: folders {unknown[:5]} are not ImageNet WordNet ids")
+    return pd.DataFrame({
+        "path": [p for p, _ in rows],
+        "label": np.array([index[w] for _, w in rows], dtype=np.int64),
+        "domain": "imagenet",
+        "split": split_name,
+    })
+
+
+def _imagenet_variants(settings: PrepareSettings, index: dict[str, int], classes: int) -> dict[str, tuple[pd.DataFrame, str]]:
+    """{variant: (its test rows, its root)} of the ImageNet variants found beside the dataset root (or where
+    ``settings.variants`` says); a missing one is skipped with a warning. Rows are stored absolute (outside root)."""
+    parent = str(PurePosixPath(settings.root).parent) if storage.is_s3(settings.root) else str(Path(settings.root).parent)
+    found = {}
+    for variant, folder in {**VARIANT_FOLDERS, **settings.variants}.items():
+        vroot = folder if (folder.startswith("/") or storage.is_s3(folder)) else storage.join(parent, folder)
+        try:
+            files = storage.list_files(vroot)
+        except FileNotFoundError:
+            log.warning("ImageNet variant %s not found at %s: skipped (its results will be missing)", variant, vroot)
+            continue
+        rows = []
+        for f in files:
+            if "/" not in f:
+                continue
+            key = f.split("/", 1)[0]
+            label = int(key) if variant == "imagenet_v2" else index.get(key)
+            if label is None or not 0 <= label < classes:
+                raise DatasetError(f"{vroot}: folder {key!r} is not an ImageNet class ({variant})")
+            rows.append((f, label))
+        frame = pd.DataFrame({
+            "path": [storage.join(vroot, f) for f, _ in rows],
+            "label": np.array([y for _, y in rows], dtype=np.int64),
+            "domain": variant,
+            "split": "test",
+        })
+        for seed in settings.seeds:
+            frame[f"shots_seed{seed}"] = True
+        found[variant] = (frame, vroot)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- entry point
