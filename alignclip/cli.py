@@ -13,7 +13,8 @@ import typer
 import typer.core
 
 from alignclip import __version__
-from alignclip.config import COMPOSITES, ConfigError, check, check_method_switches, check_output_dir, check_template
+from alignclip.config import BY_NAME, COMPOSITES, ConfigError, check_method_switches, check_output_dir, check_template
+from alignclip.methods import DEFAULT_METHOD
 from alignclip.log import get_logger, setup_logging
 
 # Import cost: this module and what it imports at the top (config, log, typer) load in a fraction of a second, so
@@ -119,6 +120,13 @@ def _main(
     setup_logging(log_level)
 
 
+def _schema_help(name: str, text: str | None = None) -> str:
+    """An option's help from the schema (alignclip/config.py), its default named there and nowhere else."""
+    setting = BY_NAME[name]
+    default = setting.default if setting.default is not None else "not set"
+    return f"{text or setting.help} (default: {default}; params file {setting.key})"
+
+
 def _parse_overrides(items: list[str]) -> dict:
     """``key=value`` pairs; values are parsed as JSON when they can be (numbers, true/false, null)."""
     overrides = {}
@@ -175,39 +183,35 @@ def prepare(
     dataset: str = typer.Argument(..., help="dataset name, e.g. rotated_digits, pacs, office_home, oxford_pets, imagenet; or domainbed (any DomainBed-layout folder, with --name)"),
     root: str = typer.Argument(..., help="dataset folder or s3:// prefix"),
     out_dir: Path = typer.Argument(..., help="where to write manifest.parquet and meta.json"),
-    protocol: Optional[str] = typer.Option(None, help="domainbed | wild | base2new | imagenet (default: the dataset's own)"),
-    holdout_fraction: Optional[float] = typer.Option(None, help="DomainBed held-out fraction per domain (default 0.2)"),
-    trial_seed: Optional[int] = typer.Option(None, help="trial seed of the in/out splits (default 0): DomainBed's; wild: CLIPood's split uses 0, others are our extension"),
-    shots: Optional[int] = typer.Option(None, help="few-shot images per class (base2new, imagenet; default 16)"),
-    seeds: Optional[List[int]] = typer.Option(None, "--seed", help="few-shot sampling seeds (repeatable; default: train.seeds, 0 1 2)"),
+    protocol: Optional[str] = typer.Option(None, help=_schema_help("data_protocol")),
+    holdout_fraction: Optional[float] = typer.Option(None, help=_schema_help("data_holdout_fraction")),
+    trial_seed: Optional[int] = typer.Option(None, help=_schema_help("data_trial_seed")),
+    shots: Optional[int] = typer.Option(None, help=_schema_help("data_shots")),
+    seeds: Optional[List[int]] = typer.Option(None, "--seed", help=_schema_help("data_sample_seeds", "few-shot sampling seeds (repeatable; not set: train.seeds)")),
     params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for the options not given here"),
     template: Optional[str] = typer.Option(None, help="prompt template with {} for the class name"),
     split_file: Optional[str] = typer.Option(None, help="CoOp split JSON (default: the dataset's split_zhou_*.json)"),
-    templates: Optional[str] = typer.Option(None, help="prompt templates: paper (appendix A.2, default) | release (the released code's, CoOp's)"),
-    class_names: Optional[str] = typer.Option(None, help="class names: paper ('_' and '-' become spaces, default) | release (only '_')"),
-    listing: Optional[str] = typer.Option(None, help="imagenet: image order for few-shot picks: sorted (reproducible, default) | filesystem (CoOp's os.listdir order)"),
+    templates: Optional[str] = typer.Option(None, help=_schema_help("data_templates")),
+    class_names: Optional[str] = typer.Option(None, help=_schema_help("data_class_names")),
+    listing: Optional[str] = typer.Option(None, help=_schema_help("data_listing")),
     validate: bool = typer.Option(False, help="also decode every image (parallel) and list unreadable ones"),
     name: Optional[str] = typer.Option(None, help="your dataset's name in results; needed with a layout kind (domainbed)"),
 ):
     """List and split a dataset by its protocol; write a manifest (parquet) and its metadata (JSON)."""
-    from alignclip.config import BY_NAME, load_params_file
+    from alignclip.config import resolve_stage
 
-    # explicit option > params file > schema default (alignclip/config.py)
-    from_file = load_params_file(params_file) if params_file is not None else {}
-    given = {"data_protocol": protocol, "data_holdout_fraction": holdout_fraction, "data_trial_seed": trial_seed,
-             "data_shots": shots, "train_seeds": list(seeds) if seeds else None, "data_templates": templates,
-             "data_class_names": class_names, "data_listing": listing}
-    if from_file.get("data_sample_seeds") is not None:  # the few-shot samples' own seeds (config.py) beat train.seeds
-        from_file["train_seeds"] = from_file["data_sample_seeds"]
-    value = {name: check(name, v, f"--{BY_NAME[name].field.replace('_', '-')}: ") if v is not None else from_file.get(name, BY_NAME[name].default)
-             for name, v in given.items()}
+    value = resolve_stage(params_file, {
+        "data_protocol": protocol, "data_holdout_fraction": holdout_fraction, "data_trial_seed": trial_seed, "data_shots": shots,
+        "data_sample_seeds": list(seeds) if seeds else None, "data_templates": templates, "data_class_names": class_names,
+        "data_listing": listing})
+    sample_seeds = value["data_sample_seeds"] or value["train_seeds"]  # the few-shot samples' own seeds, else the grid's
     check_template(template)
     check_output_dir(out_dir)
     from alignclip.data.prepare import PrepareSettings, prepare as run_prepare, validate_images, write_prepared
 
     settings = PrepareSettings(
         dataset, root, value["data_protocol"] or "", value["data_holdout_fraction"], value["data_trial_seed"],
-        value["data_shots"], list(value["train_seeds"]), template, split_file,
+        value["data_shots"], list(sample_seeds), template, split_file,
         templates=value["data_templates"], class_names=value["data_class_names"], listing=value["data_listing"], name=name,
     )
     manifest, meta = run_prepare(settings)
@@ -224,12 +228,17 @@ def prepare(
 def similarity(
     prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
     out_dir: Path = typer.Argument(..., help="where to write similarity.pt, similarity.csv and similarity.png"),
-    model: str = typer.Option("tiny", help="model preset or open_clip architecture"),
-    pretrained: str = typer.Option("default", help="weights: tag, file, s3:// URI, none, or the preset's default"),
-    scale: float = typer.Option(1.0, help="softmax scale of the heatmap (paper 1, released code 35)"),
+    model: Optional[str] = typer.Option(None, help=_schema_help("model_name")),
+    pretrained: Optional[str] = typer.Option(None, help=_schema_help("model_pretrained")),
+    scale: Optional[float] = typer.Option(None, help=_schema_help("similarity_scale")),
+    params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for the options not given here"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Class similarity matrix of the class prompts (appendix B.5), with its heatmap (fig. 6)."""
+    from alignclip.config import resolve_stage
+
+    values = resolve_stage(params_file, {"model_name": model, "model_pretrained": pretrained, "similarity_scale": scale})
+    model, pretrained, scale = values["model_name"], values["model_pretrained"], values["similarity_scale"]
     check_output_dir(out_dir)
     _check_prepared(prepared_dir)
     from alignclip import tracking
@@ -285,7 +294,7 @@ def _check_workers(value: str) -> None:
 def train(
     prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
     out_dir: Path = typer.Argument(..., help="where to write model.pt, train_log.csv, train.json"),
-    method: str = typer.Option("alignclip", help="zeroshot | erm | clipood | alignclip, optionally +paper or +release"),
+    method: str = typer.Option(DEFAULT_METHOD, help="zeroshot | erm | clipood | alignclip, optionally +paper or +release"),
     formulation: Optional[str] = typer.Option(None, help="paper (default) | release (the authors' released code)"),
     set_: List[str] = typer.Option([], "--set", help="method switch override key=value (repeatable), e.g. aal=false"),
     hparam: List[str] = typer.Option([], "--hparam", help="a selection grid cell's setting key=value (repeatable): lr, batch_size, steps or a method switch; applied and recorded as the cell's hparams"),
@@ -293,12 +302,12 @@ def train(
     model: Optional[str] = typer.Option(None, help="model preset or open_clip architecture (default: tiny)"),
     pretrained: Optional[str] = typer.Option(None, help="weights: tag, file, s3:// URI, none, or the preset's default"),
     test_domain: Optional[str] = typer.Option(None, help="held-out domain (domainbed, wild)"),
-    seed: int = typer.Option(0, help="seed of the run: its batches, augmentations and few-shot subset (base2new, imagenet)"),
+    seed: Optional[int] = typer.Option(None, help=_schema_help("train_seed")),
     steps: Optional[int] = typer.Option(None, help="optimiser steps (default: the recipe's)"),
     epochs: Optional[int] = typer.Option(None, help="passes over the training set instead of steps (default: the recipe's)"),
     batch_size: Optional[int] = typer.Option(None, help="batch per training domain (default: the recipe's)"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default: the recipe's)"),
-    weight_decay: float = typer.Option(0.1, help="AdamW weight decay (which parameters: the method switch weight_decay_scope)"),
+    weight_decay: Optional[float] = typer.Option(None, help=_schema_help("train_weight_decay")),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="random horizontal flip (default: the recipe's)"),
     params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for what is not given here"),
     similarity_path: Optional[Path] = typer.Option(None, "--similarity", help="similarity.pt from `alignclip similarity`"),
@@ -321,11 +330,8 @@ def train(
     command resumes where it stopped (SIGTERM writes a checkpoint first)."""
     from dataclasses import asdict
 
-    from alignclip.config import effective_train, train_config
+    from alignclip.config import _grid_value, parse_entry, resolve_train, train_fields, typed_grid_values
     from alignclip.methods import get_method
-    from alignclip.recipes import apply_recipe
-
-    from alignclip.config import _grid_value, parse_entry, typed_grid_values
 
     method, in_brackets = parse_entry(method, "--method: ")  # alignclip[aal=false]: switches of the entry
     entry_switches, entry_train = typed_grid_values(in_brackets, "--method: ")
@@ -337,27 +343,26 @@ def train(
         hparams[key.strip()] = _grid_value(value.strip())
     grid_switches, grid_train = typed_grid_values(hparams, "--hparam ")
     hparams = {k: grid_switches.get(k, grid_train.get(f"train_{k}")) for k in hparams}
+    # the explicit layer: a grid cell's values (--hparam) beat the entry's brackets, which beat the options
     switches = {**entry_switches, **_parse_overrides(set_), **grid_switches}
     lr, batch_size, steps = (grid_train.get(n, entry_train.get(n, v)) for n, v in
                              (("train_lr", lr), ("train_batch_size", batch_size), ("train_steps", steps)))
-    check("train_seeds", [seed], "--seed: ")
-    if weight_decay < 0:
-        raise ConfigError(f"--weight-decay {weight_decay}: expected 0 or more")
     _check_workers(num_workers)
     if steps is not None and epochs is not None:  # else --steps would win and --epochs be dropped without a word
         raise ConfigError(f"--steps {steps} and --epochs {epochs}: give one")
     if checkpoint_every < 0 or checkpoint_minutes < 0:
         raise ConfigError(f"--checkpoint-every {checkpoint_every} / --checkpoint-minutes {checkpoint_minutes}: expected 0 or more")
     explicit = {"model_name": model, "model_pretrained": pretrained, "train_recipe": recipe, "train_formulation": formulation,
-                "train_steps": steps, "train_epochs": epochs, "train_batch_size": batch_size, "train_lr": lr, "train_hflip": hflip}
+                "train_steps": steps, "train_epochs": epochs, "train_batch_size": batch_size, "train_lr": lr, "train_hflip": hflip,
+                "train_seed": seed, "train_weight_decay": weight_decay}
     meta = None
     if recipe is None and (prepared_dir / "meta.json").is_file():
         from alignclip.datafiles import META, read_json
 
         meta = read_json(prepared_dir / "meta.json", META, "the metadata of `alignclip prepare`")
-    values = train_config(params_file, explicit, meta)
-    effective = effective_train(values, test_domain or None)
-    get_method(method, values["train_formulation"], **switches)  # an unknown method is refused before torch loads
+    values = resolve_train(params_file, explicit, meta)
+    fields = train_fields(values, test_domain or None, switches, method)
+    get_method(method, fields["formulation"], **fields["overrides"])  # an unknown method is refused before torch loads
     if not dry_run:  # a dry run may come before `prepare` (a pipeline's cell)
         _check_prepared(prepared_dir)
     from alignclip import artifacts, runs, tracking
@@ -365,13 +370,8 @@ def train(
     from alignclip.data.prepare import load_prepared
     from alignclip.train import TrainSettings, cell_tags, resolve, train as run_train
 
-    settings = TrainSettings(
-        method=method, formulation=values["train_formulation"], overrides=switches, hparams=hparams, model=values["model_name"],
-        pretrained=values["model_pretrained"], test_domain=test_domain or None, seed=seed, weight_decay=weight_decay,
-        num_workers=num_workers, stage_remote=stage_remote, device=device, progress=progress,
-    )
-    settings = apply_recipe(settings, effective["recipe"], steps=effective["steps"], batch_size=effective["batch_size"],
-                            lr=effective["lr"], epochs=effective["epochs"], hflip=effective["hflip"])
+    settings = TrainSettings(method=method, hparams=hparams, test_domain=test_domain or None, num_workers=num_workers,
+                             stage_remote=stage_remote, device=device, progress=progress, **fields)
     if dry_run:  # the real run's checks and resolution (train.resolve, where setup starts), then stop
         if not prepared_dir.exists():  # a pipeline's cell before `prepare`: what needs no data is still checked
             log.warning("%s does not exist yet: the held-out domain is not checked", prepared_dir)
@@ -388,6 +388,7 @@ def train(
     test_domain = settings.test_domain
     from alignclip.config import cell_name
 
+    seed = settings.seed
     cell_key = f"train-{cell_name(method, hparams)}-{test_domain or 'all'}-s{seed}"  # names the resume checkpoint's place
     if checkpoint_dir is None and os.environ.get("ALIGNCLIP_CHECKPOINT_ROOT"):
         from alignclip.resume import keyed_location
@@ -418,18 +419,20 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="model.pt from `alignclip train`"),
     out_dir: Path = typer.Argument(..., help="where to write metrics.json and predictions.parquet"),
     test_domain: Optional[str] = typer.Option(None, help="held-out domain: read from the checkpoint; if given, it must agree"),
-    test_split: str = typer.Option("holdout", help="held-out domain: its 20% split (holdout, CLIPood), its 80% split (in, DomainBed) or all its images (full)"),
-    batch_size: int = typer.Option(512, help="images per evaluation batch"),
+    test_split: Optional[str] = typer.Option(None, help=_schema_help("data_test_split")),
+    batch_size: Optional[int] = typer.Option(None, help=_schema_help("evaluate_batch_size")),
     num_workers: str = typer.Option("auto", help=WORKERS_HELP),
     stage_remote: bool = typer.Option(True, help=STAGE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
+    params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for the options not given here"),
 ):
     """Top-1 accuracy on every view of the protocol (held-out domain, base/new classes, ImageNet variants)."""
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size}: expected a batch of 1 or more")
+    from alignclip.config import resolve_stage
+
+    values = resolve_stage(params_file, {"data_test_split": test_split, "evaluate_batch_size": batch_size})
+    test_split, batch_size = values["data_test_split"], values["evaluate_batch_size"]
     _check_workers(num_workers)
-    check("data_test_split", test_split, "--test-split: ")
     check_output_dir(out_dir)
     _check_prepared(prepared_dir)
     if not checkpoint.is_file():  # load_checkpoint's check, before torch loads
@@ -477,10 +480,13 @@ def report(
     metrics_file: Optional[Path] = typer.Option(None, help="also write the report's scores.json (means, stds, "
                                                 "intervals) here, outside the report folder: DVC's metrics file"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
+    params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml), checked like every stage's; the report reads what the results record"),
 ):
     """Results tables beside the paper's numbers (CSV, Markdown), figures (PNG) and a results page."""
     from alignclip import artifacts
+    from alignclip.config import resolve_stage
 
+    resolve_stage(params_file)  # a bad file is refused like any stage's, before any work
     check_output_dir(out_dir)
     if not results_dir.is_dir():
         raise ConfigError(f"results folder {results_dir} not found: expected the folder of `alignclip evaluate` outputs")
