@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from alignclip import protocols
+from alignclip.methods import DEFAULT_FORMULATION, FORMULATIONS
 
 
 class ConfigError(ValueError):
@@ -69,11 +70,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("data.class_names", "str", "paper", "class names in prompts: paper ('_' and '-' become spaces) | release (only '_', as the released code)", ("paper", "release")),
     Setting("data.listing", "str", "sorted", "imagenet: image order of the few-shot picks: sorted (the same everywhere) | filesystem (CoOp's os.listdir order)", ("sorted", "filesystem")),
     Setting("data.sample_seeds", "list[int]", None, "few-shot protocols: seeds of the few-shot samples that prepare draws (not set: train.seeds); unused by the others, so a new training seed re-runs no prepare", minimum=0, optional=True),
-    Setting("data.test_split", "str", "holdout", "held-out domain: holdout = its 20% split (CLIPood) | in = its 80% split (DomainBed) | full", ("holdout", "in", "full")),
+    Setting("data.test_split", "str", protocols.TEST_SPLITS[0], "held-out domain: holdout = its 20% split (CLIPood) | in = its 80% split (DomainBed) | full", protocols.TEST_SPLITS),
     Setting("model.name", "str", "tiny", "preset (tiny, vit-b-16, vit-b-32, rn50, vit-l-14) or open_clip architecture"),
     Setting("model.pretrained", "str", "default", "preset default, open_clip tag, checkpoint path, s3:// URI, or none"),
     Setting("train.recipe", "str", None, "named recipe (`alignclip recipes`); not set: the benchmark's recipe for the dataset, else `paper`", optional=True),
-    Setting("train.formulation", "str", "paper", "paper | release (the authors' released code)", ("paper", "release")),
+    Setting("train.formulation", "str", DEFAULT_FORMULATION, "paper | release (the authors' released code)", FORMULATIONS),
     Setting("train.methods", "list[str]", PAPER_METHODS, "methods of the grid; method+formulation overrides train.formulation"),
     Setting("train.test_domains", "list[str]", None, "held-out domains of the grid (not set: every domain of the dataset; [\"\"] where none is held out)", optional=True),
     Setting("train.seeds", "list[int]", [0, 1, 2], "seeds of the grid", minimum=0),

@@ -139,9 +139,10 @@ RELEASE_OVERRIDES = {
 }
 
 FORMULATIONS = ("paper", "release")
+DEFAULT_FORMULATION = FORMULATIONS[0]  # the paper's text; the schema's train.formulation (alignclip/config.py)
 
 
-def split_method(name: str, formulation: str = "paper") -> tuple[str, str]:
+def split_method(name: str, formulation: str = DEFAULT_FORMULATION) -> tuple[str, str]:
     """``alignclip+release`` -> (``alignclip``, ``release``): a grid can hold both formulations side by side.
 
     ``+`` because DVC reserves ``@`` in stage names; ``alignclip@release`` is accepted too on the command line.
@@ -152,7 +153,7 @@ def split_method(name: str, formulation: str = "paper") -> tuple[str, str]:
     return name, formulation
 
 
-def get_method(name: str, formulation: str = "paper", **overrides) -> MethodConfig:
+def get_method(name: str, formulation: str = DEFAULT_FORMULATION, **overrides) -> MethodConfig:
     """The named method under a formulation, with individual switches overridden (ablations).
 
     ``name`` may carry its formulation: ``alignclip+release``.
@@ -172,7 +173,7 @@ DEFAULT_METHOD = "alignclip"  # what `alignclip train` trains unless --method sa
 NOT_SWITCHES = ("name", "trains")  # MethodConfig fields that name a method rather than switch a part of it
 
 
-def switch_values(name: str, formulation: str = "paper") -> dict:
+def switch_values(name: str, formulation: str = DEFAULT_FORMULATION) -> dict:
     """The method's own switch values: the lowest layer of the settings' precedence (alignclip/config.py)."""
     return {k: v for k, v in get_method(name, formulation).to_dict().items() if k not in NOT_SWITCHES}
 
