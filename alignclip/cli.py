@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -13,9 +12,10 @@ import typer
 import typer.core
 
 from alignclip import __version__
-from alignclip.config import BY_NAME, COMPOSITES, ConfigError, check_method_switches, check_output_dir, check_template
+from alignclip.config import BY_NAME, COMPOSITES, ConfigError, check_output_dir, check_template
 from alignclip.methods import DEFAULT_METHOD
 from alignclip.log import get_logger, setup_logging
+from alignclip.stages import DRY_RUN_HIDDEN, check_prepared as _check_prepared, check_workers as _check_workers  # noqa: F401
 
 # Import cost: this module and what it imports at the top (config, log, typer) load in a fraction of a second, so
 # `--help` and a refused value answer at once. torch, open_clip, mlflow, pandas, kfp, matplotlib are imported inside
@@ -125,20 +125,6 @@ def _schema_help(name: str, text: str | None = None) -> str:
     setting = BY_NAME[name]
     default = setting.default if setting.default is not None else "not set"
     return f"{text or setting.help} (default: {default}; params file {setting.key})"
-
-
-def _parse_overrides(items: list[str]) -> dict:
-    """``key=value`` pairs; values are parsed as JSON when they can be (numbers, true/false, null)."""
-    overrides = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return check_method_switches(overrides)
 
 
 @app.command()
@@ -262,32 +248,8 @@ def similarity(
 
 WORKERS_HELP = ("DataLoader worker processes, or auto: the CPUs this process may use (affinity, cgroup quota) less "
                 "one, none with two CPUs or fewer")
-# how a run is executed or shown, not what it trains: left out of `train --dry-run`'s settings
-DRY_RUN_HIDDEN = ("progress", "device", "num_workers", "stage_remote", "log_every")
 DEVICE_HELP = "auto (the GPU if there is one, else the CPU), cpu, cuda or cuda:N"
 STAGE_HELP = "copy s3:// images into the local cache (ALIGNCLIP_CACHE) first, with parallel GETs; else one GET per image"
-
-
-def _check_prepared(prepared_dir: Path) -> None:
-    # load_prepared's first check, made before a stage's imports (torch), so a mistyped folder is refused at once
-    from alignclip import artifacts
-
-    for name in (artifacts.MANIFEST, artifacts.META):
-        if not (prepared_dir / name).is_file():
-            raise ConfigError(f"{prepared_dir / name} not found: run `alignclip prepare` first")
-
-
-def _check_workers(value: str) -> None:
-    # data.loader.resolve_workers' rule (a count >= 0 or auto), checked without importing the loader, which needs
-    # torch (tests/test_cli.py holds the two to the same answers)
-    if value.lower() == "auto":
-        return
-    try:
-        workers = int(value)
-    except ValueError:
-        workers = -1
-    if workers < 0:
-        raise ConfigError(f"--num-workers {value!r}: expected a count >= 0 or 'auto'")
 
 
 @app.command()
@@ -328,89 +290,20 @@ def train(
 ):
     """Fine-tune the image encoder with one method; the BMA model is the result. Killed or preempted, the same
     command resumes where it stopped (SIGTERM writes a checkpoint first)."""
-    from dataclasses import asdict
+    from alignclip import stages
 
-    from alignclip.config import _grid_value, parse_entry, resolve_train, train_fields, typed_grid_values
-    from alignclip.methods import get_method
-
-    method, in_brackets = parse_entry(method, "--method: ")  # alignclip[aal=false]: switches of the entry
-    entry_switches, entry_train = typed_grid_values(in_brackets, "--method: ")
-    hparams = {}
-    for item in hparam:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--hparam {item!r}: expected key=value")
-        hparams[key.strip()] = _grid_value(value.strip())
-    grid_switches, grid_train = typed_grid_values(hparams, "--hparam ")
-    hparams = {k: grid_switches.get(k, grid_train.get(f"train_{k}")) for k in hparams}
-    # the explicit layer: a grid cell's values (--hparam) beat the entry's brackets, which beat the options
-    switches = {**entry_switches, **_parse_overrides(set_), **grid_switches}
-    lr, batch_size, steps = (grid_train.get(n, entry_train.get(n, v)) for n, v in
-                             (("train_lr", lr), ("train_batch_size", batch_size), ("train_steps", steps)))
-    _check_workers(num_workers)
-    if steps is not None and epochs is not None:  # else --steps would win and --epochs be dropped without a word
-        raise ConfigError(f"--steps {steps} and --epochs {epochs}: give one")
-    if checkpoint_every < 0 or checkpoint_minutes < 0:
-        raise ConfigError(f"--checkpoint-every {checkpoint_every} / --checkpoint-minutes {checkpoint_minutes}: expected 0 or more")
+    checkpointing = stages.Checkpointing(checkpoint_dir, checkpoint_every, checkpoint_minutes, resume).check()
     explicit = {"model_name": model, "model_pretrained": pretrained, "train_recipe": recipe, "train_formulation": formulation,
                 "train_steps": steps, "train_epochs": epochs, "train_batch_size": batch_size, "train_lr": lr, "train_hflip": hflip,
                 "train_seed": seed, "train_weight_decay": weight_decay}
-    meta = None
-    if recipe is None and (prepared_dir / "meta.json").is_file():
-        from alignclip.datafiles import META, read_json
-
-        meta = read_json(prepared_dir / "meta.json", META, "the metadata of `alignclip prepare`")
-    values = resolve_train(params_file, explicit, meta)
-    fields = train_fields(values, test_domain or None, switches, method)
-    get_method(method, fields["formulation"], **fields["overrides"])  # an unknown method is refused before torch loads
-    if not dry_run:  # a dry run may come before `prepare` (a pipeline's cell)
-        _check_prepared(prepared_dir)
-    from alignclip import artifacts, runs, tracking
-    from alignclip.classifier import log_classifier
-    from alignclip.data.prepare import load_prepared
-    from alignclip.train import TrainSettings, cell_tags, resolve, train as run_train
-
-    settings = TrainSettings(method=method, hparams=hparams, test_domain=test_domain or None, num_workers=num_workers,
-                             stage_remote=stage_remote, device=device, progress=progress, **fields)
-    if dry_run:  # the real run's checks and resolution (train.resolve, where setup starts), then stop
-        if not prepared_dir.exists():  # a pipeline's cell before `prepare`: what needs no data is still checked
-            log.warning("%s does not exist yet: the held-out domain is not checked", prepared_dir)
-        plan = resolve(prepared_dir if prepared_dir.exists() else None, settings)
-        shown = {k: v for k, v in asdict(plan.settings).items() if k not in DRY_RUN_HIDDEN}
-        typer.echo(json.dumps(shown, sort_keys=True))
+    execution = stages.Execution(num_workers, stage_remote, device, progress)
+    settings = stages.train_settings(prepared_dir, method, explicit, set_, hparam, params_file, test_domain, execution, dry_run)
+    if dry_run:
+        typer.echo(stages.train_dry_run(prepared_dir, settings))
         return
-    check_output_dir(out_dir)
-    from alignclip.files import hold_output_lock
-    from alignclip.resume import ResumeOptions, pending_run_id
-
-    hold_output_lock(out_dir)  # one writer per output, taken before its MLflow run: a refused second one leaves no trace
-
-    test_domain = settings.test_domain
-    from alignclip.config import cell_name
-
-    seed = settings.seed
-    cell_key = f"train-{cell_name(method, hparams)}-{test_domain or 'all'}-s{seed}"  # names the resume checkpoint's place
-    if checkpoint_dir is None and os.environ.get("ALIGNCLIP_CHECKPOINT_ROOT"):
-        from alignclip.resume import keyed_location
-
-        checkpoint_dir = keyed_location(os.environ["ALIGNCLIP_CHECKPOINT_ROOT"], out_dir, cell_key)
-    resume_options = ResumeOptions(checkpoint_dir, checkpoint_every, checkpoint_minutes * 60, enabled=resume)
-    previous_run = pending_run_id(out_dir, resume_options)  # a resumed training continues its MLflow run
-    manifest, meta = load_prepared(prepared_dir)
-    tags = cell_tags(settings, meta)
-    note = f"Grid cell: training (params, curves, model) and evaluation (accuracies) of one run. {runs.PERCENT_NOTE}"
-    with tracking.start_run(
-        experiment, runs.cell_run_name(tags["variant"], test_domain, seed),
-        tags={**tags, **runs.data_tags(meta, manifest), "mlflow.note.content": note}, resume_run_id=previous_run,
-    ) as tracker:
-        tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], runs.manifest_digest(manifest), "training")
-        summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path, resume=resume_options)
-        tracker.log_artifact(out_dir / artifacts.TRAIN_LOG)
-        tracker.log_artifact(out_dir / artifacts.TRAIN_SUMMARY)
-        if tracker.enabled and summary["method"]["trains"]:  # zero-shot is not a trained model: nothing to register
-            log_classifier(tracker, out_dir / artifacts.MODEL, meta, tags)
-    typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / artifacts.MODEL}")
-    _echo_view(tracking.view_line(tracker.parent_run_id, tracker.run_id))
+    line, view = stages.train(prepared_dir, out_dir, settings, similarity_path, experiment, checkpointing)
+    typer.echo(line)
+    _echo_view(view)
 
 
 @app.command()

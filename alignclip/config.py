@@ -455,20 +455,10 @@ def default_recipe(protocol: str, dataset: str) -> str:
     return name if name in RECIPES else FALLBACK_RECIPE
 
 
-def derive(values: dict) -> dict:
+def check_grid(values: dict) -> None:
+    """train.methods' entries (methods, formulations, switches) and train.grid's keys and values."""
     from alignclip.methods import FORMULATIONS, METHODS, split_method
-    from alignclip.recipes import RECIPES
 
-    values = dict(values)
-    dataset = values["data_dataset"]
-    values["data_root"] = values["data_root"].replace("{dataset}", dataset)
-    if values["data_protocol"] is None:
-        values["data_protocol"] = default_protocol(dataset)
-    protocol = values["data_protocol"]
-    if values["train_recipe"] is None:
-        values["train_recipe"] = default_recipe(protocol, dataset)
-    if values["train_recipe"] not in RECIPES:
-        raise ConfigError(f"train.recipe={values['train_recipe']!r}: unknown recipe; expected one of {', '.join(RECIPES)}")
     for method in values["train_methods"]:
         base, switches = parse_entry(method, "train.methods: ")
         name, formulation = split_method(base, values["train_formulation"])
@@ -486,6 +476,24 @@ def derive(values: dict) -> dict:
         for key, options in axes.items():
             for option in options:
                 typed_grid_values({key: option}, f"train.grid.{entry}: ")
+
+
+def derive(values: dict) -> dict:
+    """The values that follow from the others (root, protocol, recipe, held-out domains, few-shot seeds), the whole
+    checked."""
+    from alignclip.recipes import RECIPES
+
+    values = dict(values)
+    dataset = values["data_dataset"]
+    values["data_root"] = values["data_root"].replace("{dataset}", dataset)
+    if values["data_protocol"] is None:
+        values["data_protocol"] = default_protocol(dataset)
+    protocol = values["data_protocol"]
+    if values["train_recipe"] is None:
+        values["train_recipe"] = default_recipe(protocol, dataset)
+    if values["train_recipe"] not in RECIPES:
+        raise ConfigError(f"train.recipe={values['train_recipe']!r}: unknown recipe; expected one of {', '.join(RECIPES)}")
+    check_grid(values)
     spec = dataset_spec(dataset)
     # before the domains: a dataset of another protocol lists none, and that is not what is wrong
     allowed = [name for name, p in protocols.PROTOCOLS.items() if spec is not None and spec.protocol in p.layouts]
