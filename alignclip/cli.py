@@ -12,7 +12,7 @@ import typer
 import typer.core
 
 from alignclip import __version__
-from alignclip.config import BY_NAME, COMPOSITES, ConfigError, check_output_dir, check_template
+from alignclip.config import BY_NAME, COMPOSITES, ConfigError, check_output_dir
 from alignclip.methods import DEFAULT_METHOD
 from alignclip.log import get_logger, setup_logging
 from alignclip.stages import DRY_RUN_HIDDEN, check_prepared as _check_prepared, check_workers as _check_workers  # noqa: F401
@@ -184,30 +184,12 @@ def prepare(
     name: Optional[str] = typer.Option(None, help="your dataset's name in results; needed with a layout kind (domainbed)"),
 ):
     """List and split a dataset by its protocol; write a manifest (parquet) and its metadata (JSON)."""
-    from alignclip.config import resolve_stage
+    from alignclip import stages
 
-    value = resolve_stage(params_file, {
-        "data_protocol": protocol, "data_holdout_fraction": holdout_fraction, "data_trial_seed": trial_seed, "data_shots": shots,
-        "data_sample_seeds": list(seeds) if seeds else None, "data_templates": templates, "data_class_names": class_names,
-        "data_listing": listing})
-    sample_seeds = value["data_sample_seeds"] or value["train_seeds"]  # the few-shot samples' own seeds, else the grid's
-    check_template(template)
-    check_output_dir(out_dir)
-    from alignclip.data.prepare import PrepareSettings, prepare as run_prepare, validate_images, write_prepared
-
-    settings = PrepareSettings(
-        dataset, root, value["data_protocol"] or "", value["data_holdout_fraction"], value["data_trial_seed"],
-        value["data_shots"], list(sample_seeds), template, split_file,
-        templates=value["data_templates"], class_names=value["data_class_names"], listing=value["data_listing"], name=name,
-    )
-    manifest, meta = run_prepare(settings)
-    if validate:
-        bad = validate_images(manifest, meta)
-        meta["unreadable_images"] = [{"path": p, "error": e} for p, e in bad]
-        if bad:
-            log.warning("%d unreadable image(s), listed in meta.json; training and evaluation will skip them", len(bad))
-    write_prepared(manifest, meta, out_dir)
-    typer.echo(f"{meta['dataset']} ({meta['protocol']}): {len(manifest)} images, {len(meta['classes'])} classes -> {out_dir}")
+    explicit = {"data_protocol": protocol, "data_holdout_fraction": holdout_fraction, "data_trial_seed": trial_seed,
+                "data_shots": shots, "data_sample_seeds": list(seeds) if seeds else None, "data_templates": templates,
+                "data_class_names": class_names, "data_listing": listing}
+    typer.echo(stages.prepare(dataset, root, out_dir, explicit, params_file, template, split_file, name, validate))
 
 
 @app.command()

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignclip.config import ConfigError, check_method_switches, check_output_dir
+from alignclip.config import ConfigError, check_method_switches, check_output_dir, check_template
 from alignclip.log import get_logger
 
 log = get_logger(__name__)
@@ -66,6 +66,33 @@ def check_workers(value: str) -> None:
         workers = -1
     if workers < 0:
         raise ConfigError(f"--num-workers {value!r}: expected a count >= 0 or 'auto'")
+
+
+def prepare(dataset: str, root: str, out_dir: Path, explicit: dict, params_file: Path | None, template: str | None,
+            split_file: str | None, name: str | None, validate: bool) -> str:
+    """`alignclip prepare`: the dataset listed and split by its protocol (params file < explicit options), the
+    manifest and its metadata written; returns the result line."""
+    from alignclip.config import resolve_stage
+
+    value = resolve_stage(params_file, explicit)
+    sample_seeds = value["data_sample_seeds"] or value["train_seeds"]  # the few-shot samples' own seeds, else the grid's
+    check_template(template)
+    check_output_dir(out_dir)
+    from alignclip.data.prepare import PrepareSettings, prepare as run_prepare, validate_images, write_prepared
+
+    settings = PrepareSettings(
+        dataset, root, value["data_protocol"] or "", value["data_holdout_fraction"], value["data_trial_seed"],
+        value["data_shots"], list(sample_seeds), template, split_file,
+        templates=value["data_templates"], class_names=value["data_class_names"], listing=value["data_listing"], name=name,
+    )
+    manifest, meta = run_prepare(settings)
+    if validate:
+        bad = validate_images(manifest, meta)
+        meta["unreadable_images"] = [{"path": p, "error": e} for p, e in bad]
+        if bad:
+            log.warning("%d unreadable image(s), listed in meta.json; training and evaluation will skip them", len(bad))
+    write_prepared(manifest, meta, out_dir)
+    return f"{meta['dataset']} ({meta['protocol']}): {len(manifest)} images, {len(meta['classes'])} classes -> {out_dir}"
 
 
 def parse_switches(items: list[str]) -> dict:
