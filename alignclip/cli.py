@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -203,29 +202,10 @@ def similarity(
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Class similarity matrix of the class prompts (appendix B.5), with its heatmap (fig. 6)."""
-    from alignclip.config import resolve_stage
+    from alignclip import stages
 
-    values = resolve_stage(params_file, {"model_name": model, "model_pretrained": pretrained, "similarity_scale": scale})
-    model, pretrained, scale = values["model_name"], values["model_pretrained"], values["similarity_scale"]
-    check_output_dir(out_dir)
-    _check_prepared(prepared_dir)
-    from alignclip import tracking
-    from alignclip.similarity import similarity_stage
-
-    parent = tracking.pipeline_run_id(experiment)
-    if parent:  # one per pipeline: the pipeline run's own artifacts
-        from mlflow import MlflowClient
-
-        meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracking.Tracker(False))
-        try:
-            for name in ("similarity.png", "similarity.csv"):
-                MlflowClient().log_artifact(parent, str(out_dir / name), "similarity")
-        except Exception as err:  # noqa: BLE001 - the matrix is on disk; tracking must not cost it
-            log.warning("could not log the similarity matrix to MLflow (%s)", str(err).splitlines()[0][:200])
-    else:
-        with tracking.start_run(experiment, "similarity", tags={"run_type": "similarity"}) as tracker:
-            meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracker)
-    typer.echo(f"similarity of {len(meta['classes'])} classes -> {out_dir}")
+    explicit = {"model_name": model, "model_pretrained": pretrained, "similarity_scale": scale}
+    typer.echo(stages.similarity(prepared_dir, out_dir, explicit, params_file, experiment))
 
 
 WORKERS_HELP = ("DataLoader worker processes, or auto: the CPUs this process may use (affinity, cgroup quota) less "
@@ -303,47 +283,13 @@ def evaluate(
     params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for the options not given here"),
 ):
     """Top-1 accuracy on every view of the protocol (held-out domain, base/new classes, ImageNet variants)."""
-    from alignclip.config import resolve_stage
+    from alignclip import stages
 
-    values = resolve_stage(params_file, {"data_test_split": test_split, "evaluate_batch_size": batch_size})
-    test_split, batch_size = values["data_test_split"], values["evaluate_batch_size"]
-    _check_workers(num_workers)
-    check_output_dir(out_dir)
-    _check_prepared(prepared_dir)
-    if not checkpoint.is_file():  # load_checkpoint's check, before torch loads
-        raise ConfigError(f"checkpoint not found: {checkpoint} (the model.pt of `alignclip train`)")
-    from alignclip import artifacts, runs, tracking
-    from alignclip.data.prepare import load_prepared
-    from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
-
-    from alignclip.files import hold_output_lock
-
-    hold_output_lock(out_dir)  # one writer per output, before the MLflow run it would continue
-    # The cell's training run (named in train.json) if it belongs to this pipeline run; else a new cell run.
-    trained = checkpoint.parent / artifacts.TRAIN_SUMMARY
-    from alignclip.datafiles import TRAIN_SUMMARY, read_json
-
-    info = read_json(trained, TRAIN_SUMMARY, "the summary of `alignclip train`") if trained.is_file() else {}
-    parent = tracking.pipeline_run_id(experiment)
-    resume = info.get("mlflow_run_id") if tracking.tracking_uri() and tracking.resumable(info.get("mlflow_run_id"), parent) else None
-    trained_settings = info.get("settings", {})
-    run_name = runs.cell_run_name(info.get("variant", checkpoint.parent.name), trained_settings.get("test_domain"), trained_settings.get("seed", "?"))
-    with tracking.start_run(experiment, run_name, parent_run_id=parent, resume_run_id=resume) as tracker:
-        summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain or None, test_split, batch_size, num_workers,
-                               device, stage_remote)
-        if tracker.enabled and tracker.run_id:
-            manifest, meta = load_prepared(prepared_dir)
-            tags = runs.cell_tags(summary["dataset"], summary["protocol"], summary["method"], summary["variant"],
-                                  summary["formulation"], summary["test_domain"], summary["seed"])
-            tracker.set_tags({**tags, **runs.data_tags(meta, manifest), "test_split": summary.get("test_split") or "-"})
-            tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], runs.manifest_digest(manifest), "evaluation")
-            flat = flat_metrics(summary)  # and rounded copies for the runs table's columns (the view below)
-            tracker.log_metrics({**flat, **runs.display_metrics(flat), **{f"{v}_images": r["total"] for v, r in summary["views"].items()}})
-            tracker.log_artifact(out_dir / artifacts.METRICS)
-            tracker.log_artifact(out_dir / artifacts.PREDICTIONS)
-            runs.describe_model_version(tracker.run_id, summary)
-    typer.echo(json.dumps(flat_metrics(summary)))
-    _echo_view(tracking.view_line(tracker.parent_run_id, tracker.run_id))
+    explicit = {"data_test_split": test_split, "evaluate_batch_size": batch_size}
+    execution = stages.Execution(num_workers, stage_remote, device, progress=False)
+    line, view = stages.evaluate(prepared_dir, checkpoint, out_dir, explicit, params_file, test_domain, execution, experiment)
+    typer.echo(line)
+    _echo_view(view)
 
 
 @app.command()
@@ -358,48 +304,11 @@ def report(
     params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml), checked like every stage's; the report reads what the results record"),
 ):
     """Results tables beside the paper's numbers (CSV, Markdown), figures (PNG) and a results page."""
-    from alignclip import artifacts
-    from alignclip.config import resolve_stage
+    from alignclip import stages
 
-    resolve_stage(params_file)  # a bad file is refused like any stage's, before any work
-    check_output_dir(out_dir)
-    if not results_dir.is_dir():
-        raise ConfigError(f"results folder {results_dir} not found: expected the folder of `alignclip evaluate` outputs")
-    # asked-for inputs that are missing stop the report, rather than leaving their figures out without a word
-    if prepared_dir is not None and not (prepared_dir / artifacts.META).is_file():
-        raise ConfigError(f"--prepared-dir {prepared_dir}: no {artifacts.META} there; expected an `alignclip prepare` output")
-    if similarity_dir is not None and not (similarity_dir / artifacts.SIMILARITY_MATRIX).is_file():
-        raise ConfigError(f"--similarity-dir {similarity_dir}: no {artifacts.SIMILARITY_MATRIX} there; expected an "
-                          "`alignclip similarity` output")
-    from alignclip import runs, tracking
-    from alignclip.report import build_report, reported_results
-
-    parent = tracking.pipeline_run_id(experiment)
-    if parent:  # the last stage: the pipeline run gets the page and the summary metrics, and ends
-        try:
-            page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
-        except BaseException:
-            runs.mark_failed(parent, "report")
-            raise
-        try:
-            runs.finish_pipeline_run(parent, reported_results(results_dir), out_dir)
-        except Exception as err:  # noqa: BLE001 - the page is on disk; tracking must not cost it
-            log.warning("could not end the pipeline's MLflow run %s (%s)", parent, str(err).splitlines()[0][:200])
-    else:
-        with tracking.start_run(experiment, "report", tags={"run_type": "report"}) as tracker:
-            page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
-            tracker.log_artifact(out_dir, "report")
-            if tracker.enabled:
-                results = reported_results(results_dir)
-                tracker.log_metrics({**runs.summary_metrics(results), **runs.report_metrics(out_dir)})
-                for dataset in sorted(results["dataset"].unique()):
-                    runs.set_best_aliases(dataset)
-    if metrics_file is not None:
-        from alignclip.files import atomic_write_text
-
-        atomic_write_text(metrics_file, (out_dir / artifacts.SCORES).read_text())
-    typer.echo(f"results page: {page}")
-    _echo_view(tracking.view_line(parent, None if parent else tracker.run_id))
+    line, view = stages.report(results_dir, out_dir, prepared_dir, similarity_dir, metrics_file, params_file, experiment)
+    typer.echo(line)
+    _echo_view(view)
 
 
 def _echo_view(line: str | None) -> None:

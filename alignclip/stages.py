@@ -214,3 +214,135 @@ def train(prepared_dir: Path, out_dir: Path, settings, similarity_path: Path | N
             log_classifier(tracker, out_dir / artifacts.MODEL, meta, tags)
     line = f"{settings.method}: {summary.get('steps', 0)} steps -> {out_dir / artifacts.MODEL}"
     return line, tracking.view_line(tracker.parent_run_id, tracker.run_id)
+
+
+def similarity(prepared_dir: Path, out_dir: Path, explicit: dict, params_file: Path | None, experiment: str) -> str:
+    """`alignclip similarity`: the class similarity matrix (params file < explicit options), logged to the pipeline's
+    MLflow run (one per pipeline) or a run of its own; returns the result line."""
+    from alignclip.config import resolve_stage
+
+    values = resolve_stage(params_file, explicit)
+    model, pretrained, scale = values["model_name"], values["model_pretrained"], values["similarity_scale"]
+    check_output_dir(out_dir)
+    check_prepared(prepared_dir)
+    from alignclip import tracking
+    from alignclip.similarity import similarity_stage
+
+    parent = tracking.pipeline_run_id(experiment)
+    if parent:  # one per pipeline: the pipeline run's own artifacts
+        from mlflow import MlflowClient
+
+        meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracking.Tracker(False))
+        try:
+            for name in ("similarity.png", "similarity.csv"):
+                MlflowClient().log_artifact(parent, str(out_dir / name), "similarity")
+        except Exception as err:  # noqa: BLE001 - the matrix is on disk; tracking must not cost it
+            log.warning("could not log the similarity matrix to MLflow (%s)", str(err).splitlines()[0][:200])
+    else:
+        with tracking.start_run(experiment, "similarity", tags={"run_type": "similarity"}) as tracker:
+            meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracker)
+    return f"similarity of {len(meta['classes'])} classes -> {out_dir}"
+
+
+def _evaluation_run(checkpoint: Path, experiment: str) -> tuple[str, str | None, str | None]:
+    """(run name, pipeline run, run to continue) of an evaluation: the cell's training run (named in train.json) if
+    it belongs to this pipeline run; else a new cell run."""
+    from alignclip import artifacts, runs, tracking
+    from alignclip.datafiles import TRAIN_SUMMARY, read_json
+
+    trained = checkpoint.parent / artifacts.TRAIN_SUMMARY
+    info = read_json(trained, TRAIN_SUMMARY, "the summary of `alignclip train`") if trained.is_file() else {}
+    parent = tracking.pipeline_run_id(experiment)
+    resume = info.get("mlflow_run_id") if tracking.tracking_uri() and tracking.resumable(info.get("mlflow_run_id"), parent) else None
+    trained_settings = info.get("settings", {})
+    run_name = runs.cell_run_name(info.get("variant", checkpoint.parent.name), trained_settings.get("test_domain"), trained_settings.get("seed", "?"))
+    return run_name, parent, resume
+
+
+def evaluate(prepared_dir: Path, checkpoint: Path, out_dir: Path, explicit: dict, params_file: Path | None,
+             test_domain: str | None, execution: Execution, experiment: str) -> tuple[str, str | None]:
+    """`alignclip evaluate`: top-1 accuracy on every view (params file < explicit options), recorded in the cell's
+    MLflow run; returns (the metrics line, the MLflow view line)."""
+    from alignclip.config import resolve_stage
+
+    values = resolve_stage(params_file, explicit)
+    test_split, batch_size = values["data_test_split"], values["evaluate_batch_size"]
+    check_workers(execution.num_workers)
+    check_output_dir(out_dir)
+    check_prepared(prepared_dir)
+    if not checkpoint.is_file():  # load_checkpoint's check, before torch loads
+        raise ConfigError(f"checkpoint not found: {checkpoint} (the model.pt of `alignclip train`)")
+    from alignclip import artifacts, runs, tracking
+    from alignclip.data.prepare import load_prepared
+    from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
+    from alignclip.files import hold_output_lock
+
+    hold_output_lock(out_dir)  # one writer per output, before the MLflow run it would continue
+    run_name, parent, resume = _evaluation_run(checkpoint, experiment)
+    with tracking.start_run(experiment, run_name, parent_run_id=parent, resume_run_id=resume) as tracker:
+        summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain or None, test_split, batch_size,
+                               execution.num_workers, execution.device, execution.stage_remote)
+        if tracker.enabled and tracker.run_id:
+            manifest, meta = load_prepared(prepared_dir)
+            tags = runs.cell_tags(summary["dataset"], summary["protocol"], summary["method"], summary["variant"],
+                                  summary["formulation"], summary["test_domain"], summary["seed"])
+            tracker.set_tags({**tags, **runs.data_tags(meta, manifest), "test_split": summary.get("test_split") or "-"})
+            tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], runs.manifest_digest(manifest), "evaluation")
+            flat = flat_metrics(summary)  # and rounded copies for the runs table's columns (the view below)
+            tracker.log_metrics({**flat, **runs.display_metrics(flat), **{f"{v}_images": r["total"] for v, r in summary["views"].items()}})
+            tracker.log_artifact(out_dir / artifacts.METRICS)
+            tracker.log_artifact(out_dir / artifacts.PREDICTIONS)
+            runs.describe_model_version(tracker.run_id, summary)
+    return json.dumps(flat_metrics(summary)), tracking.view_line(tracker.parent_run_id, tracker.run_id)
+
+
+def _check_report_inputs(results_dir: Path, out_dir: Path, prepared_dir: Path | None, similarity_dir: Path | None) -> None:
+    from alignclip import artifacts
+
+    check_output_dir(out_dir)
+    if not results_dir.is_dir():
+        raise ConfigError(f"results folder {results_dir} not found: expected the folder of `alignclip evaluate` outputs")
+    # asked-for inputs that are missing stop the report, rather than leaving their figures out without a word
+    if prepared_dir is not None and not (prepared_dir / artifacts.META).is_file():
+        raise ConfigError(f"--prepared-dir {prepared_dir}: no {artifacts.META} there; expected an `alignclip prepare` output")
+    if similarity_dir is not None and not (similarity_dir / artifacts.SIMILARITY_MATRIX).is_file():
+        raise ConfigError(f"--similarity-dir {similarity_dir}: no {artifacts.SIMILARITY_MATRIX} there; expected an "
+                          "`alignclip similarity` output")
+
+
+def report(results_dir: Path, out_dir: Path, prepared_dir: Path | None, similarity_dir: Path | None,
+           metrics_file: Path | None, params_file: Path | None, experiment: str) -> tuple[str, str | None]:
+    """`alignclip report`: tables, figures and the results page, which end the pipeline's MLflow run (or get a run of
+    their own); returns (the result line, the MLflow view line)."""
+    from alignclip.config import resolve_stage
+
+    resolve_stage(params_file)  # a bad file is refused like any stage's, before any work
+    _check_report_inputs(results_dir, out_dir, prepared_dir, similarity_dir)
+    from alignclip import artifacts, runs, tracking
+    from alignclip.report import build_report, reported_results
+
+    parent = tracking.pipeline_run_id(experiment)
+    if parent:  # the last stage: the pipeline run gets the page and the summary metrics, and ends
+        try:
+            page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
+        except BaseException:
+            runs.mark_failed(parent, "report")
+            raise
+        try:
+            runs.finish_pipeline_run(parent, reported_results(results_dir), out_dir)
+        except Exception as err:  # noqa: BLE001 - the page is on disk; tracking must not cost it
+            log.warning("could not end the pipeline's MLflow run %s (%s)", parent, str(err).splitlines()[0][:200])
+    else:
+        with tracking.start_run(experiment, "report", tags={"run_type": "report"}) as tracker:
+            page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
+            tracker.log_artifact(out_dir, "report")
+            if tracker.enabled:
+                results = reported_results(results_dir)
+                tracker.log_metrics({**runs.summary_metrics(results), **runs.report_metrics(out_dir)})
+                for dataset in sorted(results["dataset"].unique()):
+                    runs.set_best_aliases(dataset)
+    if metrics_file is not None:
+        from alignclip.files import atomic_write_text
+
+        atomic_write_text(metrics_file, (out_dir / artifacts.SCORES).read_text())
+    return f"results page: {page}", tracking.view_line(parent, None if parent else tracker.run_id)
