@@ -53,9 +53,12 @@ def cell_commands(values: dict, prepared: str, out: str, cell: dict, similarity:
     if not similarity or is_zeroshot(cell["method"]):  # zero-shot has no loss to smooth: it reads no similarity
         at = cmd.index("--similarity")
         del cmd[at:at + 2]
+    if not is_zeroshot(cell["method"]):  # the schema's settings that the KFP task's arguments do not carry (yet)
+        cmd += ["--weight-decay", repr(float(values["train_weight_decay"]))]
     from alignclip import artifacts
 
-    return cmd, evaluate_args(prepared, str(Path(out) / artifacts.MODEL), out, values["data_test_split"])
+    evaluate = evaluate_args(prepared, str(Path(out) / artifacts.MODEL), out, values["data_test_split"])
+    return cmd, evaluate + ["--batch-size", str(int(values["evaluate_batch_size"]))]
 
 
 # The command runner: the CLI's own `app` (parsing and checks included), given by the CLI itself (``run_cells``'s

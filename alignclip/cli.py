@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -13,8 +11,10 @@ import typer
 import typer.core
 
 from alignclip import __version__
-from alignclip.config import COMPOSITES, ConfigError, check, check_method_switches, check_output_dir, check_template
+from alignclip.config import BY_NAME, COMPOSITES, ConfigError, check_output_dir
+from alignclip.methods import DEFAULT_METHOD
 from alignclip.log import get_logger, setup_logging
+from alignclip.stages import DRY_RUN_HIDDEN, check_prepared as _check_prepared, check_workers as _check_workers  # noqa: F401
 
 # Import cost: this module and what it imports at the top (config, log, typer) load in a fraction of a second, so
 # `--help` and a refused value answer at once. torch, open_clip, mlflow, pandas, kfp, matplotlib are imported inside
@@ -119,18 +119,11 @@ def _main(
     setup_logging(log_level)
 
 
-def _parse_overrides(items: list[str]) -> dict:
-    """``key=value`` pairs; values are parsed as JSON when they can be (numbers, true/false, null)."""
-    overrides = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return check_method_switches(overrides)
+def _schema_help(name: str, text: str | None = None) -> str:
+    """An option's help from the schema (alignclip/config.py), its default named there and nowhere else."""
+    setting = BY_NAME[name]
+    default = setting.default if setting.default is not None else "not set"
+    return f"{text or setting.help} (default: {default}; params file {setting.key})"
 
 
 @app.command()
@@ -175,115 +168,57 @@ def prepare(
     dataset: str = typer.Argument(..., help="dataset name, e.g. rotated_digits, pacs, office_home, oxford_pets, imagenet; or domainbed (any DomainBed-layout folder, with --name)"),
     root: str = typer.Argument(..., help="dataset folder or s3:// prefix"),
     out_dir: Path = typer.Argument(..., help="where to write manifest.parquet and meta.json"),
-    protocol: Optional[str] = typer.Option(None, help="domainbed | wild | base2new | imagenet (default: the dataset's own)"),
-    holdout_fraction: Optional[float] = typer.Option(None, help="DomainBed held-out fraction per domain (default 0.2)"),
-    trial_seed: Optional[int] = typer.Option(None, help="trial seed of the in/out splits (default 0): DomainBed's; wild: CLIPood's split uses 0, others are our extension"),
-    shots: Optional[int] = typer.Option(None, help="few-shot images per class (base2new, imagenet; default 16)"),
-    seeds: Optional[List[int]] = typer.Option(None, "--seed", help="few-shot sampling seeds (repeatable; default: train.seeds, 0 1 2)"),
+    protocol: Optional[str] = typer.Option(None, help=_schema_help("data_protocol")),
+    holdout_fraction: Optional[float] = typer.Option(None, help=_schema_help("data_holdout_fraction")),
+    trial_seed: Optional[int] = typer.Option(None, help=_schema_help("data_trial_seed")),
+    shots: Optional[int] = typer.Option(None, help=_schema_help("data_shots")),
+    seeds: Optional[List[int]] = typer.Option(None, "--seed", help=_schema_help("data_sample_seeds", "few-shot sampling seeds (repeatable; not set: train.seeds)")),
     params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for the options not given here"),
     template: Optional[str] = typer.Option(None, help="prompt template with {} for the class name"),
     split_file: Optional[str] = typer.Option(None, help="CoOp split JSON (default: the dataset's split_zhou_*.json)"),
-    templates: Optional[str] = typer.Option(None, help="prompt templates: paper (appendix A.2, default) | release (the released code's, CoOp's)"),
-    class_names: Optional[str] = typer.Option(None, help="class names: paper ('_' and '-' become spaces, default) | release (only '_')"),
-    listing: Optional[str] = typer.Option(None, help="imagenet: image order for few-shot picks: sorted (reproducible, default) | filesystem (CoOp's os.listdir order)"),
+    templates: Optional[str] = typer.Option(None, help=_schema_help("data_templates")),
+    class_names: Optional[str] = typer.Option(None, help=_schema_help("data_class_names")),
+    listing: Optional[str] = typer.Option(None, help=_schema_help("data_listing")),
     validate: bool = typer.Option(False, help="also decode every image (parallel) and list unreadable ones"),
     name: Optional[str] = typer.Option(None, help="your dataset's name in results; needed with a layout kind (domainbed)"),
 ):
     """List and split a dataset by its protocol; write a manifest (parquet) and its metadata (JSON)."""
-    from alignclip.config import BY_NAME, load_params_file
+    from alignclip import stages
 
-    # explicit option > params file > schema default (alignclip/config.py)
-    from_file = load_params_file(params_file) if params_file is not None else {}
-    given = {"data_protocol": protocol, "data_holdout_fraction": holdout_fraction, "data_trial_seed": trial_seed,
-             "data_shots": shots, "train_seeds": list(seeds) if seeds else None, "data_templates": templates,
-             "data_class_names": class_names, "data_listing": listing}
-    if from_file.get("data_sample_seeds") is not None:  # the few-shot samples' own seeds (config.py) beat train.seeds
-        from_file["train_seeds"] = from_file["data_sample_seeds"]
-    value = {name: check(name, v, f"--{BY_NAME[name].field.replace('_', '-')}: ") if v is not None else from_file.get(name, BY_NAME[name].default)
-             for name, v in given.items()}
-    check_template(template)
-    check_output_dir(out_dir)
-    from alignclip.data.prepare import PrepareSettings, prepare as run_prepare, validate_images, write_prepared
-
-    settings = PrepareSettings(
-        dataset, root, value["data_protocol"] or "", value["data_holdout_fraction"], value["data_trial_seed"],
-        value["data_shots"], list(value["train_seeds"]), template, split_file,
-        templates=value["data_templates"], class_names=value["data_class_names"], listing=value["data_listing"], name=name,
-    )
-    manifest, meta = run_prepare(settings)
-    if validate:
-        bad = validate_images(manifest, meta)
-        meta["unreadable_images"] = [{"path": p, "error": e} for p, e in bad]
-        if bad:
-            log.warning("%d unreadable image(s), listed in meta.json; training and evaluation will skip them", len(bad))
-    write_prepared(manifest, meta, out_dir)
-    typer.echo(f"{meta['dataset']} ({meta['protocol']}): {len(manifest)} images, {len(meta['classes'])} classes -> {out_dir}")
+    explicit = {"data_protocol": protocol, "data_holdout_fraction": holdout_fraction, "data_trial_seed": trial_seed,
+                "data_shots": shots, "data_sample_seeds": list(seeds) if seeds else None, "data_templates": templates,
+                "data_class_names": class_names, "data_listing": listing}
+    typer.echo(stages.prepare(dataset, root, out_dir, explicit, params_file, template, split_file, name, validate))
 
 
 @app.command()
 def similarity(
     prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
     out_dir: Path = typer.Argument(..., help="where to write similarity.pt, similarity.csv and similarity.png"),
-    model: str = typer.Option("tiny", help="model preset or open_clip architecture"),
-    pretrained: str = typer.Option("default", help="weights: tag, file, s3:// URI, none, or the preset's default"),
-    scale: float = typer.Option(1.0, help="softmax scale of the heatmap (paper 1, released code 35)"),
+    model: Optional[str] = typer.Option(None, help=_schema_help("model_name")),
+    pretrained: Optional[str] = typer.Option(None, help=_schema_help("model_pretrained")),
+    scale: Optional[float] = typer.Option(None, help=_schema_help("similarity_scale")),
+    params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for the options not given here"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
 ):
     """Class similarity matrix of the class prompts (appendix B.5), with its heatmap (fig. 6)."""
-    check_output_dir(out_dir)
-    _check_prepared(prepared_dir)
-    from alignclip import tracking
-    from alignclip.similarity import similarity_stage
+    from alignclip import stages
 
-    parent = tracking.pipeline_run_id(experiment)
-    if parent:  # one per pipeline: the pipeline run's own artifacts
-        meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracking.Tracker(False))
-        try:
-            for name in ("similarity.png", "similarity.csv"):
-                tracking.log_pipeline_artifact(parent, out_dir / name, "similarity")
-        except Exception as err:  # noqa: BLE001 - the matrix is on disk; tracking must not cost it
-            log.warning("could not log the similarity matrix to MLflow (%s)", str(err).splitlines()[0][:200])
-    else:
-        with tracking.start_run(experiment, "similarity", tags={"run_type": "similarity"}) as tracker:
-            meta = similarity_stage(prepared_dir, out_dir, model, pretrained, scale, tracker)
-    typer.echo(f"similarity of {len(meta['classes'])} classes -> {out_dir}")
+    explicit = {"model_name": model, "model_pretrained": pretrained, "similarity_scale": scale}
+    typer.echo(stages.similarity(prepared_dir, out_dir, explicit, params_file, experiment))
 
 
 WORKERS_HELP = ("DataLoader worker processes, or auto: the CPUs this process may use (affinity, cgroup quota) less "
                 "one, none with two CPUs or fewer")
-# how a run is executed or shown, not what it trains: left out of `train --dry-run`'s settings
-DRY_RUN_HIDDEN = ("progress", "device", "num_workers", "stage_remote", "log_every")
 DEVICE_HELP = "auto (the GPU if there is one, else the CPU), cpu, cuda or cuda:N"
 STAGE_HELP = "copy s3:// images into the local cache (ALIGNCLIP_CACHE) first, with parallel GETs; else one GET per image"
-
-
-def _check_prepared(prepared_dir: Path) -> None:
-    # load_prepared's first check, made before a stage's imports (torch), so a mistyped folder is refused at once
-    from alignclip import artifacts
-
-    for name in (artifacts.MANIFEST, artifacts.META):
-        if not (prepared_dir / name).is_file():
-            raise ConfigError(f"{prepared_dir / name} not found: run `alignclip prepare` first")
-
-
-def _check_workers(value: str) -> None:
-    # data.loader.resolve_workers' rule (a count >= 0 or auto), checked without importing the loader, which needs
-    # torch (tests/test_cli.py holds the two to the same answers)
-    if value.lower() == "auto":
-        return
-    try:
-        workers = int(value)
-    except ValueError:
-        workers = -1
-    if workers < 0:
-        raise ConfigError(f"--num-workers {value!r}: expected a count >= 0 or 'auto'")
 
 
 @app.command()
 def train(
     prepared_dir: Path = typer.Argument(..., help="output of `alignclip prepare`"),
     out_dir: Path = typer.Argument(..., help="where to write model.pt, train_log.csv, train.json"),
-    method: str = typer.Option("alignclip", help="zeroshot | erm | clipood | alignclip, optionally +paper or +release"),
+    method: str = typer.Option(DEFAULT_METHOD, help="zeroshot | erm | clipood | alignclip, optionally +paper or +release"),
     formulation: Optional[str] = typer.Option(None, help="paper (default) | release (the authors' released code)"),
     set_: List[str] = typer.Option([], "--set", help="method switch override key=value (repeatable), e.g. aal=false"),
     hparam: List[str] = typer.Option([], "--hparam", help="a selection grid cell's setting key=value (repeatable): lr, batch_size, steps or a method switch; applied and recorded as the cell's hparams"),
@@ -291,12 +226,12 @@ def train(
     model: Optional[str] = typer.Option(None, help="model preset or open_clip architecture (default: tiny)"),
     pretrained: Optional[str] = typer.Option(None, help="weights: tag, file, s3:// URI, none, or the preset's default"),
     test_domain: Optional[str] = typer.Option(None, help="held-out domain (domainbed, wild)"),
-    seed: int = typer.Option(0, help="seed of the run: its batches, augmentations and few-shot subset (base2new, imagenet)"),
+    seed: Optional[int] = typer.Option(None, help=_schema_help("train_seed")),
     steps: Optional[int] = typer.Option(None, help="optimiser steps (default: the recipe's)"),
     epochs: Optional[int] = typer.Option(None, help="passes over the training set instead of steps (default: the recipe's)"),
     batch_size: Optional[int] = typer.Option(None, help="batch per training domain (default: the recipe's)"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default: the recipe's)"),
-    weight_decay: float = typer.Option(0.1, help="AdamW weight decay (which parameters: the method switch weight_decay_scope)"),
+    weight_decay: Optional[float] = typer.Option(None, help=_schema_help("train_weight_decay")),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="random horizontal flip (default: the recipe's)"),
     params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for what is not given here"),
     similarity_path: Optional[Path] = typer.Option(None, "--similarity", help="similarity.pt from `alignclip similarity`"),
@@ -317,97 +252,20 @@ def train(
 ):
     """Fine-tune the image encoder with one method; the BMA model is the result. Killed or preempted, the same
     command resumes where it stopped (SIGTERM writes a checkpoint first)."""
-    from dataclasses import asdict
+    from alignclip import stages
 
-    from alignclip.config import effective_train, train_config
-    from alignclip.methods import get_method
-    from alignclip.recipes import apply_recipe
-
-    from alignclip.config import _grid_value, parse_entry, typed_grid_values
-
-    method, in_brackets = parse_entry(method, "--method: ")  # alignclip[aal=false]: switches of the entry
-    entry_switches, entry_train = typed_grid_values(in_brackets, "--method: ")
-    hparams = {}
-    for item in hparam:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--hparam {item!r}: expected key=value")
-        hparams[key.strip()] = _grid_value(value.strip())
-    grid_switches, grid_train = typed_grid_values(hparams, "--hparam ")
-    hparams = {k: grid_switches.get(k, grid_train.get(f"train_{k}")) for k in hparams}
-    switches = {**entry_switches, **_parse_overrides(set_), **grid_switches}
-    lr, batch_size, steps = (grid_train.get(n, entry_train.get(n, v)) for n, v in
-                             (("train_lr", lr), ("train_batch_size", batch_size), ("train_steps", steps)))
-    check("train_seeds", [seed], "--seed: ")
-    if weight_decay < 0:
-        raise ConfigError(f"--weight-decay {weight_decay}: expected 0 or more")
-    _check_workers(num_workers)
-    if steps is not None and epochs is not None:  # else --steps would win and --epochs be dropped without a word
-        raise ConfigError(f"--steps {steps} and --epochs {epochs}: give one")
-    if checkpoint_every < 0 or checkpoint_minutes < 0:
-        raise ConfigError(f"--checkpoint-every {checkpoint_every} / --checkpoint-minutes {checkpoint_minutes}: expected 0 or more")
+    checkpointing = stages.Checkpointing(checkpoint_dir, checkpoint_every, checkpoint_minutes, resume).check()
     explicit = {"model_name": model, "model_pretrained": pretrained, "train_recipe": recipe, "train_formulation": formulation,
-                "train_steps": steps, "train_epochs": epochs, "train_batch_size": batch_size, "train_lr": lr, "train_hflip": hflip}
-    meta = None
-    if recipe is None and (prepared_dir / "meta.json").is_file():
-        from alignclip.datafiles import META, read_json
-
-        meta = read_json(prepared_dir / "meta.json", META, "the metadata of `alignclip prepare`")
-    values = train_config(params_file, explicit, meta)
-    effective = effective_train(values, test_domain or None)
-    get_method(method, values["train_formulation"], **switches)  # an unknown method is refused before torch loads
-    if not dry_run:  # a dry run may come before `prepare` (a pipeline's cell)
-        _check_prepared(prepared_dir)
-    from alignclip import artifacts, tracking
-    from alignclip.classifier import log_classifier
-    from alignclip.data.prepare import load_prepared
-    from alignclip.train import TrainSettings, cell_tags, resolve, train as run_train
-
-    settings = TrainSettings(
-        method=method, formulation=values["train_formulation"], overrides=switches, hparams=hparams, model=values["model_name"],
-        pretrained=values["model_pretrained"], test_domain=test_domain or None, seed=seed, weight_decay=weight_decay,
-        num_workers=num_workers, stage_remote=stage_remote, device=device, progress=progress,
-    )
-    settings = apply_recipe(settings, effective["recipe"], steps=effective["steps"], batch_size=effective["batch_size"],
-                            lr=effective["lr"], epochs=effective["epochs"], hflip=effective["hflip"])
-    if dry_run:  # the real run's checks and resolution (train.resolve, where setup starts), then stop
-        if not prepared_dir.exists():  # a pipeline's cell before `prepare`: what needs no data is still checked
-            log.warning("%s does not exist yet: the held-out domain is not checked", prepared_dir)
-        plan = resolve(prepared_dir if prepared_dir.exists() else None, settings)
-        shown = {k: v for k, v in asdict(plan.settings).items() if k not in DRY_RUN_HIDDEN}
-        typer.echo(json.dumps(shown, sort_keys=True))
+                "train_steps": steps, "train_epochs": epochs, "train_batch_size": batch_size, "train_lr": lr, "train_hflip": hflip,
+                "train_seed": seed, "train_weight_decay": weight_decay}
+    execution = stages.Execution(num_workers, stage_remote, device, progress)
+    settings = stages.train_settings(prepared_dir, method, explicit, set_, hparam, params_file, test_domain, execution, dry_run)
+    if dry_run:
+        typer.echo(stages.train_dry_run(prepared_dir, settings))
         return
-    check_output_dir(out_dir)
-    from alignclip.publish import hold_output_lock
-    from alignclip.resume import ResumeOptions, pending_run_id
-
-    hold_output_lock(out_dir)  # one writer per output, taken before its MLflow run: a refused second one leaves no trace
-
-    test_domain = settings.test_domain
-    from alignclip.config import cell_name
-
-    cell_key = f"train-{cell_name(method, hparams)}-{test_domain or 'all'}-s{seed}"  # names the resume checkpoint's place
-    if checkpoint_dir is None and os.environ.get("ALIGNCLIP_CHECKPOINT_ROOT"):
-        from alignclip.resume import keyed_location
-
-        checkpoint_dir = keyed_location(os.environ["ALIGNCLIP_CHECKPOINT_ROOT"], out_dir, cell_key)
-    resume_options = ResumeOptions(checkpoint_dir, checkpoint_every, checkpoint_minutes * 60, enabled=resume)
-    previous_run = pending_run_id(out_dir, resume_options)  # a resumed training continues its MLflow run
-    manifest, meta = load_prepared(prepared_dir)
-    tags = cell_tags(settings, meta)
-    note = f"Grid cell: training (params, curves, model) and evaluation (accuracies) of one run. {tracking.PERCENT_NOTE}"
-    with tracking.start_run(
-        experiment, tracking.cell_run_name(tags["variant"], test_domain, seed),
-        tags={**tags, **tracking.data_tags(meta, manifest), "mlflow.note.content": note}, resume_run_id=previous_run,
-    ) as tracker:
-        tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], tracking.manifest_digest(manifest), "training")
-        summary = run_train(prepared_dir, out_dir, settings, tracker, similarity_path, resume=resume_options)
-        tracker.log_artifact(out_dir / artifacts.TRAIN_LOG)
-        tracker.log_artifact(out_dir / artifacts.TRAIN_SUMMARY)
-        if tracker.enabled and summary["method"]["trains"]:  # zero-shot is not a trained model: nothing to register
-            log_classifier(tracker, out_dir / artifacts.MODEL, meta, tags)
-    typer.echo(f"{method}: {summary.get('steps', 0)} steps -> {out_dir / artifacts.MODEL}")
-    _echo_view(tracking.view_line(tracker.parent_run_id, tracker.run_id))
+    line, view = stages.train(prepared_dir, out_dir, settings, similarity_path, experiment, checkpointing)
+    typer.echo(line)
+    _echo_view(view)
 
 
 @app.command()
@@ -416,54 +274,22 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="model.pt from `alignclip train`"),
     out_dir: Path = typer.Argument(..., help="where to write metrics.json and predictions.parquet"),
     test_domain: Optional[str] = typer.Option(None, help="held-out domain: read from the checkpoint; if given, it must agree"),
-    test_split: str = typer.Option("holdout", help="held-out domain: its 20% split (holdout, CLIPood), its 80% split (in, DomainBed) or all its images (full)"),
-    batch_size: int = typer.Option(512, help="images per evaluation batch"),
+    test_split: Optional[str] = typer.Option(None, help=_schema_help("data_test_split")),
+    batch_size: Optional[int] = typer.Option(None, help=_schema_help("evaluate_batch_size")),
     num_workers: str = typer.Option("auto", help=WORKERS_HELP),
     stage_remote: bool = typer.Option(True, help=STAGE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
+    params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml) for the options not given here"),
 ):
     """Top-1 accuracy on every view of the protocol (held-out domain, base/new classes, ImageNet variants)."""
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size}: expected a batch of 1 or more")
-    _check_workers(num_workers)
-    check("data_test_split", test_split, "--test-split: ")
-    check_output_dir(out_dir)
-    _check_prepared(prepared_dir)
-    if not checkpoint.is_file():  # load_checkpoint's check, before torch loads
-        raise ConfigError(f"checkpoint not found: {checkpoint} (the model.pt of `alignclip train`)")
-    from alignclip import artifacts, tracking
-    from alignclip.data.prepare import load_prepared
-    from alignclip.evaluate import evaluate as run_evaluate, flat_metrics
+    from alignclip import stages
 
-    from alignclip.publish import hold_output_lock
-
-    hold_output_lock(out_dir)  # one writer per output, before the MLflow run it would continue
-    # The cell's training run (named in train.json) if it belongs to this pipeline run; else a new cell run.
-    trained = checkpoint.parent / artifacts.TRAIN_SUMMARY
-    from alignclip.datafiles import TRAIN_SUMMARY, read_json
-
-    info = read_json(trained, TRAIN_SUMMARY, "the summary of `alignclip train`") if trained.is_file() else {}
-    parent = tracking.pipeline_run_id(experiment)
-    resume = info.get("mlflow_run_id") if tracking.tracking_uri() and tracking.resumable(info.get("mlflow_run_id"), parent) else None
-    trained_settings = info.get("settings", {})
-    run_name = tracking.cell_run_name(info.get("variant", checkpoint.parent.name), trained_settings.get("test_domain"), trained_settings.get("seed", "?"))
-    with tracking.start_run(experiment, run_name, parent_run_id=parent, resume_run_id=resume) as tracker:
-        summary = run_evaluate(prepared_dir, checkpoint, out_dir, test_domain or None, test_split, batch_size, num_workers,
-                               device, stage_remote)
-        if tracker.enabled and tracker.run_id:
-            manifest, meta = load_prepared(prepared_dir)
-            tags = tracking.cell_tags(summary["dataset"], summary["protocol"], summary["method"], summary["variant"],
-                                  summary["formulation"], summary["test_domain"], summary["seed"])
-            tracker.set_tags({**tags, **tracking.data_tags(meta, manifest), "test_split": summary.get("test_split") or "-"})
-            tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], tracking.manifest_digest(manifest), "evaluation")
-            flat = flat_metrics(summary)  # and rounded copies for the runs table's columns (the view below)
-            tracker.log_metrics({**flat, **tracking.display_metrics(flat), **{f"{v}_images": r["total"] for v, r in summary["views"].items()}})
-            tracker.log_artifact(out_dir / artifacts.METRICS)
-            tracker.log_artifact(out_dir / artifacts.PREDICTIONS)
-            tracking.describe_model_version(tracker.run_id, summary, tracker.uri)
-    typer.echo(json.dumps(flat_metrics(summary)))
-    _echo_view(tracking.view_line(tracker.parent_run_id, tracker.run_id))
+    explicit = {"data_test_split": test_split, "evaluate_batch_size": batch_size}
+    execution = stages.Execution(num_workers, stage_remote, device, progress=False)
+    line, view = stages.evaluate(prepared_dir, checkpoint, out_dir, explicit, params_file, test_domain, execution, experiment)
+    typer.echo(line)
+    _echo_view(view)
 
 
 @app.command()
@@ -475,48 +301,14 @@ def report(
     metrics_file: Optional[Path] = typer.Option(None, help="also write the report's scores.json (means, stds, "
                                                 "intervals) here, outside the report folder: DVC's metrics file"),
     experiment: str = typer.Option("alignclip", envvar="ALIGNCLIP_EXPERIMENT", help="MLflow experiment"),
+    params_file: Optional[Path] = typer.Option(None, help="settings file (params.yaml), checked like every stage's; the report reads what the results record"),
 ):
     """Results tables beside the paper's numbers (CSV, Markdown), figures (PNG) and a results page."""
-    from alignclip import artifacts
+    from alignclip import stages
 
-    check_output_dir(out_dir)
-    if not results_dir.is_dir():
-        raise ConfigError(f"results folder {results_dir} not found: expected the folder of `alignclip evaluate` outputs")
-    # asked-for inputs that are missing stop the report, rather than leaving their figures out without a word
-    if prepared_dir is not None and not (prepared_dir / artifacts.META).is_file():
-        raise ConfigError(f"--prepared-dir {prepared_dir}: no {artifacts.META} there; expected an `alignclip prepare` output")
-    if similarity_dir is not None and not (similarity_dir / artifacts.SIMILARITY_MATRIX).is_file():
-        raise ConfigError(f"--similarity-dir {similarity_dir}: no {artifacts.SIMILARITY_MATRIX} there; expected an "
-                          "`alignclip similarity` output")
-    from alignclip import tracking
-    from alignclip.report import build_report, reported_results
-
-    parent = tracking.pipeline_run_id(experiment)
-    if parent:  # the last stage: the pipeline run gets the page and the summary metrics, and ends
-        try:
-            page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
-        except BaseException:
-            tracking.mark_failed(parent, "report")
-            raise
-        try:
-            tracking.finish_pipeline_run(parent, reported_results(results_dir), out_dir)
-        except Exception as err:  # noqa: BLE001 - the page is on disk; tracking must not cost it
-            log.warning("could not end the pipeline's MLflow run %s (%s)", parent, str(err).splitlines()[0][:200])
-    else:
-        with tracking.start_run(experiment, "report", tags={"run_type": "report"}) as tracker:
-            page = build_report(results_dir, out_dir, prepared_dir, similarity_dir)
-            tracker.log_artifact(out_dir, "report")
-            if tracker.enabled:
-                results = reported_results(results_dir)
-                tracker.log_metrics({**tracking.summary_metrics(results), **tracking.report_metrics(out_dir)})
-                for dataset in sorted(results["dataset"].unique()):
-                    tracking.set_best_aliases(dataset, tracker.uri)
-    if metrics_file is not None:
-        from alignclip.publish import atomic_write_text
-
-        atomic_write_text(metrics_file, (out_dir / artifacts.SCORES).read_text())
-    typer.echo(f"results page: {page}")
-    _echo_view(tracking.view_line(parent, None if parent else tracker.run_id))
+    line, view = stages.report(results_dir, out_dir, prepared_dir, similarity_dir, metrics_file, params_file, experiment)
+    typer.echo(line)
+    _echo_view(view)
 
 
 def _echo_view(line: str | None) -> None:

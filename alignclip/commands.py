@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 
+from alignclip.config import DEFAULTS
+
 
 def prepare_args(dataset: str, root: str, out: str, protocol: str, holdout_fraction: float, trial_seed: int, shots: int,
-                 seeds, templates: str = "paper", class_names: str = "paper", listing: str = "sorted") -> list[str]:
+                 seeds, templates: str = DEFAULTS["data_templates"], class_names: str = DEFAULTS["data_class_names"],
+                 listing: str = DEFAULTS["data_listing"]) -> list[str]:
     cmd = ["prepare", dataset, root, out, "--protocol", protocol, "--holdout-fraction", str(holdout_fraction),
            "--trial-seed", str(int(trial_seed)), "--shots", str(int(shots)), "--templates", templates,
            "--class-names", class_names, "--listing", listing]

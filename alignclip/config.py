@@ -11,6 +11,7 @@ benchmark's (recipe) value applies. It is never 0.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any
 import yaml
 
 from alignclip import protocols
+from alignclip.methods import DEFAULT_FORMULATION, FORMULATIONS
 
 
 class ConfigError(ValueError):
@@ -68,20 +70,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("data.class_names", "str", "paper", "class names in prompts: paper ('_' and '-' become spaces) | release (only '_', as the released code)", ("paper", "release")),
     Setting("data.listing", "str", "sorted", "imagenet: image order of the few-shot picks: sorted (the same everywhere) | filesystem (CoOp's os.listdir order)", ("sorted", "filesystem")),
     Setting("data.sample_seeds", "list[int]", None, "few-shot protocols: seeds of the few-shot samples that prepare draws (not set: train.seeds); unused by the others, so a new training seed re-runs no prepare", minimum=0, optional=True),
-    Setting("data.test_split", "str", "holdout", "held-out domain: holdout = its 20% split (CLIPood) | in = its 80% split (DomainBed) | full", ("holdout", "in", "full")),
+    Setting("data.test_split", "str", protocols.TEST_SPLITS[0], "held-out domain: holdout = its 20% split (CLIPood) | in = its 80% split (DomainBed) | full", protocols.TEST_SPLITS),
     Setting("model.name", "str", "tiny", "preset (tiny, vit-b-16, vit-b-32, rn50, vit-l-14) or open_clip architecture"),
     Setting("model.pretrained", "str", "default", "preset default, open_clip tag, checkpoint path, s3:// URI, or none"),
     Setting("train.recipe", "str", None, "named recipe (`alignclip recipes`); not set: the benchmark's recipe for the dataset, else `paper`", optional=True),
-    Setting("train.formulation", "str", "paper", "paper | release (the authors' released code)", ("paper", "release")),
+    Setting("train.formulation", "str", DEFAULT_FORMULATION, "paper | release (the authors' released code)", FORMULATIONS),
     Setting("train.methods", "list[str]", PAPER_METHODS, "methods of the grid; method+formulation overrides train.formulation"),
     Setting("train.test_domains", "list[str]", None, "held-out domains of the grid (not set: every domain of the dataset; [\"\"] where none is held out)", optional=True),
     Setting("train.seeds", "list[int]", [0, 1, 2], "seeds of the grid", minimum=0),
+    Setting("train.seed", "int", 0, "seed of one `alignclip train` (--seed): its batches, augmentations and few-shot subset; the grid's cells run train.seeds", minimum=0),
     Setting("train.grid", "grid", {}, "selection grid: method entry of train.methods -> {key: [values]} with key lr, batch_size, steps or a method switch; every combination is a cell, and training-domain validation picks one"),
     Setting("train.steps", "int", None, "optimiser steps (not set: the recipe's)", minimum=1, maximum=10_000_000, optional=True),
     Setting("train.epochs", "int", None, "epochs instead of steps (not set: the recipe's)", minimum=1, maximum=100_000, optional=True),
     Setting("train.batch_size", "int", None, "images per training domain and step (not set: the recipe's)", minimum=1, maximum=4096, optional=True),
     Setting("train.lr", "float", None, "peak learning rate of the cosine schedule (not set: the recipe's)", minimum=1e-12, maximum=1.0, optional=True),
     Setting("train.hflip", "bool", None, "random horizontal flip (not set: the recipe's)", optional=True),
+    Setting("train.weight_decay", "float", 0.1, "AdamW weight decay (which parameters: the method switch weight_decay_scope)", minimum=0.0, maximum=10.0),
+    Setting("evaluate.batch_size", "int", 512, "images per evaluation batch", minimum=1, maximum=65536),
+    Setting("similarity.scale", "float", 1.0, "softmax scale of the class similarity heatmap (paper 1, released code 35)", minimum=1e-6, maximum=1e6),
     Setting("mlflow.tracking_uri", "str", "", "MLflow server of pipeline tasks (empty: no tracking); DVC and the CLI read MLFLOW_TRACKING_URI", kfp_only=True),
     Setting("mlflow.experiment", "str", None, "MLflow experiment of pipeline tasks (not set: the family's)", optional=True, kfp_only=True),
 )
@@ -335,26 +341,99 @@ def check_family(family: str) -> Family:
     return FAMILIES[family]
 
 
-def resolve(family: str | None = None, params_file: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """Every setting by pipeline name: schema < family < params file < overrides, then the derived values
-    (protocol, recipe, held-out domains) filled in and the whole checked. No work has started when it fails."""
-    values = {s.name: s.default for s in SETTINGS}
-    if family is not None:
-        values.update(check_family(family).defaults)
-        if values.get("mlflow_experiment") is None:
-            values["mlflow_experiment"] = FAMILIES[family].experiment
-    chosen = load_params_file(params_file) if params_file is not None else {}
-    for name, value in (overrides or {}).items():
+# Precedence, lowest first. A layer is data, {pipeline name: value}; ``None`` in a layer is "not set" and leaves the
+# value below it. Below every layer sits the schema's default (DEFAULTS).
+#   method       the method's own switch values (alignclip/methods.py, MethodConfig and its registry)
+#   recipe       a named recipe's training values and method switches (alignclip/recipes.py, Recipe.layer)
+#   family       a benchmark family's defaults (FAMILIES), with its MLflow experiment
+#   params_file  a params file (load_params_file)
+#   explicit     command-line options, --param, --set, --hparam: a grid cell's own values
+PRECEDENCE = ("method", "recipe", "family", "params_file", "explicit")
+SWITCHES = "method_switches"  # a layer's method switches {switch: value}, folded switch by switch
+# one length: a layer that sets steps drops the epochs (and iterations per epoch) below it, one that sets epochs the
+# steps below it (an explicit --steps beats the recipe's epochs, an explicit --epochs its steps)
+LENGTH_CLEARS = {"train_steps": ("train_epochs", "train_iters_per_epoch"), "train_epochs": ("train_steps",)}
+DEFAULTS = {s.name: s.default for s in SETTINGS}
+
+
+def fold(layers: dict[str, dict], origins: dict | None = None) -> dict:
+    """THE resolver: the schema's defaults, then each layer of ``layers`` ({layer name: {pipeline name: value}}) in
+    PRECEDENCE order, the later winning. ``origins`` (optional) is filled with the layer each value came from
+    (``method_switches.<switch>`` for a switch)."""
+    unknown = sorted(set(layers) - set(PRECEDENCE))
+    if unknown:
+        raise ValueError(f"unknown settings layer(s) {unknown}: expected some of {', '.join(PRECEDENCE)}")
+    values = copy.deepcopy(DEFAULTS)
+    values[SWITCHES] = {}
+    for layer in PRECEDENCE:
+        given = {name: value for name, value in (layers.get(layer) or {}).items() if value is not None}
+        for name in given:
+            for other in LENGTH_CLEARS.get(name, ()):
+                if other not in given:  # steps and epochs of one layer: steps wins (schedule)
+                    values[other] = None
+        for name, value in given.items():
+            if name == SWITCHES:
+                values[SWITCHES] = {**values[SWITCHES], **value}
+                if origins is not None:
+                    origins.update({f"{SWITCHES}.{k}": layer for k in value})
+                continue
+            values[name] = copy.deepcopy(value)
+            if origins is not None:
+                origins[name] = layer
+    return values
+
+
+def family_layer(family: str | None) -> dict:
+    if family is None:
+        return {}
+    chosen = check_family(family)
+    return {"mlflow_experiment": chosen.experiment, **chosen.defaults}
+
+
+def typed(values: dict | None, where=lambda setting: "") -> dict:
+    """Values by pipeline name or params key, each checked against the schema (``where``: the message's prefix);
+    ``None`` (an option not given) stays out."""
+    checked = {}
+    for name, value in (values or {}).items():
+        if value is None:
+            continue
         setting = lookup(name)
-        chosen[setting.name] = coerce(setting, value)
-    values.update(chosen)
-    if family is not None and values["data_dataset"] != FAMILIES[family].defaults.get("data_dataset", BY_NAME["data_dataset"].default):
+        checked[setting.name] = coerce(setting, value, where(setting))
+    return checked
+
+
+# the stage options named otherwise than their setting's key (`alignclip prepare --seed` sets data.sample_seeds)
+OPTION_NAMES = {"model_name": "--model", "data_sample_seeds": "--seed"}
+
+
+def option_name(setting: Setting) -> str:
+    """``--batch-size: `` for train.batch_size: a command-line value's messages name its option."""
+    return OPTION_NAMES.get(setting.name, f"--{setting.field.replace('_', '-')}") + ": "
+
+
+def resolve(family: str | None = None, params_file: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """Every setting by pipeline name: the fold of family < params file < overrides, then the derived values
+    (protocol, recipe, held-out domains) filled in and the whole checked. No work has started when it fails.
+    The recipe's training values stay not set (None) here: ``effective_train`` folds them in under these."""
+    layers = {"family": family_layer(family), "params_file": load_params_file(params_file) if params_file is not None else {},
+              "explicit": typed(overrides)}
+    if family is not None and fold(layers)["data_dataset"] != FAMILIES[family].defaults.get("data_dataset", DEFAULTS["data_dataset"]):
         # the family chose these for its own dataset (demo: two of RotatedDigits' domains and its recipe); another
         # dataset brings its own (derive) unless the user set them. data.root follows through its {dataset}.
-        for name in DATASET_BOUND:
-            if name not in chosen:
-                values[name] = BY_NAME[name].default
+        layers["family"] = {k: v for k, v in layers["family"].items() if k not in DATASET_BOUND}
+    values = fold(layers)
+    del values[SWITCHES]  # a configuration's switches are its method entries' (train.methods, train.grid)
     return derive(values)
+
+
+def resolve_stage(params_file: str | Path | None = None, explicit: dict | None = None) -> dict:
+    """The settings of one stage command (prepare, train, similarity, evaluate, report): the fold of params file <
+    explicit options, no family and no derived grid (a stage runs one cell). An option's bad value names the option."""
+    layers = {"params_file": load_params_file(params_file) if params_file is not None else {},
+              "explicit": typed(explicit, option_name)}
+    values = fold(layers)
+    del values[SWITCHES]
+    return values
 
 
 def dataset_spec(name: str):
@@ -376,20 +455,10 @@ def default_recipe(protocol: str, dataset: str) -> str:
     return name if name in RECIPES else FALLBACK_RECIPE
 
 
-def derive(values: dict) -> dict:
+def check_grid(values: dict) -> None:
+    """train.methods' entries (methods, formulations, switches) and train.grid's keys and values."""
     from alignclip.methods import FORMULATIONS, METHODS, split_method
-    from alignclip.recipes import RECIPES
 
-    values = dict(values)
-    dataset = values["data_dataset"]
-    values["data_root"] = values["data_root"].replace("{dataset}", dataset)
-    if values["data_protocol"] is None:
-        values["data_protocol"] = default_protocol(dataset)
-    protocol = values["data_protocol"]
-    if values["train_recipe"] is None:
-        values["train_recipe"] = default_recipe(protocol, dataset)
-    if values["train_recipe"] not in RECIPES:
-        raise ConfigError(f"train.recipe={values['train_recipe']!r}: unknown recipe; expected one of {', '.join(RECIPES)}")
     for method in values["train_methods"]:
         base, switches = parse_entry(method, "train.methods: ")
         name, formulation = split_method(base, values["train_formulation"])
@@ -407,6 +476,24 @@ def derive(values: dict) -> dict:
         for key, options in axes.items():
             for option in options:
                 typed_grid_values({key: option}, f"train.grid.{entry}: ")
+
+
+def derive(values: dict) -> dict:
+    """The values that follow from the others (root, protocol, recipe, held-out domains, few-shot seeds), the whole
+    checked."""
+    from alignclip.recipes import RECIPES
+
+    values = dict(values)
+    dataset = values["data_dataset"]
+    values["data_root"] = values["data_root"].replace("{dataset}", dataset)
+    if values["data_protocol"] is None:
+        values["data_protocol"] = default_protocol(dataset)
+    protocol = values["data_protocol"]
+    if values["train_recipe"] is None:
+        values["train_recipe"] = default_recipe(protocol, dataset)
+    if values["train_recipe"] not in RECIPES:
+        raise ConfigError(f"train.recipe={values['train_recipe']!r}: unknown recipe; expected one of {', '.join(RECIPES)}")
+    check_grid(values)
     spec = dataset_spec(dataset)
     # before the domains: a dataset of another protocol lists none, and that is not what is wrong
     allowed = [name for name, p in protocols.PROTOCOLS.items() if spec is not None and spec.protocol in p.layouts]
@@ -556,51 +643,85 @@ def grid(values: dict) -> list[dict]:
     return cells
 
 
-def effective_train(values: dict, test_domain: str | None = None) -> dict:
-    """What a grid cell trains with: the recipe's values, then the ones set (``recipes.effective_schedule``);
-    ``test_domain``: the cell's held-out domain, for recipes whose length depends on it."""
-    from alignclip.recipes import effective_schedule
+def recipe_layer(name: str | None, test_domain: str | None = None) -> dict:
+    from alignclip.recipes import get_recipe
 
-    return effective_schedule(values["train_recipe"], values["train_steps"], values["train_epochs"], values["train_batch_size"],
-                          values["train_lr"], values["train_hflip"], test_domain)
+    return get_recipe(name).layer(test_domain) if name else {}
+
+
+def schedule(folded: dict) -> dict:
+    """The training length and values of folded settings: steps whenever they are known before the data is (steps,
+    or epochs x iterations per epoch); else ``epochs`` passes over the training set. ``None`` is "not set", never 0."""
+    steps, epochs, iters = folded["train_steps"], folded["train_epochs"], folded.get("train_iters_per_epoch")
+    if not steps and epochs and iters:
+        steps = epochs * iters
+    if steps:
+        epochs = iters = None
+    return {"recipe": folded["train_recipe"], "lr": folded["train_lr"], "batch_size": folded["train_batch_size"],
+            "steps": steps, "epochs": epochs, "iters_per_epoch": iters, "hflip": folded["train_hflip"],
+            "method_switches": dict(folded[SWITCHES]), "shots": folded.get("train_shots")}
+
+
+def effective_train(values: dict, test_domain: str | None = None) -> dict:
+    """What a grid cell trains with: the recipe layer folded under the resolved values. ``values`` (``resolve``) are
+    already the fold of family < params file < explicit, so they stand at the family layer, the lowest of those;
+    ``test_domain``: the cell's held-out domain, for recipes whose length depends on it."""
+    layers = {"recipe": recipe_layer(values["train_recipe"], test_domain), "family": {n: values.get(n) for n in TRAIN_NAMES}}
+    return schedule(fold(layers))
+
+
+def train_fields(values: dict, test_domain: str | None = None, switches: dict | None = None, method: str | None = None) -> dict:
+    """The settings fields of one training (alignclip/train.py's TrainSettings) from resolved values (``resolve`` or
+    ``resolve_train``): method < recipe < those values < explicit method switches (--set, the entry's brackets, a
+    grid cell's). ``overrides`` are the switches some layer above the method's own set; the method applies them."""
+    from alignclip.methods import switch_values
+
+    if not values.get("train_recipe"):
+        raise ValueError("train.recipe is not resolved: resolve the settings first (resolve, resolve_train)")
+    layers = {"recipe": recipe_layer(values["train_recipe"], test_domain),
+              "family": {n: values.get(n) for n in (*TRAIN_NAMES, "train_seed")}, "explicit": {SWITCHES: switches or {}}}
+    if method is not None:
+        layers["method"] = {SWITCHES: switch_values(method, values["train_formulation"])}
+    origins: dict = {}
+    folded = fold(layers, origins)
+    length = schedule(folded)
+    return {
+        "formulation": folded["train_formulation"], "model": folded["model_name"], "pretrained": folded["model_pretrained"],
+        "seed": folded["train_seed"], "weight_decay": folded["train_weight_decay"], "recipe": length["recipe"],
+        "steps": length["steps"], "epochs": length["epochs"], "iters_per_epoch": length["iters_per_epoch"],
+        "shots": length["shots"], "batch_size": length["batch_size"], "lr": length["lr"], "hflip": length["hflip"],
+        "overrides": {k: v for k, v in folded[SWITCHES].items() if origins[f"{SWITCHES}.{k}"] != "method"},
+    }
 
 
 TRAIN_NAMES = ("model_name", "model_pretrained", "train_recipe", "train_formulation", "train_steps", "train_epochs",
-               "train_batch_size", "train_lr", "train_hflip")
+               "train_batch_size", "train_lr", "train_hflip", "train_weight_decay")
 # what `alignclip train --params-file` reads (a DVC train stage's `params:` list): not the grid's lists, so adding a
 # seed, a method or a domain adds stages and re-runs nothing else
 TRAIN_KEYS = tuple(BY_NAME[n].key for n in TRAIN_NAMES) + ("data.dataset", "data.protocol")
 # what `alignclip grid --part trained` of one (held-out domain, seed) reads (dvc.yaml's train stage): the training
 # settings, the group's cells (methods x selection grid) and the evaluation split; not the seeds or domains
-GRID_KEYS = TRAIN_KEYS + ("data.test_split", "train.methods", "train.grid")
+GRID_KEYS = TRAIN_KEYS + ("data.test_split", "train.methods", "train.grid", "evaluate.batch_size")
 # what a zero-shot cell reads (dvc.yaml's zeroshot stage): no training setting, so none of them re-runs it
-ZEROSHOT_KEYS = ("model.name", "model.pretrained", "data.dataset", "data.protocol", "data.test_split", "train.formulation")
+ZEROSHOT_KEYS = ("model.name", "model.pretrained", "data.dataset", "data.protocol", "data.test_split", "train.formulation",
+                 "evaluate.batch_size")
+# what `alignclip similarity` reads (dvc.yaml's similarity stage)
+SIMILARITY_KEYS = ("model.name", "model.pretrained", "similarity.scale")
 
 
-def train_config(params_file: str | Path | None = None, explicit: dict | None = None, meta: dict | None = None) -> dict:
-    """The settings of one `alignclip train`: schema < params file < explicit options, by pipeline name. A recipe
-    that is not set is the benchmark's for the trained data (``meta``: the prepared dataset's meta.json), else the
-    params file's dataset."""
-    values = {name: BY_NAME[name].default for name in TRAIN_NAMES}
-    from_file = load_params_file(params_file) if params_file is not None else {}
-    values.update({k: v for k, v in from_file.items() if k in values})
-    for name, value in (explicit or {}).items():
-        if value is not None:
-            values[name] = coerce(BY_NAME[name], value, f"--{BY_NAME[name].field.replace('_', '-')}: ")
+def resolve_train(params_file: str | Path | None = None, explicit: dict | None = None, meta: dict | None = None) -> dict:
+    """The settings of one `alignclip train` by pipeline name (``resolve_stage``). A recipe that is not set is the
+    benchmark's for the trained data (``meta``: the prepared dataset's meta.json), else for the params file's dataset,
+    else ``paper``."""
+    values = resolve_stage(params_file, explicit)
     if values["train_recipe"] is None:
-        source = meta or {"dataset": from_file.get("data_dataset", BY_NAME["data_dataset"].default),
-                          "protocol": from_file.get("data_protocol")}
+        source = meta or {"dataset": values["data_dataset"], "protocol": values["data_protocol"]}
         protocol = source.get("protocol") or default_protocol(source["dataset"])
         values["train_recipe"] = default_recipe(protocol, source["dataset"])
     return values
 
 
 # -- checks of single command-line values ---------------------------------------------------------------------------
-
-
-def check(name: str, value, where: str = ""):
-    """One command-line value against the schema (``--steps -5`` fails like ``train.steps: -5`` would)."""
-    return coerce(lookup(name), value, where) if value is not None else None
 
 
 def check_template(template: str | None) -> str | None:
@@ -634,44 +755,13 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
 
 
 def check_method_switches(overrides: dict) -> dict:
-    """``--set key=value`` switches typed by MethodConfig's fields: ``aligned_layers=abc`` fails here, not mid-run."""
-    from dataclasses import fields as dataclass_fields
+    """``--set key=value`` switches typed by MethodConfig's fields (``methods.check_switches``, the one check)."""
+    from alignclip.methods import check_switches
 
-    from alignclip.methods import TEMPERATURES, MethodConfig, parse_temperature
-
-    kinds = {f.name: f.type for f in dataclass_fields(MethodConfig)}
-    checked = {}
-    for key, value in overrides.items():
-        if key not in kinds:
-            raise ConfigError(f"--set {key}: unknown method switch; expected one of {', '.join(sorted(kinds))}")
-        kind = str(kinds[key]).replace(" ", "")
-        optional = "None" in kind
-        if key in TEMPERATURES:  # `model` (the loaded CLIP's own), a number, or (aal_tau) none
-            try:
-                checked[key] = parse_temperature(key, value)
-            except ValueError as err:
-                raise ConfigError(f"--set {err}") from None
-        elif value is None and optional:
-            checked[key] = None
-        elif kind.startswith("bool"):
-            if not isinstance(value, bool):
-                raise ConfigError(f"--set {key}={value!r}: expected true or false")
-            checked[key] = value
-        elif kind.startswith("int"):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"--set {key}={value!r}: expected an integer")
-            if value < 0:
-                raise ConfigError(f"--set {key}={value!r}: expected 0 or more")
-            checked[key] = value
-        elif kind.startswith("float"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"--set {key}={value!r}: expected a number")
-            checked[key] = float(value)
-        else:
-            if not isinstance(value, str):
-                raise ConfigError(f"--set {key}={value!r}: expected text")
-            checked[key] = value
-    return checked
+    try:
+        return check_switches(overrides)
+    except ValueError as err:
+        raise ConfigError(f"--set {err}") from None
 
 
 # -- params.yaml ----------------------------------------------------------------------------------------------------
@@ -681,7 +771,8 @@ def render_params(values: dict) -> str:
     """A complete params file of resolved settings, with each setting's help as a comment (``config show``)."""
     lines = ["# alignclip settings, rendered from the schema in alignclip/config.py by `alignclip config show [FAMILY]`",
              "# (params.yaml: `alignclip config show demo > params.yaml`). `dvc repro` reads it; `alignclip pipeline ...",
-             "# --params-file` and `alignclip train|prepare --params-file` take it (or any subset of it) too.",
+             "# --params-file` and every stage's `--params-file` (prepare, similarity, train, evaluate, report) take it (or any",
+             "# subset of it) too; an option given on the command line beats it.",
              "# null = not set: the recipe's value (train.*), the dataset's (data.protocol, train.test_domains)."]
     section = None
     for setting in SETTINGS:

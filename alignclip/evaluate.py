@@ -16,6 +16,7 @@ import torch
 
 from alignclip import artifacts, determinism, protocols
 from alignclip.artifacts import Checkpoint
+from alignclip.config import DEFAULTS
 from alignclip.classifier import checkpoint_tau, encode_classes, load_trained, resolve_device
 from alignclip.data.images import ManifestImages, collate_readable, eval_transform
 from alignclip.data.loader import AUTO, evaluation_loader, resolve_workers
@@ -85,8 +86,8 @@ def evaluate(
     checkpoint: str | Path,
     out_dir: str | Path,
     test_domain: str | None = None,
-    test_split: str = "holdout",
-    batch_size: int = 512,
+    test_split: str = DEFAULTS["data_test_split"],
+    batch_size: int = DEFAULTS["evaluate_batch_size"],
     num_workers: int | str = AUTO,
     device: str = "auto",
     stage_remote: bool = True,

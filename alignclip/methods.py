@@ -139,9 +139,10 @@ RELEASE_OVERRIDES = {
 }
 
 FORMULATIONS = ("paper", "release")
+DEFAULT_FORMULATION = FORMULATIONS[0]  # the paper's text; the schema's train.formulation (alignclip/config.py)
 
 
-def split_method(name: str, formulation: str = "paper") -> tuple[str, str]:
+def split_method(name: str, formulation: str = DEFAULT_FORMULATION) -> tuple[str, str]:
     """``alignclip+release`` -> (``alignclip``, ``release``): a grid can hold both formulations side by side.
 
     ``+`` because DVC reserves ``@`` in stage names; ``alignclip@release`` is accepted too on the command line.
@@ -152,7 +153,7 @@ def split_method(name: str, formulation: str = "paper") -> tuple[str, str]:
     return name, formulation
 
 
-def get_method(name: str, formulation: str = "paper", **overrides) -> MethodConfig:
+def get_method(name: str, formulation: str = DEFAULT_FORMULATION, **overrides) -> MethodConfig:
     """The named method under a formulation, with individual switches overridden (ablations).
 
     ``name`` may carry its formulation: ``alignclip+release``.
@@ -165,12 +166,51 @@ def get_method(name: str, formulation: str = "paper", **overrides) -> MethodConf
     config = PAPER[name]
     if formulation == "release" and name == "alignclip":
         config = replace(config, **RELEASE_OVERRIDES)
-    known = {f.name for f in fields(MethodConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown method switch(es) {unknown}: expected some of {sorted(known)}")
-    overrides = {k: parse_temperature(k, v) if k in TEMPERATURES else v for k, v in overrides.items()}
-    return replace(config, **overrides).validate()
+    return replace(config, **check_switches(overrides)).validate()
+
+
+DEFAULT_METHOD = "alignclip"  # what `alignclip train` trains unless --method says otherwise
+NOT_SWITCHES = ("name", "trains")  # MethodConfig fields that name a method rather than switch a part of it
+
+
+def switch_values(name: str, formulation: str = DEFAULT_FORMULATION) -> dict:
+    """The method's own switch values: the lowest layer of the settings' precedence (alignclip/config.py)."""
+    return {k: v for k, v in get_method(name, formulation).to_dict().items() if k not in NOT_SWITCHES}
+
+
+def check_switches(overrides: dict) -> dict:
+    """Switch values typed by MethodConfig's fields, the one check of a switch's type wherever it is set (--set, a
+    method entry's brackets, a grid cell's, a recipe's): ``aligned_layers=abc`` fails here, not mid-run. Choices and
+    ranges are ``MethodConfig.validate``'s. A ValueError names the switch and what was expected."""
+    kinds = {f.name: str(f.type).replace(" ", "") for f in fields(MethodConfig) if f.name not in NOT_SWITCHES}
+    checked = {}
+    for key, value in overrides.items():
+        if key not in kinds:
+            raise ValueError(f"{key}: unknown method switch; expected one of {', '.join(sorted(kinds))}")
+        kind = kinds[key]
+        if key in TEMPERATURES:  # `model` (the loaded CLIP's own), a number, or (aal_tau) none
+            checked[key] = parse_temperature(key, value)
+        elif value is None and "None" in kind:
+            checked[key] = None
+        elif kind.startswith("bool"):
+            if not isinstance(value, bool):
+                raise ValueError(f"{key}={value!r}: expected true or false")
+            checked[key] = value
+        elif kind.startswith("int"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{key}={value!r}: expected an integer")
+            if value < 0:
+                raise ValueError(f"{key}={value!r}: expected 0 or more")
+            checked[key] = value
+        elif kind.startswith("float"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{key}={value!r}: expected a number")
+            checked[key] = float(value)
+        else:
+            if not isinstance(value, str):
+                raise ValueError(f"{key}={value!r}: expected text")
+            checked[key] = value
+    return checked
 
 
 def variant_label(method: MethodConfig, formulation: str = "paper", recipe: str | None = None,

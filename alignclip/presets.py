@@ -19,6 +19,7 @@ import torch
 
 from alignclip import storage
 from alignclip.clip_factory import CLIPBundle, build_clip, register_project_configs
+from alignclip.config import DEFAULTS
 from alignclip.log import get_logger
 
 log = get_logger(__name__)
@@ -77,7 +78,7 @@ def check_model(name: str) -> str:
     return architecture
 
 
-def load_clip(name: str = "tiny", pretrained: str | None = "default", device: str | torch.device = "cpu") -> CLIPBundle:
+def load_clip(name: str = DEFAULTS["model_name"], pretrained: str | None = DEFAULTS["model_pretrained"], device: str | torch.device = "cpu") -> CLIPBundle:
     """Build a CLIP model from a preset name (``tiny``, ``vit-b-16``...) or any open_clip architecture name.
 
     ``pretrained="default"`` takes the preset's own source; pass a tag, a file path, an ``s3://`` URI or ``none``

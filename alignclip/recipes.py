@@ -9,7 +9,7 @@ Every released recipe cites the script and line each of its values comes from (d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 RELEASE = "zhyhan/AlignCLIP"  # the authors' released code (a CLIPood fork): scripts/*.sh over main.py's defaults
 CLIPOOD = "thuml/CLIPood"  # CLIPood's scripts.sh
@@ -21,16 +21,20 @@ RELEASE_DEFAULTS = "main.py:118,124,127,133,135,146,147 defaults"
 
 @dataclass(frozen=True)
 class Recipe:
+    """A named set of training values, each from its source: a layer of the settings' precedence
+    (alignclip/config.py: method < recipe < family < params file < explicit). Every field is stated by the recipe
+    (from PAPER_A1 or RELEASE_MAIN below), none defaults here."""
+
     source: str  # the script and line(s) each value comes from
-    lr: float = 5e-6
-    batch_size: int = 36
-    steps: int | None = None
-    epochs: int | None = None
-    iters_per_epoch: int | None = None  # None: one pass over the training set per epoch
-    method: dict = field(default_factory=dict)  # method switches: margin_alpha, bma_beta
-    hflip: bool = True
-    shots: int | None = None  # few-shot protocols: images per class trained on (the prepared subset); 0: all
-    epochs_by_domain: dict = field(default_factory=dict)  # held-out domain -> epochs, where scripts differ per target
+    lr: float
+    batch_size: int
+    steps: int | None  # None: epochs x iters_per_epoch
+    epochs: int | None
+    iters_per_epoch: int | None  # None: one pass over the training set per epoch
+    method: dict  # method switches: margin_alpha, bma_beta
+    hflip: bool
+    shots: int | None  # few-shot protocols: images per class trained on (the prepared subset); 0: all
+    epochs_by_domain: dict  # held-out domain -> epochs, where scripts differ per target
 
     def describe(self) -> str:
         length = f"{self.steps} steps" if self.steps else f"{self.epochs} epochs x {self.iters_per_epoch or 'one pass'}"
@@ -44,9 +48,29 @@ class Recipe:
     def epochs_for(self, test_domain: str | None) -> int | None:
         return self.epochs_by_domain.get(test_domain, self.epochs) if test_domain else self.epochs
 
+    def layer(self, test_domain: str | None = None) -> dict:
+        """The recipe as a settings layer by pipeline name (``config.fold``); ``test_domain``: the held-out domain,
+        for recipes whose epochs differ per target. ``train_iters_per_epoch`` and ``train_shots`` are set by
+        recipes only (the length's unit and the few-shot protocols' training subset)."""
+        return {"train_lr": self.lr, "train_batch_size": self.batch_size, "train_steps": self.steps,
+                "train_epochs": self.epochs_for(test_domain), "train_iters_per_epoch": self.iters_per_epoch,
+                "train_hflip": self.hflip, "train_shots": self.shots, "method_switches": dict(self.method)}
 
-def _domain_shift(script: str, lr=5e-6, epochs=10, alpha=0.3):
-    return Recipe(f"{RELEASE} {script}; {RELEASE_DEFAULTS}", lr, 36, None, epochs, 500, {"margin_alpha": alpha, "bma_beta": 0.5})
+
+# The paper's appendix A.1: lr 5e-6, 36 images per domain, 5000 steps, BMA beta 0.5
+PAPER_A1 = dict(lr=5e-6, batch_size=36, steps=5000, epochs=None, iters_per_epoch=None, method={"bma_beta": 0.5},
+                hflip=True, shots=None, epochs_by_domain={})
+# zhyhan/AlignCLIP main.py's argparse defaults (RELEASE_DEFAULTS): what a released script runs where it passes no flag
+RELEASE_MAIN = dict(lr=5e-6, batch_size=36, steps=None, epochs=10, iters_per_epoch=500,
+                    method={"margin_alpha": 0.3, "bma_beta": 0.5}, hflip=True, shots=None, epochs_by_domain={})
+
+
+def _recipe(source: str, base: dict, **values) -> Recipe:
+    return Recipe(source, **{**base, **values})
+
+
+def _domain_shift(script: str, **values):
+    return _recipe(f"{RELEASE} {script}; {RELEASE_DEFAULTS}", RELEASE_MAIN, **values)
 
 
 # Base-to-new, the authors' form: scripts/trainopenclass.sh passes --epochs and --beta 0.1 only (line of --epochs
@@ -68,43 +92,44 @@ CLIPOOD_BASE2NEW_LINES = {
 def _base2new(name: str) -> Recipe:
     epochs, line = BASE2NEW_EPOCHS[name]
     source = f"{RELEASE} scripts/trainopenclass.sh:{line} (--epochs), --beta 0.1; {RELEASE_DEFAULTS}"
-    return Recipe(source, 5e-6, 36, None, epochs, 500, {"margin_alpha": 0.3, "bma_beta": 0.1}, shots=0)
+    return _recipe(source, RELEASE_MAIN, epochs=epochs, method={**RELEASE_MAIN["method"], "bma_beta": 0.1}, shots=0)
 
 
 def _base2new_clipood(name: str) -> Recipe:
     epochs, _ = BASE2NEW_EPOCHS[name]  # the same epochs in both script sets
     source = f"{CLIPOOD} scripts.sh:{CLIPOOD_BASE2NEW_LINES[name]}; main.py:129 (-i 500)"
-    return Recipe(source, 5e-6, 36, None, epochs, 500, {"margin_alpha": 0.3, "bma_beta": 0.1}, shots=16)
+    # -b 36 --lr 5e-6 --lam 0.3 as main.py's; main.py:129 -i 500
+    return _recipe(source, RELEASE_MAIN, epochs=epochs, method={"margin_alpha": 0.3, "bma_beta": 0.1}, shots=16)
 
 
 RECIPES: dict[str, Recipe] = {
-    "paper": Recipe("paper appendix A.1", 5e-6, 36, 5000, method={"bma_beta": 0.5}),
+    "paper": _recipe("paper appendix A.1", PAPER_A1),
     # the demo's (params.yaml leaves these to it; its selection grid varies lr): 8x8 digits, no flip (a flipped 2 is no 2)
-    "demo": Recipe("ours: tiny preset on RotatedDigits, CPU minutes", 1e-3, 8, 40, method={"bma_beta": 0.5}, hflip=False),
+    "demo": _recipe("ours: tiny preset on RotatedDigits, CPU minutes", PAPER_A1, lr=1e-3, batch_size=8, steps=40, hflip=False),
     # domain shift (DomainBed leave-one-domain-out)
     "domain_shift/pacs": _domain_shift("scripts/trainpacs.sh:14-97"),
     "domain_shift/vlcs": _domain_shift("scripts/trainvlcs.sh:14-97"),
     "domain_shift/terra_incognita": _domain_shift("scripts/trainTerraIncognita.sh:14-97"),
     "domain_shift/office_home": _domain_shift("scripts/trainhome.sh:17 (--lr 1e-5)", lr=1e-5),
     "domain_shift/domain_net": _domain_shift(
-        "scripts/traindomainnet-1.sh:17,21,22 and -2.sh:18,22,23 (--lr 1e-5 --epochs 20 --alpha 0.1)", lr=1e-5, epochs=20, alpha=0.1
+        "scripts/traindomainnet-1.sh:17,21,22 and -2.sh:18,22,23 (--lr 1e-5 --epochs 20 --alpha 0.1)", lr=1e-5, epochs=20,
+        method={**RELEASE_MAIN["method"], "margin_alpha": 0.1},
     ),
     # domain shift + unseen classes (CLIPood in the wild)
-    "wild/office_home": Recipe(
+    "wild/office_home": _recipe(
         f"{RELEASE} scripts/trainhome-wilds.sh:21-24 (--epochs 10 --lr 3e-6 --alpha 0.1 --beta 0.1); main.py:135 (-i 500)",
-        3e-6, 36, None, 10, 500, {"margin_alpha": 0.1, "bma_beta": 0.1},
+        RELEASE_MAIN, lr=3e-6, epochs=10, method={"margin_alpha": 0.1, "bma_beta": 0.1},
     ),
     # targets 0-2 (clipart, infograph, painting: DomainBed's sorted folders) 20 epochs, targets 3-5 10 epochs;
     # no --alpha, --lr or --beta: main.py's 0.3, 5e-6, 0.5
-    "wild/domain_net": Recipe(
+    "wild/domain_net": _recipe(
         f"{RELEASE} scripts/traindomainnet-wilds-1.sh:21,30,39 (targets 0-2: --epochs 20), "
         f"traindomainnet-wilds-2.sh:21,30,39 (targets 3-5: --epochs 10); {RELEASE_DEFAULTS}",
-        5e-6, 36, None, 20, 500, {"margin_alpha": 0.3, "bma_beta": 0.5},
-        epochs_by_domain={"quickdraw": 10, "real": 10, "sketch": 10},
+        RELEASE_MAIN, epochs=20, epochs_by_domain={"quickdraw": 10, "real": 10, "sketch": 10},
     ),
-    "wild-clipood/domain_net": Recipe(
+    "wild-clipood/domain_net": _recipe(
         f"{CLIPOOD} scripts.sh:48-53 (-b 12 --lr 5e-6 --epochs 20 --lam 0.1 --beta 0.5); main.py:129 (-i 500)",
-        5e-6, 12, None, 20, 500, {"margin_alpha": 0.1, "bma_beta": 0.5},
+        RELEASE_MAIN, batch_size=12, epochs=20, method={"margin_alpha": 0.1, "bma_beta": 0.5},
     ),
     # base-to-new, both released forms
     **{f"base2new/{name}": _base2new(name) for name in BASE2NEW_EPOCHS},
@@ -112,69 +137,14 @@ RECIPES: dict[str, Recipe] = {
     # ImageNet -> variants: the ImageNet-trained BMA model is evaluated on the variants, no training on them.
     # 16 shots: paper A.2.1 (CoCoOp's protocol). The released ImageNet run (scripts/trainimagenet.sh:15-21) is
     # commented out and passes no --n-shot/--epochs/--beta: main.py's 10 epochs x 500 iterations, beta 0.5.
-    "imagenet": Recipe(
+    "imagenet": _recipe(
         f"paper A.2.1 (16 shots); {RELEASE} scripts/trainimagenet.sh:15-21 with {RELEASE_DEFAULTS}",
-        5e-6, 36, None, 10, 500, {"bma_beta": 0.5}, shots=16,
+        RELEASE_MAIN, method={"bma_beta": 0.5}, shots=16,
     ),
 }
-
-
-# Without a recipe: TrainSettings' defaults (alignclip/train.py; tests/test_config.py keeps the two equal). Written
-# out here so that resolving settings (pipeline commands, --dry-run) does not import torch.
-NO_RECIPE = Recipe("library defaults", 5e-6, 36, 5000)
 
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}: expected one of {', '.join(RECIPES)}")
     return RECIPES[name]
-
-
-def effective_schedule(
-    name: str | None, steps=None, epochs=None, batch_size=None, lr=None, hflip=None, test_domain: str | None = None
-) -> dict:
-    """The effective training settings: the recipe's values (the library's defaults without one), then the ones set.
-    ``test_domain``: the held-out domain, for recipes whose epochs differ per target (``wild/domain_net``).
-
-    ``None`` is "not set" (never 0). The length is ``steps`` whenever it is known before the data is (steps, or
-    epochs x iterations per epoch); else ``epochs`` passes over the training set. An explicit ``steps`` beats the
-    recipe's epochs and an explicit ``epochs`` its steps."""
-    base = NO_RECIPE
-    effective = {"recipe": name, "lr": base.lr, "batch_size": base.batch_size, "steps": base.steps, "epochs": base.epochs,
-                 "iters_per_epoch": base.iters_per_epoch, "hflip": base.hflip, "method_switches": {}, "shots": None}
-    if name:
-        recipe = get_recipe(name)
-        effective.update(lr=recipe.lr, batch_size=recipe.batch_size, steps=recipe.steps, epochs=recipe.epochs_for(test_domain),
-                         iters_per_epoch=recipe.iters_per_epoch, hflip=recipe.hflip, method_switches=dict(recipe.method),
-                         shots=recipe.shots)
-    if steps is not None:
-        effective.update(steps=steps, epochs=None, iters_per_epoch=None)
-    elif epochs is not None:
-        effective.update(steps=None, epochs=epochs)
-    if not effective["steps"] and effective["epochs"] and effective["iters_per_epoch"]:
-        effective["steps"] = effective["epochs"] * effective["iters_per_epoch"]
-    if effective["steps"]:
-        effective.update(epochs=None, iters_per_epoch=None)
-    for key, value in (("batch_size", batch_size), ("lr", lr), ("hflip", hflip)):
-        if value is not None:
-            effective[key] = value
-    return effective
-
-
-def apply_recipe(settings, name: str | None, steps=None, batch_size=None, lr=None, epochs=None, hflip=None):
-    """TrainSettings with the recipe's values, then the explicit ones (which win); the recipe's method switches
-    sit under the switches already set (``--set``). The recipe's length is the held-out domain's
-    (``settings.test_domain``) and its ``shots`` choose the few-shot protocols' training images."""
-    effective = effective_schedule(name, steps, epochs, batch_size, lr, hflip, settings.test_domain)
-    return replace(
-        settings,
-        lr=effective["lr"],
-        batch_size=effective["batch_size"],
-        steps=effective["steps"],
-        epochs=effective["epochs"],
-        iters_per_epoch=effective["iters_per_epoch"],
-        hflip=effective["hflip"],
-        overrides={**effective["method_switches"], **settings.overrides},
-        recipe=name,
-        shots=effective["shots"],
-    )

@@ -238,7 +238,7 @@ def _spread(classes_present: list[int], count: int) -> list[int]:
 
 
 def attention_maps(runs: list[RunRecord], prepared_dir: Path, path: Path, count: int = 5,
-                   test_split: str = "holdout") -> dict | None:
+                   test_split: str = protocols.TEST_SPLITS[0]) -> dict | None:
     """Fig. 1b/4/7/8: images of several classes of one held-out domain; for each model its class-token attention
     A_c, token/text similarity G and the D-V branch's G_DV, over the image (``objective.attention_maps``: the
     maps the alignment loss compares).

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alignclip import artifacts, determinism, protocols
+from alignclip import artifacts, config, determinism, protocols
 from alignclip.bma import BetaMovingAverage
 from alignclip.classifier import encode_classes, make_visual, resolve_device
 from alignclip.data.images import ManifestImages, train_transform
@@ -30,7 +30,7 @@ from alignclip.data.loader import AUTO, BalancedLoader, resolve_workers
 from alignclip.data.prepare import load_prepared
 from alignclip.publish import output_lock, save_checkpoint, stage_output
 from alignclip.log import get_logger
-from alignclip.methods import MethodConfig, get_method, split_method, variant_label
+from alignclip.methods import DEFAULT_METHOD, MethodConfig, get_method, split_method, variant_label
 from alignclip.model import AlignCLIPVisual
 from alignclip.objective import compute_loss, loss_terms, term_names
 from alignclip.presets import check_model, load_clip
@@ -41,31 +41,47 @@ log = get_logger(__name__)
 IN_MEMORY_BYTES = 256 * 2**20  # decoded training images kept in memory when no worker process reads them
 
 
+# The defaults of a training without resolved settings (library use, tests): the schema's (alignclip/config.py) with
+# the fallback recipe folded in, by the one resolver. None is written here; `alignclip train` sets every field.
+_RESOLVED = config.train_fields(config.resolve_train())
+
+
 @dataclass
 class TrainSettings:
-    method: str = "alignclip"
-    formulation: str = "paper"
-    overrides: dict = field(default_factory=dict)  # individual method switches (ablations)
+    method: str = DEFAULT_METHOD
+    formulation: str = _RESOLVED["formulation"]
+    overrides: dict = field(default_factory=lambda: dict(_RESOLVED["overrides"]))  # method switches set above the method's own
     hparams: dict = field(default_factory=dict)  # a selection grid cell's varied settings (already applied), recorded
-    model: str = "tiny"
-    pretrained: str | None = "default"
+    model: str = _RESOLVED["model"]
+    pretrained: str | None = _RESOLVED["pretrained"]
     test_domain: str | None = None
-    seed: int = 0
-    recipe: str | None = None
-    steps: int | None = 5000  # None: epochs x iters_per_epoch
-    epochs: int | None = None
-    iters_per_epoch: int | None = None  # None: one pass over the training set
-    shots: int | None = None  # few-shot protocols: None/16 the prepared few-shot subset, 0 all training images
-    batch_size: int = 36  # per training domain for multi-domain protocols
-    lr: float = 5e-6
-    weight_decay: float = 0.1
-    hflip: bool = True
+    seed: int = _RESOLVED["seed"]
+    recipe: str | None = _RESOLVED["recipe"]
+    steps: int | None = _RESOLVED["steps"]  # None: epochs x iters_per_epoch
+    epochs: int | None = _RESOLVED["epochs"]
+    iters_per_epoch: int | None = _RESOLVED["iters_per_epoch"]  # None: one pass over the training set
+    shots: int | None = _RESOLVED["shots"]  # few-shot protocols: None/16 the prepared few-shot subset, 0 all training images
+    batch_size: int = _RESOLVED["batch_size"]  # per training domain for multi-domain protocols
+    lr: float = _RESOLVED["lr"]
+    weight_decay: float = _RESOLVED["weight_decay"]
+    hflip: bool = _RESOLVED["hflip"]
     crop_scale: tuple[float, float] = (0.7, 1.0)
     num_workers: int | str = AUTO  # DataLoader worker processes, or "auto" (from the CPUs this process may use)
     stage_remote: bool = True  # copy s3:// images to the local cache once before training (storage.stage)
     device: str = "auto"
     log_every: int = 10  # logged values are read from the device (one sync) and written every this many steps
     progress: bool = True
+
+
+def apply_recipe(settings: TrainSettings, name: str, steps=None, batch_size=None, lr=None, epochs=None, hflip=None) -> TrainSettings:
+    """``settings`` with a recipe's values under the explicit ones given here (``config.train_fields``: method <
+    recipe < explicit); the recipe's method switches sit under the switches already set (``settings.overrides``).
+    The recipe's length is the held-out domain's (``settings.test_domain``), its ``shots`` choose the few-shot
+    protocols' training images."""
+    values = {"train_recipe": name, "train_formulation": settings.formulation, "model_name": settings.model,
+              "model_pretrained": settings.pretrained, "train_seed": settings.seed, "train_weight_decay": settings.weight_decay,
+              "train_steps": steps, "train_epochs": epochs, "train_batch_size": batch_size, "train_lr": lr, "train_hflip": hflip}
+    return replace(settings, **config.train_fields(values, settings.test_domain, settings.overrides, settings.method))
 
 
 def total_steps(settings: TrainSettings, train_images: int, domains: int) -> int:

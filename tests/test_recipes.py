@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from alignclip.recipes import RECIPES, apply_recipe, get_recipe
-from alignclip.train import TrainSettings, total_steps
+from alignclip.recipes import RECIPES, get_recipe
+from alignclip.train import TrainSettings, apply_recipe, total_steps
 
 # zhyhan/AlignCLIP scripts/trainopenclass.sh: (--epochs, line of --epochs in the dataset's first run); every
 # run passes --beta 0.1 and no --n-shot, -i, --lr, --alpha

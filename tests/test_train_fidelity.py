@@ -10,8 +10,7 @@ import torch
 from alignclip.data.prepare import PrepareSettings, prepare, write_prepared
 from alignclip.methods import get_method
 from alignclip.model import AlignCLIPVisual
-from alignclip.recipes import apply_recipe
-from alignclip.train import TrainSettings, make_optimizer, setup
+from alignclip.train import TrainSettings, apply_recipe, make_optimizer, setup
 from tests.test_prepare import coop_tree
 
 LR, WD = 1e-2, 0.1

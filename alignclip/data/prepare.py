@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from alignclip import artifacts, storage
+from alignclip.config import DEFAULTS
 from alignclip.data import splits
 from alignclip.data.registry import (
     CLASS_NAME_CHOICES, DATASETS, LAYOUT_KINDS, TEMPLATE_CHOICES, clean_class_name, default_protocol, get_dataset,
@@ -42,16 +43,16 @@ class PrepareSettings:
     dataset: str
     root: str
     protocol: str = ""  # default: the dataset's own (domainbed / base2new / imagenet)
-    holdout_fraction: float = 0.2
-    trial_seed: int = 0  # domainbed: DomainBed's trial seed; wild: the seed of CLIPood's split (0 = CLIPood's own)
-    shots: int = 16
+    holdout_fraction: float = DEFAULTS["data_holdout_fraction"]
+    trial_seed: int = DEFAULTS["data_trial_seed"]  # domainbed: DomainBed's trial seed; wild: the seed of CLIPood's split (0 = CLIPood's own)
+    shots: int = DEFAULTS["data_shots"]
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     template: str | None = None  # a template of your own; default: the dataset's, per ``templates``
     split_file: str | None = None
     variants: dict[str, str] = field(default_factory=dict)  # imagenet: variant name -> folder
-    templates: str = "paper"  # paper: appendix A.2 | release: the released code's (CoOp's CUSTOM_TEMPLATES)
-    class_names: str = "paper"  # paper: '_' and '-' -> ' ' (A.2) | release: only '_' -> ' '
-    listing: str = "sorted"  # imagenet: image order within a class folder for few-shot picks (see prepare_imagenet)
+    templates: str = DEFAULTS["data_templates"]  # paper: appendix A.2 | release: the released code's (CoOp's CUSTOM_TEMPLATES)
+    class_names: str = DEFAULTS["data_class_names"]  # paper: '_' and '-' -> ' ' (A.2) | release: only '_' -> ' '
+    listing: str = DEFAULTS["data_listing"]  # imagenet: image order within a class folder for few-shot picks (see prepare_imagenet)
     name: str | None = None  # the dataset's name in results (default: ``dataset``); custom data under a layout kind
 
 

@@ -34,7 +34,7 @@ class DatasetSpec:
     domains: tuple[str, ...] = ()  # DomainBed: expected environment folders (checked when given)
     release_template: str | None = None  # the released code's, where it differs from A.2 (None: the same)
 
-    def template_for(self, templates: str = "paper") -> str:
+    def template_for(self, templates: str) -> str:
         if templates not in TEMPLATE_CHOICES:
             raise ValueError(f"templates={templates!r}: expected one of {TEMPLATE_CHOICES}")
         if templates == "release" and self.release_template is not None:

@@ -40,7 +40,11 @@ def training_set(
     return protocol.training_set(manifest, meta, test_domain, seed, shots)
 
 
-def evaluation_views(manifest: pd.DataFrame, meta: dict, test_domain: str | None, test_split: str = "holdout") -> list[View]:
+# a held-out domain's evaluation splits, the first the default (the schema's data.test_split, alignclip/config.py)
+TEST_SPLITS = ("holdout", "in", "full")
+
+
+def evaluation_views(manifest: pd.DataFrame, meta: dict, test_domain: str | None, test_split: str = TEST_SPLITS[0]) -> list[View]:
     """The splits a trained model is scored on. ``test_split`` (protocols with a held-out domain's in/out
     splits) picks the held-out domain's images: ``holdout`` (default, CLIPood: its 20% "out" split), ``in`` (its
     80% "in" split, what DomainBed's model selection reports as ``env{i}_in_acc``) or ``full`` (the whole domain)."""
