@@ -123,3 +123,12 @@ def test_dvc_reruns_only_the_stages_that_read_a_changed_setting(tmp_path):
     # the test split is read by zero-shot and trained cells alike
     split = _would_run(project, lambda t: t.replace("  test_split: full", "  test_split: holdout"))
     assert {"zeroshot@zeroshot-rotated_0", "zeroshot@zeroshot-rotated_75"} <= split and "prepare" not in split
+
+
+def test_dvc_lock_is_not_git_ignored():
+    """DVC refuses a git-ignored dvc.lock: `dvc repro` (make demo), `dvc metrics show` and `dvc status` stop with
+    "'dvc.lock' is git-ignored" in a clone of this repository."""
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-v", "dvc.lock"], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.returncode == 1, f"dvc.lock is git-ignored by {ignored.stdout.strip()}"
