@@ -84,6 +84,21 @@ def _run_cell(job: tuple) -> tuple[str, dict]:
     return name, json.loads(scores.read_text())
 
 
+def preload_images(prepared: str | Path) -> int:
+    """Decode the prepared dataset's images once, before the workers fork: every cell's training and evaluation
+    datasets then read the shared copies (``images.preload``) instead of decoding the same files again, up to the
+    memory that training keeps decoded images in (``train.IN_MEMORY_BYTES``; the embedded digits: 1,797 images,
+    5.5 MB). The images and their order are the same: only the decoding is shared."""
+    from alignclip.data import images
+    from alignclip.data.prepare import load_prepared
+    from alignclip.train import IN_MEMORY_BYTES
+
+    manifest, meta = load_prepared(prepared)
+    held = images.preload(meta, manifest["path"].tolist(), IN_MEMORY_BYTES)
+    log.info("%d of %d image(s) decoded once for the cells (shared in memory)", held, len(manifest))
+    return held
+
+
 def _one_thread() -> None:
     import torch
 
@@ -125,6 +140,9 @@ def run_cells(values: dict, prepared: str, out: str | Path, cells: list[dict], r
     # the heavy imports before the fork: every worker then starts with them done
     import alignclip.evaluate  # noqa: F401
     import alignclip.train  # noqa: F401
+
+    if len(work) > 1:
+        preload_images(prepared)
 
     scores = {}
     if jobs_n == 1:

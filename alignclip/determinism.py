@@ -64,8 +64,9 @@ PORTABLE_ENVIRONMENT = {
     "MKL_DYNAMIC": "FALSE",
 }
 THREADS = 1
-# commands that compute with torch on the CPU unless told to use a GPU (`--device`)
-COMPUTING_COMMANDS = ("pretrain", "similarity", "train", "evaluate")
+# commands that compute with torch on the CPU unless told to use a GPU (`--device`); `grid` runs train and evaluate
+# in-process (alignclip/cells.py), so it must be pinned before its imports as they are
+COMPUTING_COMMANDS = ("pretrain", "similarity", "train", "evaluate", "grid")
 _warned = False
 
 

@@ -104,6 +104,7 @@ def environment(monkeypatch):
 @pytest.mark.parametrize("argv, pinned", [
     (["pretrain", "out"], True),
     (["similarity", "prepared", "out"], True),
+    (["grid", "prepared", "runs", "--part", "trained"], True),  # its cells train and evaluate in this process
     (["train", "prepared", "out", "--device", "cpu"], True),
     (["--log-level", "DEBUG", "evaluate", "prepared", "model.pt", "out", "--device=cpu"], True),
     (["train", "prepared", "out", "--device", "cuda"], False),  # a GPU run is left as it is

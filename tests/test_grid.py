@@ -123,3 +123,36 @@ def test_dvc_reruns_only_the_stages_that_read_a_changed_setting(tmp_path):
     # the test split is read by zero-shot and trained cells alike
     split = _would_run(project, lambda t: t.replace("  test_split: full", "  test_split: holdout"))
     assert {"zeroshot@zeroshot-rotated_0", "zeroshot@zeroshot-rotated_75"} <= split and "prepare" not in split
+
+
+def test_dvc_lock_is_not_git_ignored():
+    """DVC refuses a git-ignored dvc.lock: `dvc repro` (make demo), `dvc metrics show` and `dvc status` stop with
+    "'dvc.lock' is git-ignored" in a clone of this repository."""
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-v", "dvc.lock"], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.returncode == 1, f"dvc.lock is git-ignored by {ignored.stdout.strip()}"
+
+
+def test_the_grid_decodes_the_dataset_once_before_its_cells_run(digits_prepared, tmp_path, monkeypatch):
+    """run_cells preloads the prepared images (shared by the forked cells) when it runs more than one cell."""
+    from alignclip import cells as cells_module
+    from alignclip.data import images
+    from alignclip.data.prepare import load_prepared
+
+    manifest, meta = load_prepared(digits_prepared)
+    expected = {images.image_path(meta, p) for p in manifest["path"]}
+    seen = []
+    monkeypatch.setattr(cells_module, "_run_cell", lambda job: (seen.append(set(images._SHARED)), (job[0], {}))[1])
+    values = resolve(None, _params(tmp_path, {"methods": ["erm"], "grid": {"erm": {"lr": [0.001, 0.003]}}}))
+    chosen = cells_module.select_cells(values, ["rotated_0"], [0], "trained")
+    images.clear_preloaded()
+    try:
+        scores = cells_module.run_cells(values, digits_prepared, tmp_path / "runs", chosen, jobs="1")
+        assert set(scores) == {"erm[lr=0.001]-rotated_0-s0", "erm[lr=0.003]-rotated_0-s0"}
+        assert seen == [expected, expected]
+        images.clear_preloaded()
+        cells_module.run_cells(values, digits_prepared, tmp_path / "one", chosen[:1], jobs="1")  # one cell: no preload
+        assert seen[-1] == set()
+    finally:
+        images.clear_preloaded()

@@ -149,3 +149,51 @@ def test_evaluation_loader_keeps_the_order(digits_prepared):
     loader = evaluation_loader(data, batch_size=8, num_workers=2, device="cpu")
     indices = torch.cat([index for _, _, index in loader])
     assert indices.tolist() == list(range(len(data)))
+
+
+@pytest.fixture()
+def shared_images():
+    from alignclip.data import images
+
+    images.clear_preloaded()
+    yield images
+    images.clear_preloaded()
+
+
+def test_preloaded_images_give_the_same_batches_and_are_decoded_once_for_every_dataset(digits_prepared, read_log,
+                                                                                       shared_images):
+    """`alignclip grid` decodes the dataset once before forking its cells (images.preload): every dataset, training
+    (in this process or in workers) and evaluation, then reads the shared copies, and its batches are the same."""
+    from alignclip.data.images import collate_readable, eval_transform
+
+    transform = train_transform(32, (0.5,) * 3, (0.5,) * 3)
+    plain = list(BalancedLoader(domains(digits_prepared, transform), PER_DOMAIN, seed=2, total_steps=8))
+    manifest, meta = load_prepared(digits_prepared)
+    read_log.unlink()
+    assert shared_images.preload(meta, manifest["path"].tolist(), 2**30) == len(manifest)
+    assert len(read_log.read_text().split()) == len(manifest)  # one decode per image of the manifest
+    read_log.unlink()
+    for workers in (0, 2):
+        shared = list(BalancedLoader(domains(digits_prepared, transform), PER_DOMAIN, seed=2, total_steps=8,
+                                     num_workers=workers))
+        assert len(shared) == len(plain)
+        for (a, ya), (b, yb) in zip(plain, shared):
+            assert torch.equal(a, b) and torch.equal(ya, yb)
+    evaluation = domains(digits_prepared, eval_transform(32, (0.5,) * 3, (0.5,) * 3))[1]
+    evaluation.skip_unreadable = True
+    assert sum(len(t) for _, t, _ in evaluation_loader(evaluation, 8, 0, "cpu", collate_fn=collate_readable)) == SIZES[1]
+    assert not read_log.exists()  # nothing was decoded again
+    # the budget: decoded bytes held, and the images past it are read from their files as before
+    shared_images.clear_preloaded()
+    one = 32 * 32 * 3
+    assert shared_images.preload(meta, manifest["path"].tolist(), 5 * one) == 5
+
+
+def test_a_preloaded_image_is_still_checked_against_the_reading_datasets_roots(digits_prepared, shared_images):
+    manifest, meta = load_prepared(digits_prepared)
+    shared_images.preload(meta, manifest["path"].tolist(), 2**30)
+    dataset = domains(digits_prepared, train_transform(32, (0.5,) * 3, (0.5,) * 3))[0]
+    assert dataset.paths[0] in shared_images._SHARED
+    dataset.roots = ["/nonexistent-root"]  # a dataset whose roots do not hold these files
+    dataset.skip_unreadable = True
+    assert dataset[0] is None and dataset.skipped == [dataset.paths[0]]

@@ -31,6 +31,44 @@ def eval_transform(size: int, mean, std):
     )
 
 
+# Decoded images shared by every ManifestImages of this process and of the processes forked from it, by file path
+# (``preload``): `alignclip grid` fills it before forking its workers, so the dozens of cells of a stage, each with
+# its training and evaluation datasets over the same small dataset, decode each image once instead of per dataset.
+_SHARED: dict[str, object] = {}
+
+
+def image_bytes(image) -> int:
+    """Memory of a decoded image (the budget of ``keep_decoded_bytes`` and ``preload``)."""
+    return image.width * image.height * len(image.getbands())
+
+
+def preload(meta: dict, paths: list[str], max_bytes: int) -> int:
+    """Decode the local images of manifest rows ``paths`` into the shared in-memory copies, until ``max_bytes`` of
+    decoded images are held; returns how many are held. Each is checked as a dataset reads it (below the dataset's
+    roots, symlinks resolved); an image that does not decode is left out, so the dataset that reads it reports it
+    as before. ``s3://`` rows are left to ``ManifestImages.stage``."""
+    roots = [os.path.realpath(r) for r in allowed_roots(meta) if not storage.is_s3(r)]
+    held = sum(image_bytes(image) for image in _SHARED.values())
+    for relative in paths:
+        path = image_path(meta, relative)
+        if path in _SHARED or storage.is_s3(path):
+            continue
+        try:
+            storage.check_inside(path, roots)
+            image = storage.open_image(path)
+        except (storage.UnreadableImage, storage.StorageError):
+            continue
+        if held + image_bytes(image) > max_bytes:
+            break
+        _SHARED[path] = image
+        held += image_bytes(image)
+    return len(_SHARED)
+
+
+def clear_preloaded() -> None:
+    _SHARED.clear()
+
+
 class ManifestImages(Dataset):
     """Images of some manifest rows with labels remapped into a label space (a list of global class indices).
 
@@ -74,11 +112,17 @@ class ManifestImages(Dataset):
         self.roots.append(os.path.realpath(storage.cache_root(cache_dir) / "s3"))
 
     def _open(self, i: int):
-        """Fetch and decode one image (or take it from the in-memory copies, ``keep_decoded_bytes``)."""
+        """Fetch and decode one image, or take it from the in-memory copies: this dataset's own
+        (``keep_decoded_bytes``) or the process's shared ones (``preload``), checked against this dataset's roots."""
         image = self._decoded.get(i)
         if image is None:
+            image = _SHARED.get(self.paths[i])
+            if image is not None:
+                storage.check_inside(self.paths[i], self.roots)  # as _fetch: a symlink out of the dataset is refused
+                self._decoded[i] = image  # no extra memory: the shared copy
+                return image
             image = self._fetch(i)
-            size = image.width * image.height * len(image.getbands())
+            size = image_bytes(image)
             if self._decoded_bytes + size <= self.keep_decoded_bytes:
                 self._decoded[i] = image
                 self._decoded_bytes += size
