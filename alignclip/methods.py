@@ -213,7 +213,7 @@ def check_switches(overrides: dict) -> dict:
     return checked
 
 
-def variant_label(method: MethodConfig, formulation: str = "paper", recipe: str | None = None,
+def variant_label(method: MethodConfig, formulation: str = DEFAULT_FORMULATION, recipe: str | None = None,
                   hparams: dict | None = None) -> str:
     """``alignclip``, ``alignclip+release``, or with the switches that differ from the method's (and ``recipe``'s)
     defaults: ``erm[pooling=avg]``. Reports label rows with it, so ablations do not mix with the method. The

@@ -148,11 +148,11 @@ def test_the_grid_decodes_the_dataset_once_before_its_cells_run(digits_prepared,
     chosen = cells_module.select_cells(values, ["rotated_0"], [0], "trained")
     images.clear_preloaded()
     try:
-        scores = cells_module.run_cells(values, digits_prepared, tmp_path / "runs", chosen, jobs="1")
+        scores = cells_module.run_cells(values, digits_prepared, tmp_path / "runs", chosen, run_command=None, jobs="1")
         assert set(scores) == {"erm[lr=0.001]-rotated_0-s0", "erm[lr=0.003]-rotated_0-s0"}
         assert seen == [expected, expected]
         images.clear_preloaded()
-        cells_module.run_cells(values, digits_prepared, tmp_path / "one", chosen[:1], jobs="1")  # one cell: no preload
+        cells_module.run_cells(values, digits_prepared, tmp_path / "one", chosen[:1], run_command=None, jobs="1")  # one cell: no preload
         assert seen[-1] == set()
     finally:
         images.clear_preloaded()
