@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,7 +69,10 @@ def test_kill_9_then_resume_gives_a_byte_identical_model(digits_prepared, tmp_pa
 
     resumed = subprocess.run(_command(digits_prepared, out), env=_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from step {checkpointed} of {STEPS}" in resumed.stdout + resumed.stderr
+    # the state file is written before the info file that names its step: a kill between the two leaves a state one
+    # interval ahead of the info, and resume trusts the state (CheckpointStore.save)
+    resumed_from = re.search(rf"resuming from step (\d+) of {STEPS}", resumed.stdout + resumed.stderr)
+    assert resumed_from and int(resumed_from.group(1)) in (checkpointed, checkpointed + 5), resumed.stderr[-3000:]
     assert (out / "model.pt").read_bytes() == (reference / "model.pt").read_bytes()
     log, expected = pd.read_csv(out / "train_log.csv"), pd.read_csv(reference / "train_log.csv")
     assert log["step"].tolist() == list(range(1, STEPS + 1))

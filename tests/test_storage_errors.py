@@ -199,7 +199,10 @@ def test_an_s3_outage_during_training_is_retried_and_a_long_one_stops_with_a_che
         short = tmp_path / "short"
         trainer = subprocess.Popen(command(short, 60), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         cut_after(short, 10, trainer)
-        time.sleep(4)
+        deadline = time.monotonic() + 60  # restore once the trainer has met the cut (a loaded machine is slow to)
+        while outage.refused == 0 and trainer.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2)  # and keep it cut a little longer, so that the stage's own retries wait too
         outage.restore()
         stdout, stderr = trainer.communicate(timeout=900)
         assert trainer.returncode == 0, stderr[-3000:]
