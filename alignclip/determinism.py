@@ -1,4 +1,5 @@
-"""The same bytes on any x86-64 CPU: portable kernels for the CPU runs of pretrain, similarity, train and evaluate.
+"""The same bytes on every x86-64 CPU with AVX2: portable kernels for the CPU runs of pretrain, similarity, train and
+evaluate.
 
 Fixed seeds, one thread and ``torch.use_deterministic_algorithms`` make a CPU run repeat itself on one machine,
 but not across CPU kinds: three libraries inside torch pick their kernels from the CPU they find, and kernels of
@@ -9,17 +10,23 @@ each library told to act as on another host; tests/test_determinism.py), each of
   several times (DEFAULT, AVX2, AVX512) and dispatches on ``cpuinfo`` unless ``ATEN_CPU_CAPABILITY`` names one.
   torch reads the variable once, on the first kernel it dispatches (``at::native::get_cpu_capability()``, a
   static in aten/src/ATen/native/DispatchStub.cpp), so it must be in the environment before torch runs anything:
-  here, before torch is imported. ``default`` is the build compiled for the x86-64 baseline, the same machine code
-  on every x86-64 CPU. ``torch.backends.cpu.get_cpu_capability()`` says which one a process got.
+  here, before torch is imported. ``avx2`` is the build compiled for AVX2 and FMA, the same machine code on every
+  CPU that has them; ``default`` the one for the x86-64 baseline, pinned only where a CPU lacks AVX2 (ATen does not
+  check the CPU: ``avx2`` on one without it would stop with an illegal instruction).
+  ``torch.backends.cpu.get_cpu_capability()`` says which one a process got.
 * **oneMKL** is torch's BLAS on this build (``torch.__config__.show()``: ``BLAS_INFO=mkl``): every float32
   matmul of the tiny CLIP (linear layers, attention products, the convolution's GEMM) is an MKL ``SGEMM`` or
   ``SGEMM_BATCH`` (seen with ``MKL_VERBOSE=1``). MKL dispatches on the CPU (and on its vendor) unless conditional
-  numerical reproducibility fixes the code branch: ``MKL_CBWR=COMPATIBLE`` is the SSE2 branch without the
-  approximate rcpps/rsqrtps instructions, the branch Intel documents for the same results on Intel and
-  Intel-compatible (AMD) CPUs, given a fixed thread count ("Getting Started with Conditional Numerical
+  numerical reproducibility fixes the code branch: ``MKL_CBWR=AVX2`` is the branch Intel documents for the same
+  results "on every Intel CPU supporting Intel AVX2 instructions", given a fixed thread count;
+  ``MKL_CBWR=COMPATIBLE`` (SSE2 without the approximate rcpps/rsqrtps instructions) the one for Intel and
+  Intel-compatible CPUs, used where AVX2 is missing ("Getting Started with Conditional Numerical
   Reproducibility", "Specifying Code Branches", "Reproducibility Conditions", oneMKL Developer Guide for Linux,
-  intel.com/content/www/us/en/docs/onemkl/developer-guide-linux/). ``MKL_VERBOSE=1`` prints ``CNR:COMPATIBLE``
+  intel.com/content/www/us/en/docs/onemkl/developer-guide-linux/). ``MKL_VERBOSE=1`` prints ``CNR:AVX2``
   on each call when it is in effect. MKL reads it at its first call; we set it with the rest, before torch loads.
+  The AVX2 level replaced the baseline one (ATen DEFAULT, MKL COMPATIBLE) as the default: the baseline did not
+  give the same bytes across vendors either (README: an Intel Xeon and an AMD EPYC differ), and it made the demo's
+  cells about 2x slower (bench/portable_kernels.py).
 * **oneDNN** (mkldnn) runs the tiny CLIP's patch-embedding convolution and the GELU of its MLPs
   (``ONEDNN_VERBOSE=1``: ``convolution`` and ``eltwise_gelu_erf`` primitives each step) with kernels it
   JIT-compiles for the CPU's ISA (``jit:avx10_1_512`` here). ``torch.backends.mkldnn.enabled = False`` sends
@@ -56,13 +63,25 @@ import os
 MODE_VARIABLE = "ALIGNCLIP_CPU_KERNELS"
 MODES = ("portable", "native")
 # The environment of a portable CPU process; read by torch (ATen) and MKL when they start, hence set before.
+# Two kernel levels, the same machine code on every CPU of a level: AVX2 (ATen's AVX2 build, MKL's AVX2 branch;
+# every x86-64 CPU with AVX2 and FMA, i.e. Intel since 2013 and AMD since 2015) and the x86-64 baseline for a CPU
+# without them (ATen's DEFAULT build, MKL's COMPATIBLE branch: about 2x slower on the demo's cells). ATen takes
+# ATEN_CPU_CAPABILITY=avx2 without checking the CPU (an illegal instruction on one without AVX2), hence the level
+# is chosen from the CPU's flags. The two levels compute different floats: a run is repeated bit for bit on CPUs
+# of its level (and vendor, README), not across levels; train.json and the weights' summary record the level.
 PORTABLE_ENVIRONMENT = {
-    "ATEN_CPU_CAPABILITY": "default",
-    "MKL_CBWR": "COMPATIBLE",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2",
+    # measured: MKL_ENABLE_INSTRUCTIONS=AVX512 in the environment beats MKL_CBWR=AVX2 (other bytes on an AVX-512
+    # Xeon; with it unset that Xeon computes what an AVX2 host does), so the AVX2 level pins it too
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     "MKL_DYNAMIC": "FALSE",
 }
+BASELINE_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}  # (MKL_ENABLE_INSTRUCTIONS left alone)
+# what torch.backends.cpu.get_cpu_capability() reports for each ATEN_CPU_CAPABILITY value we set
+CAPABILITY_NAMES = {"avx2": "AVX2", "default": "DEFAULT"}
 THREADS = 1
 # commands that compute with torch on the CPU unless told to use a GPU (`--device`); `grid` runs train and evaluate
 # in-process (alignclip/cells.py), so it must be pinned before its imports as they are
@@ -97,6 +116,35 @@ def runs_on_cpu(device: str) -> bool:
     return device.split(":")[0] == "cpu"
 
 
+def cpu_has_avx2(flags: set[str] | None = None) -> bool:
+    """Whether this CPU runs the AVX2 kernel level: an x86-64 CPU whose flags (/proc/cpuinfo) hold avx2 and fma."""
+    if flags is None:
+        import platform
+
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return False
+        flags = set()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+                for line in cpuinfo:
+                    if line.startswith("flags"):
+                        flags = set(line.split(":", 1)[1].split())
+                        break
+        except OSError:
+            return False
+    return {"avx2", "fma"} <= flags
+
+
+def portable_environment(avx2: bool | None = None) -> dict[str, str]:
+    """The portable environment for this CPU (``avx2``: whether it has AVX2 and FMA; read from the CPU if None)."""
+    avx2 = cpu_has_avx2() if avx2 is None else avx2
+    if avx2:
+        return dict(PORTABLE_ENVIRONMENT)
+    baseline = {**PORTABLE_ENVIRONMENT, **BASELINE_KERNELS}
+    del baseline["MKL_ENABLE_INSTRUCTIONS"]  # COMPATIBLE held under every MKL_ENABLE_INSTRUCTIONS (measured)
+    return baseline
+
+
 def pin_process(device: str = "cpu") -> bool:
     """Put the portable kernels' settings into this process's environment, for a run on ``device``.
 
@@ -104,7 +152,7 @@ def pin_process(device: str = "cpu") -> bool:
     ``native`` mode, not for a GPU run. ``configure_torch`` later checks that it took effect."""
     if mode() != "portable" or not runs_on_cpu(device):
         return False
-    os.environ.update(PORTABLE_ENVIRONMENT)
+    os.environ.update(portable_environment())
     return True
 
 
@@ -154,10 +202,13 @@ def configure_torch(device="cpu", warn_only: bool = False) -> dict:
 
 
 def portable_in_effect() -> bool:
-    """Whether this process runs the portable kernels (ATen DEFAULT, MKL's COMPATIBLE branch, no oneDNN or NNPACK)."""
+    """Whether this process runs the portable kernels of its CPU's level (ATen's AVX2 build and MKL's AVX2 branch,
+    or DEFAULT and COMPATIBLE without AVX2; no oneDNN or NNPACK)."""
     import torch
 
-    return (torch.backends.cpu.get_cpu_capability() == "DEFAULT" and os.environ.get("MKL_CBWR") == "COMPATIBLE"
+    expected = portable_environment()
+    return (torch.backends.cpu.get_cpu_capability() == CAPABILITY_NAMES[expected["ATEN_CPU_CAPABILITY"]]
+            and os.environ.get("MKL_CBWR") == expected["MKL_CBWR"]
             and not torch.backends.mkldnn.enabled and not torch._C._get_nnpack_enabled())
 
 

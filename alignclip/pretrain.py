@@ -20,7 +20,7 @@ builds it, deterministically, from a source distribution that shares nothing wit
   target); the text side encodes the 10 x 5 distinct captions once per step.
 * **Determinism.** CPU, fixed seeds (numpy for the source images, torch for the initialisation and the batches),
   ``torch.use_deterministic_algorithms``, one thread, and CPU kernels that are the same on every x86-64 CPU
-  (alignclip/determinism.py: ATen's generic kernels, MKL's COMPATIBLE branch, no oneDNN or NNPACK; set by the CLI before
+  with AVX2 (alignclip/determinism.py: ATen's AVX2 build, MKL's AVX2 branch, no oneDNN or NNPACK; set by the CLI before
   torch loads): builds under an AVX2 and an AVX-512 host's settings give the same bytes
   (tests/test_determinism.py), and the README's sha256 is what `alignclip pretrain` builds. The weights are
   cached under ``$ALIGNCLIP_CACHE/pretrained`` with a name that carries a digest of this module, the settings,
@@ -179,7 +179,7 @@ def build(out_path: str | Path, settings: PretrainSettings = PretrainSettings(),
     threads, mkldnn, nnpack = torch.get_num_threads(), torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled()
     precision = torch.get_float32_matmul_precision()
     deterministic = torch.are_deterministic_algorithms_enabled()
-    determinism.configure_torch("cpu")  # portable kernels (the same bytes on any x86-64 CPU), deterministic
+    determinism.configure_torch("cpu")  # portable kernels (the same bytes on any x86-64 CPU with AVX2), deterministic
     torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     try:

@@ -157,7 +157,7 @@ def setup(prepared_dir: str | Path, settings: TrainSettings, similarity_path: st
     plan = resolve(prepared_dir, settings)
     settings, method, meta, label_space, device = plan.settings, plan.method, plan.meta, plan.label_space, plan.device
     torch.manual_seed(settings.seed)
-    # a CPU run: portable kernels (alignclip/determinism.py), the same numbers on any x86-64 CPU; a GPU run as it is
+    # a CPU run: portable kernels (alignclip/determinism.py), the same numbers on any x86-64 CPU with AVX2; a GPU run as it is
     cpu = {**determinism.configure_torch(device, warn_only=True), "model": determinism.cpu_model()} if device.type == "cpu" else None
     bundle = load_clip(settings.model, settings.pretrained, device=device)
     asked = method  # the switches as set (variant label); the run uses the loaded CLIP's own tau where they say `model`
