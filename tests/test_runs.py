@@ -173,3 +173,21 @@ def test_the_best_alias_follows_source_validation_not_test_accuracy(store, tmp_p
     # seed 0's and seed 3's are not read, and seed 3 (no source validation) gets no alias at all
     assert client.get_registered_model(name).aliases == {"best-rotated_0-holdout": versions[1]}
     assert client.get_model_version(name, versions[1]).tags["source_val_acc_pct"] == "80.00"
+
+
+def test_the_commit_tag_says_dirty_when_tracked_files_differ_from_head(tmp_path):
+    """A run made by uncommitted code names HEAD with -dirty (as the image's GIT_COMMIT does); an untracked file
+    (dvc.lock after a demo) does not make it dirty; outside a checkout there is no commit."""
+    import subprocess
+
+    git = ["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (tmp_path / "code.py").write_text("a = 1\n")
+    subprocess.run(git + ["add", "code.py"], check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "dvc.lock").write_text("untracked\n")
+    assert provenance.checkout_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert provenance.checkout_commit(tmp_path) == head + "-dirty"
+    assert provenance.checkout_commit(tmp_path / "not-a-checkout") is None

@@ -14,14 +14,7 @@ def provenance_tags() -> dict[str, str]:
     tags = {}
     # The code's own checkout, not the working directory: stages may run anywhere (a KFP task's cwd, a temp dir).
     project = Path(__file__).resolve().parents[2]
-    commit = os.environ.get("ALIGNCLIP_GIT_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(
-                ["git", "-C", str(project), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            commit = None
+    commit = os.environ.get("ALIGNCLIP_GIT_COMMIT") or checkout_commit(project)
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["git_commit"] = commit
@@ -30,6 +23,19 @@ def provenance_tags() -> dict[str, str]:
     if os.environ.get("ALIGNCLIP_IMAGE"):
         tags["image"] = os.environ["ALIGNCLIP_IMAGE"]
     return tags
+
+
+def checkout_commit(project: Path) -> str | None:
+    """HEAD of the checkout, with ``-dirty`` when tracked files differ from it (as the image's GIT_COMMIT build
+    argument, Makefile): a number made by uncommitted code must not name a commit as its source. None outside git."""
+    try:
+        commit = subprocess.run(["git", "-C", str(project), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        clean = subprocess.run(["git", "-C", str(project), "diff", "--quiet", "HEAD", "--"], capture_output=True,
+                               timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit if clean else f"{commit}-dirty"
 
 
 def manifest_digest(manifest) -> str:
