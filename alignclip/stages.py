@@ -283,7 +283,7 @@ def evaluate(prepared_dir: Path, checkpoint: Path, out_dir: Path, explicit: dict
         if tracker.enabled and tracker.run_id:
             manifest, meta = load_prepared(prepared_dir)
             tags = tracking.cell_tags(summary["dataset"], summary["protocol"], summary["method"], summary["variant"],
-                                  summary["formulation"], summary["test_domain"], summary["seed"])
+                                  summary["formulation"], summary["test_domain"], summary["seed"], summary.get("hparams"))
             tracker.set_tags({**tags, **tracking.data_tags(meta, manifest), "test_split": summary.get("test_split") or "-"})
             tracker.log_input(manifest, f"{meta['dataset']} ({meta['protocol']})", meta["root"], tracking.manifest_digest(manifest), "evaluation")
             flat = flat_metrics(summary)  # and rounded copies for the runs table's columns (the view below)

@@ -560,5 +560,6 @@ def cell_tags(settings: TrainSettings, meta: dict) -> dict:
     settings = replace(settings, method=name, formulation=formulation)
     method = get_method(name, formulation, **settings.overrides)
     return tracking.cell_tags(
-        meta["dataset"], meta["protocol"], name, variant_label(method, formulation, settings.recipe, settings.hparams), formulation, settings.test_domain, settings.seed
+        meta["dataset"], meta["protocol"], name, variant_label(method, formulation, settings.recipe, settings.hparams), formulation,
+        settings.test_domain, settings.seed, settings.hparams,
     )

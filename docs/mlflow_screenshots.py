@@ -34,7 +34,8 @@ DOMAINS = ("rotated_0", "rotated_75")
 
 def make_store(uri: str) -> tuple[str, list[dict]]:
     """A pipeline run and its cells, logged the way the stages log them; returns the URL line a stage prints and
-    what each cell's row must show (run name, display accuracy, method, formulation, held-out domain)."""
+    what each cell's row must show (run name, display accuracy, method, formulation, held-out domain, variant,
+    grid setting)."""
     os.environ["MLFLOW_TRACKING_URI"] = uri  # as each stage's tracking resolves it (a URI set earlier cannot win)
     from alignclip import tracking
     from alignclip.tracking import runs
@@ -46,7 +47,8 @@ def make_store(uri: str) -> tuple[str, list[dict]]:
         for domain in DOMAINS:
             variant = method if formulation == "paper" else f"{method}+{formulation}"
             name = runs.cell_run_name(variant, domain, 0)
-            tags = runs.cell_tags("rotated_digits", "domainbed", method, variant, formulation, domain, 0)
+            hparams = {} if method == "zeroshot" else {"lr": 0.001}  # a selection grid's setting (zero-shot: none)
+            tags = runs.cell_tags("rotated_digits", "domainbed", method, variant, formulation, domain, 0, hparams)
             # an accuracy as evaluate computes one (correct / images), at full precision
             accuracy = float(Fraction(19 + 7 * index + (11 if domain == DOMAINS[1] else 0), 59) * 100)
             flat = {"test_acc_pct": accuracy, "source_val_acc_pct": 100.0 - accuracy / 3}
@@ -54,7 +56,7 @@ def make_store(uri: str) -> tuple[str, list[dict]]:
                 tracker.log_metrics({**flat, **runs.display_metrics(flat), "test_images": 59})
                 run_id = tracker.run_id
             cells.append({"name": name, "accuracy": f"{round(accuracy, 1):g}", "method": method,
-                          "formulation": formulation, "domain": domain})
+                          "formulation": formulation, "domain": domain, "variant": variant, "setting": tags["setting"]})
     line = tracking.view_line(parent, run_id)
     return line, cells
 

@@ -51,7 +51,12 @@ def cell_run_name(variant: str, test_domain: str | None, seed) -> str:
     return f"{variant} | {test_domain or 'all'} | seed {seed}"
 
 
-def cell_tags(dataset: str, protocol: str, method: str, variant: str, formulation: str, test_domain, seed) -> dict:
+def cell_tags(dataset: str, protocol: str, method: str, variant: str, formulation: str, test_domain, seed,
+              hparams: dict | None = None) -> dict:
+    """A grid cell's tags; ``setting`` names the selection grid's values of the cell (``lr=0.001``, ``-``), so the
+    cells of one method that differ only there are told apart in the runs table."""
+    from alignclip.selection import describe, hparams_key  # here: selection loads pandas, tracking nothing heavy
+
     return {
         "run_type": "cell",
         "dataset": dataset,
@@ -61,6 +66,7 @@ def cell_tags(dataset: str, protocol: str, method: str, variant: str, formulatio
         "formulation": formulation,
         "held_out_domain": test_domain or "-",
         "seed": str(seed),
+        "setting": describe(hparams_key(hparams)),
     }
 
 
@@ -87,9 +93,10 @@ def headline_columns(protocol: str | None) -> list[str]:
 def comparison_view(parent_run_id: str, metrics: list[str]) -> dict:
     """The runs page as the UI's Share button stores it: the pipeline's cells only (its children), one flat row each
     (the UI nests children under their parent only when runs are sorted by start time, so they are sorted by name),
-    with the display accuracies, method, formulation, held-out domain and seed as columns."""
+    with the display accuracies, method, formulation, held-out domain and seed as columns, then the variant (an
+    ablation's switches) and the grid setting, which tell apart the cells of one method."""
     columns = [f"metrics.`{name}`" for name in metrics] + [
-        f"tags.`{tag}`" for tag in ("method", "formulation", "held_out_domain", "seed")]
+        f"tags.`{tag}`" for tag in ("method", "formulation", "held_out_domain", "seed", "variant", "setting")]
     return {
         "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
         "orderByKey": "tags.`mlflow.runName`",
