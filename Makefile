@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast bench lock clean-demo help image mlflow-image
+.PHONY: demo test test-fast bench lock help image mlflow-image
 
 help:
 	@echo "make demo   - set up .venv and run the pipeline (dvc repro) on the embedded RotatedDigits"
@@ -32,12 +32,17 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m alignclip.demo
 
+# pytest-xdist: one worker per CPU (TEST_WORKERS=0 runs in one process); each test file runs whole on one worker,
+# so a file's module fixtures (the image build, compiled pipelines, servers) are made once
+TEST_WORKERS ?= auto
+PYTEST = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # No pipeline, server, image, dvc repro or killed process: the tests marked slow are left to `make test`.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py

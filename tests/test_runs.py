@@ -191,3 +191,12 @@ def test_the_commit_tag_says_dirty_when_tracked_files_differ_from_head(tmp_path)
     (tmp_path / "code.py").write_text("a = 2\n")
     assert provenance.checkout_commit(tmp_path) == head + "-dirty"
     assert provenance.checkout_commit(tmp_path / "not-a-checkout") is None
+
+
+def test_registered_names_are_clean_for_ablations_and_formulations():
+    from alignclip import tracking
+
+    assert tracking.registered_name("rotated_digits", "erm") == "alignclip-rotated_digits-erm"
+    assert tracking.registered_name("rotated_digits", "alignclip+release") == "alignclip-rotated_digits-alignclip-release"
+    assert tracking.registered_name("rotated_digits", "alignclip[aal=False]") == "alignclip-rotated_digits-alignclip-aal-false"
+    assert tracking.registered_name("office_home", "erm[pooling=avg,eps=0.2]") == "alignclip-office_home-erm-pooling-avg-eps-0.2"

@@ -25,7 +25,11 @@ def validation_tag() -> str:
 
 
 def registered_name(dataset: str, variant: str) -> str:
-    return "alignclip-" + re.sub(r"[^\w\-.]", "-", f"{dataset}-{variant}")
+    """``alignclip-<dataset>-<variant>`` in the registry's characters: ``alignclip[aal=False]`` becomes
+    ``alignclip-aal-false`` (no run of hyphens, none at the end)."""
+    variant = re.sub(r"=(True|False)\b", lambda switch: "=" + switch.group(1).lower(), variant)
+    name = re.sub(r"[^\w\-.]+", "-", f"{dataset}-{variant}").strip("-")
+    return "alignclip-" + re.sub(r"-{2,}", "-", name)
 
 
 def alias_for(test_domain: str | None, test_split: str | None) -> str:
