@@ -10,7 +10,8 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 # Portability itself is proven where it is the property: tests/test_determinism.py runs its builds with
 # ALIGNCLIP_CPU_KERNELS=portable. `ALIGNCLIP_CPU_KERNELS=portable make test` runs the whole suite as users' CLI does.
 os.environ.setdefault("ALIGNCLIP_CPU_KERNELS", "native")
-THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "2"))
+# one intra-op thread per pytest-xdist worker (the workers share the cores), two without them
+THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"))
 os.environ.setdefault("MKL_NUM_THREADS", str(THREADS))
 from alignclip import determinism  # noqa: E402
 
