@@ -237,8 +237,9 @@ def test_demo_dag_with_kfp_docker_runner_each_task_in_its_own_container(client, 
     summaries = [json.loads(p.read_text()) for p in root.rglob("train.json")]
     summary = next(s for s in summaries if s["settings"]["method"] == "alignclip")
     assert summary["settings"]["steps"] == 3 and summary["settings"]["model"] == "tiny"
-    # the KFP outputs only: the MLflow artifact store under the same root holds copies of the logs it was sent
-    logs = [p for p in root.rglob("train_log.csv") if "mlruns" not in p.relative_to(root).parts]
+    # the train tasks' outputs (<run>/for-loop-1-iteration-N/train/model/); the evaluate tasks' results and the MLflow
+    # artifact store under the same root hold copies
+    logs = [p for p in root.rglob("train_log.csv") if p.parent.name == "model" and p.parent.parent.name == "train"]
     assert len(logs) == len(grid) and all(len(p.read_text().splitlines()) == 1 + 3 for p in logs)
     logged = [p for p in (root / "mlruns").rglob("train_log.csv")]
     assert {p.read_bytes() for p in logged} >= {p.read_bytes() for p in logs}  # and MLflow has each cell's log
