@@ -59,8 +59,16 @@ def join(root: str, relative: str) -> str:
 
 
 # Retries with exponential back-off and client-side rate limiting when the store throttles (botocore's "adaptive"
-# mode); a connection pool large enough for the threads that stage a dataset (``stage``).
+# mode); a connection pool large enough for the threads that stage a dataset (``stage``). AWS_MAX_ATTEMPTS, the
+# AWS SDKs' own variable, sets the attempts per request (botocore ignores it once a Config names them).
 RETRY_ATTEMPTS = 10
+
+
+def retry_attempts() -> int:
+    """Attempts per S3 request: ``AWS_MAX_ATTEMPTS`` when it is a positive integer, else ``RETRY_ATTEMPTS``."""
+    value = os.environ.get("AWS_MAX_ATTEMPTS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else RETRY_ATTEMPTS
+
 POOL_CONNECTIONS = 64
 _clients: dict = {}
 _clients_lock = threading.Lock()
@@ -85,7 +93,7 @@ def client():
                 import boto3
                 from botocore.config import Config
 
-                config = Config(retries={"max_attempts": RETRY_ATTEMPTS, "mode": "adaptive"},
+                config = Config(retries={"max_attempts": retry_attempts(), "mode": "adaptive"},
                                 max_pool_connections=POOL_CONNECTIONS)
                 made = _clients[key] = boto3.client("s3", endpoint_url=endpoint, config=config)
     return made

@@ -176,8 +176,10 @@ def test_an_s3_outage_during_training_is_retried_and_a_long_one_stops_with_a_che
         _upload(endpoint, digits_root, "data")
         manifest, meta = prepare(PrepareSettings("rotated_digits", "s3://data/digits"))
         write_prepared(manifest, meta, tmp_path / "prepared")
-        env = dict(os.environ, AWS_ENDPOINT_URL_S3=endpoint, ALIGNCLIP_STORAGE_RETRY_S="15", HF_HUB_OFFLINE="1",
-                   MLFLOW_DISABLE_TELEMETRY="true")
+        # 3 attempts per request instead of 10: botocore's back-off alone (up to 20 s a wait) made this test 5 minutes;
+        # the stage's own retry window (15 s) is what the test is about
+        env = dict(os.environ, AWS_ENDPOINT_URL_S3=endpoint, ALIGNCLIP_STORAGE_RETRY_S="15", AWS_MAX_ATTEMPTS="3",
+                   HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true")
         env.pop("MLFLOW_TRACKING_URI", None)
 
         def command(out, steps):
@@ -226,3 +228,14 @@ def test_an_s3_outage_during_training_is_retried_and_a_long_one_stops_with_a_che
     # the checkpoint is the one written where it stopped (every whole step done): the log is flushed every 10
     # steps, so the cut comes at step 20, before the first scheduled checkpoint (25)
     assert f"training stopped at step {info['step']}/400" in line
+
+
+@pytest.mark.parametrize("value, attempts", [(None, 10), ("3", 3), ("0", 10), ("-2", 10), ("many", 10)])
+def test_aws_max_attempts_sets_the_attempts_per_request(monkeypatch, value, attempts):
+    from alignclip import storage
+
+    if value is None:
+        monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    else:
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", value)
+    assert storage.retry_attempts() == attempts
