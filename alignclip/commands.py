@@ -35,7 +35,8 @@ def train_args(prepared: str, out: str, cell: dict, formulation: str, recipe: st
     cmd = ["train", prepared, out, "--method", cell["method"]]
     if cell.get("seed") is not None:  # zero-shot: one cell per held-out domain, no seed
         cmd += ["--seed", str(int(cell["seed"]))]
-    for key, value in sorted((cell.get("hparams") or {}).items()):  # the selection grid's settings of this cell
+    hparams = cell.get("hparams") or {}
+    for key, value in sorted(hparams.items()):  # the selection grid's settings of this cell
         cmd += ["--hparam", f"{key}={json.dumps(value)}"]
     cmd += ["--formulation", formulation, "--model", model_name, "--pretrained", pretrained, "--no-progress",
             "--similarity", similarity, "--num-workers", "auto"]  # the pod's CPU limit sizes the workers
@@ -43,9 +44,15 @@ def train_args(prepared: str, out: str, cell: dict, formulation: str, recipe: st
 
     if is_zeroshot(cell["method"]):  # trains nothing: no training setting reaches it (nor its record)
         return cmd + (["--test-domain", cell["test_domain"]] if cell["test_domain"] else [])
-    cmd += ["--recipe", recipe, "--batch-size", str(int(batch_size)), "--lr", repr(float(lr)), "--hflip" if hflip else "--no-hflip"]
+    # a setting the cell's grid varies is given once, by its --hparam (which would win), not beside it as well
+    cmd += ["--recipe", recipe]
+    cmd += [] if "batch_size" in hparams else ["--batch-size", str(int(batch_size))]
+    cmd += [] if "lr" in hparams else ["--lr", repr(float(lr))]
+    cmd += ["--hflip" if hflip else "--no-hflip"]
     steps = cell.get("steps", steps)  # a recipe whose length depends on the held-out domain: the cell's own
-    if int(steps) > 0:
+    if "steps" in hparams:
+        pass
+    elif int(steps) > 0:
         cmd += ["--steps", str(int(steps))]
     elif int(epochs) > 0:
         cmd += ["--epochs", str(int(epochs))]

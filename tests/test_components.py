@@ -147,7 +147,7 @@ def test_train_runs_its_cell_with_every_setting_explicit_and_labels_the_model(cl
     assert args == ["train", "/prep", str(tmp_path / "model"), "--method", "alignclip", "--seed", "1",
                     "--hparam", "lr=0.001", "--formulation", "paper", "--model", "tiny", "--pretrained", "none",
                     "--no-progress", "--similarity", "/matrix/similarity.pt", "--num-workers", "auto",
-                    "--recipe", "demo", "--batch-size", "8", "--lr", "0.0003", "--hflip", "--steps", "5",
+                    "--recipe", "demo", "--batch-size", "8", "--hflip", "--steps", "5",  # lr: the cell's --hparam alone
                     "--test-domain", "rotated_30"]
     assert env["ALIGNCLIP_PARENT_RUN_ID"] == "run-123"
     assert env.get("MLFLOW_TRACKING_URI") == os.environ.get("MLFLOW_TRACKING_URI")  # no URI given: none imposed
