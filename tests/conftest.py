@@ -2,9 +2,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")  # the DVC tests' `dvc` processes started an analytics daemon each
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-# The host's native CPU kernels (alignclip/determinism.py), about 3x faster than the portable ones the CLI pins by
+# The host's native CPU kernels (alignclip/determinism.py), about 1.2x faster than the portable ones the CLI pins by
 # default. Set in the environment before torch loads, so that CLI subprocesses compute with the same kernels (and
 # the same thread count) as in-process runs, and the tiny weights cached here are the file their `pretrain` builds.
 # Portability itself is proven where it is the property: tests/test_determinism.py runs its builds with
@@ -79,3 +80,13 @@ def _mlflow_uri_stays_per_test():
         if utils._tracking_uri is not None:
             sys.modules["mlflow"].set_tracking_uri(None)
     os.environ.pop("MLFLOW_TRACKING_URI", None) if before is None else os.environ.update(MLFLOW_TRACKING_URI=before)
+
+
+# The longest file first: tests/test_image.py (the image build, the DAG in containers, the MLflow image) is about
+# 12 minutes on one worker. Under pytest-xdist (--dist loadfile) a worker takes the files in collection order; put
+# last (its alphabetical place) it ran alone at the end of CI, the other worker idle.
+LONGEST_FIRST = ("test_image.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
