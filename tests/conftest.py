@@ -81,12 +81,3 @@ def _mlflow_uri_stays_per_test():
             sys.modules["mlflow"].set_tracking_uri(None)
     os.environ.pop("MLFLOW_TRACKING_URI", None) if before is None else os.environ.update(MLFLOW_TRACKING_URI=before)
 
-
-# The longest file first: tests/test_image.py (the image build, the DAG in containers, the MLflow image) is about
-# 12 minutes on one worker. Under pytest-xdist (--dist loadfile) a worker takes the files in collection order; put
-# last (its alphabetical place) it ran alone at the end of CI, the other worker idle.
-LONGEST_FIRST = ("test_image.py",)
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
