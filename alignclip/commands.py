@@ -50,14 +50,13 @@ def train_args(prepared: str, out: str, cell: dict, formulation: str, recipe: st
     cmd += [] if "lr" in hparams else ["--lr", repr(float(lr))]
     cmd += ["--hflip" if hflip else "--no-hflip"]
     steps = cell.get("steps", steps)  # a recipe whose length depends on the held-out domain: the cell's own
-    if "steps" in hparams:
-        pass
-    elif int(steps) > 0:
-        cmd += ["--steps", str(int(steps))]
-    elif int(epochs) > 0:
-        cmd += ["--epochs", str(int(epochs))]
-    else:
-        raise ValueError(f"train_steps={steps} and train_epochs={epochs}: one of them must be positive")
+    if "steps" not in hparams:  # (else its --hparam gives the length)
+        if int(steps) > 0:
+            cmd += ["--steps", str(int(steps))]
+        elif int(epochs) > 0:
+            cmd += ["--epochs", str(int(epochs))]
+        else:
+            raise ValueError(f"train_steps={steps} and train_epochs={epochs}: one of them must be positive")
     if cell["test_domain"]:
         cmd += ["--test-domain", cell["test_domain"]]
     return cmd

@@ -116,23 +116,25 @@ def runs_on_cpu(device: str) -> bool:
     return device.split(":")[0] == "cpu"
 
 
-def cpu_has_avx2(flags: set[str] | None = None) -> bool:
-    """Whether this CPU runs the AVX2 kernel level: an x86-64 CPU whose flags (/proc/cpuinfo) hold avx2 and fma."""
-    if flags is None:
-        import platform
+def cpu_flags() -> set[str]:
+    """The x86-64 CPU's feature flags (/proc/cpuinfo); empty off x86-64 or where the file cannot be read."""
+    import platform
 
-        if platform.machine().lower() not in ("x86_64", "amd64"):
-            return False
-        flags = set()
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-                for line in cpuinfo:
-                    if line.startswith("flags"):
-                        flags = set(line.split(":", 1)[1].split())
-                        break
-        except OSError:
-            return False
-    return {"avx2", "fma"} <= flags
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_avx2(flags: set[str] | None = None) -> bool:
+    """Whether this CPU runs the AVX2 kernel level: its flags (``cpu_flags()`` if None) hold avx2 and fma."""
+    return {"avx2", "fma"} <= (cpu_flags() if flags is None else flags)
 
 
 def portable_environment(avx2: bool | None = None) -> dict[str, str]:

@@ -62,16 +62,15 @@ def join(root: str, relative: str) -> str:
 # mode); a connection pool large enough for the threads that stage a dataset (``stage``). AWS_MAX_ATTEMPTS, the
 # AWS SDKs' own variable, sets the attempts per request (botocore ignores it once a Config names them).
 RETRY_ATTEMPTS = 10
+POOL_CONNECTIONS = 64
+_clients: dict = {}
+_clients_lock = threading.Lock()
 
 
 def retry_attempts() -> int:
     """Attempts per S3 request: ``AWS_MAX_ATTEMPTS`` when it is a positive integer, else ``RETRY_ATTEMPTS``."""
     value = os.environ.get("AWS_MAX_ATTEMPTS", "").strip()
     return int(value) if value.isdigit() and int(value) > 0 else RETRY_ATTEMPTS
-
-POOL_CONNECTIONS = 64
-_clients: dict = {}
-_clients_lock = threading.Lock()
 
 
 def endpoint_url() -> str | None:

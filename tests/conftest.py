@@ -80,4 +80,3 @@ def _mlflow_uri_stays_per_test():
         if utils._tracking_uri is not None:
             sys.modules["mlflow"].set_tracking_uri(None)
     os.environ.pop("MLFLOW_TRACKING_URI", None) if before is None else os.environ.update(MLFLOW_TRACKING_URI=before)
-

@@ -31,18 +31,11 @@ print(json.dumps({"sha256": summary["sha256"], "cpu": summary["cpu"]}))
 """
 
 
-def _cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def _hosts() -> dict[str, dict]:
     """Two CPU kinds, emulated on this one: what ATen, MKL, oneDNN and numpy would choose on each (their own
     variables cap the ISA they dispatch to). An AVX-512 machine plays an AVX2-only host and an AVX-512 host; an
     AVX2 machine plays an AVX-only host and itself."""
-    flags = _cpu_flags()
+    flags = determinism.cpu_flags()
     if "avx2" not in flags:
         pytest.skip("this CPU has no AVX2: there is no second kernel choice to emulate")
     avx2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",

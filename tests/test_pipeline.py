@@ -381,9 +381,11 @@ def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
     assert all(0.0 <= v <= 100.0 and abs(v / 1.25 - round(v / 1.25)) < 1e-4 for v in train_acc) and max(train_acc) > 1.0
     assert {"train_log.csv", "train.json", "metrics.json", "predictions.parquet"} <= {
         a.path for a in client.list_artifacts(release.info.run_id)}
-    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--"]).returncode != 0
-    assert release.data.tags["git_commit"] == head + ("-dirty" if dirty else "")
+    from pathlib import Path
+
+    from alignclip.tracking import provenance
+
+    assert release.data.tags["git_commit"] == provenance.checkout_commit(Path(ROOT))  # HEAD, -dirty when changed
     # the pipeline run's summary: mean (and std over the one seed) per method and held-out domain
     for cell in cells:
         key = f"test_acc_pct/{cell.data.tags['variant'].replace('+', '-')}/{cell.data.tags['held_out_domain']}"
