@@ -11,6 +11,8 @@ them in the local runner.
 
 
 import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import List
@@ -54,6 +56,33 @@ class ClusterSettings:
     task_memory_limit: str = "16G"
     gpu_task_timeout: int = 48 * 3600
     task_timeout: int = 6 * 3600
+
+
+@contextmanager
+def caller_names_from_frames():
+    """kfp 2.17 checks, in every task setting (set_cpu_request, set_env_variable, set_retry, ...), that the task has
+    a container, and takes ``inspect.stack()`` to name the calling method in the error it would raise: the source
+    lines and module of every frame on the stack, each module found by a scan of ``sys.modules``. A family's
+    tasks make about 30 such calls, `all` about 650: most of its compile time (5 s of the CLI's 7, and half a
+    minute in a process that has torch and mlflow loaded, such as a test's). While our tasks are configured, the
+    same check names the caller from its frame; the compiled package is the same bytes (tests/test_pipeline.py)."""
+    from kfp.dsl import pipeline_task
+
+    original = pipeline_task.PipelineTask.__dict__.get("_ensure_container_spec_exists")
+    if original is None:  # another kfp: nothing to replace
+        yield
+        return
+
+    def ensure_container_spec_exists(self) -> None:
+        if self.container_spec is None:
+            raise ValueError(f"{sys._getframe(1).f_code.co_name} can only be used on single-step components, not "
+                             "pipelines used as components, or special components like importers.")
+
+    pipeline_task.PipelineTask._ensure_container_spec_exists = ensure_container_spec_exists
+    try:
+        yield
+    finally:
+        pipeline_task.PipelineTask._ensure_container_spec_exists = original
 
 
 def _on_gpu(task, cluster: ClusterSettings, retries: int = 0):
@@ -161,7 +190,8 @@ def build_pipeline(family: str = "demo", cluster: ClusterSettings | None = None,
     ):
         # kfp calls this once, at compile time, with one channel per parameter; the tasks read them by name
         given = dict(locals())
-        _add_tasks(stages, cluster, family, SimpleNamespace(**{key: given[key] for key in p}))
+        with caller_names_from_frames():
+            _add_tasks(stages, cluster, family, SimpleNamespace(**{key: given[key] for key in p}))
 
     # the docstring's Args become the parameters' descriptions in the compiled package
     alignclip_pipeline.__doc__ = f"AlignCLIP {family}: {FAMILIES[family].description}.\n\nArgs:\n" + "\n".join(

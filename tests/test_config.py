@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from tests.kfp_package import package_docs
+
 from alignclip.config import (
     BY_NAME, FAMILIES, GRID_KEYS, SIMILARITY_KEYS, TRAIN_KEYS, ZEROSHOT_KEYS, ConfigError, effective_train, grid, parse_assignments, render_params, resolve,
 )
@@ -232,7 +234,7 @@ def test_a_package_path_in_missing_folders_creates_them(tmp_path, capsys):
     nested = tmp_path / "nodir" / "x" / "demo.yaml"
     code, out, err = run_cli(["pipeline", "compile", "demo", "-o", nested], capsys)
     assert code == 0 and f"compiled demo -> {nested}" in out, err
-    assert next(yaml.safe_load_all(nested.read_text()))["pipelineInfo"]["name"] == "alignclip-demo"
+    assert package_docs(nested)[0]["pipelineInfo"]["name"] == "alignclip-demo"
 
 
 # -- one grid cell, three runners ------------------------------------------------------------------------------------
@@ -296,7 +298,7 @@ def _kfp_command(family, values, tmp_path, monkeypatch):
     from alignclip_kfp.components import stages
 
     path = compile_pipeline(family, tmp_path / "p.yaml", cluster_settings(image="registry.example/alignclip:test"), values)
-    spec = next(yaml.safe_load_all(path.read_text()))
+    spec = package_docs(path)[0]
     defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
     (loop_task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
     loop = spec["components"][loop_task["componentRef"]["name"]]["dag"]["tasks"]["train"]["inputs"]["parameters"]

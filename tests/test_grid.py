@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.kfp_package import package_docs
+
 from alignclip.config import ConfigError, cell_dir, cell_name, grid, parse_entry, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +63,7 @@ def test_zero_shot_runs_once_per_held_out_domain_in_every_compiled_family(tmp_pa
     for family in ("demo", "domain_shift", "wild"):
         values = resolve(family)
         path = compile_pipeline(family, tmp_path / f"{family}.yaml", cluster_settings(image="r.example/a:t"), values)
-        spec = next(yaml.safe_load_all(path.read_text()))
+        spec = package_docs(path)[0]
         cells = spec["root"]["inputDefinitions"]["parameters"]["train_grid"]["defaultValue"]
         zero = [c for c in cells if c["method"] == "zeroshot"]
         assert sorted(c["test_domain"] for c in zero) == sorted(values["train_test_domains"]), family

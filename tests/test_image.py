@@ -23,8 +23,8 @@ from base64 import b64encode
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.kfp_package import package_docs
 from tests.servers import free_port, postgres_server, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def compiled(client, image, tmp_path_factory):
 
 def test_pipeline_compile_for_every_family(compiled):
     for family in FAMILIES:
-        docs = list(yaml.safe_load_all((compiled / f"{family}.yaml").read_text()))
+        docs = package_docs(compiled / f"{family}.yaml")
         spec = docs[0]
         assert spec["pipelineInfo"]["name"].startswith("alignclip-")
         images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}

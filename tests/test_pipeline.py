@@ -9,11 +9,11 @@ import threading
 import time
 
 import pytest
-import yaml
 
 from alignclip_kfp import client as kfp_client
 from alignclip.config import ConfigError
 from alignclip_kfp.client import cluster_settings, compile_pipeline
+from tests.kfp_package import package_docs
 from tests.servers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,7 @@ def compiled(tmp_path_factory):
     cluster = cluster_settings("nvidia.com/gpu", 1, ["cloud.google.com/gke-accelerator=nvidia-h100-80gb"], ["nvidia.com/gpu:NoSchedule"], 3,
                                image="registry.example/alignclip:1.2.3", max_parallelism=3)
     compile_pipeline("demo", path, cluster)
-    spec, platform = list(yaml.safe_load_all(path.read_text()))
+    spec, platform = package_docs(path)
     return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"], path.read_text()
 
 
@@ -86,7 +86,7 @@ def test_no_gpus_drops_the_default_gpu_node_selector_and_toleration(tmp_path):
     # --gpus 0 is for a cluster without GPU nodes: the GPU defaults would keep train/evaluate Pending there.
     def scheduling(cluster):
         path = compile_pipeline("demo", tmp_path / "p.yaml", cluster)
-        spec, platform = list(yaml.safe_load_all(path.read_text()))
+        spec, platform = package_docs(path)
         executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
         assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
         return [(executors[n].get("nodeSelector"), executors[n].get("tolerations")) for n in ("exec-train", "exec-evaluate")]
@@ -121,7 +121,7 @@ PAPER_SETTING = {
 def test_each_family_compiles_with_the_papers_setting(family, tmp_path):
     dataset, recipe, lr, steps, epochs, batch, domains = PAPER_SETTING[family]
     path = compile_pipeline(family, tmp_path / f"{family}.yaml")
-    spec = next(yaml.safe_load_all(path.read_text()))
+    spec = package_docs(path)[0]
     d = {name: p.get("defaultValue") for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
     assert (d["data_dataset"], d["model_name"], d["model_pretrained"], d["train_recipe"]) == (dataset, "vit-b-16", "openai", recipe)
     assert (d["train_lr"], d["train_steps"], d["train_epochs"], d["train_batch_size"]) == (lr, steps, epochs, batch)
@@ -132,10 +132,39 @@ def test_each_family_compiles_with_the_papers_setting(family, tmp_path):
     assert d["mlflow_experiment"] == {"domain_shift": "domain-shift", "wild": "in-the-wild", "base2new": "base-to-new", "imagenet": "imagenet-variants"}[family]
 
 
+def test_task_settings_name_their_caller_without_inspecting_the_stack(tmp_path, monkeypatch):
+    """kfp's container check takes inspect.stack() in every task setting (alignclip_pipeline.caller_names_from_frames):
+    compiling takes none, writes the same bytes as with kfp's own check, and the check still refuses a task without
+    a container, naming the setting. Mutation: compiling outside the context manager fails the count."""
+    import contextlib
+    import inspect
+
+    from kfp import dsl
+
+    from alignclip_kfp.pipelines import alignclip_pipeline
+
+    calls, stack = [], inspect.stack
+    monkeypatch.setattr(inspect, "stack", lambda *a, **k: calls.append(1) or stack(*a, **k))
+    ours = compile_pipeline("demo", tmp_path / "ours.yaml").read_bytes()
+    assert calls == []
+    monkeypatch.setattr(alignclip_pipeline, "caller_names_from_frames", contextlib.nullcontext)
+    assert compile_pipeline("demo", tmp_path / "kfps.yaml").read_bytes() == ours and len(calls) > 20
+    monkeypatch.undo()
+
+    @dsl.pipeline
+    def inner():
+        alignclip_pipeline.build_components("any/image:1").start_run(experiment="e", tracking_uri="", run_name="r", params_json="{}")
+
+    with alignclip_pipeline.caller_names_from_frames(), pytest.raises(ValueError, match="^set_cpu_request can only be used on single-step"):
+        @dsl.pipeline
+        def outer():
+            inner().set_cpu_request("1")
+
+
 @pytest.mark.slow  # compiles the `all` composite (every family): the costliest compile
 def test_the_all_pipeline_can_turn_tracking_on(tmp_path):
     path = compile_pipeline("all", tmp_path / "all.yaml", values={"mlflow_tracking_uri": "http://mlflow.alignclip:5000"})
-    spec = next(yaml.safe_load_all(path.read_text()))
+    spec = package_docs(path)[0]
     assert spec["root"]["inputDefinitions"]["parameters"]["mlflow_tracking_uri"]["defaultValue"] == "http://mlflow.alignclip:5000"
     tasks = spec["root"]["dag"]["tasks"]
     assert len(tasks) == 19  # every dataset of tables 1-4 (test_all_runs_every_dataset_of_the_papers_tables)
@@ -175,7 +204,7 @@ class StubClient:
 
         with tempfile.TemporaryDirectory() as scratch:
             compiler.Compiler().compile(func, f"{scratch}/p.yaml")
-            docs = list(yaml.safe_load_all(open(f"{scratch}/p.yaml").read()))
+            docs = package_docs(f"{scratch}/p.yaml")
         StubClient.calls.append({"host": self.host, "arguments": arguments, "experiment": experiment_name, "run_name": run_name, "docs": docs})
         return type("Run", (), {"run_id": "run-123"})()
 
@@ -297,12 +326,12 @@ def test_every_family_compiles_with_its_protocol(tmp_path):
 
     expected = {"domain_shift": "domainbed", "imagenet": "imagenet", "base2new": "base2new", "wild": "wild"}
     for family, protocol in expected.items():
-        spec = yaml.safe_load_all(compile_pipeline(family, tmp_path / f"{family}.yaml").read_text()).__next__()
+        spec = package_docs(compile_pipeline(family, tmp_path / f"{family}.yaml"))[0]
         assert spec["pipelineInfo"]["name"] == f"alignclip-{family.replace('_', '-')}"
         defaults = spec["root"]["inputDefinitions"]["parameters"]
         assert defaults["data_protocol"]["defaultValue"] == protocol and protocol in PROTOCOLS
         assert {"prepare", "similarity", "report"} <= set(spec["root"]["dag"]["tasks"])
-    spec = yaml.safe_load_all(compile_pipeline("all", tmp_path / "all.yaml").read_text()).__next__()
+    spec = package_docs(compile_pipeline("all", tmp_path / "all.yaml"))[0]
     protocols = {t["inputs"]["parameters"]["data_protocol"]["runtimeValue"]["constant"] for t in spec["root"]["dag"]["tasks"].values()}
     assert protocols == set(expected.values())  # every family, one sub-pipeline per dataset
 
@@ -446,12 +475,12 @@ def test_backbones_runs_fig5_as_one_pipeline(tmp_path):
     unseen classes: one package, one sub-pipeline per (backbone, protocol), each compiled with its own defaults."""
     from alignclip.config import COMPOSITES
 
-    spec = next(yaml.safe_load_all(compile_pipeline("backbones", tmp_path / "backbones.yaml").read_text()))
+    spec = package_docs(compile_pipeline("backbones", tmp_path / "backbones.yaml"))[0]
     assert spec["pipelineInfo"]["name"] == "alignclip-backbones"
     assert len(spec["root"]["dag"]["tasks"]) == 4
     seen = set()
     for family in COMPOSITES["backbones"].families:
-        sub = next(yaml.safe_load_all(compile_pipeline(family, tmp_path / f"{family}.yaml").read_text()))
+        sub = package_docs(compile_pipeline(family, tmp_path / f"{family}.yaml"))[0]
         d = {name: p.get("defaultValue") for name, p in sub["root"]["inputDefinitions"]["parameters"].items()}
         seen.add((d["model_name"], d["data_protocol"]))
         assert (d["data_dataset"], d["model_pretrained"], d["mlflow_experiment"]) == ("office_home", "openai", "other-backbones")
@@ -510,7 +539,7 @@ def test_all_runs_every_dataset_of_the_papers_tables_under_one_data_prefix(tmp_p
     finally:
         sys.argv = old
     assert done.value.code == 0, capsys.readouterr()
-    subs = _sub_pipelines(next(yaml.safe_load_all(out.read_text())))
+    subs = _sub_pipelines(package_docs(out)[0])
     seen = {}
     for inputs, _, _, _ in subs.values():
         seen.setdefault(inputs["data_protocol"], set()).add(inputs["data_dataset"])
@@ -524,7 +553,7 @@ def test_a_composite_never_allows_more_gpu_pods_at_once_than_max_parallelism(com
     """Sub-pipelines form chains (each after the previous, failed or not); chains run at once. The most GPU pods at
     once is the sum over chains of the largest grid parallelism in each: at most the budget."""
     path = compile_pipeline(composite, tmp_path / "c.yaml", cluster_settings(max_parallelism=budget))
-    subs = _sub_pipelines(next(yaml.safe_load_all(path.read_text())))
+    subs = _sub_pipelines(package_docs(path)[0])
     dependants = {}
     for name, (_, _, after, trigger) in subs.items():
         assert len(after) <= 1  # a chain: one predecessor at most ...
@@ -547,7 +576,7 @@ def test_a_composite_never_allows_more_gpu_pods_at_once_than_max_parallelism(com
 def test_gpu_tasks_have_no_default_node_selector_and_shm_is_half_the_memory(tmp_path):
     def gpu_executors(cluster):
         path = compile_pipeline("demo", tmp_path / "p.yaml", cluster)
-        _, platform = list(yaml.safe_load_all(path.read_text()))
+        _, platform = package_docs(path)
         executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
         return [executors[n] for n in ("exec-train", "exec-evaluate")]
 
