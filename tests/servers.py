@@ -103,6 +103,7 @@ def _mlflow(backend_uri: str, artifacts: str, port: int, env: dict, log_path: Pa
         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
     ]
     log = open(log_path, "ab")
+    env = dict(env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # as infra/base/mlflow.yaml: no job runner
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -331,6 +331,9 @@ def test_mlflow_server_image_runs_the_manifest_with_authentication(client, tmp_p
             except TimeoutError:
                 pytest.fail(server.logs().decode()[-4000:])
             assert status_of(url + "/health") == 200
+            # the manifest turns MLflow 3's job runner off (eight more processes, 30 s of CPU per start)
+            commands = [" ".join(process) for process in server.top()["Processes"]]
+            assert commands and not [c for c in commands if "jobs._job_runner" in c or "huey" in c], commands
             search = url + "/api/2.0/mlflow/experiments/search?max_results=10"
             assert status_of(search) == 401
             assert status_of(search, basic("admin", "wrong")) == 401

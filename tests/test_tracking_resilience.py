@@ -5,6 +5,7 @@ Servers are started by the tests on 127.0.0.1."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -151,7 +152,7 @@ def test_records_spooled_while_the_server_was_down_are_replayed_by_sync(tmp_path
 def test_a_server_killed_mid_training_does_not_stop_it_and_the_missed_metrics_are_replayed(tmp_path, spool, digits_prepared):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    steps = 400
+    steps = 120
     out = tmp_path / "run"
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, ALIGNCLIP_TRACKING_SPOOL=str(spool), ALIGNCLIP_TRACKING_RETRY_S="2",
                HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true")
@@ -163,11 +164,14 @@ def test_a_server_killed_mid_training_does_not_stop_it_and_the_missed_metrics_ar
         deadline = time.monotonic() + 300
         while _logged_steps(_partial_log(tmp_path)) < 40 and trainer.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
+        # paused while the server goes away, so that a fast machine cannot finish the run first
+        trainer.send_signal(signal.SIGSTOP)
         assert trainer.poll() is None, trainer.communicate()[1][-3000:]
         from tests.servers import stop_group
 
         stop_group(server)  # the server goes away mid-run
         stopped_at = _logged_steps(_partial_log(tmp_path))
+        trainer.send_signal(signal.SIGCONT)
         _, stderr = trainer.communicate(timeout=600)
     assert trainer.returncode == 0, stderr[-3000:]
     assert stopped_at < steps
