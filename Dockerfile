@@ -45,6 +45,15 @@ RUN --mount=type=bind,source=.,target=/tmp/src,rw \
     && mkdir -p /gcs /minio /s3 /home/alignclip/.cache/alignclip \
     && chown -R 1000:1000 /gcs /minio /s3 /home/alignclip
 
+# The tiny preset's default weights (`alignclip pretrain`, portable kernels: the bytes the README states), built
+# once here: every task pod's cache starts empty, and without them each task of the demo pipeline pre-trained its
+# own copy for a minute. ALIGNCLIP_WEIGHTS_PATH is searched before the cache (a CPU of another kernel level, or a
+# change of the code or libraries that the weights' name digests, still builds its own).
+ENV ALIGNCLIP_WEIGHTS_PATH=/opt/alignclip/weights
+RUN ALIGNCLIP_CACHE=/tmp/build-cache alignclip pretrain /tmp/pretrained \
+    && mkdir -p /opt/alignclip/weights && mv /tmp/build-cache/pretrained/* /opt/alignclip/weights/ \
+    && rm -rf /tmp/build-cache /tmp/pretrained
+
 USER 1000:1000
 WORKDIR /home/alignclip
 # DVC inside the container works without .git

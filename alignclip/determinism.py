@@ -172,6 +172,8 @@ def pin_for_command(argv: list[str]) -> bool:
             device = argv[i + 1]
         elif arg.startswith("--device="):
             device = arg.split("=", 1)[1]
+    if argv[0] == "pretrain":
+        device = "cpu"  # it has no --device: it always builds on the CPU, a GPU machine's too
     return pin_process(device)
 
 

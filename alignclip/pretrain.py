@@ -33,7 +33,10 @@ import hashlib
 import io
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -302,12 +305,12 @@ def _sha256(path: Path) -> str:
 
 def settings_digest(settings: PretrainSettings = PretrainSettings()) -> str:
     """Digest of what determines the weights' bytes: this module, the renderer, the model config, the settings,
-    the library versions and the CPU kernels (alignclip.determinism). It names the cached file, so a change builds
-    a new one."""
+    the library versions and the CPU kernels that build them (``build_kernels()``). It names the cached
+    file, so a change builds a new one."""
     import open_clip
     import PIL
 
-    from alignclip import clip_factory, determinism
+    from alignclip import clip_factory
     from alignclip.data import digits
 
     parts = [
@@ -316,9 +319,30 @@ def settings_digest(settings: PretrainSettings = PretrainSettings()) -> str:
         (clip_factory.RESOURCES / "model_configs" / f"{ARCHITECTURE}.json").read_bytes(),
         json.dumps(asdict(settings), sort_keys=True).encode(),
         f"{torch.__version__} {open_clip.__version__} {PIL.__version__} {np.__version__}".encode(),
-        json.dumps(determinism.kernels(), sort_keys=True).encode(),  # portable or the host's kernels
+        json.dumps(build_kernels(), sort_keys=True).encode(),  # portable or, in native mode, the host's kernels
     ]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
+
+
+def build_kernels() -> dict:
+    """The kernels the weights are built with, as ``determinism.kernels()`` reports them in the building process:
+    the portable ones of this CPU's level, whatever kernels the asking process runs. A GPU run is not pinned
+    (alignclip.determinism), yet must load the bytes the pipeline's CPU tasks (similarity, report) load. In
+    native mode (ALIGNCLIP_CPU_KERNELS=native): this process's own."""
+    from alignclip import determinism
+
+    if determinism.mode() == "native":
+        return determinism.kernels()
+    environment = determinism.portable_environment()
+    return {"cpu_kernels": "portable", "aten_cpu_capability": determinism.CAPABILITY_NAMES[environment["ATEN_CPU_CAPABILITY"]],
+            "mkl_cbwr": environment["MKL_CBWR"], "mkldnn": False, "nnpack": False}
+
+
+def shipped_dirs() -> list[Path]:
+    """Read-only folders that hold built weights under their cache names, searched before the cache:
+    ``ALIGNCLIP_WEIGHTS_PATH`` (os.pathsep-separated). The image sets it to the weights built into it, so that no
+    task pod pre-trains (each pod's cache starts empty) and every task of a pipeline loads the same bytes."""
+    return [Path(p) for p in os.environ.get("ALIGNCLIP_WEIGHTS_PATH", "").split(os.pathsep) if p]
 
 
 def cache_dir() -> Path:
@@ -328,11 +352,29 @@ def cache_dir() -> Path:
 
 
 def cached_weights(settings: PretrainSettings = PretrainSettings(), rebuild: bool = False) -> Path:
-    """Path of the pre-trained tiny weights in the cache, built first if missing (about a minute on 2 cores)."""
-    target = cache_dir() / f"{WEIGHTS_NAME}-{settings_digest(settings)}.pt"
+    """Path of the pre-trained tiny weights: shipped (``shipped_dirs``), else in the cache, built first if missing
+    (about a minute on 2 cores)."""
+    name = f"{WEIGHTS_NAME}-{settings_digest(settings)}.pt"
+    for folder in [] if rebuild else shipped_dirs():
+        if (folder / name).is_file() and (folder / name).with_suffix(".json").is_file():
+            return folder / name
+    target = cache_dir() / name
     if target.is_file() and target.with_suffix(".json").is_file() and not rebuild:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    from alignclip import determinism
+
+    if determinism.kernels() != build_kernels():
+        if settings != PretrainSettings():
+            raise RuntimeError("weights with other settings are built only in a process pinned to the portable kernels: "
+                               "call alignclip.determinism.pin_process() before torch is imported")
+        # This process computes with other kernels (a GPU run, or torch loaded before the CLI could pin them): the
+        # CLI builds them, pinned, in a process of its own, into the same cache.
+        log.info("building the tiny preset's pre-trained weights with the portable kernels in a new process")
+        with tempfile.TemporaryDirectory() as scratch:
+            subprocess.run([sys.executable, "-m", "alignclip", "pretrain", scratch, *(["--rebuild"] if rebuild else [])],
+                           check=True, env={k: v for k, v in os.environ.items() if k not in determinism.PORTABLE_ENVIRONMENT})
+        return target
     log.info("building the tiny preset's pre-trained weights (once; cached as %s)", target)
     # Build beside the target and rename: a concurrent reader never sees a half-written file; the weights last,
     # so that a cache hit (weights and summary present) finds the log and summary that go with them.

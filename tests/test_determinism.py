@@ -112,6 +112,18 @@ def test_the_cli_pins_its_cpu_runs_and_only_those(environment, argv, pinned):
     assert all((environment.get(k) == v) is pinned for k, v in determinism.portable_environment().items()), environment
 
 
+def test_pretrain_is_pinned_on_a_machine_with_a_gpu(environment, monkeypatch):
+    """`pretrain` has no --device: it builds on the CPU wherever it runs, so a visible GPU does not unpin it (the
+    weights it caches are named after the portable kernels). Mutation: deciding by `--device auto` fails this."""
+    monkeypatch.setattr(determinism, "_gpu_visible", lambda: True)
+    assert determinism.pin_for_command(["pretrain", "out"])
+    assert environment["ATEN_CPU_CAPABILITY"] == determinism.portable_environment()["ATEN_CPU_CAPABILITY"]
+    for name in determinism.PORTABLE_ENVIRONMENT:
+        del environment[name]
+    assert not determinism.pin_for_command(["train", "prepared", "out"])  # a GPU run is left as it is
+    assert not set(determinism.PORTABLE_ENVIRONMENT) & set(environment)
+
+
 def test_device_auto_is_pinned_when_no_gpu_is_visible_and_native_mode_pins_nothing(environment):
     environment["CUDA_VISIBLE_DEVICES"] = ""
     assert determinism.pin_for_command(["train", "prepared", "out"])
@@ -146,8 +158,9 @@ def test_the_kernel_level_follows_the_cpus_flags():
 def test_the_readme_states_the_sha256_that_alignclip_pretrain_builds(tmp_path):
     """The sha256 the README gives for the tiny weights on this CPU's vendor ("on an Intel ...: sha256 `hex…`",
     "on an AMD ...: sha256 `hex…`": the portable kernels were measured to differ between vendors) is (a prefix of)
-    what the CLI builds, here, with the portable kernels. Uses the weights cache (ALIGNCLIP_CACHE): a cached file is named by the digest of the code,
-    settings, library versions and kernels that built it, so it is this build."""
+    what the CLI builds, here, with the portable kernels, into an empty cache, when an unpinned process (a GPU task's)
+    asks for the weights. Mutation: building in the asking process (its host kernels, cached under the portable
+    name) fails the kernels check; a README value that is not this build fails the last."""
     vendor = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("vendor_id")), "")
     name = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}.get(vendor)
@@ -158,17 +171,26 @@ def test_the_readme_states_the_sha256_that_alignclip_pretrain_builds(tmp_path):
     if not stated and re.search(rf"not measured on an? {name}", readme):
         pytest.skip(f"the README says the current weights were not measured on an {name} CPU")
     assert stated, f"README.md states no sha256 of the tiny weights for {name} (on an {name} ...: sha256 `<hex>…`)"
-    # as a user's shell: neither the portable environment nor the suite's ALIGNCLIP_CPU_KERNELS=native (conftest.py)
+    # The weights as a GPU task asks for them: a process in the default (portable) mode that is not pinned, so its
+    # own kernels are the host's; it must not build them itself but have the CLI's `alignclip pretrain` build them,
+    # pinned, under the portable name (alignclip.pretrain.cached_weights). Neither the portable environment nor the
+    # suite's ALIGNCLIP_CPU_KERNELS=native (conftest.py) is passed on; a cache of its own.
     env = {k: v for k, v in os.environ.items() if k not in determinism.PORTABLE_ENVIRONMENT and k != determinism.MODE_VARIABLE}
-    done = subprocess.run([sys.executable, "-m", "alignclip", "pretrain", str(tmp_path / "out")], env=env,
-                          capture_output=True, text=True, timeout=1200)
+    env["ALIGNCLIP_CACHE"] = str(tmp_path / "cache")
+    script = ("import json; from alignclip import determinism, presets, pretrain; import torch; "
+              "print(json.dumps([determinism.kernels() != pretrain.build_kernels(), presets.resolve_weights('alignclip:digits'), "
+              "pretrain.build_kernels()]))")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
-    weights = tmp_path / "out" / "alignclip-tiny-digits.pt"
+    unpinned, path, kernels = json.loads(done.stdout.strip().splitlines()[-1])
+    assert unpinned and Path(path).parent == tmp_path / "cache" / "pretrained"
+    weights = Path(path)
     built = hashlib.sha256(weights.read_bytes()).hexdigest()
-    summary = json.loads((tmp_path / "out" / "alignclip-tiny-digits.json").read_text())
+    summary = json.loads(weights.with_suffix(".json").read_text())
     assert summary["sha256"] == built
     level = "AVX2" if determinism.cpu_has_avx2() else "DEFAULT"
     assert summary["cpu"]["cpu_kernels"] == "portable" and summary["cpu"]["aten_cpu_capability"] == level
+    assert {k: summary["cpu"][k] for k in kernels} == kernels  # the name's kernels are what the build ran
     stale = [s for s in stated if not built.startswith(s)]
     assert not stale, f"README.md states sha256 {stale}; `alignclip pretrain` builds {built}"
 

@@ -138,6 +138,17 @@ def test_provenance_is_inside(client, image):
     assert tags["image"] == IMAGE
 
 
+def test_the_tiny_presets_weights_are_built_in(client, image):
+    """The image holds the tiny preset's default weights (ALIGNCLIP_WEIGHTS_PATH): a CPU stage in a container whose
+    cache starts empty loads them and builds nothing (each task of the demo DAG pre-trained its own copy before)."""
+    script = ("import json, os; from alignclip import determinism; determinism.pin_process('cpu'); "
+              "from alignclip import pretrain; path = pretrain.cached_weights(); "
+              "summary = json.load(open(path.with_suffix('.json'))); "
+              "print(json.dumps([str(path), summary['cpu']['cpu_kernels'], os.listdir(pretrain.cache_dir()) if pretrain.cache_dir().exists() else []]))")
+    path, kernels, cached = json.loads(run(client, "-c", script, entrypoint=["python"]).strip().splitlines()[-1])
+    assert path.startswith("/opt/alignclip/weights/alignclip-tiny-digits-") and kernels == "portable" and cached == []
+
+
 @pytest.fixture(scope="module")
 def compiled(client, image, tmp_path_factory):
     """`alignclip pipeline compile` of every family inside the image (the non-editable install users get)."""

@@ -44,6 +44,26 @@ def test_the_default_tiny_weights_are_the_cached_pretrained_file(tiny, tmp_path)
     assert written["settings"] == json.loads(json.dumps(vars(pretrain.PretrainSettings())))
 
 
+def test_shipped_weights_are_found_before_the_cache_and_nothing_is_built(tiny, tmp_path, monkeypatch):
+    """ALIGNCLIP_WEIGHTS_PATH (the image's built-in weights): a file there under the cache name is used, the
+    cache is not touched, nothing is built; a folder without it is passed over. Mutation: skipping the search
+    builds into the empty cache, and the build is refused here."""
+    cached = pretrain.cached_weights()  # built by the session's `tiny`
+    shipped, elsewhere, cache = tmp_path / "shipped", tmp_path / "other", tmp_path / "cache"
+    shipped.mkdir(), elsewhere.mkdir()
+    for suffix in (".pt", ".json"):
+        (shipped / cached.with_suffix(suffix).name).write_bytes(cached.with_suffix(suffix).read_bytes())
+    monkeypatch.setenv("ALIGNCLIP_WEIGHTS_PATH", f"{elsewhere}:{shipped}")
+    monkeypatch.setenv("ALIGNCLIP_CACHE", str(cache))
+    monkeypatch.setattr(pretrain, "build", lambda *a, **k: pytest.fail("built weights that were shipped"))
+    assert pretrain.cached_weights() == shipped / cached.name
+    from alignclip.presets import load_clip
+
+    loaded = load_clip("tiny")
+    assert all(torch.equal(v, tiny.model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+    assert not cache.exists()
+
+
 def test_source_images_are_not_the_demo_data():
     """No printed source digit equals one of the 1,797 UCI digits that RotatedDigits is built from."""
     from PIL import ImageFont
