@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import demo_dag
 from tests.kfp_package import package_docs
 from tests.servers import free_port, postgres_server, wait_http
 
@@ -45,17 +46,7 @@ TMPFS = {path: "rw,uid=1000,gid=1000,mode=0755" for path in ("/home/alignclip/.c
 FAMILIES = ("demo", "domain_shift", "imagenet", "base2new", "wild", "all")
 
 
-def _docker_unavailable() -> str | None:
-    try:
-        import docker
-
-        docker.from_env(timeout=10).ping()
-    except Exception as err:  # any failure to reach a daemon means: skip, and say why
-        return f"no Docker daemon reachable ({type(err).__name__}: {str(err)[:120]}); .ci/run starts one"
-    return None
-
-
-_reason = _docker_unavailable()
+_reason = demo_dag.docker_unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_reason is not None, reason=_reason or "")]
 
 
@@ -193,12 +184,14 @@ def test_no_secret_in_any_layer_or_the_history_and_nothing_left_from_the_build(c
 
 
 def test_demo_dag_with_kfp_docker_runner_each_task_in_its_own_container(client, image, compiled, tmp_path):
-    """The compiled demo package (compiled inside the image), run by kfp's DockerRunner: every task a container of
-    the image, as on a cluster (a task's command replaces the entrypoint); uid 1000, read-only root, no network.
-    The MLflow store (sqlite) and the artifacts live under the pipeline root, the one folder DockerRunner mounts."""
+    """The compiled demo package (compiled inside the image), run by kfp's DockerRunner with the arguments `alignclip
+    pipeline run` resolves for tests/demo_dag.py's settings: every task a container of the image, as on a cluster
+    (a task's command replaces the entrypoint); uid 1000, read-only root, no network. The MLflow store (sqlite) and
+    the artifacts live under the pipeline root, the one folder DockerRunner mounts. Then tests/demo_dag.py's checks
+    (the SubprocessRunner runs the same DAG only where no Docker daemon is reachable)."""
     root = writable_dir(tmp_path / "kfp")
     db = root / "mlflow.db"
-    grid = [{"method": m, "test_domain": "rotated_15", "seed": 0} for m in ("erm", "alignclip")]
+    arguments = demo_dag.pipeline_arguments(f"sqlite:///{db}")
     script = textwrap.dedent(f"""
         from kfp import components, local
         local.init(
@@ -206,7 +199,7 @@ def test_demo_dag_with_kfp_docker_runner_each_task_in_its_own_container(client, 
                                       entrypoint=[], working_dir={str(root)!r}),
             pipeline_root={str(root)!r}, raise_on_error=True)
         pipeline = components.load_component_from_file({str(compiled / 'demo.yaml')!r})
-        pipeline(data_root="embedded", train_steps=3, train_grid={grid!r}, mlflow_tracking_uri="sqlite:///{db}")
+        pipeline(**{arguments!r})
         """)
     env = dict(os.environ, ALIGNCLIP_LOG_LEVEL="WARNING")
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -214,48 +207,18 @@ def test_demo_dag_with_kfp_docker_runner_each_task_in_its_own_container(client, 
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     # each task ran in a container of the image (DockerRunner prints the image it found for every task)
-    assert done.stdout.count(f"Found image '{IMAGE}'") == 4 + 2 * len(grid), done.stdout[-2000:]
+    cells = len(arguments["train_grid"])
+    assert done.stdout.count(f"Found image '{IMAGE}'") == 4 + 2 * cells == 8, done.stdout[-2000:]
     print(f"demo DAG in containers: {time.time() - started:.0f} s")
-
-    import mlflow
-    from mlflow import MlflowClient
-
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    tracking = MlflowClient()
-    experiment = tracking.get_experiment_by_name("demo-domain-shift")
-    runs = tracking.search_runs([experiment.experiment_id], max_results=100)
-    (parent,) = [r for r in runs if r.data.tags.get("run_type") == "pipeline"]
-    assert parent.info.status == "FINISHED"  # ended by the report stage
-    cells = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(runs) == 1 + len(grid) and sorted(r.data.tags["variant"] for r in cells) == ["alignclip", "erm"]
-    cell = next(r for r in cells if r.data.tags["method"] == "alignclip")
-    assert [m.step for m in tracking.get_metric_history(cell.info.run_id, "loss")] == [1, 2, 3]
-    # provenance tags come from the image
-    assert cell.data.tags["git_commit"] == expected_commit() and cell.data.tags["image"] == IMAGE
-    assert cell.data.tags["held_out_domain"] == "rotated_15"
-    files = [a.path for a in tracking.list_artifacts(parent.info.run_id, "report")]
-    assert "report/index.html" in files and "report/domain_shift_rotated_digits.csv" in files
-    assert {"alignclip-rotated_digits-erm", "alignclip-rotated_digits-alignclip"} == {m.name for m in tracking.search_registered_models()}
-    # the KFP outputs, written by uid 1000 under the pipeline root
-    assert len(list(root.rglob("model.pt"))) == len(grid)
-    metrics = [json.loads(p.read_text()) for p in root.rglob("evaluate/results/metrics.json")]
-    assert sorted(m["method"] for m in metrics) == ["alignclip", "erm"]
-    # the held-out accuracy tracked is the container's own count: 100 * correct / total of its metrics.json
-    test = next(m for m in metrics if m["method"] == "alignclip")["views"]["test"]
-    assert cell.data.metrics["test_acc_pct"] == pytest.approx(100.0 * test["correct"] / test["total"])
-    # the training run inside a container: the tiny model for the steps asked, one log row per step
-    # (what a by-hand `alignclip train` in the image did, before the DAG covered it)
-    summaries = [json.loads(p.read_text()) for p in root.rglob("train.json")]
-    summary = next(s for s in summaries if s["settings"]["method"] == "alignclip")
-    assert summary["settings"]["steps"] == 3 and summary["settings"]["model"] == "tiny"
-    # the train tasks' outputs (<run>/for-loop-1-iteration-N/train/model/); the evaluate tasks' results and the MLflow
-    # artifact store under the same root hold copies
+    runs = demo_dag.check_runs(root, db, expected_commit())  # provenance from the image's label
+    assert {run.data.tags["image"] for run in runs.values()} == {IMAGE}
+    # the train tasks' outputs (<run>/for-loop-1-iteration-N/train/model/), written by uid 1000 under the pipeline
+    # root, one log row per step; the evaluate tasks' results and the MLflow artifact store hold copies
     logs = [p for p in root.rglob("train_log.csv") if p.parent.name == "model" and p.parent.parent.name == "train"]
-    assert len(logs) == len(grid) and all(len(p.read_text().splitlines()) == 1 + 3 for p in logs)
-    logged = [p for p in (root / "mlruns").rglob("train_log.csv")]
-    assert {p.read_bytes() for p in logged} >= {p.read_bytes() for p in logs}  # and MLflow has each cell's log
-    tables = list(root.rglob("domain_shift_rotated_digits.csv"))  # the table is named after the dataset
-    assert tables and "alignclip" in tables[0].read_text()
+    assert len(logs) == cells and all(len(p.read_text().splitlines()) == 1 + 4 for p in logs)
+    assert {p.read_bytes() for p in (root / "mlruns").rglob("train_log.csv")} >= {p.read_bytes() for p in logs}
+    summaries = [json.loads(p.read_text()) for p in root.rglob("train.json")]
+    assert {(s["settings"]["steps"], s["settings"]["model"]) for s in summaries} == {(4, "tiny")}
     assert {p.stat().st_uid for p in root.rglob("model.pt")} == {1000}
 
 

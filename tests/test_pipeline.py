@@ -13,6 +13,7 @@ import pytest
 from alignclip_kfp import client as kfp_client
 from alignclip.config import ConfigError
 from alignclip_kfp.client import cluster_settings, compile_pipeline
+from tests import demo_dag
 from tests.kfp_package import package_docs
 from tests.servers import free_port
 
@@ -337,137 +338,44 @@ def test_every_family_compiles_with_its_protocol(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(demo_dag.docker_unavailable() is None, reason="a Docker daemon is reachable: the demo DAG runs in "
+                    "containers (tests/test_image.py), with the same settings and checks (tests/demo_dag.py)")
 def test_local_runner_runs_the_whole_dag_and_mlflow_holds_the_runs(tmp_path):
-    """The embedded data, two cells: AlignCLIP's released formulation x two held-out domains (a model with a
-    version per domain, one alias each; the '+' of the variant in model and metric names). Two cells run every
-    task of the DAG; more cells add only more of the same processes. Zero-shot cells (not registered) are proven
-    by tests/test_services.py's `dvc repro`, the paper formulation by the DockerRunner DAG of tests/test_image.py."""
-    db = tmp_path / "mlflow.db"
-    env = dict(os.environ, ALIGNCLIP_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "alignclip", "pipeline", "run", "demo", "--pipeline-root", str(tmp_path / "kfp"),
-           "--params-file", os.path.join(ROOT, "params.yaml"),
-           "--param", "data_root=embedded", "--param", "train_steps=4", "--param", f"mlflow_tracking_uri=sqlite:///{db}",
-           # one method, one seed, no selection grid, the old batch and split: 2 cells, counted below
-           "--param", "train_methods=alignclip+release", "--param", "train_seeds=0",
-           "--param", "train_grid={}", "--param", "train_batch_size=16", "--param", "data_test_split=holdout"]
-    # cwd: a sqlite tracking store keeps artifacts in ./mlruns of the working directory
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-
-    import mlflow
-    import numpy as np
-    import pandas as pd
-    from mlflow import MlflowClient
-
-    from alignclip.tracking import manifest_digest
-
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name("demo-domain-shift")
-    runs = client.search_runs([experiment.experiment_id], max_results=200)
-    # one pipeline run, ended by the report after every cell, with its status
-    parents = [r for r in runs if r.data.tags.get("run_type") == "pipeline"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    parent = parents[0]
-    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs if r is not parent)
-    cells = [r for r in runs if r.data.tags.get("run_type") == "cell"]
-    assert len(cells) == len(runs) - 1 == 2  # the similarity matrix and the report are the parent's artifacts
-    assert parent.info.start_time <= min(r.info.start_time for r in cells)
-    assert parent.info.end_time >= max(r.info.end_time for r in cells)
-    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"report", "similarity"} <= parent_files
-    assert "report/index.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    # one cell run per (variant, held-out domain, seed), training and evaluation together
-    grid = sorted((r.data.tags["variant"], r.data.tags["held_out_domain"], r.data.tags["seed"]) for r in cells)
-    assert grid == [("alignclip+release", d, "0") for d in ("rotated_0", "rotated_75")]
-    prepared = next((tmp_path / "kfp").rglob("prepare/prepared/manifest.parquet"))
-    digest = manifest_digest(pd.read_parquet(prepared))
-    metrics = {}
-    for path in (tmp_path / "kfp").rglob("evaluate/results/metrics.json"):
-        m = json.loads(path.read_text())
-        metrics[(m["variant"], m["test_domain"])] = (m, path.parent)
-    for cell in cells:
-        tags = cell.data.tags
-        assert cell.info.run_name == f"{tags['variant']} | {tags['held_out_domain']} | seed 0"
-        assert tags["dataset"] == "rotated_digits" and tags["protocol"] == "domainbed" and tags["test_split"] == "holdout"
-        assert tags["formulation"] == ("release" if tags["variant"] == "alignclip+release" else "paper")
-        assert tags["method"] == tags["variant"].split("+")[0]
-        assert cell.data.params["train.test_domain"] == tags["held_out_domain"]
-        # accuracies in percent: the held-out accuracy is 100 * correct / total of the evaluation's own counts
-        m, _ = metrics[(tags["variant"], tags["held_out_domain"])]
-        assert cell.data.metrics["test_acc_pct"] == pytest.approx(100.0 * m["views"]["test"]["correct"] / m["views"]["test"]["total"])
-        assert cell.data.metrics["test_images"] == m["views"]["test"]["total"]
-        # the data came from the embedded build inside the prepare artifact, not from data.dvc: the tag says so
-        assert tags["data_version"] == f"manifest:{digest}" and tags["data_source"].endswith("/images")
-        assert [i.dataset.digest for i in cell.inputs.dataset_inputs] == [digest]
-    release = next(r for r in cells if r.data.tags["held_out_domain"] == "rotated_0")
-    assert release.data.params["method.kl_direction"] == "reverse"
-    assert release.data.params["method.aal"] == "True"
-    assert [m.step for m in client.get_metric_history(release.info.run_id, "loss")] == [1, 2, 3, 4]
-    # train accuracy in percent: batches of 16 images from each of 5 training domains, so multiples of 100/80
-    train_acc = [m.value for m in client.get_metric_history(release.info.run_id, "train_acc_pct")]
-    assert all(0.0 <= v <= 100.0 and abs(v / 1.25 - round(v / 1.25)) < 1e-4 for v in train_acc) and max(train_acc) > 1.0
-    assert {"train_log.csv", "train.json", "metrics.json", "predictions.parquet"} <= {
-        a.path for a in client.list_artifacts(release.info.run_id)}
+    """`alignclip pipeline run demo` (kfp's SubprocessRunner) with tests/demo_dag.py's settings; its checks."""
     from pathlib import Path
 
     from alignclip.tracking import provenance
 
-    assert release.data.tags["git_commit"] == provenance.checkout_commit(Path(ROOT))  # HEAD, -dirty when changed
-    # the pipeline run's summary: mean (and std over the one seed) per method and held-out domain
-    for cell in cells:
-        key = f"test_acc_pct/{cell.data.tags['variant'].replace('+', '-')}/{cell.data.tags['held_out_domain']}"
-        assert parent.data.metrics[f"{key}/mean"] == pytest.approx(cell.data.metrics["test_acc_pct"])
-        assert parent.data.metrics[f"{key}/std"] == 0.0
-    # registered models: only the trained methods, tagged, described, the best version (by source validation) aliased
-    models = {m.name: m for m in client.search_registered_models()}
-    assert set(models) == {"alignclip-rotated_digits-alignclip-release"}
-    for model in models.values():
-        assert model.tags["dataset"] == "rotated_digits" and model.tags["variant"] in model.name.replace("-release", "+release")
-        versions = client.search_model_versions(f"name = '{model.name}'")
-        assert sorted(v.tags["held_out_domain"] for v in versions) == ["rotated_0", "rotated_75"]
-        for version in versions:
-            run = client.get_run(version.run_id)
-            assert run.data.tags["run_type"] == "cell" and float(version.tags["test_acc_pct"]) == pytest.approx(run.data.metrics["test_acc_pct"], abs=0.01)
-            assert f"{run.data.metrics['test_acc_pct']:.1f}%" in version.description
-            assert version.tags["formulation"] == run.data.tags["formulation"]
-        for domain in ("rotated_0", "rotated_75"):
-            best = client.get_model_version_by_alias(model.name, f"best-{domain}-holdout")
-            assert float(best.tags["source_val_acc_pct"]) == max(float(v.tags["source_val_acc_pct"]) for v in versions if v.tags["held_out_domain"] == domain)
-    # the registered model returns class probabilities over its label space: the evaluation's own top-5
-    from alignclip.data.images import ManifestImages, eval_transform
-    from alignclip.data.prepare import load_prepared
+    db = tmp_path / "mlflow.db"
+    env = dict(os.environ, ALIGNCLIP_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "alignclip", "pipeline", "run", "demo", "--pipeline-root", str(tmp_path / "kfp"),
+           "--params-file", os.path.join(ROOT, "params.yaml"), *demo_dag.param_options(f"sqlite:///{db}")]
+    # cwd: a sqlite tracking store keeps artifacts in ./mlruns of the working directory
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    demo_dag.check_runs(tmp_path / "kfp", db, provenance.checkout_commit(Path(ROOT)))  # HEAD, -dirty when changed
 
-    version = client.get_model_version_by_alias("alignclip-rotated_digits-alignclip-release", "best-rotated_0-holdout")
-    model = mlflow.pyfunc.load_model("models:/alignclip-rotated_digits-alignclip-release@best-rotated_0-holdout")
-    classes = model.metadata.metadata["classes"]
-    assert model.metadata.get_output_schema().inputs[0].shape == (-1, len(classes))
-    m, folder = metrics[("alignclip+release", "rotated_0")]
-    predictions = pd.read_parquet(folder / "predictions.parquet").query("view == 'test'").head(6)
-    _, meta = load_prepared(prepared.parent)  # resolves the root, which is stored relative to the prepared folder
-    import open_clip
 
-    size = model.metadata.get_input_schema().inputs[0].shape[-1]  # the model's own signature: [-1, 3, H, W]
-    transform = eval_transform(size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
-    images = ManifestImages(meta, predictions["path"].tolist(), predictions["label"].tolist(), list(range(len(classes))), transform)
-    batch = np.stack([images[i][0].numpy() for i in range(len(images))])
-    probabilities = np.asarray(model.predict(batch))
-    assert probabilities.shape == (6, len(classes)) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    for row, (_, expected) in zip(probabilities, predictions.iterrows()):
-        top = np.argsort(-row)[:5]
-        assert ",".join(map(str, top)) == expected["top5"]
-        assert np.allclose(row[top], [float(p) for p in expected["top5_prob"].split(",")], atol=1e-3)
-    assert version.tags["classes"] == ",".join(classes)
-    # the KFP report artifact holds the same table
-    tables = list((tmp_path / "kfp").rglob("domain_shift_rotated_digits.csv"))
-    assert tables and "alignclip" in tables[0].read_text()
-    # the attention-map figure found the collected checkpoints; no checkpoint is stored twice
-    assert list((tmp_path / "kfp").rglob("report/attention_maps.png"))
-    assert len(list((tmp_path / "kfp").rglob("model.pt"))) == 2
-    metrics = [json.loads(p.read_text()) for p in (tmp_path / "kfp").rglob("evaluate/results/metrics.json")]
-    assert sorted((m["method"], m["formulation"], m["test_domain"]) for m in metrics) == [
-        ("alignclip", "release", d) for d in ("rotated_0", "rotated_75")]
+def test_the_demo_dags_settings_are_what_pipeline_run_resolves(capsys):
+    """tests/demo_dag.py's arguments for the compiled package (the DockerRunner DAG) are those `alignclip pipeline
+    run` resolves from the same options (the SubprocessRunner DAG): both runners run one DAG."""
+    from alignclip.cli import main
+
+    old, sys.argv = sys.argv, ["alignclip", "pipeline", "run", "demo", "--dry-run", "--params-file",
+                               os.path.join(ROOT, "params.yaml"), *demo_dag.param_options("sqlite:///x.db")]
+    try:
+        with pytest.raises(SystemExit) as done:
+            main()
+    finally:
+        sys.argv = old
+    assert done.value.code in (0, None)
+    printed = json.loads(capsys.readouterr().out.splitlines()[0].split(": ", 1)[1])
+    from alignclip_kfp.arguments import pipeline_arguments
+
+    assert pipeline_arguments("demo", printed) == demo_dag.pipeline_arguments("sqlite:///x.db")
+    cells = demo_dag.pipeline_arguments("")["train_grid"]
+    assert sorted((c["method"], c["test_domain"]) for c in cells) == [("alignclip+release", d) for d in demo_dag.DOMAINS]
 
 
 def test_backbones_runs_fig5_as_one_pipeline(tmp_path):
