@@ -195,29 +195,37 @@ def test_the_readme_states_the_sha256_that_alignclip_pretrain_builds(tmp_path):
     assert not stale, f"README.md states sha256 {stale}; `alignclip pretrain` builds {built}"
 
 
-# `alignclip evaluate` through the CLI's own entry point (cli.main: its pinning, its evaluate command), recording
-# on the way every logits tensor the evaluation computes (alignclip.evaluate.predict's cosine_logits), in full
-# float32: predictions.parquet keeps only the argmax and four-decimal probabilities, too coarse to show a last-bit
+# `alignclip train` and then `alignclip evaluate` of its model.pt, in one process per host (each process start
+# costs seconds of CPU), through the CLI's own entry point (cli.main: its pinning, its commands), recording on the
+# way every logits tensor the evaluation computes (alignclip.evaluate.predict's cosine_logits), in full float32:
+# predictions.parquet keeps only the argmax and four-decimal probabilities, too coarse to show a last-bit
 # difference.
-EVALUATE = """
-import sys
+TRAIN_THEN_EVALUATE = """
+import json, sys
 from alignclip import determinism
-argv, logits_out = sys.argv[1:-1], sys.argv[-1]
-determinism.pin_for_command(argv)  # before torch loads, as cli.main does (which repeats it)
+train_argv, evaluate_argv, logits_out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+assert determinism.pin_for_command(train_argv) == determinism.pin_for_command(evaluate_argv)  # before torch loads
 import torch
 from alignclip import evaluate, cli
+
+def run(argv):
+    sys.argv = ["alignclip", *argv]
+    try:
+        cli.main()
+    except SystemExit as exit:
+        return exit.code or 0
+    return 0
+
+code = run(train_argv)
+if code:
+    sys.exit(code)
 recorded, original = [], evaluate.cosine_logits
 def recording(*args, **kwargs):
     logits = original(*args, **kwargs)
     recorded.append(logits.detach().clone())
     return logits
 evaluate.cosine_logits = recording
-sys.argv = ["alignclip", *argv]
-code = 0
-try:
-    cli.main()
-except SystemExit as exit:
-    code = exit.code or 0
+code = run(evaluate_argv)
 if code == 0:
     assert recorded, "evaluate computed no logits through alignclip.evaluate.cosine_logits"
     torch.save(recorded, logits_out)
@@ -252,13 +260,14 @@ def _train_and_evaluate_on_hosts(tmp_path, prepared, start, kernels: str) -> dic
     for host in hosts:
         (tmp_path / f"{kernels}-{host}").mkdir()
     out = {host: tmp_path / f"{kernels}-{host}" for host in hosts}
-    _run_on_hosts({host: [sys.executable, "-m", "alignclip", "train", str(prepared), str(out[host] / "train"),
-                          "--method", "alignclip", "--test-domain", "rotated_30", "--pretrained", str(start),
-                          "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--seed", "0", "--num-workers", "0",
-                          "--no-progress", "--device", "cpu"] for host in hosts}, kernels, tmp_path)
-    _run_on_hosts({host: [sys.executable, "-c", EVALUATE, "evaluate", str(prepared), str(out[host] / "train" / "model.pt"),
-                          str(out[host] / "eval"), "--batch-size", "64", "--num-workers", "0", "--device", "cpu",
-                          str(out[host] / "logits.pt")] for host in hosts}, kernels, tmp_path)
+    train = ["train", str(prepared), "{out}/train", "--method", "alignclip", "--test-domain", "rotated_30", "--pretrained",
+             str(start), "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--seed", "0", "--num-workers", "0",
+             "--no-progress", "--device", "cpu"]
+    evaluate = ["evaluate", str(prepared), "{out}/train/model.pt", "{out}/eval", "--batch-size", "64", "--num-workers", "0",
+                "--device", "cpu"]
+    _run_on_hosts({host: [sys.executable, "-c", TRAIN_THEN_EVALUATE, json.dumps([a.format(out=out[host]) for a in train]),
+                          json.dumps([a.format(out=out[host]) for a in evaluate]), str(out[host] / "logits.pt")]
+                   for host in hosts}, kernels, tmp_path)
     import torch
 
     results = {}
