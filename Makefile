@@ -37,9 +37,10 @@ demo: $(STAMP)
 	$(BIN)/python -m alignclip.demo
 
 # pytest-xdist: one worker per CPU (TEST_WORKERS=0 runs in one process); each test file runs whole on one worker,
-# so a file's module fixtures (the image build, compiled pipelines, servers) are made once
+# so a file's module fixtures (the image build, compiled pipelines, servers) are made once; the files in the order
+# tests/conftest.py gives them (the costliest first), not xdist's
 TEST_WORKERS ?= auto
-PYTEST = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(PYTEST)
