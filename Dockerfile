@@ -60,14 +60,13 @@ WORKDIR /home/alignclip
 RUN dvc config --global core.no_scm true
 
 # Provenance of every MLflow run made in this image (no .git inside): the last layer, so a new commit rebuilds
-# only metadata. Runs are tagged git_commit / data_version / image from these.
+# only metadata. Runs are tagged git_commit / image from these. No data version: the image holds no data, and a run
+# tags the data it read (alignclip.tracking.data_tags: the manifest's digest unless DVC tracks its folder).
 ARG GIT_COMMIT=unknown
-ARG DATA_VERSION=""
 ARG IMAGE=ghcr.io/alignclip/alignclip:0.1.0
 LABEL org.opencontainers.image.revision=${GIT_COMMIT} \
       org.opencontainers.image.title=alignclip
 ENV ALIGNCLIP_GIT_COMMIT=${GIT_COMMIT} \
-    ALIGNCLIP_DATA_VERSION=${DATA_VERSION} \
     ALIGNCLIP_IMAGE=${IMAGE}
 
 # `docker run IMAGE train ...`; KFP tasks set their own command (Kubernetes `command` replaces the entrypoint).

@@ -65,9 +65,8 @@ lock:
 DOCKER ?= $(firstword $(foreach d,$(shell which -a docker 2>/dev/null),$(shell DOCKER_BUILDKIT=1 $(d) build --help >/dev/null 2>&1 && echo $(d))) docker)
 IMAGE ?= ghcr.io/alignclip/alignclip:0.1.0
 BASE_IMAGE ?= python:3.11.14-slim-bookworm
-# provenance: the commit (marked -dirty when tracked files differ from it) and the DVC hash of data.dvc
+# provenance: the commit (marked -dirty when tracked files differ from it)
 GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)
-DATA_VERSION ?= $(shell awk '/md5:/ {print $$NF; exit}' data.dvc)
 # The package index settings of the build machine, as BuildKit secrets (never in a layer): a pip config file
 # (index URLs, credentials) and the CA bundle the index needs. Both optional.
 PIP_CONF ?=
@@ -79,7 +78,7 @@ MLFLOW_IMAGE ?= ghcr.io/alignclip/mlflow-server:3.17.2
 image:
 	DOCKER_BUILDKIT=1 $(DOCKER) build $(DOCKER_BUILD_FLAGS) $(BUILD_SECRETS) \
 	  --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg IMAGE=$(IMAGE) \
-	  --build-arg GIT_COMMIT=$(GIT_COMMIT) --build-arg DATA_VERSION=$(DATA_VERSION) \
+	  --build-arg GIT_COMMIT=$(GIT_COMMIT) \
 	  -t $(IMAGE) .
 	@$(DOCKER) image inspect --format 'built $(IMAGE): {{.Size}} bytes' $(IMAGE)
 
