@@ -52,6 +52,7 @@ from alignclip.publish import publish_files, stage_output
 log = get_logger(__name__)
 
 SOURCE = "alignclip:digits"  # the tiny preset's default `pretrained` value
+BUILDER_VARIABLE = "ALIGNCLIP_PRETRAIN_BUILDER"  # set in the process cached_weights starts to build the weights
 WEIGHTS_NAME = "alignclip-tiny-digits"
 ARCHITECTURE = "alignclip-tiny"
 FONTS = (
@@ -365,15 +366,19 @@ def cached_weights(settings: PretrainSettings = PretrainSettings(), rebuild: boo
     from alignclip import determinism
 
     if determinism.kernels() != build_kernels():
-        if settings != PretrainSettings():
-            raise RuntimeError("weights with other settings are built only in a process pinned to the portable kernels: "
-                               "call alignclip.determinism.pin_process() before torch is imported")
+        if settings != PretrainSettings() or os.environ.get(BUILDER_VARIABLE):
+            raise RuntimeError(f"the tiny weights must be built with the kernels {build_kernels()}, this process runs "
+                               f"{determinism.kernels()}: call alignclip.determinism.pin_process() before torch is imported")
         # This process computes with other kernels (a GPU run, or torch loaded before the CLI could pin them): the
-        # CLI builds them, pinned, in a process of its own, into the same cache.
+        # CLI builds them, pinned, in a process of its own (marked, so that it never starts another), into this cache.
         log.info("building the tiny preset's pre-trained weights with the portable kernels in a new process")
+        env = {k: v for k, v in os.environ.items() if k not in determinism.PORTABLE_ENVIRONMENT} | {BUILDER_VARIABLE: "1"}
         with tempfile.TemporaryDirectory() as scratch:
-            subprocess.run([sys.executable, "-m", "alignclip", "pretrain", scratch, *(["--rebuild"] if rebuild else [])],
-                           check=True, env={k: v for k, v in os.environ.items() if k not in determinism.PORTABLE_ENVIRONMENT})
+            done = subprocess.run([sys.executable, "-m", "alignclip", "pretrain", scratch, *(["--rebuild"] if rebuild else [])],
+                                  env=env, capture_output=True, text=True)
+        if done.returncode or not target.is_file():
+            raise RuntimeError(f"`alignclip pretrain` did not build {target}: "
+                               + (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1])
         return target
     log.info("building the tiny preset's pre-trained weights (once; cached as %s)", target)
     # Build beside the target and rename: a concurrent reader never sees a half-written file; the weights last,
