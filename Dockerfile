@@ -7,7 +7,7 @@
 # Pin the base by digest in your registry mirror: `docker buildx imagetools inspect python:3.11.14-slim-bookworm`.
 # Any Debian/Ubuntu base with python3 (3.11) and python3-venv works (the tests use one made with debootstrap).
 #
-# Build with `make image` (BuildKit; the git commit and data version as provenance). The package index is
+# Build with `make image` (BuildKit; the git commit as provenance). The package index is
 # reached with the builder's pip settings passed as BuildKit secrets, which never land in a layer:
 #   --secret id=pip.conf,src=<pip config: index URLs, tokens>  --secret id=ca.crt,src=<CA bundle for the index>
 ARG BASE_IMAGE=python:3.11.14-slim-bookworm
@@ -50,9 +50,10 @@ RUN --mount=type=bind,source=.,target=/tmp/src,rw \
 # own copy for a minute. ALIGNCLIP_WEIGHTS_PATH is searched before the cache (a CPU of another kernel level, or a
 # change of the code or libraries that the weights' name digests, still builds its own).
 ENV ALIGNCLIP_WEIGHTS_PATH=/opt/alignclip/weights
-RUN ALIGNCLIP_CACHE=/tmp/build-cache alignclip pretrain /tmp/pretrained \
+# (matplotlib's config folder in /tmp: as root it would leave a root-owned one in the user's home)
+RUN ALIGNCLIP_CACHE=/tmp/build-cache MPLCONFIGDIR=/tmp/build-mpl alignclip pretrain /tmp/pretrained \
     && mkdir -p /opt/alignclip/weights && mv /tmp/build-cache/pretrained/* /opt/alignclip/weights/ \
-    && rm -rf /tmp/build-cache /tmp/pretrained
+    && rm -rf /tmp/build-cache /tmp/build-mpl /tmp/pretrained
 
 USER 1000:1000
 WORKDIR /home/alignclip
