@@ -3,10 +3,10 @@
 The DAG runs once per suite: in containers of the image (kfp's DockerRunner, tests/test_image.py) where a Docker
 daemon is reachable, as CI has; else in subprocesses (kfp's SubprocessRunner, `alignclip pipeline run`,
 tests/test_pipeline.py). Both run the same settings and pass ``check_runs``; the runner choice itself is tested
-in the fast tier. Two cells run every task of the DAG (more cells add only more of the same processes): AlignCLIP's
-released formulation x two held-out domains (a registered model with a version per domain, one alias each; the
-'+' of the variant in model and metric names). Zero-shot cells (not registered) are proven by `dvc repro`
-(tests/test_services.py)."""
+in the fast tier. Two cells run every task of the DAG (more cells add only more of the same processes): AlignCLIP
+in the paper's formulation x two held-out domains (a registered model with a version per domain, one alias each).
+Zero-shot cells (not registered) and the released formulation (the '+' of its variant in model and metric names)
+are proven by `dvc repro` (tests/test_services.py)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # `alignclip pipeline run demo --params-file params.yaml --param KEY=VALUE ...`: one method, one seed, no selection
 # grid, the old batch and split: 2 cells
-SETTINGS = {"data_root": "embedded", "train_steps": "4", "train_methods": "alignclip+release", "train_seeds": "0",
+SETTINGS = {"data_root": "embedded", "train_steps": "4", "train_methods": "alignclip", "train_seeds": "0",
             "train_grid": "{}", "train_batch_size": "16", "data_test_split": "holdout"}
 DOMAINS = ("rotated_0", "rotated_75")
-MODEL = "alignclip-rotated_digits-alignclip-release"
+VARIANT = "alignclip"
+MODEL = "alignclip-rotated_digits-alignclip"
 
 
 def docker_unavailable() -> str | None:
@@ -76,7 +77,7 @@ def check_runs(root: Path, db: Path, commit: str) -> dict:
     assert {"report/index.html", "report/domain_shift_rotated_digits.csv"} <= reported
     # one cell run per (variant, held-out domain, seed), training and evaluation together
     grid = sorted((r.data.tags["variant"], r.data.tags["held_out_domain"], r.data.tags["seed"]) for r in cells)
-    assert grid == [("alignclip+release", d, "0") for d in DOMAINS]
+    assert grid == [(VARIANT, d, "0") for d in DOMAINS]
     prepared = next(root.rglob("prepare/prepared/manifest.parquet"))
     digest = manifest_digest(pd.read_parquet(prepared))
     metrics = {}
@@ -84,14 +85,14 @@ def check_runs(root: Path, db: Path, commit: str) -> dict:
         m = json.loads(path.read_text())
         metrics[(m["variant"], m["test_domain"])] = (m, path.parent)
     assert sorted((m["method"], m["formulation"], m["test_domain"]) for m, _ in metrics.values()) == [
-        ("alignclip", "release", d) for d in DOMAINS]
+        ("alignclip", "paper", d) for d in DOMAINS]
     for cell in cells:
         tags = cell.data.tags
         assert cell.info.run_name == f"{tags['variant']} | {tags['held_out_domain']} | seed 0"
         assert tags["dataset"] == "rotated_digits" and tags["protocol"] == "domainbed" and tags["test_split"] == "holdout"
-        assert tags["formulation"] == "release" and tags["method"] == "alignclip"
+        assert tags["formulation"] == "paper" and tags["method"] == "alignclip"
         assert cell.data.params["train.test_domain"] == tags["held_out_domain"]
-        assert cell.data.params["method.kl_direction"] == "reverse" and cell.data.params["method.aal"] == "True"
+        assert cell.data.params["method.kl_direction"] == "forward" and cell.data.params["method.aal"] == "True"
         # accuracies in percent: the held-out accuracy is 100 * correct / total of the evaluation's own counts
         m, _ = metrics[(tags["variant"], tags["held_out_domain"])]
         assert cell.data.metrics["test_acc_pct"] == pytest.approx(100.0 * m["views"]["test"]["correct"] / m["views"]["test"]["total"])
@@ -126,7 +127,7 @@ def _check_registry(client) -> None:
     models = {m.name: m for m in client.search_registered_models()}
     assert set(models) == {MODEL}
     model = models[MODEL]
-    assert model.tags["dataset"] == "rotated_digits" and model.tags["variant"] == "alignclip+release"
+    assert model.tags["dataset"] == "rotated_digits" and model.tags["variant"] == VARIANT
     versions = client.search_model_versions(f"name = '{MODEL}'")
     assert sorted(v.tags["held_out_domain"] for v in versions) == list(DOMAINS)
     for version in versions:
@@ -154,7 +155,7 @@ def _check_served_model(root: Path, prepared: Path, metrics: dict) -> None:
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@best-rotated_0-holdout")
     classes = model.metadata.metadata["classes"]
     assert model.metadata.get_output_schema().inputs[0].shape == (-1, len(classes))
-    _, folder = metrics[("alignclip+release", "rotated_0")]
+    _, folder = metrics[(VARIANT, "rotated_0")]
     predictions = pd.read_parquet(folder / "predictions.parquet").query("view == 'test'").head(6)
     _, meta = load_prepared(prepared.parent)  # resolves the root, which is stored relative to the prepared folder
     size = model.metadata.get_input_schema().inputs[0].shape[-1]  # the model's own signature: [-1, 3, H, W]
