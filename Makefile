@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 help:
 	@echo "make demo   - set up .venv and run the pipeline (dvc repro) on the embedded RotatedDigits"
 	@echo "make test   - set up .venv and run the whole test suite (what CI runs; about 19 min on 2 cores)"
-	@echo "make test-fast - the unit and in-process tests only (pytest -m 'not slow'; about 4.5 min on 2 cores)"
+	@echo "make test-fast - the unit and in-process tests only (pytest -m 'not slow'; about 4 min on 2 cores)"
 	@echo "make bench  - print the benchmark figures (bench/)"
 	@echo "make lock   - re-resolve requirements*.lock from requirements*.in (needs uv)"
 	@echo "make image  - build the image (IMAGE=..., BASE_IMAGE=..., PIP_CONF=..., DOCKER_BUILD_FLAGS=...)"
