@@ -182,18 +182,18 @@ def report(
     import tempfile
 
     # The report's input tree lives in scratch space, not in an output: checkpoints are linked, never copied,
-    # so no artifact holds a second copy of a model.
-    collected = tempfile.mkdtemp(prefix="alignclip-report-")
-    for index, item in enumerate(results):
-        shutil.copytree(item.path, f"{collected}/results/{index:03d}")
-    for index, item in enumerate(models):
-        target = f"{collected}/models/{index:03d}"
-        os.makedirs(target)
-        os.symlink(os.path.join(item.path, artifacts.MODEL), os.path.join(target, artifacts.MODEL))
-        shutil.copy(os.path.join(item.path, artifacts.TRAIN_SUMMARY), target)
-    env = task_env(parent_run.path, experiment, tracking_uri)
-    out = bundle.path + "/report"
-    run_cli(*report_args(collected, out, prepared.path, matrix.path), env=env)
+    # so no artifact holds a second copy of a model. Removed afterwards (the local runner's tasks share /tmp).
+    with tempfile.TemporaryDirectory(prefix="alignclip-report-") as collected:
+        for index, item in enumerate(results):
+            shutil.copytree(item.path, f"{collected}/results/{index:03d}")
+        for index, item in enumerate(models):
+            target = f"{collected}/models/{index:03d}"
+            os.makedirs(target)
+            os.symlink(os.path.join(item.path, artifacts.MODEL), os.path.join(target, artifacts.MODEL))
+            shutil.copy(os.path.join(item.path, artifacts.TRAIN_SUMMARY), target)
+        env = task_env(parent_run.path, experiment, tracking_uri)
+        out = bundle.path + "/report"
+        run_cli(*report_args(collected, out, prepared.path, matrix.path), env=env)
     text = open(os.path.join(out, artifacts.REPORT_PAGE)).read()
     # inline the figures so the KFP UI shows the page on its own
     for name in re.findall(r"src='([^']+\.png)'", text):

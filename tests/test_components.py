@@ -238,6 +238,7 @@ def test_report_links_every_checkpoint_inlines_the_figures_and_averages_the_accu
     assert (tmp_path / "page.html").read_text() == f"<h1>r</h1><img src='data:image/png;base64,{base64.b64encode(PNG).decode()}'>"
     assert (tmp_path / "t.md").read_text() == "| method | acc |\n"
     assert bundle.metadata == {"mean_accuracy": 80.0}
+    assert not os.path.exists(args[1])  # the scratch tree is gone (the local runner left one per run in /tmp)
 
 
 def test_task_env_carries_the_parent_run_and_the_tracking_server(tmp_path, parent_run):
