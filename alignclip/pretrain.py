@@ -356,12 +356,10 @@ def cached_weights(settings: PretrainSettings = PretrainSettings(), rebuild: boo
     """Path of the pre-trained tiny weights: shipped (``shipped_dirs``), else in the cache, built first if missing
     (about a minute on 2 cores)."""
     name = f"{WEIGHTS_NAME}-{settings_digest(settings)}.pt"
-    for folder in [] if rebuild else shipped_dirs():
+    for folder in [] if rebuild else [*shipped_dirs(), cache_dir()]:  # weights and summary both present: a hit
         if (folder / name).is_file() and (folder / name).with_suffix(".json").is_file():
             return folder / name
     target = cache_dir() / name
-    if target.is_file() and target.with_suffix(".json").is_file() and not rebuild:
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     from alignclip import determinism
 
