@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.kfp_package import package_docs
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 OVERLAYS = ["dev", "prod"]
@@ -221,7 +223,7 @@ def test_every_pipeline_task_carries_the_admitted_label_limits_a_deadline_and_a_
     activeDeadlineSeconds and the image's non-root user."""
     from alignclip_kfp.client import compile_pipeline
 
-    spec, platform = list(yaml.safe_load_all(compile_pipeline("demo", tmp_path / "demo.yaml").read_text()))
+    spec, platform = package_docs(compile_pipeline("demo", tmp_path / "demo.yaml"))
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(executors) == set(spec["deploymentSpec"]["executors"])  # every task has Kubernetes settings
     policies = [d for d in render("dev") if d["kind"] == "NetworkPolicy"]

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.kfp_package import package_docs
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -70,7 +72,7 @@ def test_infra_readme_documents_every_secret_and_config_map(tmp_path):
             referenced_names(doc, names)
             if doc["kind"] == "ConfigMap":
                 names.add(doc["metadata"]["name"])
-    spec, platform = yaml.safe_load_all(compile_pipeline("demo", tmp_path / "p.yaml", cluster_settings(image="r/a:1")).read_text())
+    spec, platform = package_docs(compile_pipeline("demo", tmp_path / "p.yaml", cluster_settings(image="r/a:1")))
     for executor in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
         names |= {s["secretName"] for s in executor.get("secretAsEnv", [])}
         names |= {c["configMapName"] for c in executor.get("configMapAsEnv", [])}
